@@ -1,1 +1,33 @@
-//! journal crate
+//! Strata's storage engine: a redirect-on-write journal over an optional read-only base image.
+//!
+//! A disk is a directory holding tree metadata (`strata.json`), an optional reference to a
+//! raw base image, and one layer (data file + index log) per checkpoint plus the active layer
+//! ("Now"). Reads resolve through one merged in-memory index, so their cost does not depend on
+//! the depth of the checkpoint chain. See `docs/FORMAT.md` for the on-disk format.
+//!
+//! Entry points: [`Disk`] (open/create, checkpoint tree operations), [`Volume`] (a readable,
+//! possibly writable view: Now or one checkpoint) and [`IoEngine`] (many requests in flight on
+//! io_uring over a volume).
+
+mod buf;
+mod disk;
+mod error;
+mod format;
+mod index;
+mod layer;
+mod rangelock;
+mod tree;
+mod uring;
+mod volume;
+
+pub use buf::{AlignedBuf, BUF_ALIGN};
+pub use disk::{CacheMode, CheckReport, CheckpointInfo, DeleteReport, Disk, DiskInfo, OpenOptions};
+pub use error::{Error, Result};
+pub use tree::validate_name;
+pub use uring::{Completion, IoEngine, Request};
+pub use volume::Volume;
+
+/// The unit of addressing of every request: offsets and lengths are multiples of this.
+pub const SECTOR_SIZE: u64 = 512;
+/// The journal's internal block size: the unit of redirection and of checksums.
+pub const BLOCK_SIZE: u64 = 4096;

@@ -1,0 +1,201 @@
+//! The `strata` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Strata: a KVM VMM with a redirect-on-write journalled disk and live checkpoints.
+#[derive(Parser, Debug)]
+#[command(name = "strata", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Offline operations on a disk directory, and NBD serving.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Live checkpoint operations on a running VM or server, through its control socket.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+    /// Boot a VM: the built-in test guest, or a Linux kernel.
+    Run(RunArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCommand {
+    /// Create a disk directory.
+    Create {
+        disk: PathBuf,
+        /// Size in bytes (suffixes K, M, G, T); a multiple of 512.
+        #[arg(long)]
+        size: Option<String>,
+        /// A raw image to reference read-only as the base (size defaults to its size).
+        #[arg(long)]
+        base: Option<PathBuf>,
+    },
+    /// Show a summary of a disk.
+    Info {
+        disk: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checkpoint Now.
+    Checkpoint {
+        disk: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Show the checkpoint tree with a marker where Now is.
+    Tree {
+        disk: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make Now a fresh child of checkpoint NAME.
+    Apply {
+        disk: PathBuf,
+        name: String,
+        /// Checkpoint the current Now under this name first.
+        #[arg(long = "save-current")]
+        save_current: Option<String>,
+    },
+    /// Delete a checkpoint; everything else reads exactly as before.
+    Delete {
+        disk: PathBuf,
+        name: String,
+        /// Also delete every descendant checkpoint (refused if Now descends from it).
+        #[arg(long)]
+        subtree: bool,
+    },
+    /// Rename a checkpoint.
+    Rename {
+        disk: PathBuf,
+        name: String,
+        new_name: String,
+    },
+    /// Write a flattened raw image of a checkpoint (or of Now).
+    Export {
+        disk: PathBuf,
+        name: Option<String>,
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Verify every record and block checksum.
+    Check { disk: PathBuf },
+    /// Serve Now (read-write) or a checkpoint (read-only) over NBD.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    pub disk: PathBuf,
+    /// Serve this checkpoint read-only instead of Now.
+    #[arg(long)]
+    pub checkpoint: Option<String>,
+    /// unix:PATH or tcp:HOST:PORT
+    #[arg(long)]
+    pub listen: String,
+    /// Path of a control socket for live checkpoints.
+    #[arg(long)]
+    pub api: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = CacheArg::None)]
+    pub cache: CacheArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum CacheArg {
+    None,
+    Writeback,
+}
+
+impl From<CacheArg> for journal::CacheMode {
+    fn from(c: CacheArg) -> Self {
+        match c {
+            CacheArg::None => journal::CacheMode::None,
+            CacheArg::Writeback => journal::CacheMode::Writeback,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CheckpointCommand {
+    /// Take a live checkpoint.
+    Create {
+        #[arg(long)]
+        api: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// List the checkpoints of the running disk.
+    List {
+        #[arg(long)]
+        api: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Disk directory (created fresh, 1 GiB, if it does not exist).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    #[arg(long, default_value = "256M")]
+    pub memory: String,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    #[arg(long)]
+    pub api: Option<PathBuf>,
+    /// stdio or a file path.
+    #[arg(long, default_value = "stdio")]
+    pub console: String,
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Test guest workload, e.g. `seed=1,ops=20000,read=50,bs=4k,qd=32,flush=64`.
+    #[arg(long)]
+    pub workload: Option<String>,
+    #[arg(long, value_enum, default_value_t = CacheArg::None)]
+    pub cache: CacheArg,
+}
+
+/// Runs the CLI and maps errors to a one-line message and a non-zero exit.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("STRATA_LOG"))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let result = match cli.command {
+        Command::Disk(DiskCommand::Serve(args)) => crate::nbd::serve_cmd(args),
+        Command::Disk(cmd) => crate::disk_cmd::run(cmd),
+        Command::Checkpoint(cmd) => crate::nbd::checkpoint_cmd(cmd),
+        Command::Run(args) => crate::run_cmd::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("strata: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Formats an error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

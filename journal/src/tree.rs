@@ -1,0 +1,2 @@
+//! tree
+pub fn validate_name(name: &str) -> crate::Result<()> { todo!() }

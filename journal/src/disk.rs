@@ -1,12 +1,24 @@
 //! A Strata disk directory: lock, tree metadata, layers, and the tree operations.
-#![allow(unused)]
 
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::{Result, Volume};
+use crate::base::BaseImage;
+use crate::format::{RecordKind, LOG_HEADER_SIZE};
+use crate::layer::{self, LayerFiles, LAYERS_DIR};
+use crate::tree::{sync_dir, unix_now, Node, NowNode, Tree, TREE_FILE, TREE_FORMAT};
+use crate::view::{build_state, build_view};
+use crate::volume::{ActiveLayer, Volume};
+use crate::{AlignedBuf, Error, Result, BLOCK_SIZE, SECTOR_SIZE};
+
+/// Name of the lock file inside a disk directory.
+const LOCK_FILE: &str = "lock";
 
 /// How layer data files are opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -51,10 +63,15 @@ pub struct DiskInfo {
     pub checkpoints: usize,
     /// Name of the checkpoint Now descends from, if any.
     pub now_parent: Option<String>,
-    /// Bytes of data written since the last checkpoint.
+    /// Layers in Now's lineage (its depth).
+    pub depth: usize,
+    /// Bytes allocated by Now's own layers.
     pub now_bytes: u64,
     /// Bytes allocated on the host by all layer files.
     pub allocated_bytes: u64,
+    /// Distinct blocks written in Now's lineage, and the index memory they take.
+    pub index_blocks: usize,
+    pub index_bytes: usize,
 }
 
 /// What a `check` found.
@@ -77,85 +94,673 @@ impl CheckReport {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DeleteReport {
     pub deleted: Vec<String>,
+    /// Checkpoints whose layers were merged into their single child.
+    pub merged: usize,
+    /// Deleted checkpoints kept as hidden nodes because several children still need them.
+    pub hidden: usize,
     pub bytes_freed: u64,
 }
 
 /// An open (and locked) Strata disk.
 pub struct Disk {
     dir: PathBuf,
+    _lock: File,
+    tree: Tree,
+    uuid: u128,
+    opts: OpenOptions,
+    base: Option<Arc<BaseImage>>,
+    now: Arc<Volume>,
+}
+
+fn random_u128() -> Result<u128> {
+    let mut b = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|f| f.read_exact_at(&mut b, 0).or_else(|_| {
+            use std::io::Read;
+            let mut f = f;
+            f.read_exact(&mut b)
+        }))
+        .map_err(|e| Error::io("/dev/urandom", e))?;
+    Ok(u128::from_le_bytes(b))
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    // SAFETY: flock only reads the fd, which `f` keeps open.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::Locked(dir.to_path_buf()));
+        }
+        return Err(Error::io(&path, e));
+    }
+    Ok(f)
 }
 
 impl Disk {
     /// Creates a new disk directory of `size` bytes, optionally over a raw base image.
     pub fn create(dir: &Path, size: u64, base: Option<&Path>) -> Result<()> {
-        todo!()
+        if size == 0 || size % SECTOR_SIZE != 0 {
+            return Err(Error::BadSize(size));
+        }
+        if dir.join(TREE_FILE).exists() {
+            return Err(Error::AlreadyExists(dir.to_path_buf()));
+        }
+        let base_ref = match base {
+            Some(p) => {
+                let abs = fs::canonicalize(p).map_err(|e| Error::io(p, e))?;
+                let img = BaseImage::open(&abs, CacheMode::Writeback)?;
+                if img.size > size {
+                    return Err(Error::Invalid(format!(
+                        "disk size {size} is smaller than the base image ({} bytes)",
+                        img.size
+                    )));
+                }
+                Some(crate::tree::BaseRef { fingerprint: img.fingerprint()?, path: abs, size: img.size })
+            }
+            None => None,
+        };
+        let created_dir = !dir.exists();
+        if !created_dir && fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some() {
+            return Err(Error::AlreadyExists(dir.to_path_buf()));
+        }
+        let result = (|| {
+            fs::create_dir_all(dir.join(LAYERS_DIR)).map_err(|e| Error::io(dir, e))?;
+            let _lock = lock_dir(dir)?;
+            let uuid = random_u128()?;
+            LayerFiles::create(dir, uuid, 1, CacheMode::Writeback)?;
+            sync_dir(&dir.join(LAYERS_DIR))?;
+            let tree = Tree {
+                format: TREE_FORMAT,
+                uuid: format!("{uuid:032x}"),
+                size,
+                block_size: BLOCK_SIZE,
+                base: base_ref,
+                next_id: 2,
+                nodes: Vec::new(),
+                now: NowNode { parent: None, layers: vec![1] },
+            };
+            tree.save(dir)
+        })();
+        if result.is_err() {
+            if created_dir {
+                let _ = fs::remove_dir_all(dir);
+            } else {
+                let _ = fs::remove_dir_all(dir.join(LAYERS_DIR));
+                let _ = fs::remove_file(dir.join(LOCK_FILE));
+            }
+        }
+        result
     }
 
     /// Opens and locks a disk; replays each layer's log (recovery after a crash).
     pub fn open(dir: &Path, opts: OpenOptions) -> Result<Disk> {
-        todo!()
+        if !dir.join(TREE_FILE).exists() {
+            return Err(Error::NotADisk(dir.to_path_buf()));
+        }
+        let lock = lock_dir(dir)?;
+        let tree = Tree::load(dir)?;
+        let uuid = tree.uuid_value()?;
+        let base = match &tree.base {
+            Some(b) => Some(Arc::new(BaseImage::open_checked(b, opts.cache)?)),
+            None => None,
+        };
+        if !opts.read_only {
+            remove_orphans(dir, &tree);
+        }
+        let lineage = tree.lineage_layers(None)?;
+        let own_from = lineage.len() - tree.now.layers.len();
+        let now = build_view(dir, uuid, tree.size, &lineage, own_from, !opts.read_only, opts.cache, base.clone())?;
+        Ok(Disk { dir: dir.to_path_buf(), _lock: lock, tree, uuid, opts, base, now: Arc::new(now) })
     }
 
     /// The read-write view of Now (read-only if the disk was opened read-only). The same
-    /// `Arc` stays valid across [`Disk::checkpoint`].
+    /// `Arc` stays valid across [`Disk::checkpoint`] and [`Disk::apply`].
     pub fn now(&self) -> Arc<Volume> {
-        todo!()
+        self.now.clone()
     }
 
     /// A read-only view of checkpoint `name`.
     pub fn checkpoint_view(&self, name: &str) -> Result<Arc<Volume>> {
-        todo!()
+        let node = self.tree.by_name(name)?;
+        let lineage = self.tree.lineage_layers(Some(node.id))?;
+        let v = build_view(&self.dir, self.uuid, self.tree.size, &lineage, lineage.len(), false, self.opts.cache, self.base.clone())?;
+        Ok(Arc::new(v))
     }
 
-    /// Takes a checkpoint of Now named `name`. Fails with [`crate::Error::Busy`] while
-    /// writes are in flight on Now: the caller drains first.
+    fn writable(&self) -> Result<()> {
+        if self.opts.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    fn info_of(&self, node: &Node) -> CheckpointInfo {
+        CheckpointInfo {
+            id: node.id,
+            name: node.name.clone().unwrap_or_default(),
+            parent: node.parent.and_then(|p| self.tree.node(p)).and_then(|p| p.name.clone()),
+            created: node.created,
+            layer_bytes: node.layers.iter().map(|&l| self.layer_bytes(l)).sum(),
+            now_parent: self.tree.now.parent == Some(node.id),
+        }
+    }
+
+    fn layer_bytes(&self, id: u64) -> u64 {
+        layer::allocated(&layer::data_path(&self.dir, id)) + layer::allocated(&layer::log_path(&self.dir, id))
+    }
+
+    fn create_layer(&mut self) -> Result<(u64, Arc<LayerFiles>)> {
+        let id = self.tree.alloc_id();
+        let files = LayerFiles::create(&self.dir, self.uuid, id, self.opts.cache)?;
+        sync_dir(&self.dir.join(LAYERS_DIR))?;
+        Ok((id, Arc::new(files)))
+    }
+
+    fn remove_layer_files(&self, id: u64) -> u64 {
+        let bytes = self.layer_bytes(id);
+        let _ = fs::remove_file(layer::data_path(&self.dir, id));
+        let _ = fs::remove_file(layer::log_path(&self.dir, id));
+        bytes
+    }
+
+    /// Saves `tree` and adopts it; on failure the in-memory tree is left unchanged.
+    fn commit_tree(&mut self, tree: Tree) -> Result<()> {
+        tree.save(&self.dir)?;
+        self.tree = tree;
+        Ok(())
+    }
+
+    /// Takes a checkpoint of Now named `name`. Fails with [`Error::Busy`] while writes are in
+    /// flight on Now: the caller drains first. O(1): Now's index is kept as it is.
     pub fn checkpoint(&mut self, name: &str) -> Result<CheckpointInfo> {
-        todo!()
+        self.writable()?;
+        self.tree.check_new_name(name)?;
+        let now = self.now.clone();
+        let mut st = now.state_mut();
+        if now.writes_in_flight() > 0 {
+            return Err(Error::Busy);
+        }
+        let active = st.active.clone().ok_or(Error::ReadOnly)?;
+        active.sync(true)?;
+        active.trim_preallocation()?;
+        let saved_next = self.tree.next_id;
+        let (layer_id, files) = self.create_layer()?;
+        let node_id = self.tree.alloc_id();
+        let mut tree = self.tree.clone();
+        tree.nodes.push(Node {
+            id: node_id,
+            name: Some(name.to_string()),
+            parent: tree.now.parent,
+            created: unix_now(),
+            layers: tree.now.layers.clone(),
+        });
+        tree.now = NowNode { parent: Some(node_id), layers: vec![layer_id] };
+        if let Err(e) = self.commit_tree(tree) {
+            self.tree.next_id = saved_next;
+            self.remove_layer_files(layer_id);
+            return Err(e);
+        }
+        st.layers.push(files.clone());
+        st.own_from = st.layers.len() - 1;
+        st.active = Some(Arc::new(ActiveLayer::new(files, 0, LOG_HEADER_SIZE)?));
+        drop(st);
+        let node = self.tree.node(node_id).cloned().ok_or(Error::UnknownCheckpoint(name.into()))?;
+        Ok(self.info_of(&node))
     }
 
-    /// All checkpoints, parents before children.
+    /// All visible checkpoints, parents before children.
     pub fn list(&self) -> Vec<CheckpointInfo> {
-        todo!()
+        let mut out = Vec::new();
+        let mut stack: Vec<u64> = self.tree.nodes.iter().filter(|n| n.parent.is_none()).map(|n| n.id).collect();
+        stack.reverse();
+        while let Some(id) = stack.pop() {
+            if let Some(n) = self.tree.node(id) {
+                if n.name.is_some() {
+                    out.push(self.info_of(n));
+                }
+                let mut kids = self.tree.children(id);
+                kids.reverse();
+                stack.extend(kids);
+            }
+        }
+        out
     }
 
     /// Summary.
     pub fn info(&self) -> Result<DiskInfo> {
-        todo!()
+        let (index_blocks, index_bytes) = self.now.index_stats();
+        Ok(DiskInfo {
+            path: self.dir.clone(),
+            size: self.tree.size,
+            block_size: BLOCK_SIZE,
+            base: self.tree.base.as_ref().map(|b| b.path.clone()),
+            checkpoints: self.tree.nodes.iter().filter(|n| n.name.is_some()).count(),
+            now_parent: self.tree.now.parent.and_then(|p| self.tree.node(p)).and_then(|n| n.name.clone()),
+            depth: self.now.depth(),
+            now_bytes: self.tree.now.layers.iter().map(|&l| self.layer_bytes(l)).sum(),
+            allocated_bytes: self.tree.all_layers().iter().map(|&l| self.layer_bytes(l)).sum(),
+            index_blocks,
+            index_bytes,
+        })
     }
 
     /// Makes Now a fresh child of `name`, discarding Now's unsaved writes (first saved as
     /// checkpoint `save_current` if given).
     pub fn apply(&mut self, name: &str, save_current: Option<&str>) -> Result<()> {
-        todo!()
+        self.writable()?;
+        let target = self.tree.by_name(name)?.id;
+        if let Some(sc) = save_current {
+            self.tree.check_new_name(sc)?;
+        }
+        if self.now.writes_in_flight() > 0 {
+            return Err(Error::Busy);
+        }
+        if let Some(sc) = save_current {
+            self.checkpoint(sc)?;
+        }
+        let saved_next = self.tree.next_id;
+        let (layer_id, _) = self.create_layer()?;
+        let mut tree = self.tree.clone();
+        let old_layers = std::mem::replace(&mut tree.now, NowNode { parent: Some(target), layers: vec![layer_id] }).layers;
+        let lineage = tree.lineage_layers(None)?;
+        let state = build_state(&self.dir, self.uuid, tree.size, &lineage, lineage.len() - 1, true, self.opts.cache);
+        let state = match state {
+            Ok(s) => s,
+            Err(e) => {
+                self.tree.next_id = saved_next;
+                self.remove_layer_files(layer_id);
+                return Err(e);
+            }
+        };
+        let now = self.now.clone();
+        let mut st = now.state_mut();
+        if now.writes_in_flight() > 0 {
+            self.tree.next_id = saved_next;
+            self.remove_layer_files(layer_id);
+            return Err(Error::Busy);
+        }
+        if let Err(e) = self.commit_tree(tree) {
+            self.tree.next_id = saved_next;
+            self.remove_layer_files(layer_id);
+            return Err(e);
+        }
+        *st = state;
+        drop(st);
+        for l in old_layers {
+            self.remove_layer_files(l);
+        }
+        Ok(())
     }
 
-    /// Deletes checkpoint `name` (and its descendants with `subtree`).
+    /// Deletes checkpoint `name` (and its descendants with `subtree`). Every other checkpoint
+    /// and Now read exactly as before. A checkpoint with one child is merged into it (its
+    /// layers join the child's stack; blocks the child overwrote are freed); one with
+    /// several children stays as a hidden node until it has at most one.
     pub fn delete(&mut self, name: &str, subtree: bool) -> Result<DeleteReport> {
-        todo!()
+        self.writable()?;
+        let id = self.tree.by_name(name)?.id;
+        if self.now.writes_in_flight() > 0 {
+            return Err(Error::Busy);
+        }
+        let mut report = DeleteReport::default();
+        let mut tree = self.tree.clone();
+        let mut drop_layers: Vec<u64> = Vec::new();
+        let mut merges: Vec<Merge> = Vec::new();
+        let now_path = tree.path_to(tree.now.parent)?;
+        if subtree {
+            if now_path.contains(&id) {
+                return Err(Error::Invalid(format!(
+                    "Now descends from checkpoint {name:?}; apply another checkpoint before deleting its subtree"
+                )));
+            }
+            let mut doomed = vec![id];
+            let mut i = 0;
+            while i < doomed.len() {
+                doomed.extend(tree.children(doomed[i]));
+                i += 1;
+            }
+            for d in &doomed {
+                if let Some(n) = tree.node(*d) {
+                    drop_layers.extend(&n.layers);
+                    if let Some(nm) = &n.name {
+                        report.deleted.push(nm.clone());
+                    }
+                }
+            }
+            let parent = tree.node(id).and_then(|n| n.parent);
+            tree.nodes.retain(|n| !doomed.contains(&n.id));
+            collapse_from(&mut tree, parent, &mut drop_layers, &mut merges, &mut report);
+        } else {
+            report.deleted.push(name.to_string());
+            if let Some(n) = tree.nodes.iter_mut().find(|n| n.id == id) {
+                n.name = None;
+            }
+            collapse_from(&mut tree, Some(id), &mut drop_layers, &mut merges, &mut report);
+        }
+        let old_own = self.tree.now.layers.len();
+        self.commit_tree(tree)?;
+        // The tree is durable: now free space. A crash from here on only leaves garbage that
+        // the next open removes (whole layer files) or that stays allocated (shadowed blocks).
+        let new_own = self.tree.now.layers.len();
+        if new_own != old_own {
+            let mut st = self.now.state_mut();
+            st.own_from = st.layers.len() - new_own;
+        }
+        for l in drop_layers {
+            report.bytes_freed += self.remove_layer_files(l);
+        }
+        if merges.iter().any(|m| m.into_now) {
+            self.now.sync_log(true)?;
+        }
+        for m in merges {
+            report.bytes_freed += self.free_shadowed(&m)?;
+        }
+        Ok(report)
+    }
+
+    /// Frees the blocks of a merged parent's layers that the child's layers overwrite.
+    fn free_shadowed(&self, m: &Merge) -> Result<u64> {
+        let child_blocks: HashSet<u64> = if m.into_now {
+            let st = self.now.state();
+            let first_child = st.layers.len() - m.child_layers;
+            st.index.iter().filter(|(_, l)| usize::from(l.ordinal) >= first_child).map(|(b, _)| b).collect()
+        } else {
+            let mut set = HashSet::new();
+            for &l in &m.child_layer_ids {
+                let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, false)?;
+                set.extend(lf.scan_log()?.records.iter().map(|r| r.disk_block));
+            }
+            set
+        };
+        let mut freed = 0;
+        for &l in &m.parent_layers {
+            let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, true)?;
+            let mut dead: Vec<u64> = lf
+                .scan_log()?
+                .records
+                .iter()
+                .filter(|r| r.kind == RecordKind::Data && child_blocks.contains(&r.disk_block))
+                .map(|r| r.data_block)
+                .collect();
+            dead.sort_unstable();
+            dead.dedup();
+            let before = layer::allocated(&lf.data_path);
+            lf.punch(&mut dead)?;
+            freed += before.saturating_sub(layer::allocated(&lf.data_path));
+        }
+        Ok(freed)
     }
 
     /// Renames a checkpoint.
     pub fn rename(&mut self, name: &str, new_name: &str) -> Result<()> {
-        todo!()
+        self.writable()?;
+        let id = self.tree.by_name(name)?.id;
+        if name == new_name {
+            return Ok(());
+        }
+        self.tree.check_new_name(new_name)?;
+        let mut tree = self.tree.clone();
+        if let Some(n) = tree.nodes.iter_mut().find(|n| n.id == id) {
+            n.name = Some(new_name.to_string());
+        }
+        self.commit_tree(tree)
     }
 
-    /// Writes a flattened raw image of `name` (or Now) to `out`, sparse where unallocated.
+    /// Writes a flattened raw image of `name` (or Now) to `out`, sparse where it reads zeros.
     pub fn export(&self, name: Option<&str>, out: &Path) -> Result<()> {
-        todo!()
+        let view = match name {
+            Some(n) => self.checkpoint_view(n)?,
+            None => self.now.clone(),
+        };
+        let result = (|| {
+            let f = File::create(out).map_err(|e| Error::io(out, e))?;
+            f.set_len(view.size()).map_err(|e| Error::io(out, e))?;
+            const CHUNK: u64 = 1 << 20;
+            let mut buf = vec![0u8; CHUNK as usize];
+            let mut off = 0;
+            while off < view.size() {
+                let n = CHUNK.min(view.size() - off) as usize;
+                view.read_at(&mut buf[..n], off)?;
+                if buf[..n].iter().any(|&b| b != 0) {
+                    f.write_all_at(&buf[..n], off).map_err(|e| Error::io(out, e))?;
+                }
+                off += n as u64;
+            }
+            f.sync_all().map_err(|e| Error::io(out, e))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(out);
+        }
+        result
     }
 
-    /// Verifies every record and every live block's checksum.
+    /// Verifies every log record, and the checksum of every block that some checkpoint or
+    /// Now can read.
     pub fn check(&self) -> Result<CheckReport> {
-        todo!()
+        let mut report = CheckReport::default();
+        let mut stacks: Vec<(String, Vec<u64>)> = self
+            .tree
+            .nodes
+            .iter()
+            .map(|n| {
+                let label = match &n.name {
+                    Some(nm) => format!("checkpoint {nm:?}"),
+                    None => format!("hidden node {}", n.id),
+                };
+                (label, n.layers.clone())
+            })
+            .collect();
+        stacks.push(("Now".to_string(), self.tree.now.layers.clone()));
+        let active_id = self.tree.now.layers.last().copied();
+        let mut buf = AlignedBuf::new(BLOCK_SIZE as usize);
+        for (label, layers) in stacks {
+            // block -> (layer files, data block, crc) of the newest record in this stack.
+            let mut live: HashMap<u64, (Arc<LayerFiles>, u64, u32)> = HashMap::new();
+            for &l in &layers {
+                report.layers_checked += 1;
+                let lf = match LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, false) {
+                    Ok(lf) => Arc::new(lf),
+                    Err(e) => {
+                        report.problems.push(format!("{label}: layer {l}: {e}"));
+                        continue;
+                    }
+                };
+                let scan = lf.scan_log()?;
+                for (off, why) in &scan.damaged {
+                    report.problems.push(format!("{label}: {}: record at byte {off}: {why}", lf.log_path.display()));
+                }
+                if scan.torn_bytes > 0 && Some(l) != active_id {
+                    report.problems.push(format!(
+                        "{label}: {}: {} bytes after the last valid record at byte {}",
+                        lf.log_path.display(),
+                        scan.torn_bytes,
+                        scan.valid_len
+                    ));
+                }
+                for r in scan.records {
+                    match r.kind {
+                        RecordKind::Data => live.insert(r.disk_block, (lf.clone(), r.data_block, r.crc)),
+                        RecordKind::Zero => live.remove(&r.disk_block),
+                    };
+                }
+            }
+            let mut blocks: Vec<_> = live.into_iter().collect();
+            blocks.sort_by_key(|(b, (l, d, _))| (l.id, *d, *b));
+            for (disk_block, (lf, data_block, crc)) in blocks {
+                report.blocks_checked += 1;
+                match lf.read_block(data_block, buf.as_mut_slice()) {
+                    Ok(()) => {
+                        let got = crc32c::crc32c(buf.as_slice());
+                        if got != crc {
+                            report.problems.push(format!(
+                                "{label}: {} data block {data_block} (disk offset {}): checksum {got:08x}, expected {crc:08x}",
+                                lf.data_path.display(),
+                                disk_block * BLOCK_SIZE
+                            ));
+                        }
+                    }
+                    Err(e) => report.problems.push(format!(
+                        "{label}: {} data block {data_block} (disk offset {}): {e}",
+                        lf.data_path.display(),
+                        disk_block * BLOCK_SIZE
+                    )),
+                }
+            }
+        }
+        Ok(report)
     }
 
     /// Renders the tree as text, with a `<- Now` marker.
     pub fn tree_text(&self) -> String {
-        todo!()
+        let mut out = String::new();
+        match &self.tree.base {
+            Some(b) => out.push_str(&format!("base {} ({} bytes)\n", b.path.display(), b.size)),
+            None => out.push_str(&format!("(empty disk, {} bytes)\n", self.tree.size)),
+        }
+        let roots: Vec<u64> = self.tree.nodes.iter().filter(|n| n.parent.is_none()).map(|n| n.id).collect();
+        self.render(&mut out, None, &roots, "");
+        out
+    }
+
+    fn render(&self, out: &mut String, parent: Option<u64>, kids: &[u64], prefix: &str) {
+        let now_here = self.tree.now.parent == parent;
+        let total = kids.len() + usize::from(now_here);
+        for (i, &k) in kids.iter().enumerate() {
+            let last = i + 1 == total;
+            let Some(n) = self.tree.node(k) else { continue };
+            let label = match &n.name {
+                Some(nm) => format!("{nm}  ({} KiB)", self.info_of(n).layer_bytes / 1024),
+                None => "(deleted, shared by its children)".to_string(),
+            };
+            out.push_str(&format!("{prefix}{}{label}\n", if last { "└─ " } else { "├─ " }));
+            let next = format!("{prefix}{}", if last { "   " } else { "│  " });
+            self.render(out, Some(k), &self.tree.children(k), &next);
+        }
+        if now_here {
+            out.push_str(&format!("{prefix}└─ <- Now\n"));
+        }
+    }
+
+    /// The tree as JSON: checkpoints (parents first) and Now's parent.
+    pub fn tree_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "size": self.tree.size,
+            "base": self.tree.base.as_ref().map(|b| b.path.clone()),
+            "checkpoints": self.list(),
+            "now": {
+                "parent": self.tree.now.parent.and_then(|p| self.tree.node(p)).and_then(|n| n.name.clone()),
+            },
+        })
     }
 
     /// The disk directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        if !self.opts.read_only {
+            if let Err(e) = self.now.flush() {
+                tracing::warn!("flush on close failed: {e}");
+            }
+        }
+    }
+}
+
+/// A parent merged into its only child: which blocks to free afterwards.
+struct Merge {
+    parent_layers: Vec<u64>,
+    child_layer_ids: Vec<u64>,
+    child_layers: usize,
+    into_now: bool,
+}
+
+/// Starting at hidden node `id`, removes or merges hidden nodes that no longer have two or
+/// more children, walking up the tree.
+fn collapse_from(
+    tree: &mut Tree,
+    mut id: Option<u64>,
+    drop_layers: &mut Vec<u64>,
+    merges: &mut Vec<Merge>,
+    report: &mut DeleteReport,
+) {
+    while let Some(cur) = id {
+        let Some(node) = tree.node(cur).cloned() else { return };
+        if node.name.is_some() {
+            return;
+        }
+        let kids = tree.children(cur);
+        let now_child = tree.now.parent == Some(cur);
+        match kids.len() + usize::from(now_child) {
+            0 => {
+                drop_layers.extend(&node.layers);
+                tree.nodes.retain(|n| n.id != cur);
+                id = node.parent;
+            }
+            1 => {
+                if now_child {
+                    merges.push(Merge {
+                        parent_layers: node.layers.clone(),
+                        child_layer_ids: tree.now.layers.clone(),
+                        child_layers: tree.now.layers.len(),
+                        into_now: true,
+                    });
+                    let mut layers = node.layers.clone();
+                    layers.extend(&tree.now.layers);
+                    tree.now.layers = layers;
+                    tree.now.parent = node.parent;
+                } else if let Some(child) = tree.nodes.iter_mut().find(|n| n.id == kids[0]) {
+                    merges.push(Merge {
+                        parent_layers: node.layers.clone(),
+                        child_layer_ids: child.layers.clone(),
+                        child_layers: child.layers.len(),
+                        into_now: false,
+                    });
+                    let mut layers = node.layers.clone();
+                    layers.extend(&child.layers);
+                    child.layers = layers;
+                    child.parent = node.parent;
+                }
+                tree.nodes.retain(|n| n.id != cur);
+                report.merged += 1;
+                return;
+            }
+            _ => {
+                report.hidden += 1;
+                return;
+            }
+        }
+    }
+}
+
+/// Removes layer files that the tree does not reference (left by a crash between writing
+/// files and committing the tree).
+fn remove_orphans(dir: &Path, tree: &Tree) {
+    let known: HashSet<u64> = tree.all_layers().into_iter().collect();
+    let Ok(entries) = fs::read_dir(dir.join(LAYERS_DIR)) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let id = name
+            .strip_prefix('L')
+            .and_then(|r| r.strip_suffix(".data").or_else(|| r.strip_suffix(".log")))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(id) = id {
+            if !known.contains(&id) {
+                tracing::info!("removing orphan layer file {name}");
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
 }

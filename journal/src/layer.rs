@@ -1,1 +1,256 @@
-//! layer
+//! One layer on disk: its data file, its index log, scanning and appending.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::disk::CacheMode;
+use crate::format::{record_seed, LogHeader, Record, LOG_HEADER_SIZE, RECORD_SIZE};
+use crate::{Error, Result, BLOCK_SIZE};
+
+/// Directory of layer files inside a disk directory.
+pub const LAYERS_DIR: &str = "layers";
+
+/// Path of a layer's data file.
+pub fn data_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(LAYERS_DIR).join(format!("L{id}.data"))
+}
+
+/// Path of a layer's log file.
+pub fn log_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(LAYERS_DIR).join(format!("L{id}.log"))
+}
+
+/// An open layer: its data file for reads (and writes, when active).
+pub struct LayerFiles {
+    pub id: u64,
+    pub data: File,
+    pub data_path: PathBuf,
+    pub log_path: PathBuf,
+    pub seed: u32,
+    /// True when `data` is opened with O_DIRECT.
+    pub direct: bool,
+}
+
+/// What scanning a log found.
+#[derive(Debug, Default)]
+pub struct LogScan {
+    /// Valid records in log order.
+    pub records: Vec<Record>,
+    /// Bytes of the log up to the end of the last valid record.
+    pub valid_len: u64,
+    /// Damaged records followed by valid ones: (byte offset, description).
+    pub damaged: Vec<(u64, String)>,
+    /// Bytes after `valid_len` that hold no valid record (a torn tail).
+    pub torn_bytes: u64,
+}
+
+fn open_data(path: &Path, cache: CacheMode, write: bool, create: bool) -> Result<(File, bool)> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(write).create(create);
+    if create {
+        opts.truncate(true);
+    }
+    if cache == CacheMode::None {
+        let mut direct = opts.clone();
+        direct.custom_flags(libc::O_DIRECT);
+        match direct.open(path) {
+            Ok(f) => return Ok((f, true)),
+            // tmpfs and some filesystems refuse O_DIRECT: fall back to buffered I/O.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    opts.open(path).map(|f| (f, false)).map_err(|e| Error::io(path, e))
+}
+
+impl LayerFiles {
+    /// Creates an empty layer (data file and log with its header), durable on return
+    /// (the caller fsyncs the directory).
+    pub fn create(dir: &Path, disk_uuid: u128, id: u64, cache: CacheMode) -> Result<LayerFiles> {
+        let log_path = log_path(dir, id);
+        let data_path = data_path(dir, id);
+        let (data, direct) = open_data(&data_path, cache, true, true)?;
+        data.sync_all().map_err(|e| Error::io(&data_path, e))?;
+        let log = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&log_path)
+            .map_err(|e| Error::io(&log_path, e))?;
+        let header = LogHeader { disk_uuid, layer_id: id };
+        log.write_all_at(&header.encode(), 0).map_err(|e| Error::io(&log_path, e))?;
+        log.sync_all().map_err(|e| Error::io(&log_path, e))?;
+        Ok(LayerFiles { id, data, data_path, log_path, seed: record_seed(disk_uuid, id), direct })
+    }
+
+    /// Opens an existing layer and checks its log header.
+    pub fn open(dir: &Path, disk_uuid: u128, id: u64, cache: CacheMode, write: bool) -> Result<LayerFiles> {
+        let log_path = log_path(dir, id);
+        let data_path = data_path(dir, id);
+        let (data, direct) = open_data(&data_path, cache, write, false)?;
+        let mut head = [0u8; LOG_HEADER_SIZE as usize];
+        let mut log = File::open(&log_path).map_err(|e| Error::io(&log_path, e))?;
+        let n = read_full(&mut log, &mut head).map_err(|e| Error::io(&log_path, e))?;
+        let header = LogHeader::decode(&head[..n], &log_path.display().to_string())?;
+        if header.disk_uuid != disk_uuid || header.layer_id != id {
+            return Err(Error::Corrupt {
+                what: log_path.display().to_string(),
+                why: format!("log belongs to layer {} of another disk or slot", header.layer_id),
+            });
+        }
+        Ok(LayerFiles { id, data, data_path, log_path, seed: record_seed(disk_uuid, id), direct })
+    }
+
+    /// Reads and validates every record of the log.
+    pub fn scan_log(&self) -> Result<LogScan> {
+        let bytes = std::fs::read(&self.log_path).map_err(|e| Error::io(&self.log_path, e))?;
+        let body = bytes.get(LOG_HEADER_SIZE as usize..).unwrap_or(&[]);
+        let mut scan = LogScan { valid_len: LOG_HEADER_SIZE, ..LogScan::default() };
+        let mut pending_bad: Vec<(u64, String)> = Vec::new();
+        let chunks = body.chunks_exact(RECORD_SIZE);
+        let rest = chunks.remainder().len() as u64;
+        for (i, chunk) in chunks.enumerate() {
+            let off = LOG_HEADER_SIZE + (i * RECORD_SIZE) as u64;
+            match Record::decode(chunk, self.seed) {
+                Some(r) => {
+                    scan.damaged.append(&mut pending_bad);
+                    scan.records.push(r);
+                    scan.valid_len = off + RECORD_SIZE as u64;
+                }
+                None => pending_bad.push((off, "record checksum mismatch".into())),
+            }
+        }
+        scan.torn_bytes = bytes.len() as u64 - scan.valid_len.min(bytes.len() as u64);
+        debug_assert!(rest <= scan.torn_bytes);
+        Ok(scan)
+    }
+
+    /// Reads one data block into `buf` (4 KiB, aligned) with positional I/O.
+    pub fn read_block(&self, data_block: u64, buf: &mut [u8]) -> Result<()> {
+        let off = data_block * BLOCK_SIZE;
+        read_exact_at(&self.data, buf, off).map_err(|e| Error::io(&self.data_path, e))
+    }
+
+    /// Bytes allocated on the host for both files.
+    pub fn allocated_bytes(&self) -> u64 {
+        allocated(&self.data_path) + allocated(&self.log_path)
+    }
+
+    /// Frees data blocks that nothing references any more (punches holes).
+    pub fn punch(&self, blocks: &mut [u64]) -> Result<u64> {
+        blocks.sort_unstable();
+        let mut freed = 0;
+        let mut i = 0;
+        while i < blocks.len() {
+            let start = blocks[i];
+            let mut end = start + 1;
+            i += 1;
+            while i < blocks.len() && blocks[i] <= end {
+                end = end.max(blocks[i] + 1);
+                i += 1;
+            }
+            punch_hole(&self.data, start * BLOCK_SIZE, (end - start) * BLOCK_SIZE)
+                .map_err(|e| Error::io(&self.data_path, e))?;
+            freed += (end - start) * BLOCK_SIZE;
+        }
+        Ok(freed)
+    }
+}
+
+/// Bytes the host filesystem allocated for `path` (0 if it cannot be read).
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// Reads until `buf` is full or EOF; returns the bytes read.
+pub fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// `pread` of exactly `buf.len()` bytes; EOF before that is an error.
+pub fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    f.read_exact_at(buf, off)
+}
+
+/// Deallocates a byte range of a file, keeping its size.
+pub fn punch_hole(f: &File, off: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: fallocate only reads its integer arguments; the fd is valid for `f`'s lifetime.
+    let r = unsafe {
+        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Allocates a byte range of a file (extending it).
+pub fn preallocate(f: &File, off: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: fallocate only reads its integer arguments; the fd is valid for `f`'s lifetime.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, off, len) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::RecordKind;
+
+    #[test]
+    fn scan_stops_at_torn_tail_and_reports_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
+        let l = LayerFiles::create(dir.path(), 9, 1, CacheMode::Writeback).unwrap();
+        let rec = |b| Record { disk_block: b, data_block: b, crc: 0, kind: RecordKind::Data };
+        let mut bytes = Vec::new();
+        for b in 0..4 {
+            bytes.extend_from_slice(&rec(b).encode(l.seed));
+        }
+        let log = OpenOptions::new().write(true).open(&l.log_path).unwrap();
+        log.write_all_at(&bytes, LOG_HEADER_SIZE).unwrap();
+        // A torn tail: half a record.
+        log.write_all_at(&rec(9).encode(l.seed)[..10], LOG_HEADER_SIZE + 128).unwrap();
+        let s = l.scan_log().unwrap();
+        assert_eq!(s.records.len(), 4);
+        assert_eq!(s.valid_len, LOG_HEADER_SIZE + 128);
+        assert_eq!(s.torn_bytes, 10);
+        assert!(s.damaged.is_empty());
+        // Damage in the middle is reported, later records still count.
+        log.write_all_at(&[0xff], LOG_HEADER_SIZE + 33).unwrap();
+        let s = l.scan_log().unwrap();
+        assert_eq!(s.records.len(), 3);
+        assert_eq!(s.damaged.len(), 1);
+        assert_eq!(s.damaged[0].0, LOG_HEADER_SIZE + 32);
+    }
+
+    #[test]
+    fn open_refuses_foreign_log() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
+        LayerFiles::create(dir.path(), 9, 1, CacheMode::Writeback).unwrap();
+        assert!(LayerFiles::open(dir.path(), 10, 1, CacheMode::Writeback, false).is_err());
+        assert!(LayerFiles::open(dir.path(), 9, 1, CacheMode::None, false).is_ok());
+    }
+}

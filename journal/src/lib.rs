@@ -18,6 +18,8 @@ mod layer;
 mod rangelock;
 mod tree;
 mod uring;
+mod view;
+mod base;
 mod volume;
 
 pub use buf::{AlignedBuf, BUF_ALIGN};
@@ -31,3 +33,5 @@ pub use volume::Volume;
 pub const SECTOR_SIZE: u64 = 512;
 /// The journal's internal block size: the unit of redirection and of checksums.
 pub const BLOCK_SIZE: u64 = 4096;
+#[cfg(test)]
+mod tests;

@@ -1,10 +1,18 @@
 //! Many requests in flight over a [`Volume`] on io_uring.
-#![allow(unused)]
+//!
+//! Each request is planned by the volume (index lookups, or range lock + allocation for a
+//! write), its data I/O goes to the kernel as one or more io_uring SQEs, and when they all
+//! complete it is finished (read checksums verified, or the write committed to the index).
+//! FLUSH and the checksum/commit steps run on the caller's thread: they touch no data.
 
-use std::os::fd::RawFd;
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-use crate::{AlignedBuf, Result, Volume};
+use io_uring::{opcode, types, IoUring};
+
+use crate::volume::{Planned, ReadPlan, Source, WritePlan};
+use crate::{AlignedBuf, Error, Result, Volume, BLOCK_SIZE};
 
 /// A block request.
 #[derive(Debug)]
@@ -30,46 +38,353 @@ pub struct Completion {
     pub result: Result<Option<AlignedBuf>>,
 }
 
+enum Op {
+    Read {
+        token: u64,
+        plan: ReadPlan,
+        buf: AlignedBuf,
+        offset: u64,
+        len: u64,
+        pending: usize,
+        /// Expected byte count of each SQE, by its index in the user data's low 16 bits.
+        expect: Vec<u32>,
+        err: Option<Error>,
+    },
+    Write {
+        token: u64,
+        plan: WritePlan,
+        err: Option<Error>,
+    },
+}
+
 /// Drives requests against one volume on an io_uring instance. Not thread-safe: one owner
 /// thread submits and reaps.
-pub struct IoEngine {}
+pub struct IoEngine {
+    volume: Arc<Volume>,
+    ring: IoUring,
+    eventfd: OwnedFd,
+    slots: Vec<Option<Op>>,
+    free: Vec<usize>,
+    deferred: VecDeque<(u64, Request)>,
+    ready: Vec<Completion>,
+    unsubmitted: usize,
+}
 
 impl IoEngine {
     /// An engine for `volume` with room for `depth` requests in flight.
     pub fn new(volume: Arc<Volume>, depth: u32) -> Result<IoEngine> {
-        todo!()
+        let depth = depth.clamp(1, 4096);
+        let entries = (depth * 4).next_power_of_two().max(64);
+        let ring = IoUring::builder().setup_cqsize(entries * 4).build(entries)?;
+        // SAFETY: eventfd takes no pointers; a non-negative return is a new fd we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(IoEngine {
+            volume,
+            ring,
+            eventfd,
+            slots: Vec::new(),
+            free: Vec::new(),
+            deferred: VecDeque::new(),
+            ready: Vec::new(),
+            unsubmitted: 0,
+        })
     }
 
-    /// Starts a request. Invalid requests (unaligned, out of range, write to read-only) are
-    /// not rejected here: they complete with an error.
-    pub fn submit(&mut self, token: u64, req: Request) -> Result<()> {
-        todo!()
-    }
-
-    /// Requests submitted and not yet reaped.
-    pub fn in_flight(&self) -> usize {
-        todo!()
-    }
-
-    /// Appends finished requests to `out` without blocking.
-    pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<()> {
-        todo!()
-    }
-
-    /// Blocks until at least `min` requests have finished (or none are in flight) and
-    /// appends them to `out`.
-    pub fn wait(&mut self, min: usize, out: &mut Vec<Completion>) -> Result<()> {
-        todo!()
+    /// The volume this engine drives.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
     }
 
     /// An eventfd that becomes readable when completions may be ready (for epoll loops).
     /// Read it to clear it, then call [`IoEngine::poll`].
     pub fn eventfd(&self) -> RawFd {
-        todo!()
+        self.eventfd.as_raw_fd()
     }
 
-    /// The volume this engine drives.
-    pub fn volume(&self) -> &Arc<Volume> {
-        todo!()
+    /// Requests submitted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len() + self.ready.len() + self.deferred.len()
+    }
+
+    fn alloc_slot(&mut self, op: Op) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(op);
+                i
+            }
+            None => {
+                self.slots.push(Some(op));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn push_sqe(&mut self, entry: io_uring::squeue::Entry) -> Result<()> {
+        loop {
+            // SAFETY: every buffer an SQE points into is owned by an `Op` in `self.slots`
+            // (or by an `Arc<LayerFiles>` it holds) and stays alive and unmoved until its
+            // completion is reaped; AlignedBuf's heap allocation never moves.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                self.unsubmitted += 1;
+                return Ok(());
+            }
+            self.ring.submit()?;
+            self.unsubmitted = 0;
+        }
+    }
+
+    /// Starts a request. Invalid requests (unaligned, out of range, write to read-only)
+    /// complete with an error.
+    pub fn submit(&mut self, token: u64, req: Request) -> Result<()> {
+        self.start(token, req)?;
+        self.kick()
+    }
+
+    /// Hands queued SQEs to the kernel.
+    fn kick(&mut self) -> Result<()> {
+        if self.unsubmitted > 0 {
+            self.ring.submit()?;
+            self.unsubmitted = 0;
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, token: u64, req: Request) -> Result<()> {
+        match req {
+            Request::Read { offset, len } => self.start_read(token, offset, len),
+            Request::Write { offset, buf, fua } => {
+                let len = buf.len() as u64;
+                self.start_write(token, offset, len, Some(buf), fua)
+            }
+            Request::WriteZeroes { offset, len, fua } => self.start_write(token, offset, len, None, fua),
+            Request::Discard { offset, len } => self.start_write(token, offset, len, None, false),
+            Request::Flush => {
+                let result = self.volume.flush().map(|_| None);
+                self.ready.push(Completion { token, result });
+                Ok(())
+            }
+        }
+    }
+
+    fn start_read(&mut self, token: u64, offset: u64, len: u64) -> Result<()> {
+        let plan = match self.volume.plan_read(offset, len) {
+            Ok(p) => p,
+            Err(e) => {
+                self.ready.push(Completion { token, result: Err(e) });
+                return Ok(());
+            }
+        };
+        let mut buf = AlignedBuf::new((plan.nblocks * BLOCK_SIZE) as usize);
+        let base_ptr = buf.as_mut_ptr();
+        let mut sqes = Vec::new();
+        let mut expect = Vec::new();
+        for seg in &plan.segs {
+            let (fd, len) = match &seg.source {
+                Source::Zero => continue,
+                Source::Layer(l) => (l.data.as_raw_fd(), seg.len as u64),
+                Source::Base(b) => (b.file.as_raw_fd(), (seg.len as u64).min(b.size - seg.file_off)),
+            };
+            // SAFETY: buf_off + len <= nblocks * BLOCK_SIZE, the buffer's length.
+            let ptr = unsafe { base_ptr.add(seg.buf_off) };
+            sqes.push(opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(seg.file_off).build());
+            expect.push(len as u32);
+        }
+        let pending = sqes.len();
+        if pending > usize::from(u16::MAX) {
+            self.ready.push(Completion { token, result: Err(Error::Invalid("read too large".into())) });
+            return Ok(());
+        }
+        let slot = self.alloc_slot(Op::Read { token, plan, buf, offset, len, pending, expect, err: None });
+        if pending == 0 {
+            self.finish(slot);
+            return Ok(());
+        }
+        for (i, sqe) in sqes.into_iter().enumerate() {
+            self.push_sqe(sqe.user_data(((slot as u64) << 16) | i as u64))?;
+        }
+        Ok(())
+    }
+
+    fn start_write(&mut self, token: u64, offset: u64, len: u64, data: Option<AlignedBuf>, fua: bool) -> Result<()> {
+        let zero = data.is_none();
+        let plan = match self.volume.plan_write(offset, len, data, fua, false) {
+            Ok(Planned::Ready(p)) => p,
+            Ok(Planned::Busy(data)) => {
+                let req = match data {
+                    Some(buf) => Request::Write { offset, buf, fua },
+                    None if zero => Request::WriteZeroes { offset, len, fua },
+                    None => Request::Discard { offset, len },
+                };
+                self.deferred.push_back((token, req));
+                return Ok(());
+            }
+            Err(e) => {
+                self.ready.push(Completion { token, result: Err(e) });
+                return Ok(());
+            }
+        };
+        let fd = plan.active.files.data.as_raw_fd();
+        let len = plan.data.len() as u32;
+        let off = plan.file_off();
+        let empty = plan.data.is_empty();
+        let slot = self.alloc_slot(Op::Write { token, plan, err: None });
+        if empty {
+            self.finish(slot);
+            return Ok(());
+        }
+        let ptr = match &mut self.slots[slot] {
+            Some(Op::Write { plan, .. }) => plan.data.as_mut_ptr(),
+            _ => return Err(Error::Invalid("engine slot mismatch".into())),
+        };
+        self.push_sqe(opcode::Write::new(types::Fd(fd), ptr, len).offset(off).build().user_data((slot as u64) << 16))
+    }
+
+    /// Completes the request in `slot` whose data I/O is done.
+    fn finish(&mut self, slot: usize) {
+        let Some(op) = self.slots.get_mut(slot).and_then(Option::take) else { return };
+        self.free.push(slot);
+        let completion = match op {
+            Op::Read { token, plan, buf, offset, len, err, .. } => {
+                let result = match err {
+                    Some(e) => Err(e),
+                    None => Volume::verify_read(&plan, buf.as_slice()).map(|_| {
+                        let skip = (offset - plan.first_block * BLOCK_SIZE) as usize;
+                        if skip == 0 && buf.len() as u64 == len {
+                            Some(buf)
+                        } else {
+                            Some(AlignedBuf::from_slice(&buf.as_slice()[skip..skip + len as usize]))
+                        }
+                    }),
+                };
+                Completion { token, result }
+            }
+            Op::Write { token, plan, err } => {
+                let result = match err {
+                    Some(e) => {
+                        self.volume.abort(plan);
+                        Err(e)
+                    }
+                    None => {
+                        let fua = plan.fua;
+                        let big = self.volume.commit(plan);
+                        if fua || big {
+                            self.volume.sync_log(fua).map(|_| None)
+                        } else {
+                            Ok(None)
+                        }
+                    }
+                };
+                Completion { token, result }
+            }
+        };
+        self.ready.push(completion);
+    }
+
+    fn reap(&mut self) {
+        let mut done = Vec::new();
+        for cqe in self.ring.completion() {
+            let slot = (cqe.user_data() >> 16) as usize;
+            let sub = (cqe.user_data() & 0xffff) as usize;
+            let res = cqe.result();
+            match self.slots.get_mut(slot).and_then(Option::as_mut) {
+                Some(Op::Read { pending, err, expect, plan, .. }) => {
+                    let want = expect.get(sub).copied().unwrap_or(0);
+                    if err.is_none() {
+                        if res < 0 {
+                            *err = Some(std::io::Error::from_raw_os_error(-res).into());
+                        } else if (res as u32) < want {
+                            let what = plan
+                                .segs
+                                .iter()
+                                .filter_map(|s| match &s.source {
+                                    Source::Layer(l) => Some(l.data_path.display().to_string()),
+                                    Source::Base(b) => Some(b.path.display().to_string()),
+                                    Source::Zero => None,
+                                })
+                                .nth(sub)
+                                .unwrap_or_default();
+                            *err = Some(Error::Corrupt { what, why: format!("short read: {res} of {want} bytes") });
+                        }
+                    }
+                    *pending = pending.saturating_sub(1);
+                    if *pending == 0 {
+                        done.push(slot);
+                    }
+                }
+                Some(Op::Write { err, plan, .. }) => {
+                    if res < 0 {
+                        *err = Some(Error::io(&plan.active.files.data_path, std::io::Error::from_raw_os_error(-res)));
+                    } else if (res as usize) < plan.data.len() {
+                        *err = Some(Error::io(
+                            &plan.active.files.data_path,
+                            std::io::Error::from_raw_os_error(libc::ENOSPC),
+                        ));
+                    }
+                    done.push(slot);
+                }
+                None => {}
+            }
+        }
+        let wrote = done.iter().any(|&s| matches!(self.slots.get(s), Some(Some(Op::Write { .. }))));
+        for slot in done {
+            self.finish(slot);
+        }
+        if wrote || !self.deferred.is_empty() {
+            self.retry_deferred();
+        }
+    }
+
+    fn retry_deferred(&mut self) {
+        let n = self.deferred.len();
+        for _ in 0..n {
+            let Some((token, req)) = self.deferred.pop_front() else { break };
+            if let Err(e) = self.start(token, req) {
+                self.ready.push(Completion { token, result: Err(e) });
+            }
+        }
+        if let Err(e) = self.kick() {
+            tracing::warn!("io_uring submit failed: {e}");
+        }
+    }
+
+    /// Appends finished requests to `out` without blocking.
+    pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        self.kick()?;
+        self.reap();
+        out.append(&mut self.ready);
+        Ok(())
+    }
+
+    /// Blocks until at least `min` requests have finished (or none are in flight) and
+    /// appends them to `out`.
+    pub fn wait(&mut self, min: usize, out: &mut Vec<Completion>) -> Result<()> {
+        let start = out.len();
+        loop {
+            self.poll(out)?;
+            let got = out.len() - start;
+            let busy = self.slots.len() - self.free.len();
+            if got >= min || busy == 0 && self.deferred.is_empty() {
+                return Ok(());
+            }
+            if busy == 0 {
+                // Only deferred writes remain and nothing holds their locks here: another
+                // engine does; give it a moment.
+                std::thread::yield_now();
+                self.retry_deferred();
+                continue;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }

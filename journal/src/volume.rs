@@ -1,45 +1,650 @@
 //! A view of a disk at one point of the tree: Now (writable) or a checkpoint (read-only).
-#![allow(unused)]
+//!
+//! Requests go through three steps that the synchronous methods here and the io_uring
+//! [`crate::IoEngine`] share: *plan* (resolve blocks through the merged index, or lock and
+//! allocate for a write; no data I/O), *data I/O* (done by the caller), and *finish* (verify
+//! read checksums, or commit a write to the index and the pending log batch).
 
-use crate::Result;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::base::BaseImage;
+use crate::format::{Record, RecordKind, ZERO_BLOCK};
+use crate::index::{Index, Loc};
+use crate::layer::{preallocate, LayerFiles};
+use crate::rangelock::{RangeGuard, RangeLock};
+use crate::{AlignedBuf, Error, Result, BLOCK_SIZE, SECTOR_SIZE};
+
+/// Pending records beyond which the log is appended (without waiting for a FLUSH).
+const MAX_PENDING_RECORDS: usize = 16384;
+/// Smallest and largest preallocation step of an active data file.
+const PREALLOC_MIN: u64 = 1 << 20;
+const PREALLOC_MAX: u64 = 64 << 20;
+
+/// The writable layer of Now.
+pub(crate) struct ActiveLayer {
+    pub files: Arc<LayerFiles>,
+    log: File,
+    alloc: Mutex<Alloc>,
+    journal: Mutex<Pending>,
+    flush_lock: Mutex<()>,
+}
+
+struct Alloc {
+    next_block: u64,
+    prealloc_end: u64,
+}
+
+#[derive(Default)]
+struct Pending {
+    records: Vec<u8>,
+    /// Data blocks superseded by a pending record: freed once that record is durable.
+    dead: Vec<(Arc<LayerFiles>, u64)>,
+    log_len: u64,
+    log_dirty: bool,
+}
+
+impl ActiveLayer {
+    /// Wraps an open layer for appending; `next_block` is the first free data block and
+    /// `log_len` the valid length of the log.
+    pub fn new(files: Arc<LayerFiles>, next_block: u64, log_len: u64) -> Result<ActiveLayer> {
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&files.log_path)
+            .map_err(|e| Error::io(&files.log_path, e))?;
+        log.set_len(log_len).map_err(|e| Error::io(&files.log_path, e))?;
+        let size = files.data.metadata().map_err(|e| Error::io(&files.data_path, e))?.len();
+        Ok(ActiveLayer {
+            files,
+            log,
+            alloc: Mutex::new(Alloc { next_block, prealloc_end: size.max(next_block * BLOCK_SIZE) }),
+            journal: Mutex::new(Pending { log_len, ..Pending::default() }),
+            flush_lock: Mutex::new(()),
+        })
+    }
+
+    /// Reserves `n` consecutive data blocks, preallocating the file in large steps.
+    fn allocate(&self, n: u64) -> Result<u64> {
+        let mut a = lock(&self.alloc);
+        let first = a.next_block;
+        let end = (first + n) * BLOCK_SIZE;
+        if end > a.prealloc_end {
+            let step = (end / 16).clamp(PREALLOC_MIN, PREALLOC_MAX);
+            let new_end = (end + step).next_multiple_of(PREALLOC_MIN);
+            if let Err(e) = preallocate(&self.files.data, a.prealloc_end, new_end - a.prealloc_end) {
+                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(Error::io(&self.files.data_path, e));
+                }
+            }
+            a.prealloc_end = new_end;
+        }
+        a.next_block = first + n;
+        Ok(first)
+    }
+
+    /// Blocks in use in the data file.
+    pub fn used_blocks(&self) -> u64 {
+        lock(&self.alloc).next_block
+    }
+
+    /// Appends pending records to the log. With `durable`, the data file is synced before
+    /// and the log after, and superseded blocks are freed.
+    pub fn sync(&self, durable: bool) -> Result<()> {
+        let _serial = lock(&self.flush_lock);
+        let (records, dead, log_len, dirty) = {
+            let mut j = lock(&self.journal);
+            (std::mem::take(&mut j.records), std::mem::take(&mut j.dead), j.log_len, j.log_dirty)
+        };
+        if records.is_empty() && !(durable && dirty) {
+            return Ok(());
+        }
+        let restore = |records: Vec<u8>, dead: Vec<(Arc<LayerFiles>, u64)>| {
+            let mut j = lock(&self.journal);
+            let mut r = records;
+            r.append(&mut j.records);
+            j.records = r;
+            let mut d = dead;
+            d.append(&mut j.dead);
+            j.dead = d;
+        };
+        if !records.is_empty() {
+            // Records may only reach the log once the data they point to is durable.
+            if let Err(e) = self.files.data.sync_data() {
+                restore(records, dead);
+                return Err(Error::io(&self.files.data_path, e));
+            }
+            if let Err(e) = self.log.write_all_at(&records, log_len) {
+                let _ = self.log.set_len(log_len);
+                restore(records, dead);
+                return Err(Error::io(&self.files.log_path, e));
+            }
+            let mut j = lock(&self.journal);
+            j.log_len = log_len + records.len() as u64;
+            j.log_dirty = true;
+        }
+        if !durable {
+            let mut j = lock(&self.journal);
+            let mut d = dead;
+            d.append(&mut j.dead);
+            j.dead = d;
+            return Ok(());
+        }
+        self.log.sync_data().map_err(|e| Error::io(&self.files.log_path, e))?;
+        lock(&self.journal).log_dirty = false;
+        free_blocks(dead);
+        Ok(())
+    }
+
+    /// Drops the unused preallocated tail of the data file (when the layer is sealed).
+    pub fn trim_preallocation(&self) -> Result<()> {
+        let used = self.used_blocks() * BLOCK_SIZE;
+        self.files.data.set_len(used).map_err(|e| Error::io(&self.files.data_path, e))?;
+        self.files.data.sync_all().map_err(|e| Error::io(&self.files.data_path, e))
+    }
+}
+
+/// Punches holes for blocks nothing references any more (best effort: a failure only costs
+/// space).
+fn free_blocks(mut dead: Vec<(Arc<LayerFiles>, u64)>) {
+    dead.sort_by_key(|(l, b)| (l.id, *b));
+    let mut i = 0;
+    while i < dead.len() {
+        let layer = dead[i].0.clone();
+        let mut blocks = Vec::new();
+        while i < dead.len() && dead[i].0.id == layer.id {
+            blocks.push(dead[i].1);
+            i += 1;
+        }
+        if let Err(e) = layer.punch(&mut blocks) {
+            tracing::warn!("could not free {} blocks of layer {}: {e}", blocks.len(), layer.id);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The mutable part of a view.
+pub(crate) struct ViewState {
+    /// Layers by ordinal, oldest first.
+    pub layers: Vec<Arc<LayerFiles>>,
+    pub index: Index,
+    /// The layer writes go to (`None` for read-only views).
+    pub active: Option<Arc<ActiveLayer>>,
+    /// Ordinals from here on belong to Now alone: their superseded blocks can be freed.
+    pub own_from: usize,
+}
+
+/// Where a piece of a read comes from.
+pub(crate) enum Source {
+    Layer(Arc<LayerFiles>),
+    Base(Arc<BaseImage>),
+    Zero,
+}
+
+/// A contiguous piece of a planned read.
+pub(crate) struct ReadSeg {
+    pub source: Source,
+    pub file_off: u64,
+    pub buf_off: usize,
+    pub len: usize,
+}
+
+/// A block whose checksum is verified once its data is read.
+pub(crate) struct BlockCheck {
+    pub buf_off: usize,
+    pub crc: u32,
+    pub layer: u64,
+    pub data_block: u64,
+    pub disk_block: u64,
+}
+
+/// A planned read of whole blocks into a block-aligned buffer.
+pub(crate) struct ReadPlan {
+    pub first_block: u64,
+    pub nblocks: u64,
+    pub segs: Vec<ReadSeg>,
+    pub checks: Vec<BlockCheck>,
+}
+
+/// One run of consecutive disk blocks in a write.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Run {
+    pub first_block: u64,
+    pub nblocks: u64,
+    /// Offset of the run's data in the plan's buffer; `None` for blocks that become zeros.
+    pub buf_off: Option<usize>,
+}
+
+/// A planned write: locked, allocated, checksummed; the caller writes `data` at `file_off`
+/// of the active data file and then calls [`Volume::commit`].
+pub(crate) struct WritePlan {
+    _guard: RangeGuard,
+    pub runs: Vec<Run>,
+    pub data: AlignedBuf,
+    pub crcs: Vec<u32>,
+    pub active: Arc<ActiveLayer>,
+    pub ordinal: u16,
+    /// First allocated data block (valid when `data` is not empty).
+    pub data_block: u64,
+    pub fua: bool,
+}
+
+impl WritePlan {
+    /// Byte offset in the active data file where `data` goes.
+    pub fn file_off(&self) -> u64 {
+        self.data_block * BLOCK_SIZE
+    }
+}
+
+/// The outcome of planning a write.
+pub(crate) enum Planned {
+    Ready(WritePlan),
+    /// An overlapping write holds the blocks; the data is handed back for a later retry.
+    Busy(Option<AlignedBuf>),
+}
 
 /// A readable (and, for Now, writable) view. All methods take `&self` and are thread-safe.
 /// Offsets and lengths must be multiples of 512 bytes; any length is accepted.
-pub struct Volume {}
+pub struct Volume {
+    size: u64,
+    read_only: bool,
+    base: Option<Arc<BaseImage>>,
+    state: RwLock<ViewState>,
+    locks: RangeLock,
+    in_flight: AtomicUsize,
+}
 
 impl Volume {
+    pub(crate) fn new(size: u64, read_only: bool, base: Option<Arc<BaseImage>>, state: ViewState) -> Volume {
+        Volume {
+            size,
+            read_only: read_only || state.active.is_none(),
+            base,
+            state: RwLock::new(state),
+            locks: RangeLock::default(),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn state(&self) -> RwLockReadGuard<'_, ViewState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn state_mut(&self) -> RwLockWriteGuard<'_, ViewState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        todo!()
+        self.size
     }
 
     /// True for checkpoint views and disks opened read-only.
     pub fn read_only(&self) -> bool {
-        todo!()
+        self.read_only
+    }
+
+    /// Writes planned and not yet committed or aborted.
+    pub fn writes_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Number of distinct blocks written in this view's lineage, and the index's heap bytes.
+    pub fn index_stats(&self) -> (usize, usize) {
+        let st = self.state();
+        (st.index.len(), st.index.heap_bytes())
+    }
+
+    /// Number of layers in this view's lineage.
+    pub fn depth(&self) -> usize {
+        self.state().layers.len()
+    }
+
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+            return Err(Error::Unaligned { offset, len });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(Error::OutOfRange { offset, len, size: self.size });
+        }
+        Ok(())
+    }
+
+    /// Resolves the whole blocks covering `[offset, offset+len)`.
+    pub(crate) fn plan_read(&self, offset: u64, len: u64) -> Result<ReadPlan> {
+        self.check_range(offset, len)?;
+        let first_block = offset / BLOCK_SIZE;
+        let end_block = (offset + len).div_ceil(BLOCK_SIZE);
+        let nblocks = end_block - first_block;
+        let mut segs: Vec<ReadSeg> = Vec::new();
+        let mut checks = Vec::new();
+        let st = self.state();
+        for i in 0..nblocks {
+            let block = first_block + i;
+            let buf_off = (i * BLOCK_SIZE) as usize;
+            let (source, file_off) = match st.index.get(block) {
+                Some(Loc { data_block: ZERO_BLOCK, .. }) => (Source::Zero, 0),
+                Some(loc) => {
+                    let layer = st.layers.get(usize::from(loc.ordinal)).ok_or_else(|| Error::Corrupt {
+                        what: format!("index of block {block}"),
+                        why: "points at a missing layer".into(),
+                    })?;
+                    checks.push(BlockCheck {
+                        buf_off,
+                        crc: loc.crc,
+                        layer: layer.id,
+                        data_block: loc.data_block,
+                        disk_block: block,
+                    });
+                    (Source::Layer(layer.clone()), loc.data_block * BLOCK_SIZE)
+                }
+                None => match &self.base {
+                    Some(b) if block * BLOCK_SIZE < b.size => (Source::Base(b.clone()), block * BLOCK_SIZE),
+                    _ => (Source::Zero, 0),
+                },
+            };
+            if let Some(last) = segs.last_mut() {
+                let contiguous = last.buf_off + last.len == buf_off
+                    && match (&last.source, &source) {
+                        (Source::Zero, Source::Zero) => true,
+                        (Source::Layer(a), Source::Layer(b)) => {
+                            a.id == b.id && last.file_off + last.len as u64 == file_off
+                        }
+                        (Source::Base(_), Source::Base(_)) => last.file_off + last.len as u64 == file_off,
+                        _ => false,
+                    };
+                if contiguous {
+                    last.len += BLOCK_SIZE as usize;
+                    continue;
+                }
+            }
+            segs.push(ReadSeg { source, file_off, buf_off, len: BLOCK_SIZE as usize });
+        }
+        Ok(ReadPlan { first_block, nblocks, segs, checks })
+    }
+
+    /// Verifies the checksums of a completed read plan's layer blocks.
+    pub(crate) fn verify_read(plan: &ReadPlan, buf: &[u8]) -> Result<()> {
+        for c in &plan.checks {
+            let block = &buf[c.buf_off..c.buf_off + BLOCK_SIZE as usize];
+            let got = crc32c::crc32c(block);
+            if got != c.crc {
+                return Err(Error::Corrupt {
+                    what: format!(
+                        "layer {} data block {} (disk offset {})",
+                        c.layer,
+                        c.data_block,
+                        c.disk_block * BLOCK_SIZE
+                    ),
+                    why: format!("checksum {got:08x}, expected {:08x}", c.crc),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Executes a read plan with positional I/O into `buf` (block aligned, `nblocks` long).
+    pub(crate) fn execute_read(plan: &ReadPlan, buf: &mut [u8]) -> Result<()> {
+        for seg in &plan.segs {
+            let dst = &mut buf[seg.buf_off..seg.buf_off + seg.len];
+            match &seg.source {
+                Source::Zero => dst.fill(0),
+                Source::Base(b) => {
+                    b.read_at(dst, seg.file_off)?;
+                }
+                Source::Layer(l) => {
+                    l.data.read_exact_at(dst, seg.file_off).map_err(|e| Error::io(&l.data_path, e))?;
+                }
+            }
+        }
+        Self::verify_read(plan, buf)
     }
 
     /// Reads `buf.len()` bytes at `offset`. A damaged block fails with `Error::Corrupt`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        todo!()
+        let plan = self.plan_read(offset, buf.len() as u64)?;
+        let mut tmp = AlignedBuf::new((plan.nblocks * BLOCK_SIZE) as usize);
+        Self::execute_read(&plan, tmp.as_mut_slice())?;
+        let skip = (offset - plan.first_block * BLOCK_SIZE) as usize;
+        buf.copy_from_slice(&tmp.as_slice()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn lock_blocks(&self, first: u64, end: u64, wait: bool) -> Option<RangeGuard> {
+        if wait {
+            Some(self.locks.lock(first..end))
+        } else {
+            self.locks.try_lock(first..end)
+        }
+    }
+
+    /// Reads whole block `block` as this view currently sees it (used for read-modify-write).
+    fn read_block_into(&self, block: u64, dst: &mut [u8]) -> Result<()> {
+        let plan = self.plan_read(block * BLOCK_SIZE, BLOCK_SIZE.min(self.size - block * BLOCK_SIZE))?;
+        let mut tmp = AlignedBuf::new(BLOCK_SIZE as usize);
+        Self::execute_read(&plan, tmp.as_mut_slice())?;
+        dst.copy_from_slice(tmp.as_slice());
+        Ok(())
+    }
+
+    /// Plans a write of `data` (exactly `len` bytes) at `offset`, or with `data = None` makes
+    /// the range read as zeros. With `wait` false, returns [`Planned::Busy`] instead of
+    /// waiting for an overlapping write.
+    pub(crate) fn plan_write(
+        &self,
+        offset: u64,
+        len: u64,
+        data: Option<AlignedBuf>,
+        fua: bool,
+        wait: bool,
+    ) -> Result<Planned> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.check_range(offset, len)?;
+        if data.as_ref().is_some_and(|d| d.len() as u64 != len) {
+            return Err(Error::Invalid("write buffer length differs from the request length".into()));
+        }
+        // Counted before the active layer is looked up, so that a checkpoint that sees no
+        // write in flight (under the state lock) cannot race with one about to start.
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let result = self.plan_write_counted(offset, len, data, fua, wait);
+        if !matches!(result, Ok(Planned::Ready(_))) {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        result
+    }
+
+    fn plan_write_counted(
+        &self,
+        offset: u64,
+        len: u64,
+        data: Option<AlignedBuf>,
+        fua: bool,
+        wait: bool,
+    ) -> Result<Planned> {
+        let (active, ordinal) = {
+            let st = self.state();
+            let active = st.active.clone().ok_or(Error::ReadOnly)?;
+            let ordinal = u16::try_from(st.layers.len() - 1)
+                .map_err(|_| Error::Invalid("too many layers in one lineage (limit 65536)".into()))?;
+            (active, ordinal)
+        };
+        let first = offset / BLOCK_SIZE;
+        let end = (offset + len).div_ceil(BLOCK_SIZE);
+        let Some(guard) = self.lock_blocks(first, end, wait) else {
+            return Ok(Planned::Busy(data));
+        };
+        let head_partial = offset % BLOCK_SIZE != 0;
+        let tail_partial = (offset + len) % BLOCK_SIZE != 0;
+        let nblocks = end - first;
+        let skip = (offset - first * BLOCK_SIZE) as usize;
+        let mut runs = Vec::new();
+        let buf = match data {
+            Some(src) => {
+                let aligned = !head_partial && !tail_partial && src.len() as u64 == len;
+                let buf = if aligned {
+                    src
+                } else {
+                    let mut img = AlignedBuf::new((nblocks * BLOCK_SIZE) as usize);
+                    if head_partial {
+                        self.read_block_into(first, &mut img.as_mut_slice()[..BLOCK_SIZE as usize])?;
+                    }
+                    if tail_partial && (nblocks > 1 || !head_partial) {
+                        let at = ((nblocks - 1) * BLOCK_SIZE) as usize;
+                        self.read_block_into(end - 1, &mut img.as_mut_slice()[at..at + BLOCK_SIZE as usize])?;
+                    }
+                    img.as_mut_slice()[skip..skip + len as usize].copy_from_slice(&src.as_slice()[..len as usize]);
+                    img
+                };
+                runs.push(Run { first_block: first, nblocks, buf_off: Some(0) });
+                buf
+            }
+            None => {
+                // Zeroing: partial end blocks are rewritten, whole blocks become zero records.
+                let mut parts: Vec<u64> = Vec::new();
+                if head_partial {
+                    parts.push(first);
+                }
+                if tail_partial && !(head_partial && nblocks == 1) {
+                    parts.push(end - 1);
+                }
+                let mut img = AlignedBuf::new(parts.len() * BLOCK_SIZE as usize);
+                for (i, &b) in parts.iter().enumerate() {
+                    let at = i * BLOCK_SIZE as usize;
+                    let slot = &mut img.as_mut_slice()[at..at + BLOCK_SIZE as usize];
+                    self.read_block_into(b, slot)?;
+                    let bstart = b * BLOCK_SIZE;
+                    let zs = offset.max(bstart) - bstart;
+                    let ze = (offset + len).min(bstart + BLOCK_SIZE) - bstart;
+                    slot[zs as usize..ze as usize].fill(0);
+                    runs.push(Run { first_block: b, nblocks: 1, buf_off: Some(at) });
+                }
+                let zfirst = if head_partial { first + 1 } else { first };
+                let zend = if tail_partial { end - 1 } else { end };
+                if zend > zfirst {
+                    runs.push(Run { first_block: zfirst, nblocks: zend - zfirst, buf_off: None });
+                }
+                img
+            }
+        };
+        let crcs: Vec<u32> = buf.as_slice().chunks(BLOCK_SIZE as usize).map(crc32c::crc32c).collect();
+        let data_blocks = (buf.len() as u64) / BLOCK_SIZE;
+        let data_block = if data_blocks > 0 { active.allocate(data_blocks)? } else { 0 };
+        let plan = WritePlan { _guard: guard, runs, data: buf, crcs, active, ordinal, data_block, fua };
+        Ok(Planned::Ready(plan))
+    }
+
+    /// Makes a completed write visible (index) and queues its records for the log. Returns
+    /// true when the caller should append the log soon ([`Volume::sync_log`]).
+    pub(crate) fn commit(&self, plan: WritePlan) -> bool {
+        let mut dead = Vec::new();
+        let mut rec_bytes = Vec::with_capacity(plan.crcs.len().max(1) * crate::format::RECORD_SIZE);
+        let seed = plan.active.files.seed;
+        let mut st = self.state_mut();
+        for run in &plan.runs {
+            for k in 0..run.nblocks {
+                let block = run.first_block + k;
+                let (loc, rec) = match run.buf_off {
+                    Some(off) => {
+                        let i = off / BLOCK_SIZE as usize + k as usize;
+                        let db = plan.data_block + i as u64;
+                        let crc = plan.crcs[i];
+                        (
+                            Loc { ordinal: plan.ordinal, data_block: db, crc },
+                            Record { disk_block: block, data_block: db, crc, kind: RecordKind::Data },
+                        )
+                    }
+                    None => (
+                        Loc { ordinal: plan.ordinal, data_block: ZERO_BLOCK, crc: 0 },
+                        Record { disk_block: block, data_block: ZERO_BLOCK, crc: 0, kind: RecordKind::Zero },
+                    ),
+                };
+                if let Some(old) = st.index.insert(block, loc) {
+                    if usize::from(old.ordinal) >= st.own_from && old.data_block != ZERO_BLOCK {
+                        if let Some(l) = st.layers.get(usize::from(old.ordinal)) {
+                            dead.push((l.clone(), old.data_block));
+                        }
+                    }
+                }
+                rec_bytes.extend_from_slice(&rec.encode(seed));
+            }
+        }
+        let mut j = lock(&plan.active.journal);
+        drop(st);
+        j.records.extend_from_slice(&rec_bytes);
+        j.dead.append(&mut dead);
+        let big = j.records.len() / crate::format::RECORD_SIZE >= MAX_PENDING_RECORDS;
+        drop(j);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        big
+    }
+
+    /// Gives up a planned write whose data I/O failed; nothing becomes visible.
+    pub(crate) fn abort(&self, plan: WritePlan) {
+        let blocks = plan.data.len() as u64 / BLOCK_SIZE;
+        let mut j = lock(&plan.active.journal);
+        for k in 0..blocks {
+            j.dead.push((plan.active.files.clone(), plan.data_block + k));
+        }
+        drop(j);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Appends pending records to the log; `durable` also syncs data and log (a FLUSH).
+    pub fn sync_log(&self, durable: bool) -> Result<()> {
+        let active = self.state().active.clone();
+        match active {
+            Some(a) => a.sync(durable),
+            None => Ok(()),
+        }
+    }
+
+    fn write_planned(&self, plan: WritePlan) -> Result<()> {
+        if !plan.data.is_empty() {
+            if let Err(e) = plan.active.files.data.write_all_at(plan.data.as_slice(), plan.file_off()) {
+                let path = plan.active.files.data_path.clone();
+                self.abort(plan);
+                return Err(Error::io(path, e));
+            }
+        }
+        let fua = plan.fua;
+        let big = self.commit(plan);
+        if fua || big {
+            self.sync_log(fua)?;
+        }
+        Ok(())
     }
 
     /// Writes `data` at `offset`; with `fua` the data is durable on return.
     pub fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
-        todo!()
+        let buf = AlignedBuf::from_slice(data);
+        if let Planned::Ready(plan) = self.plan_write(offset, data.len() as u64, Some(buf), fua, true)? {
+            self.write_planned(plan)?;
+        }
+        Ok(())
     }
 
     /// Makes `len` bytes at `offset` read as zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        todo!()
+        if let Planned::Ready(plan) = self.plan_write(offset, len, None, fua, true)? {
+            self.write_planned(plan)?;
+        }
+        Ok(())
     }
 
-    /// Discards `len` bytes at `offset` (they then read as zeros in this view only).
+    /// Discards `len` bytes at `offset`: they read as zeros in this view afterwards; no
+    /// checkpoint changes.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        todo!()
+        self.write_zeroes(offset, len, false)
     }
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
-        todo!()
+        self.sync_log(true)
     }
 }

@@ -1,0 +1,79 @@
+//! Building a view (its layers and merged index) from a lineage of layer ids.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::base::BaseImage;
+use crate::disk::CacheMode;
+use crate::format::{RecordKind, ZERO_BLOCK};
+use crate::index::{Index, Loc};
+use crate::layer::LayerFiles;
+use crate::volume::{ActiveLayer, ViewState, Volume};
+use crate::{Error, Result, BLOCK_SIZE};
+
+/// Opens `layers` (oldest first), replays their logs into one index, and wraps them in a
+/// volume. With `writable`, the last layer becomes the active layer (a torn log tail is cut
+/// off) and layers from `own_from` on are Now's own.
+pub(crate) fn build_view(
+    dir: &Path,
+    uuid: u128,
+    size: u64,
+    layers: &[u64],
+    own_from: usize,
+    writable: bool,
+    cache: CacheMode,
+    base: Option<Arc<BaseImage>>,
+) -> Result<Volume> {
+    Ok(Volume::new(size, !writable, base, build_state(dir, uuid, size, layers, own_from, writable, cache)?))
+}
+
+/// As [`build_view`], the state only (to swap into an existing volume).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn build_state(
+    dir: &Path,
+    uuid: u128,
+    size: u64,
+    layers: &[u64],
+    own_from: usize,
+    writable: bool,
+    cache: CacheMode,
+) -> Result<ViewState> {
+    if layers.len() > usize::from(u16::MAX) {
+        return Err(Error::Invalid(format!("lineage of {} layers exceeds 65535", layers.len())));
+    }
+    let blocks_in_disk = size.div_ceil(BLOCK_SIZE);
+    let mut index = Index::default();
+    let mut files = Vec::with_capacity(layers.len());
+    let mut active = None;
+    for (ordinal, &id) in layers.iter().enumerate() {
+        let last = ordinal + 1 == layers.len();
+        let lf = Arc::new(LayerFiles::open(dir, uuid, id, cache, writable && last)?);
+        let scan = lf.scan_log()?;
+        for (off, why) in &scan.damaged {
+            tracing::warn!("layer {id}: log record at byte {off}: {why} (run `strata disk check`)");
+        }
+        let mut next_block = 0;
+        for r in &scan.records {
+            if r.disk_block >= blocks_in_disk {
+                tracing::warn!("layer {id}: record for block {} past the end of the disk ignored", r.disk_block);
+                continue;
+            }
+            let loc = match r.kind {
+                RecordKind::Data => {
+                    next_block = next_block.max(r.data_block + 1);
+                    Loc { ordinal: ordinal as u16, data_block: r.data_block, crc: r.crc }
+                }
+                RecordKind::Zero => Loc { ordinal: ordinal as u16, data_block: ZERO_BLOCK, crc: 0 },
+            };
+            index.insert(r.disk_block, loc);
+        }
+        if writable && last {
+            if scan.torn_bytes > 0 {
+                tracing::info!("layer {id}: dropping a torn log tail of {} bytes", scan.torn_bytes);
+            }
+            active = Some(Arc::new(ActiveLayer::new(lf.clone(), next_block, scan.valid_len)?));
+        }
+        files.push(lf);
+    }
+    Ok(ViewState { layers: files, index, active, own_from })
+}

@@ -247,10 +247,10 @@ impl Disk {
         CheckpointInfo {
             id: node.id,
             name: node.name.clone().unwrap_or_default(),
-            parent: node.parent.and_then(|p| self.tree.node(p)).and_then(|p| p.name.clone()),
+            parent: self.tree.visible_name(node.parent),
             created: node.created,
             layer_bytes: node.layers.iter().map(|&l| self.layer_bytes(l)).sum(),
-            now_parent: self.tree.now.parent == Some(node.id),
+            now_parent: node.name.is_some() && self.tree.visible_name(self.tree.now.parent) == node.name,
         }
     }
 
@@ -344,7 +344,7 @@ impl Disk {
             block_size: BLOCK_SIZE,
             base: self.tree.base.as_ref().map(|b| b.path.clone()),
             checkpoints: self.tree.nodes.iter().filter(|n| n.name.is_some()).count(),
-            now_parent: self.tree.now.parent.and_then(|p| self.tree.node(p)).and_then(|n| n.name.clone()),
+            now_parent: self.tree.visible_name(self.tree.now.parent),
             depth: self.now.depth(),
             now_bytes: self.tree.now.layers.iter().map(|&l| self.layer_bytes(l)).sum(),
             allocated_bytes: self.tree.all_layers().iter().map(|&l| self.layer_bytes(l)).sum(),
@@ -657,7 +657,7 @@ impl Disk {
             "base": self.tree.base.as_ref().map(|b| b.path.clone()),
             "checkpoints": self.list(),
             "now": {
-                "parent": self.tree.now.parent.and_then(|p| self.tree.node(p)).and_then(|n| n.name.clone()),
+                "parent": self.tree.visible_name(self.tree.now.parent),
             },
         })
     }

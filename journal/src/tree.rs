@@ -109,6 +109,18 @@ impl Tree {
             .ok_or_else(|| Error::UnknownCheckpoint(name.to_string()))
     }
 
+    /// The name of the nearest visible node at or above `id` (hidden nodes are skipped).
+    pub fn visible_name(&self, mut id: Option<u64>) -> Option<String> {
+        for _ in 0..=self.nodes.len() {
+            let n = self.node(id?)?;
+            if n.name.is_some() {
+                return n.name.clone();
+            }
+            id = n.parent;
+        }
+        None
+    }
+
     /// Fails if `name` is invalid or already used.
     pub fn check_new_name(&self, name: &str) -> Result<()> {
         validate_name(name)?;

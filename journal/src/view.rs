@@ -45,12 +45,14 @@ pub(crate) fn build_state(
     let mut index = Index::default();
     let mut files = Vec::with_capacity(layers.len());
     let mut active = None;
+    let mut damaged_upto = None;
     for (ordinal, &id) in layers.iter().enumerate() {
         let last = ordinal + 1 == layers.len();
         let lf = Arc::new(LayerFiles::open(dir, uuid, id, cache, writable && last)?);
         let scan = lf.scan_log()?;
         for (off, why) in &scan.damaged {
             tracing::warn!("layer {id}: log record at byte {off}: {why} (run `strata disk check`)");
+            damaged_upto = Some(ordinal as u16);
         }
         let mut next_block = 0;
         for r in &scan.records {
@@ -75,5 +77,5 @@ pub(crate) fn build_state(
         }
         files.push(lf);
     }
-    Ok(ViewState { layers: files, index, active, own_from })
+    Ok(ViewState { layers: files, index, active, own_from, damaged_upto })
 }

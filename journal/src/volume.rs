@@ -176,6 +176,10 @@ pub(crate) struct ViewState {
     pub active: Option<Arc<ActiveLayer>>,
     /// Ordinals from here on belong to Now alone: their superseded blocks can be freed.
     pub own_from: usize,
+    /// The newest layer with damaged log records, if any: a damaged record's block is
+    /// unknown, so no block whose newest version is in that layer or below (or in the base)
+    /// can be trusted, and reading one fails.
+    pub damaged_upto: Option<u16>,
 }
 
 /// Where a piece of a read comes from.
@@ -326,7 +330,17 @@ impl Volume {
         for i in 0..nblocks {
             let block = first_block + i;
             let buf_off = (i * BLOCK_SIZE) as usize;
-            let (source, file_off) = match st.index.get(block) {
+            let found = st.index.get(block);
+            if let Some(d) = st.damaged_upto {
+                if found.is_none_or(|l| l.ordinal <= d) {
+                    let layer = st.layers.get(usize::from(d)).map(|l| l.id).unwrap_or_default();
+                    return Err(Error::Corrupt {
+                        what: format!("disk offset {}", block * BLOCK_SIZE),
+                        why: format!("the index log of layer {layer} is damaged, so this block's version is unknown"),
+                    });
+                }
+            }
+            let (source, file_off) = match found {
                 Some(Loc { data_block: ZERO_BLOCK, .. }) => (Source::Zero, 0),
                 Some(loc) => {
                     let layer = st.layers.get(usize::from(loc.ordinal)).ok_or_else(|| Error::Corrupt {

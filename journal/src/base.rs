@@ -16,7 +16,6 @@ pub struct BaseImage {
     pub file: File,
     pub path: PathBuf,
     pub size: u64,
-    pub direct: bool,
 }
 
 impl BaseImage {
@@ -24,18 +23,18 @@ impl BaseImage {
     pub fn open(path: &Path, cache: CacheMode) -> Result<BaseImage> {
         let mut opts = OpenOptions::new();
         opts.read(true);
-        let (file, direct) = if cache == CacheMode::None {
+        let file = if cache == CacheMode::None {
             let mut d = opts.clone();
             d.custom_flags(libc::O_DIRECT);
             match d.open(path) {
-                Ok(f) => (f, true),
+                Ok(f) => f,
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    (opts.open(path).map_err(|e| Error::io(path, e))?, false)
+                    opts.open(path).map_err(|e| Error::io(path, e))?
                 }
                 Err(e) => return Err(Error::io(path, e)),
             }
         } else {
-            (opts.open(path).map_err(|e| Error::io(path, e))?, false)
+            opts.open(path).map_err(|e| Error::io(path, e))?
         };
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         if !meta.is_file() {
@@ -51,7 +50,11 @@ impl BaseImage {
                 why: format!("size {size} is not a multiple of 512"),
             });
         }
-        Ok(BaseImage { file, path: path.to_path_buf(), size, direct })
+        Ok(BaseImage {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
     }
 
     /// Opens the base a disk references and refuses it if its size or content changed.
@@ -60,14 +63,20 @@ impl BaseImage {
         if img.size != base.size {
             return Err(Error::BaseChanged {
                 path: base.path.clone(),
-                why: format!("size is {} bytes, the disk was created over {} bytes", img.size, base.size),
+                why: format!(
+                    "size is {} bytes, the disk was created over {} bytes",
+                    img.size, base.size
+                ),
             });
         }
         let fp = img.fingerprint()?;
         if fp != base.fingerprint {
             return Err(Error::BaseChanged {
                 path: base.path.clone(),
-                why: format!("content changed since the disk was created (fingerprint {fp}, expected {})", base.fingerprint),
+                why: format!(
+                    "content changed since the disk was created (fingerprint {fp}, expected {})",
+                    base.fingerprint
+                ),
             });
         }
         Ok(img)
@@ -78,7 +87,9 @@ impl BaseImage {
         let blocks = self.size.div_ceil(BLOCK_SIZE);
         let mut sum = crc32c::crc32c(&self.size.to_le_bytes());
         let mut buf = crate::AlignedBuf::new(BLOCK_SIZE as usize);
-        let mut samples: Vec<u64> = (0..FINGERPRINT_SAMPLES).map(|i| i * blocks / FINGERPRINT_SAMPLES).collect();
+        let mut samples: Vec<u64> = (0..FINGERPRINT_SAMPLES)
+            .map(|i| i * blocks / FINGERPRINT_SAMPLES)
+            .collect();
         samples.push(blocks.saturating_sub(1));
         samples.dedup();
         for b in samples {

@@ -66,7 +66,8 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.cap, BUF_ALIGN).expect("layout was valid at allocation");
+        let layout =
+            Layout::from_size_align(self.cap, BUF_ALIGN).expect("layout was valid at allocation");
         // SAFETY: ptr was allocated in `new` with exactly this layout and is freed once.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
     }

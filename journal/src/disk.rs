@@ -13,7 +13,7 @@ use crate::base::BaseImage;
 use crate::format::{RecordKind, LOG_HEADER_SIZE};
 use crate::layer::{self, LayerFiles, LAYERS_DIR};
 use crate::tree::{sync_dir, unix_now, Node, NowNode, Tree, TREE_FILE, TREE_FORMAT};
-use crate::view::{build_state, build_view};
+use crate::view::{build_state, build_view, DiskFiles};
 use crate::volume::{ActiveLayer, Volume};
 use crate::{AlignedBuf, Error, Result, BLOCK_SIZE, SECTOR_SIZE};
 
@@ -115,11 +115,13 @@ pub struct Disk {
 fn random_u128() -> Result<u128> {
     let mut b = [0u8; 16];
     File::open("/dev/urandom")
-        .and_then(|f| f.read_exact_at(&mut b, 0).or_else(|_| {
-            use std::io::Read;
-            let mut f = f;
-            f.read_exact(&mut b)
-        }))
+        .and_then(|f| {
+            f.read_exact_at(&mut b, 0).or_else(|_| {
+                use std::io::Read;
+                let mut f = f;
+                f.read_exact(&mut b)
+            })
+        })
         .map_err(|e| Error::io("/dev/urandom", e))?;
     Ok(u128::from_le_bytes(b))
 }
@@ -148,7 +150,7 @@ fn lock_dir(dir: &Path) -> Result<File> {
 impl Disk {
     /// Creates a new disk directory of `size` bytes, optionally over a raw base image.
     pub fn create(dir: &Path, size: u64, base: Option<&Path>) -> Result<()> {
-        if size == 0 || size % SECTOR_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(Error::BadSize(size));
         }
         if dir.join(TREE_FILE).exists() {
@@ -164,12 +166,21 @@ impl Disk {
                         img.size
                     )));
                 }
-                Some(crate::tree::BaseRef { fingerprint: img.fingerprint()?, path: abs, size: img.size })
+                Some(crate::tree::BaseRef {
+                    fingerprint: img.fingerprint()?,
+                    path: abs,
+                    size: img.size,
+                })
             }
             None => None,
         };
         let created_dir = !dir.exists();
-        if !created_dir && fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some() {
+        if !created_dir
+            && fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .next()
+                .is_some()
+        {
             return Err(Error::AlreadyExists(dir.to_path_buf()));
         }
         let result = (|| {
@@ -186,7 +197,10 @@ impl Disk {
                 base: base_ref,
                 next_id: 2,
                 nodes: Vec::new(),
-                now: NowNode { parent: None, layers: vec![1] },
+                now: NowNode {
+                    parent: None,
+                    layers: vec![1],
+                },
             };
             tree.save(dir)
         })();
@@ -218,8 +232,22 @@ impl Disk {
         }
         let lineage = tree.lineage_layers(None)?;
         let own_from = lineage.len() - tree.now.layers.len();
-        let now = build_view(dir, uuid, tree.size, &lineage, own_from, !opts.read_only, opts.cache, base.clone())?;
-        Ok(Disk { dir: dir.to_path_buf(), _lock: lock, tree, uuid, opts, base, now: Arc::new(now) })
+        let files = DiskFiles {
+            dir,
+            uuid,
+            size: tree.size,
+            cache: opts.cache,
+        };
+        let now = build_view(files, &lineage, own_from, !opts.read_only, base.clone())?;
+        Ok(Disk {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            tree,
+            uuid,
+            opts,
+            base,
+            now: Arc::new(now),
+        })
     }
 
     /// The read-write view of Now (read-only if the disk was opened read-only). The same
@@ -232,8 +260,23 @@ impl Disk {
     pub fn checkpoint_view(&self, name: &str) -> Result<Arc<Volume>> {
         let node = self.tree.by_name(name)?;
         let lineage = self.tree.lineage_layers(Some(node.id))?;
-        let v = build_view(&self.dir, self.uuid, self.tree.size, &lineage, lineage.len(), false, self.opts.cache, self.base.clone())?;
+        let v = build_view(
+            self.files(),
+            &lineage,
+            lineage.len(),
+            false,
+            self.base.clone(),
+        )?;
         Ok(Arc::new(v))
+    }
+
+    fn files(&self) -> DiskFiles<'_> {
+        DiskFiles {
+            dir: &self.dir,
+            uuid: self.uuid,
+            size: self.tree.size,
+            cache: self.opts.cache,
+        }
     }
 
     fn writable(&self) -> Result<()> {
@@ -250,12 +293,14 @@ impl Disk {
             parent: self.tree.visible_name(node.parent),
             created: node.created,
             layer_bytes: node.layers.iter().map(|&l| self.layer_bytes(l)).sum(),
-            now_parent: node.name.is_some() && self.tree.visible_name(self.tree.now.parent) == node.name,
+            now_parent: node.name.is_some()
+                && self.tree.visible_name(self.tree.now.parent) == node.name,
         }
     }
 
     fn layer_bytes(&self, id: u64) -> u64 {
-        layer::allocated(&layer::data_path(&self.dir, id)) + layer::allocated(&layer::log_path(&self.dir, id))
+        layer::allocated(&layer::data_path(&self.dir, id))
+            + layer::allocated(&layer::log_path(&self.dir, id))
     }
 
     fn create_layer(&mut self) -> Result<(u64, Arc<LayerFiles>)> {
@@ -303,7 +348,10 @@ impl Disk {
             created: unix_now(),
             layers: tree.now.layers.clone(),
         });
-        tree.now = NowNode { parent: Some(node_id), layers: vec![layer_id] };
+        tree.now = NowNode {
+            parent: Some(node_id),
+            layers: vec![layer_id],
+        };
         if let Err(e) = self.commit_tree(tree) {
             self.tree.next_id = saved_next;
             self.remove_layer_files(layer_id);
@@ -313,14 +361,24 @@ impl Disk {
         st.own_from = st.layers.len() - 1;
         st.active = Some(Arc::new(ActiveLayer::new(files, 0, LOG_HEADER_SIZE)?));
         drop(st);
-        let node = self.tree.node(node_id).cloned().ok_or(Error::UnknownCheckpoint(name.into()))?;
+        let node = self
+            .tree
+            .node(node_id)
+            .cloned()
+            .ok_or(Error::UnknownCheckpoint(name.into()))?;
         Ok(self.info_of(&node))
     }
 
     /// All visible checkpoints, parents before children.
     pub fn list(&self) -> Vec<CheckpointInfo> {
         let mut out = Vec::new();
-        let mut stack: Vec<u64> = self.tree.nodes.iter().filter(|n| n.parent.is_none()).map(|n| n.id).collect();
+        let mut stack: Vec<u64> = self
+            .tree
+            .nodes
+            .iter()
+            .filter(|n| n.parent.is_none())
+            .map(|n| n.id)
+            .collect();
         stack.reverse();
         while let Some(id) = stack.pop() {
             if let Some(n) = self.tree.node(id) {
@@ -346,8 +404,19 @@ impl Disk {
             checkpoints: self.tree.nodes.iter().filter(|n| n.name.is_some()).count(),
             now_parent: self.tree.visible_name(self.tree.now.parent),
             depth: self.now.depth(),
-            now_bytes: self.tree.now.layers.iter().map(|&l| self.layer_bytes(l)).sum(),
-            allocated_bytes: self.tree.all_layers().iter().map(|&l| self.layer_bytes(l)).sum(),
+            now_bytes: self
+                .tree
+                .now
+                .layers
+                .iter()
+                .map(|&l| self.layer_bytes(l))
+                .sum(),
+            allocated_bytes: self
+                .tree
+                .all_layers()
+                .iter()
+                .map(|&l| self.layer_bytes(l))
+                .sum(),
             index_blocks,
             index_bytes,
         })
@@ -370,9 +439,16 @@ impl Disk {
         let saved_next = self.tree.next_id;
         let (layer_id, _) = self.create_layer()?;
         let mut tree = self.tree.clone();
-        let old_layers = std::mem::replace(&mut tree.now, NowNode { parent: Some(target), layers: vec![layer_id] }).layers;
+        let old_layers = std::mem::replace(
+            &mut tree.now,
+            NowNode {
+                parent: Some(target),
+                layers: vec![layer_id],
+            },
+        )
+        .layers;
         let lineage = tree.lineage_layers(None)?;
-        let state = build_state(&self.dir, self.uuid, tree.size, &lineage, lineage.len() - 1, true, self.opts.cache);
+        let state = build_state(self.files(), &lineage, lineage.len() - 1, true);
         let state = match state {
             Ok(s) => s,
             Err(e) => {
@@ -438,13 +514,25 @@ impl Disk {
             }
             let parent = tree.node(id).and_then(|n| n.parent);
             tree.nodes.retain(|n| !doomed.contains(&n.id));
-            collapse_from(&mut tree, parent, &mut drop_layers, &mut merges, &mut report);
+            collapse_from(
+                &mut tree,
+                parent,
+                &mut drop_layers,
+                &mut merges,
+                &mut report,
+            );
         } else {
             report.deleted.push(name.to_string());
             if let Some(n) = tree.nodes.iter_mut().find(|n| n.id == id) {
                 n.name = None;
             }
-            collapse_from(&mut tree, Some(id), &mut drop_layers, &mut merges, &mut report);
+            collapse_from(
+                &mut tree,
+                Some(id),
+                &mut drop_layers,
+                &mut merges,
+                &mut report,
+            );
         }
         let old_own = self.tree.now.layers.len();
         self.commit_tree(tree)?;
@@ -472,7 +560,11 @@ impl Disk {
         let child_blocks: HashSet<u64> = if m.into_now {
             let st = self.now.state();
             let first_child = st.layers.len() - m.child_layers;
-            st.index.iter().filter(|(_, l)| usize::from(l.ordinal) >= first_child).map(|(b, _)| b).collect()
+            st.index
+                .iter()
+                .filter(|(_, l)| usize::from(l.ordinal) >= first_child)
+                .map(|(b, _)| b)
+                .collect()
         } else {
             let mut set = HashSet::new();
             for &l in &m.child_layer_ids {
@@ -531,7 +623,8 @@ impl Disk {
                 let n = CHUNK.min(view.size() - off) as usize;
                 view.read_at(&mut buf[..n], off)?;
                 if buf[..n].iter().any(|&b| b != 0) {
-                    f.write_all_at(&buf[..n], off).map_err(|e| Error::io(out, e))?;
+                    f.write_all_at(&buf[..n], off)
+                        .map_err(|e| Error::io(out, e))?;
                 }
                 off += n as u64;
             }
@@ -576,7 +669,10 @@ impl Disk {
                 };
                 let scan = lf.scan_log()?;
                 for (off, why) in &scan.damaged {
-                    report.problems.push(format!("{label}: {}: record at byte {off}: {why}", lf.log_path.display()));
+                    report.problems.push(format!(
+                        "{label}: {}: record at byte {off}: {why}",
+                        lf.log_path.display()
+                    ));
                 }
                 if scan.torn_bytes > 0 && Some(l) != active_id {
                     report.problems.push(format!(
@@ -588,7 +684,9 @@ impl Disk {
                 }
                 for r in scan.records {
                     match r.kind {
-                        RecordKind::Data => live.insert(r.disk_block, (lf.clone(), r.data_block, r.crc)),
+                        RecordKind::Data => {
+                            live.insert(r.disk_block, (lf.clone(), r.data_block, r.crc))
+                        }
                         RecordKind::Zero => live.remove(&r.disk_block),
                     };
                 }
@@ -626,7 +724,13 @@ impl Disk {
             Some(b) => out.push_str(&format!("base {} ({} bytes)\n", b.path.display(), b.size)),
             None => out.push_str(&format!("(empty disk, {} bytes)\n", self.tree.size)),
         }
-        let roots: Vec<u64> = self.tree.nodes.iter().filter(|n| n.parent.is_none()).map(|n| n.id).collect();
+        let roots: Vec<u64> = self
+            .tree
+            .nodes
+            .iter()
+            .filter(|n| n.parent.is_none())
+            .map(|n| n.id)
+            .collect();
         self.render(&mut out, None, &roots, "");
         out
     }
@@ -641,7 +745,10 @@ impl Disk {
                 Some(nm) => format!("{nm}  ({} KiB)", self.info_of(n).layer_bytes / 1024),
                 None => "(deleted, shared by its children)".to_string(),
             };
-            out.push_str(&format!("{prefix}{}{label}\n", if last { "└─ " } else { "├─ " }));
+            out.push_str(&format!(
+                "{prefix}{}{label}\n",
+                if last { "└─ " } else { "├─ " }
+            ));
             let next = format!("{prefix}{}", if last { "   " } else { "│  " });
             self.render(out, Some(k), &self.tree.children(k), &next);
         }
@@ -696,7 +803,9 @@ fn collapse_from(
     report: &mut DeleteReport,
 ) {
     while let Some(cur) = id {
-        let Some(node) = tree.node(cur).cloned() else { return };
+        let Some(node) = tree.node(cur).cloned() else {
+            return;
+        };
         if node.name.is_some() {
             return;
         }
@@ -748,7 +857,9 @@ fn collapse_from(
 /// files and committing the tree).
 fn remove_orphans(dir: &Path, tree: &Tree) {
     let known: HashSet<u64> = tree.all_layers().into_iter().collect();
-    let Ok(entries) = fs::read_dir(dir.join(LAYERS_DIR)) else { return };
+    let Ok(entries) = fs::read_dir(dir.join(LAYERS_DIR)) else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };

@@ -23,7 +23,9 @@ pub enum Error {
     BadSize(u64),
     #[error("offset {offset} or length {len} is not a multiple of 512 bytes")]
     Unaligned { offset: u64, len: u64 },
-    #[error("request at offset {offset} length {len} goes past the end of the disk ({size} bytes)")]
+    #[error(
+        "request at offset {offset} length {len} goes past the end of the disk ({size} bytes)"
+    )]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("the disk view is read-only")]
     ReadOnly,
@@ -31,7 +33,9 @@ pub enum Error {
     UnknownCheckpoint(String),
     #[error("a checkpoint named {0:?} already exists")]
     DuplicateName(String),
-    #[error("invalid checkpoint name {0:?}: a name is 1 to 100 characters, with no control characters")]
+    #[error(
+        "invalid checkpoint name {0:?}: a name is 1 to 100 characters, with no control characters"
+    )]
     BadName(String),
     #[error("base image {path}: {why}")]
     BaseChanged { path: PathBuf, why: String },
@@ -57,7 +61,9 @@ impl Error {
     /// The errno that best describes this error to a block device client.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::Io { source, .. } | Error::RawIo(source) => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Io { source, .. } | Error::RawIo(source) => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
             Error::Unaligned { .. } | Error::BadSize(_) | Error::Invalid(_) => libc::EINVAL,
             Error::OutOfRange { .. } => libc::ENOSPC,
             Error::ReadOnly => libc::EPERM,

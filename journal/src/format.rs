@@ -158,7 +158,11 @@ mod tests {
         };
         let b = r.encode(seed);
         assert_eq!(Record::decode(&b, seed), Some(r));
-        assert_eq!(Record::decode(&b, record_seed(7, 4)), None, "bound to its layer");
+        assert_eq!(
+            Record::decode(&b, record_seed(7, 4)),
+            None,
+            "bound to its layer"
+        );
         let mut flipped = b;
         flipped[3] ^= 1;
         assert_eq!(Record::decode(&flipped, seed), None);

@@ -64,6 +64,7 @@ impl Index {
     }
 
     /// True when no block is mapped.
+    #[allow(dead_code)]
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
@@ -87,13 +88,31 @@ mod tests {
     fn newest_wins_and_memory_is_bounded() {
         let mut idx = Index::default();
         for b in 0..10_000u64 {
-            idx.insert(b * 7, Loc { ordinal: 0, data_block: b, crc: 1 });
+            idx.insert(
+                b * 7,
+                Loc {
+                    ordinal: 0,
+                    data_block: b,
+                    crc: 1,
+                },
+            );
         }
-        let old = idx.insert(14, Loc { ordinal: 3, data_block: 99, crc: 2 });
+        let old = idx.insert(
+            14,
+            Loc {
+                ordinal: 3,
+                data_block: 99,
+                crc: 2,
+            },
+        );
         assert_eq!(old.map(|l| l.data_block), Some(2));
         assert_eq!(idx.get(14).map(|l| l.ordinal), Some(3));
         assert_eq!(idx.get(15), None);
         assert_eq!(idx.len(), 10_000);
-        assert!(idx.heap_bytes() <= 10_000 * 57, "{} bytes", idx.heap_bytes());
+        assert!(
+            idx.heap_bytes() <= 10_000 * 57,
+            "{} bytes",
+            idx.heap_bytes()
+        );
     }
 }

@@ -2,8 +2,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::disk::CacheMode;
@@ -30,8 +30,6 @@ pub struct LayerFiles {
     pub data_path: PathBuf,
     pub log_path: PathBuf,
     pub seed: u32,
-    /// True when `data` is opened with O_DIRECT.
-    pub direct: bool,
 }
 
 /// What scanning a log found.
@@ -47,7 +45,7 @@ pub struct LogScan {
     pub torn_bytes: u64,
 }
 
-fn open_data(path: &Path, cache: CacheMode, write: bool, create: bool) -> Result<(File, bool)> {
+fn open_data(path: &Path, cache: CacheMode, write: bool, create: bool) -> Result<File> {
     let mut opts = OpenOptions::new();
     opts.read(true).write(write).create(create);
     if create {
@@ -57,13 +55,13 @@ fn open_data(path: &Path, cache: CacheMode, write: bool, create: bool) -> Result
         let mut direct = opts.clone();
         direct.custom_flags(libc::O_DIRECT);
         match direct.open(path) {
-            Ok(f) => return Ok((f, true)),
+            Ok(f) => return Ok(f),
             // tmpfs and some filesystems refuse O_DIRECT: fall back to buffered I/O.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
             Err(e) => return Err(Error::io(path, e)),
         }
     }
-    opts.open(path).map(|f| (f, false)).map_err(|e| Error::io(path, e))
+    opts.open(path).map_err(|e| Error::io(path, e))
 }
 
 impl LayerFiles {
@@ -72,7 +70,7 @@ impl LayerFiles {
     pub fn create(dir: &Path, disk_uuid: u128, id: u64, cache: CacheMode) -> Result<LayerFiles> {
         let log_path = log_path(dir, id);
         let data_path = data_path(dir, id);
-        let (data, direct) = open_data(&data_path, cache, true, true)?;
+        let data = open_data(&data_path, cache, true, true)?;
         data.sync_all().map_err(|e| Error::io(&data_path, e))?;
         let log = OpenOptions::new()
             .write(true)
@@ -80,17 +78,33 @@ impl LayerFiles {
             .truncate(true)
             .open(&log_path)
             .map_err(|e| Error::io(&log_path, e))?;
-        let header = LogHeader { disk_uuid, layer_id: id };
-        log.write_all_at(&header.encode(), 0).map_err(|e| Error::io(&log_path, e))?;
+        let header = LogHeader {
+            disk_uuid,
+            layer_id: id,
+        };
+        log.write_all_at(&header.encode(), 0)
+            .map_err(|e| Error::io(&log_path, e))?;
         log.sync_all().map_err(|e| Error::io(&log_path, e))?;
-        Ok(LayerFiles { id, data, data_path, log_path, seed: record_seed(disk_uuid, id), direct })
+        Ok(LayerFiles {
+            id,
+            data,
+            data_path,
+            log_path,
+            seed: record_seed(disk_uuid, id),
+        })
     }
 
     /// Opens an existing layer and checks its log header.
-    pub fn open(dir: &Path, disk_uuid: u128, id: u64, cache: CacheMode, write: bool) -> Result<LayerFiles> {
+    pub fn open(
+        dir: &Path,
+        disk_uuid: u128,
+        id: u64,
+        cache: CacheMode,
+        write: bool,
+    ) -> Result<LayerFiles> {
         let log_path = log_path(dir, id);
         let data_path = data_path(dir, id);
-        let (data, direct) = open_data(&data_path, cache, write, false)?;
+        let data = open_data(&data_path, cache, write, false)?;
         let mut head = [0u8; LOG_HEADER_SIZE as usize];
         let mut log = File::open(&log_path).map_err(|e| Error::io(&log_path, e))?;
         let n = read_full(&mut log, &mut head).map_err(|e| Error::io(&log_path, e))?;
@@ -98,17 +112,29 @@ impl LayerFiles {
         if header.disk_uuid != disk_uuid || header.layer_id != id {
             return Err(Error::Corrupt {
                 what: log_path.display().to_string(),
-                why: format!("log belongs to layer {} of another disk or slot", header.layer_id),
+                why: format!(
+                    "log belongs to layer {} of another disk or slot",
+                    header.layer_id
+                ),
             });
         }
-        Ok(LayerFiles { id, data, data_path, log_path, seed: record_seed(disk_uuid, id), direct })
+        Ok(LayerFiles {
+            id,
+            data,
+            data_path,
+            log_path,
+            seed: record_seed(disk_uuid, id),
+        })
     }
 
     /// Reads and validates every record of the log.
     pub fn scan_log(&self) -> Result<LogScan> {
         let bytes = std::fs::read(&self.log_path).map_err(|e| Error::io(&self.log_path, e))?;
         let body = bytes.get(LOG_HEADER_SIZE as usize..).unwrap_or(&[]);
-        let mut scan = LogScan { valid_len: LOG_HEADER_SIZE, ..LogScan::default() };
+        let mut scan = LogScan {
+            valid_len: LOG_HEADER_SIZE,
+            ..LogScan::default()
+        };
         let mut pending_bad: Vec<(u64, String)> = Vec::new();
         let chunks = body.chunks_exact(RECORD_SIZE);
         let rest = chunks.remainder().len() as u64;
@@ -132,11 +158,6 @@ impl LayerFiles {
     pub fn read_block(&self, data_block: u64, buf: &mut [u8]) -> Result<()> {
         let off = data_block * BLOCK_SIZE;
         read_exact_at(&self.data, buf, off).map_err(|e| Error::io(&self.data_path, e))
-    }
-
-    /// Bytes allocated on the host for both files.
-    pub fn allocated_bytes(&self) -> u64 {
-        allocated(&self.data_path) + allocated(&self.log_path)
     }
 
     /// Frees data blocks that nothing references any more (punches holes).
@@ -163,7 +184,9 @@ impl LayerFiles {
 /// Bytes the host filesystem allocated for `path` (0 if it cannot be read).
 pub fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
@@ -190,7 +213,12 @@ pub fn punch_hole(f: &File, off: u64, len: u64) -> std::io::Result<()> {
     };
     // SAFETY: fallocate only reads its integer arguments; the fd is valid for `f`'s lifetime.
     let r = unsafe {
-        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len)
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
     };
     if r == 0 {
         Ok(())
@@ -223,7 +251,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
         let l = LayerFiles::create(dir.path(), 9, 1, CacheMode::Writeback).unwrap();
-        let rec = |b| Record { disk_block: b, data_block: b, crc: 0, kind: RecordKind::Data };
+        let rec = |b| Record {
+            disk_block: b,
+            data_block: b,
+            crc: 0,
+            kind: RecordKind::Data,
+        };
         let mut bytes = Vec::new();
         for b in 0..4 {
             bytes.extend_from_slice(&rec(b).encode(l.seed));
@@ -231,7 +264,8 @@ mod tests {
         let log = OpenOptions::new().write(true).open(&l.log_path).unwrap();
         log.write_all_at(&bytes, LOG_HEADER_SIZE).unwrap();
         // A torn tail: half a record.
-        log.write_all_at(&rec(9).encode(l.seed)[..10], LOG_HEADER_SIZE + 128).unwrap();
+        log.write_all_at(&rec(9).encode(l.seed)[..10], LOG_HEADER_SIZE + 128)
+            .unwrap();
         let s = l.scan_log().unwrap();
         assert_eq!(s.records.len(), 4);
         assert_eq!(s.valid_len, LOG_HEADER_SIZE + 128);

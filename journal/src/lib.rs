@@ -9,6 +9,7 @@
 //! possibly writable view: Now or one checkpoint) and [`IoEngine`] (many requests in flight on
 //! io_uring over a volume).
 
+mod base;
 mod buf;
 mod disk;
 mod error;
@@ -19,7 +20,6 @@ mod rangelock;
 mod tree;
 mod uring;
 mod view;
-mod base;
 mod volume;
 
 pub use buf::{AlignedBuf, BUF_ALIGN};

@@ -53,8 +53,14 @@ impl RangeLock {
     }
 
     /// Number of ranges held.
+    #[cfg(test)]
     pub fn held(&self) -> usize {
-        self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).held.len()
+        self.inner
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .held
+            .len()
     }
 }
 

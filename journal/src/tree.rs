@@ -179,7 +179,11 @@ impl Tree {
 
     /// Every layer id referenced by the tree.
     pub fn all_layers(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.nodes.iter().flat_map(|n| n.layers.iter().copied()).collect();
+        let mut v: Vec<u64> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.layers.iter().copied())
+            .collect();
         v.extend(&self.now.layers);
         v
     }
@@ -196,7 +200,7 @@ impl Tree {
         if self.block_size != crate::BLOCK_SIZE {
             return Err(bad(format!("unsupported block size {}", self.block_size)));
         }
-        if self.size == 0 || self.size % crate::SECTOR_SIZE != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(crate::SECTOR_SIZE) {
             return Err(bad(format!("bad disk size {}", self.size)));
         }
         self.uuid_value()?;
@@ -210,14 +214,24 @@ impl Tree {
         if layers.len() != n {
             return Err(bad("a layer belongs to two nodes".into()));
         }
-        if layers.iter().chain(self.nodes.iter().map(|n| &n.id)).any(|&id| id >= self.next_id) {
+        if layers
+            .iter()
+            .chain(self.nodes.iter().map(|n| &n.id))
+            .any(|&id| id >= self.next_id)
+        {
             return Err(bad("an id is not below next_id".into()));
         }
         for node in &self.nodes {
             self.path_to(Some(node.id))?;
             if let Some(name) = &node.name {
                 validate_name(name)?;
-                if self.nodes.iter().filter(|m| m.name.as_deref() == Some(name)).count() > 1 {
+                if self
+                    .nodes
+                    .iter()
+                    .filter(|m| m.name.as_deref() == Some(name))
+                    .count()
+                    > 1
+                {
                     return Err(bad(format!("duplicate name {name:?}")));
                 }
             }
@@ -284,10 +298,25 @@ mod tests {
             base: None,
             next_id: 10,
             nodes: vec![
-                Node { id: 1, name: Some("a".into()), parent: None, created: 0, layers: vec![2] },
-                Node { id: 3, name: Some("b".into()), parent: Some(1), created: 0, layers: vec![4, 5] },
+                Node {
+                    id: 1,
+                    name: Some("a".into()),
+                    parent: None,
+                    created: 0,
+                    layers: vec![2],
+                },
+                Node {
+                    id: 3,
+                    name: Some("b".into()),
+                    parent: Some(1),
+                    created: 0,
+                    layers: vec![4, 5],
+                },
             ],
-            now: NowNode { parent: Some(3), layers: vec![6] },
+            now: NowNode {
+                parent: Some(3),
+                layers: vec![6],
+            },
         }
     }
 
@@ -297,7 +326,10 @@ mod tests {
         t.validate().unwrap();
         assert_eq!(t.lineage_layers(None).unwrap(), vec![2, 4, 5, 6]);
         assert_eq!(t.lineage_layers(Some(1)).unwrap(), vec![2]);
-        assert!(matches!(t.check_new_name("a"), Err(Error::DuplicateName(_))));
+        assert!(matches!(
+            t.check_new_name("a"),
+            Err(Error::DuplicateName(_))
+        ));
         assert!(matches!(validate_name(""), Err(Error::BadName(_))));
         assert!(validate_name(&"x".repeat(100)).is_ok());
         assert!(validate_name(&"x".repeat(101)).is_err());

@@ -20,7 +20,11 @@ pub enum Request {
     /// Read `len` bytes at `offset`; the completion carries the data.
     Read { offset: u64, len: u64 },
     /// Write `buf` at `offset`; with `fua` durable on completion.
-    Write { offset: u64, buf: AlignedBuf, fua: bool },
+    Write {
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    },
     /// Make every write completed before this request durable.
     Flush,
     /// Make a range read as zeros.
@@ -75,7 +79,9 @@ impl IoEngine {
     pub fn new(volume: Arc<Volume>, depth: u32) -> Result<IoEngine> {
         let depth = depth.clamp(1, 4096);
         let entries = (depth * 4).next_power_of_two().max(64);
-        let ring = IoUring::builder().setup_cqsize(entries * 4).build(entries)?;
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 4)
+            .build(entries)?;
         // SAFETY: eventfd takes no pointers; a non-negative return is a new fd we own.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -163,7 +169,9 @@ impl IoEngine {
                 let len = buf.len() as u64;
                 self.start_write(token, offset, len, Some(buf), fua)
             }
-            Request::WriteZeroes { offset, len, fua } => self.start_write(token, offset, len, None, fua),
+            Request::WriteZeroes { offset, len, fua } => {
+                self.start_write(token, offset, len, None, fua)
+            }
             Request::Discard { offset, len } => self.start_write(token, offset, len, None, false),
             Request::Flush => {
                 let result = self.volume.flush().map(|_| None);
@@ -177,7 +185,10 @@ impl IoEngine {
         let plan = match self.volume.plan_read(offset, len) {
             Ok(p) => p,
             Err(e) => {
-                self.ready.push(Completion { token, result: Err(e) });
+                self.ready.push(Completion {
+                    token,
+                    result: Err(e),
+                });
                 return Ok(());
             }
         };
@@ -189,19 +200,38 @@ impl IoEngine {
             let (fd, len) = match &seg.source {
                 Source::Zero => continue,
                 Source::Layer(l) => (l.data.as_raw_fd(), seg.len as u64),
-                Source::Base(b) => (b.file.as_raw_fd(), (seg.len as u64).min(b.size - seg.file_off)),
+                Source::Base(b) => (
+                    b.file.as_raw_fd(),
+                    (seg.len as u64).min(b.size - seg.file_off),
+                ),
             };
             // SAFETY: buf_off + len <= nblocks * BLOCK_SIZE, the buffer's length.
             let ptr = unsafe { base_ptr.add(seg.buf_off) };
-            sqes.push(opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(seg.file_off).build());
+            sqes.push(
+                opcode::Read::new(types::Fd(fd), ptr, len as u32)
+                    .offset(seg.file_off)
+                    .build(),
+            );
             expect.push(len as u32);
         }
         let pending = sqes.len();
         if pending > usize::from(u16::MAX) {
-            self.ready.push(Completion { token, result: Err(Error::Invalid("read too large".into())) });
+            self.ready.push(Completion {
+                token,
+                result: Err(Error::Invalid("read too large".into())),
+            });
             return Ok(());
         }
-        let slot = self.alloc_slot(Op::Read { token, plan, buf, offset, len, pending, expect, err: None });
+        let slot = self.alloc_slot(Op::Read {
+            token,
+            plan,
+            buf,
+            offset,
+            len,
+            pending,
+            expect,
+            err: None,
+        });
         if pending == 0 {
             self.finish(slot);
             return Ok(());
@@ -212,7 +242,14 @@ impl IoEngine {
         Ok(())
     }
 
-    fn start_write(&mut self, token: u64, offset: u64, len: u64, data: Option<AlignedBuf>, fua: bool) -> Result<()> {
+    fn start_write(
+        &mut self,
+        token: u64,
+        offset: u64,
+        len: u64,
+        data: Option<AlignedBuf>,
+        fua: bool,
+    ) -> Result<()> {
         let zero = data.is_none();
         let plan = match self.volume.plan_write(offset, len, data, fua, false) {
             Ok(Planned::Ready(p)) => p,
@@ -226,7 +263,10 @@ impl IoEngine {
                 return Ok(());
             }
             Err(e) => {
-                self.ready.push(Completion { token, result: Err(e) });
+                self.ready.push(Completion {
+                    token,
+                    result: Err(e),
+                });
                 return Ok(());
             }
         };
@@ -234,7 +274,11 @@ impl IoEngine {
         let len = plan.data.len() as u32;
         let off = plan.file_off();
         let empty = plan.data.is_empty();
-        let slot = self.alloc_slot(Op::Write { token, plan, err: None });
+        let slot = self.alloc_slot(Op::Write {
+            token,
+            plan,
+            err: None,
+        });
         if empty {
             self.finish(slot);
             return Ok(());
@@ -243,15 +287,30 @@ impl IoEngine {
             Some(Op::Write { plan, .. }) => plan.data.as_mut_ptr(),
             _ => return Err(Error::Invalid("engine slot mismatch".into())),
         };
-        self.push_sqe(opcode::Write::new(types::Fd(fd), ptr, len).offset(off).build().user_data((slot as u64) << 16))
+        self.push_sqe(
+            opcode::Write::new(types::Fd(fd), ptr, len)
+                .offset(off)
+                .build()
+                .user_data((slot as u64) << 16),
+        )
     }
 
     /// Completes the request in `slot` whose data I/O is done.
     fn finish(&mut self, slot: usize) {
-        let Some(op) = self.slots.get_mut(slot).and_then(Option::take) else { return };
+        let Some(op) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
         self.free.push(slot);
         let completion = match op {
-            Op::Read { token, plan, buf, offset, len, err, .. } => {
+            Op::Read {
+                token,
+                plan,
+                buf,
+                offset,
+                len,
+                err,
+                ..
+            } => {
                 let result = match err {
                     Some(e) => Err(e),
                     None => Volume::verify_read(&plan, buf.as_slice()).map(|_| {
@@ -259,7 +318,9 @@ impl IoEngine {
                         if skip == 0 && buf.len() as u64 == len {
                             Some(buf)
                         } else {
-                            Some(AlignedBuf::from_slice(&buf.as_slice()[skip..skip + len as usize]))
+                            Some(AlignedBuf::from_slice(
+                                &buf.as_slice()[skip..skip + len as usize],
+                            ))
                         }
                     }),
                 };
@@ -294,7 +355,13 @@ impl IoEngine {
             let sub = (cqe.user_data() & 0xffff) as usize;
             let res = cqe.result();
             match self.slots.get_mut(slot).and_then(Option::as_mut) {
-                Some(Op::Read { pending, err, expect, plan, .. }) => {
+                Some(Op::Read {
+                    pending,
+                    err,
+                    expect,
+                    plan,
+                    ..
+                }) => {
                     let want = expect.get(sub).copied().unwrap_or(0);
                     if err.is_none() {
                         if res < 0 {
@@ -310,7 +377,10 @@ impl IoEngine {
                                 })
                                 .nth(sub)
                                 .unwrap_or_default();
-                            *err = Some(Error::Corrupt { what, why: format!("short read: {res} of {want} bytes") });
+                            *err = Some(Error::Corrupt {
+                                what,
+                                why: format!("short read: {res} of {want} bytes"),
+                            });
                         }
                     }
                     *pending = pending.saturating_sub(1);
@@ -320,7 +390,10 @@ impl IoEngine {
                 }
                 Some(Op::Write { err, plan, .. }) => {
                     if res < 0 {
-                        *err = Some(Error::io(&plan.active.files.data_path, std::io::Error::from_raw_os_error(-res)));
+                        *err = Some(Error::io(
+                            &plan.active.files.data_path,
+                            std::io::Error::from_raw_os_error(-res),
+                        ));
                     } else if (res as usize) < plan.data.len() {
                         *err = Some(Error::io(
                             &plan.active.files.data_path,
@@ -332,7 +405,9 @@ impl IoEngine {
                 None => {}
             }
         }
-        let wrote = done.iter().any(|&s| matches!(self.slots.get(s), Some(Some(Op::Write { .. }))));
+        let wrote = done
+            .iter()
+            .any(|&s| matches!(self.slots.get(s), Some(Some(Op::Write { .. }))));
         for slot in done {
             self.finish(slot);
         }
@@ -344,9 +419,14 @@ impl IoEngine {
     fn retry_deferred(&mut self) {
         let n = self.deferred.len();
         for _ in 0..n {
-            let Some((token, req)) = self.deferred.pop_front() else { break };
+            let Some((token, req)) = self.deferred.pop_front() else {
+                break;
+            };
             if let Err(e) = self.start(token, req) {
-                self.ready.push(Completion { token, result: Err(e) });
+                self.ready.push(Completion {
+                    token,
+                    result: Err(e),
+                });
             }
         }
         if let Err(e) = self.kick() {

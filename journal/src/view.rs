@@ -11,35 +11,51 @@ use crate::layer::LayerFiles;
 use crate::volume::{ActiveLayer, ViewState, Volume};
 use crate::{Error, Result, BLOCK_SIZE};
 
+/// What every view of one disk shares.
+#[derive(Clone, Copy)]
+pub(crate) struct DiskFiles<'a> {
+    pub dir: &'a Path,
+    pub uuid: u128,
+    pub size: u64,
+    pub cache: CacheMode,
+}
+
 /// Opens `layers` (oldest first), replays their logs into one index, and wraps them in a
 /// volume. With `writable`, the last layer becomes the active layer (a torn log tail is cut
 /// off) and layers from `own_from` on are Now's own.
 pub(crate) fn build_view(
-    dir: &Path,
-    uuid: u128,
-    size: u64,
+    disk: DiskFiles<'_>,
     layers: &[u64],
     own_from: usize,
     writable: bool,
-    cache: CacheMode,
     base: Option<Arc<BaseImage>>,
 ) -> Result<Volume> {
-    Ok(Volume::new(size, !writable, base, build_state(dir, uuid, size, layers, own_from, writable, cache)?))
+    Ok(Volume::new(
+        disk.size,
+        !writable,
+        base,
+        build_state(disk, layers, own_from, writable)?,
+    ))
 }
 
 /// As [`build_view`], the state only (to swap into an existing volume).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn build_state(
-    dir: &Path,
-    uuid: u128,
-    size: u64,
+    disk: DiskFiles<'_>,
     layers: &[u64],
     own_from: usize,
     writable: bool,
-    cache: CacheMode,
 ) -> Result<ViewState> {
+    let DiskFiles {
+        dir,
+        uuid,
+        size,
+        cache,
+    } = disk;
     if layers.len() > usize::from(u16::MAX) {
-        return Err(Error::Invalid(format!("lineage of {} layers exceeds 65535", layers.len())));
+        return Err(Error::Invalid(format!(
+            "lineage of {} layers exceeds 65535",
+            layers.len()
+        )));
     }
     let blocks_in_disk = size.div_ceil(BLOCK_SIZE);
     let mut index = Index::default();
@@ -57,25 +73,49 @@ pub(crate) fn build_state(
         let mut next_block = 0;
         for r in &scan.records {
             if r.disk_block >= blocks_in_disk {
-                tracing::warn!("layer {id}: record for block {} past the end of the disk ignored", r.disk_block);
+                tracing::warn!(
+                    "layer {id}: record for block {} past the end of the disk ignored",
+                    r.disk_block
+                );
                 continue;
             }
             let loc = match r.kind {
                 RecordKind::Data => {
                     next_block = next_block.max(r.data_block + 1);
-                    Loc { ordinal: ordinal as u16, data_block: r.data_block, crc: r.crc }
+                    Loc {
+                        ordinal: ordinal as u16,
+                        data_block: r.data_block,
+                        crc: r.crc,
+                    }
                 }
-                RecordKind::Zero => Loc { ordinal: ordinal as u16, data_block: ZERO_BLOCK, crc: 0 },
+                RecordKind::Zero => Loc {
+                    ordinal: ordinal as u16,
+                    data_block: ZERO_BLOCK,
+                    crc: 0,
+                },
             };
             index.insert(r.disk_block, loc);
         }
         if writable && last {
             if scan.torn_bytes > 0 {
-                tracing::info!("layer {id}: dropping a torn log tail of {} bytes", scan.torn_bytes);
+                tracing::info!(
+                    "layer {id}: dropping a torn log tail of {} bytes",
+                    scan.torn_bytes
+                );
             }
-            active = Some(Arc::new(ActiveLayer::new(lf.clone(), next_block, scan.valid_len)?));
+            active = Some(Arc::new(ActiveLayer::new(
+                lf.clone(),
+                next_block,
+                scan.valid_len,
+            )?));
         }
         files.push(lf);
     }
-    Ok(ViewState { layers: files, index, active, own_from, damaged_upto })
+    Ok(ViewState {
+        layers: files,
+        index,
+        active,
+        own_from,
+        damaged_upto,
+    })
 }

@@ -54,13 +54,24 @@ impl ActiveLayer {
             .write(true)
             .open(&files.log_path)
             .map_err(|e| Error::io(&files.log_path, e))?;
-        log.set_len(log_len).map_err(|e| Error::io(&files.log_path, e))?;
-        let size = files.data.metadata().map_err(|e| Error::io(&files.data_path, e))?.len();
+        log.set_len(log_len)
+            .map_err(|e| Error::io(&files.log_path, e))?;
+        let size = files
+            .data
+            .metadata()
+            .map_err(|e| Error::io(&files.data_path, e))?
+            .len();
         Ok(ActiveLayer {
             files,
             log,
-            alloc: Mutex::new(Alloc { next_block, prealloc_end: size.max(next_block * BLOCK_SIZE) }),
-            journal: Mutex::new(Pending { log_len, ..Pending::default() }),
+            alloc: Mutex::new(Alloc {
+                next_block,
+                prealloc_end: size.max(next_block * BLOCK_SIZE),
+            }),
+            journal: Mutex::new(Pending {
+                log_len,
+                ..Pending::default()
+            }),
             flush_lock: Mutex::new(()),
         })
     }
@@ -73,7 +84,8 @@ impl ActiveLayer {
         if end > a.prealloc_end {
             let step = (end / 16).clamp(PREALLOC_MIN, PREALLOC_MAX);
             let new_end = (end + step).next_multiple_of(PREALLOC_MIN);
-            if let Err(e) = preallocate(&self.files.data, a.prealloc_end, new_end - a.prealloc_end) {
+            if let Err(e) = preallocate(&self.files.data, a.prealloc_end, new_end - a.prealloc_end)
+            {
                 if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
                     return Err(Error::io(&self.files.data_path, e));
                 }
@@ -95,7 +107,12 @@ impl ActiveLayer {
         let _serial = lock(&self.flush_lock);
         let (records, dead, log_len, dirty) = {
             let mut j = lock(&self.journal);
-            (std::mem::take(&mut j.records), std::mem::take(&mut j.dead), j.log_len, j.log_dirty)
+            (
+                std::mem::take(&mut j.records),
+                std::mem::take(&mut j.dead),
+                j.log_len,
+                j.log_dirty,
+            )
         };
         if records.is_empty() && !(durable && dirty) {
             return Ok(());
@@ -131,7 +148,9 @@ impl ActiveLayer {
             j.dead = d;
             return Ok(());
         }
-        self.log.sync_data().map_err(|e| Error::io(&self.files.log_path, e))?;
+        self.log
+            .sync_data()
+            .map_err(|e| Error::io(&self.files.log_path, e))?;
         lock(&self.journal).log_dirty = false;
         free_blocks(dead);
         Ok(())
@@ -140,8 +159,14 @@ impl ActiveLayer {
     /// Drops the unused preallocated tail of the data file (when the layer is sealed).
     pub fn trim_preallocation(&self) -> Result<()> {
         let used = self.used_blocks() * BLOCK_SIZE;
-        self.files.data.set_len(used).map_err(|e| Error::io(&self.files.data_path, e))?;
-        self.files.data.sync_all().map_err(|e| Error::io(&self.files.data_path, e))
+        self.files
+            .data
+            .set_len(used)
+            .map_err(|e| Error::io(&self.files.data_path, e))?;
+        self.files
+            .data
+            .sync_all()
+            .map_err(|e| Error::io(&self.files.data_path, e))
     }
 }
 
@@ -158,7 +183,11 @@ fn free_blocks(mut dead: Vec<(Arc<LayerFiles>, u64)>) {
             i += 1;
         }
         if let Err(e) = layer.punch(&mut blocks) {
-            tracing::warn!("could not free {} blocks of layer {}: {e}", blocks.len(), layer.id);
+            tracing::warn!(
+                "could not free {} blocks of layer {}: {e}",
+                blocks.len(),
+                layer.id
+            );
         }
     }
 }
@@ -263,7 +292,12 @@ pub struct Volume {
 }
 
 impl Volume {
-    pub(crate) fn new(size: u64, read_only: bool, base: Option<Arc<BaseImage>>, state: ViewState) -> Volume {
+    pub(crate) fn new(
+        size: u64,
+        read_only: bool,
+        base: Option<Arc<BaseImage>>,
+        state: ViewState,
+    ) -> Volume {
         Volume {
             size,
             read_only: read_only || state.active.is_none(),
@@ -309,11 +343,15 @@ impl Volume {
     }
 
     pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+        if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
             return Err(Error::Unaligned { offset, len });
         }
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(Error::OutOfRange { offset, len, size: self.size });
+            return Err(Error::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            });
         }
         Ok(())
     }
@@ -333,7 +371,11 @@ impl Volume {
             let found = st.index.get(block);
             if let Some(d) = st.damaged_upto {
                 if found.is_none_or(|l| l.ordinal <= d) {
-                    let layer = st.layers.get(usize::from(d)).map(|l| l.id).unwrap_or_default();
+                    let layer = st
+                        .layers
+                        .get(usize::from(d))
+                        .map(|l| l.id)
+                        .unwrap_or_default();
                     return Err(Error::Corrupt {
                         what: format!("disk offset {}", block * BLOCK_SIZE),
                         why: format!("the index log of layer {layer} is damaged, so this block's version is unknown"),
@@ -341,12 +383,18 @@ impl Volume {
                 }
             }
             let (source, file_off) = match found {
-                Some(Loc { data_block: ZERO_BLOCK, .. }) => (Source::Zero, 0),
+                Some(Loc {
+                    data_block: ZERO_BLOCK,
+                    ..
+                }) => (Source::Zero, 0),
                 Some(loc) => {
-                    let layer = st.layers.get(usize::from(loc.ordinal)).ok_or_else(|| Error::Corrupt {
-                        what: format!("index of block {block}"),
-                        why: "points at a missing layer".into(),
-                    })?;
+                    let layer =
+                        st.layers
+                            .get(usize::from(loc.ordinal))
+                            .ok_or_else(|| Error::Corrupt {
+                                what: format!("index of block {block}"),
+                                why: "points at a missing layer".into(),
+                            })?;
                     checks.push(BlockCheck {
                         buf_off,
                         crc: loc.crc,
@@ -357,7 +405,9 @@ impl Volume {
                     (Source::Layer(layer.clone()), loc.data_block * BLOCK_SIZE)
                 }
                 None => match &self.base {
-                    Some(b) if block * BLOCK_SIZE < b.size => (Source::Base(b.clone()), block * BLOCK_SIZE),
+                    Some(b) if block * BLOCK_SIZE < b.size => {
+                        (Source::Base(b.clone()), block * BLOCK_SIZE)
+                    }
                     _ => (Source::Zero, 0),
                 },
             };
@@ -368,7 +418,9 @@ impl Volume {
                         (Source::Layer(a), Source::Layer(b)) => {
                             a.id == b.id && last.file_off + last.len as u64 == file_off
                         }
-                        (Source::Base(_), Source::Base(_)) => last.file_off + last.len as u64 == file_off,
+                        (Source::Base(_), Source::Base(_)) => {
+                            last.file_off + last.len as u64 == file_off
+                        }
                         _ => false,
                     };
                 if contiguous {
@@ -376,9 +428,19 @@ impl Volume {
                     continue;
                 }
             }
-            segs.push(ReadSeg { source, file_off, buf_off, len: BLOCK_SIZE as usize });
+            segs.push(ReadSeg {
+                source,
+                file_off,
+                buf_off,
+                len: BLOCK_SIZE as usize,
+            });
         }
-        Ok(ReadPlan { first_block, nblocks, segs, checks })
+        Ok(ReadPlan {
+            first_block,
+            nblocks,
+            segs,
+            checks,
+        })
     }
 
     /// Verifies the checksums of a completed read plan's layer blocks.
@@ -411,7 +473,9 @@ impl Volume {
                     b.read_at(dst, seg.file_off)?;
                 }
                 Source::Layer(l) => {
-                    l.data.read_exact_at(dst, seg.file_off).map_err(|e| Error::io(&l.data_path, e))?;
+                    l.data
+                        .read_exact_at(dst, seg.file_off)
+                        .map_err(|e| Error::io(&l.data_path, e))?;
                 }
             }
         }
@@ -438,7 +502,10 @@ impl Volume {
 
     /// Reads whole block `block` as this view currently sees it (used for read-modify-write).
     fn read_block_into(&self, block: u64, dst: &mut [u8]) -> Result<()> {
-        let plan = self.plan_read(block * BLOCK_SIZE, BLOCK_SIZE.min(self.size - block * BLOCK_SIZE))?;
+        let plan = self.plan_read(
+            block * BLOCK_SIZE,
+            BLOCK_SIZE.min(self.size - block * BLOCK_SIZE),
+        )?;
         let mut tmp = AlignedBuf::new(BLOCK_SIZE as usize);
         Self::execute_read(&plan, tmp.as_mut_slice())?;
         dst.copy_from_slice(tmp.as_slice());
@@ -461,7 +528,9 @@ impl Volume {
         }
         self.check_range(offset, len)?;
         if data.as_ref().is_some_and(|d| d.len() as u64 != len) {
-            return Err(Error::Invalid("write buffer length differs from the request length".into()));
+            return Err(Error::Invalid(
+                "write buffer length differs from the request length".into(),
+            ));
         }
         // Counted before the active layer is looked up, so that a checkpoint that sees no
         // write in flight (under the state lock) cannot race with one about to start.
@@ -484,8 +553,9 @@ impl Volume {
         let (active, ordinal) = {
             let st = self.state();
             let active = st.active.clone().ok_or(Error::ReadOnly)?;
-            let ordinal = u16::try_from(st.layers.len() - 1)
-                .map_err(|_| Error::Invalid("too many layers in one lineage (limit 65536)".into()))?;
+            let ordinal = u16::try_from(st.layers.len() - 1).map_err(|_| {
+                Error::Invalid("too many layers in one lineage (limit 65536)".into())
+            })?;
             (active, ordinal)
         };
         let first = offset / BLOCK_SIZE;
@@ -493,8 +563,8 @@ impl Volume {
         let Some(guard) = self.lock_blocks(first, end, wait) else {
             return Ok(Planned::Busy(data));
         };
-        let head_partial = offset % BLOCK_SIZE != 0;
-        let tail_partial = (offset + len) % BLOCK_SIZE != 0;
+        let head_partial = !offset.is_multiple_of(BLOCK_SIZE);
+        let tail_partial = !(offset + len).is_multiple_of(BLOCK_SIZE);
         let nblocks = end - first;
         let skip = (offset - first * BLOCK_SIZE) as usize;
         let mut runs = Vec::new();
@@ -506,16 +576,27 @@ impl Volume {
                 } else {
                     let mut img = AlignedBuf::new((nblocks * BLOCK_SIZE) as usize);
                     if head_partial {
-                        self.read_block_into(first, &mut img.as_mut_slice()[..BLOCK_SIZE as usize])?;
+                        self.read_block_into(
+                            first,
+                            &mut img.as_mut_slice()[..BLOCK_SIZE as usize],
+                        )?;
                     }
                     if tail_partial && (nblocks > 1 || !head_partial) {
                         let at = ((nblocks - 1) * BLOCK_SIZE) as usize;
-                        self.read_block_into(end - 1, &mut img.as_mut_slice()[at..at + BLOCK_SIZE as usize])?;
+                        self.read_block_into(
+                            end - 1,
+                            &mut img.as_mut_slice()[at..at + BLOCK_SIZE as usize],
+                        )?;
                     }
-                    img.as_mut_slice()[skip..skip + len as usize].copy_from_slice(&src.as_slice()[..len as usize]);
+                    img.as_mut_slice()[skip..skip + len as usize]
+                        .copy_from_slice(&src.as_slice()[..len as usize]);
                     img
                 };
-                runs.push(Run { first_block: first, nblocks, buf_off: Some(0) });
+                runs.push(Run {
+                    first_block: first,
+                    nblocks,
+                    buf_off: Some(0),
+                });
                 buf
             }
             None => {
@@ -536,20 +617,45 @@ impl Volume {
                     let zs = offset.max(bstart) - bstart;
                     let ze = (offset + len).min(bstart + BLOCK_SIZE) - bstart;
                     slot[zs as usize..ze as usize].fill(0);
-                    runs.push(Run { first_block: b, nblocks: 1, buf_off: Some(at) });
+                    runs.push(Run {
+                        first_block: b,
+                        nblocks: 1,
+                        buf_off: Some(at),
+                    });
                 }
                 let zfirst = if head_partial { first + 1 } else { first };
                 let zend = if tail_partial { end - 1 } else { end };
                 if zend > zfirst {
-                    runs.push(Run { first_block: zfirst, nblocks: zend - zfirst, buf_off: None });
+                    runs.push(Run {
+                        first_block: zfirst,
+                        nblocks: zend - zfirst,
+                        buf_off: None,
+                    });
                 }
                 img
             }
         };
-        let crcs: Vec<u32> = buf.as_slice().chunks(BLOCK_SIZE as usize).map(crc32c::crc32c).collect();
+        let crcs: Vec<u32> = buf
+            .as_slice()
+            .chunks(BLOCK_SIZE as usize)
+            .map(crc32c::crc32c)
+            .collect();
         let data_blocks = (buf.len() as u64) / BLOCK_SIZE;
-        let data_block = if data_blocks > 0 { active.allocate(data_blocks)? } else { 0 };
-        let plan = WritePlan { _guard: guard, runs, data: buf, crcs, active, ordinal, data_block, fua };
+        let data_block = if data_blocks > 0 {
+            active.allocate(data_blocks)?
+        } else {
+            0
+        };
+        let plan = WritePlan {
+            _guard: guard,
+            runs,
+            data: buf,
+            crcs,
+            active,
+            ordinal,
+            data_block,
+            fua,
+        };
         Ok(Planned::Ready(plan))
     }
 
@@ -569,13 +675,31 @@ impl Volume {
                         let db = plan.data_block + i as u64;
                         let crc = plan.crcs[i];
                         (
-                            Loc { ordinal: plan.ordinal, data_block: db, crc },
-                            Record { disk_block: block, data_block: db, crc, kind: RecordKind::Data },
+                            Loc {
+                                ordinal: plan.ordinal,
+                                data_block: db,
+                                crc,
+                            },
+                            Record {
+                                disk_block: block,
+                                data_block: db,
+                                crc,
+                                kind: RecordKind::Data,
+                            },
                         )
                     }
                     None => (
-                        Loc { ordinal: plan.ordinal, data_block: ZERO_BLOCK, crc: 0 },
-                        Record { disk_block: block, data_block: ZERO_BLOCK, crc: 0, kind: RecordKind::Zero },
+                        Loc {
+                            ordinal: plan.ordinal,
+                            data_block: ZERO_BLOCK,
+                            crc: 0,
+                        },
+                        Record {
+                            disk_block: block,
+                            data_block: ZERO_BLOCK,
+                            crc: 0,
+                            kind: RecordKind::Zero,
+                        },
                     ),
                 };
                 if let Some(old) = st.index.insert(block, loc) {
@@ -603,7 +727,8 @@ impl Volume {
         let blocks = plan.data.len() as u64 / BLOCK_SIZE;
         let mut j = lock(&plan.active.journal);
         for k in 0..blocks {
-            j.dead.push((plan.active.files.clone(), plan.data_block + k));
+            j.dead
+                .push((plan.active.files.clone(), plan.data_block + k));
         }
         drop(j);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -620,7 +745,12 @@ impl Volume {
 
     fn write_planned(&self, plan: WritePlan) -> Result<()> {
         if !plan.data.is_empty() {
-            if let Err(e) = plan.active.files.data.write_all_at(plan.data.as_slice(), plan.file_off()) {
+            if let Err(e) = plan
+                .active
+                .files
+                .data
+                .write_all_at(plan.data.as_slice(), plan.file_off())
+            {
                 let path = plan.active.files.data_path.clone();
                 self.abort(plan);
                 return Err(Error::io(path, e));
@@ -637,7 +767,9 @@ impl Volume {
     /// Writes `data` at `offset`; with `fua` the data is durable on return.
     pub fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
         let buf = AlignedBuf::from_slice(data);
-        if let Planned::Ready(plan) = self.plan_write(offset, data.len() as u64, Some(buf), fua, true)? {
+        if let Planned::Ready(plan) =
+            self.plan_write(offset, data.len() as u64, Some(buf), fua, true)?
+        {
             self.write_planned(plan)?;
         }
         Ok(())

@@ -1,7 +1,61 @@
 //! Strata's virtio-blk device model and its io_uring request backend over the journal.
+//!
+//! # Data path
+//! The transport (virtio-mmio in `vmm`) calls [`VirtioDevice::activate`] when the driver sets
+//! DRIVER_OK. [`VirtioBlock`] then starts one worker thread (`worker.rs`) that epolls the
+//! queue's notify eventfd, the backend's completion eventfd, an optional [`RequestGate`]
+//! waker and its own stop eventfd. For each kick it pops every available chain;
+//! [`request::parse`] turns each chain into a validated [`request::Request`] without doing
+//! I/O; the [`executor::Executor`] copies guest data into [`journal::AlignedBuf`]s and submits
+//! journal requests on a [`backend::Backend`] (io_uring through [`journal::IoEngine`] by
+//! default, or blocking [`journal::Volume`] calls); completions copy read data back into guest
+//! memory and write the status byte chosen by [`status`]. All used entries of one loop
+//! iteration are added before the driver is notified, once per queue, honouring
+//! `VRING_AVAIL_F_NO_INTERRUPT` or (with `VIRTIO_RING_F_EVENT_IDX`) the used event index.
+//!
+//! # Trust boundary
+//! Everything in guest memory is untrusted. A chain that is malformed but has a writable
+//! status byte completes with IOERR (or UNSUPP for unknown types and flags); a chain with no
+//! usable status byte (broken links, loops, no writable byte, status outside guest memory) is
+//! returned with a used length of 0, and the device sets NEEDS_RESET and signals a config
+//! change, while continuing to serve well-formed chains. A corrupt available ring stops that
+//! queue (NEEDS_RESET) without stopping the thread. The memory a guest can make the device
+//! hold is bounded: one IN/OUT request carries at most `seg_max` x `size_max` = 8 MiB
+//! ([`config::MAX_DATA_BYTES`]), buffers of requests in flight total at most 64 MiB
+//! ([`config::MAX_BUFFER_BYTES`], plus one request when idle), a chain is scanned for at most
+//! [`request::MAX_SCAN`] descriptors, and a discard/write-zeroes list holds at most 32
+//! segments.
+//!
+//! # Geometry
+//! `blk_size` is 512 (any guest tool works) with topology hints for 4 KiB physical blocks
+//! (see [`config`]), so guests align to the journal's block without being forced to.
+//!
+//! # Reset
+//! [`VirtioDevice::reset`] stops taking new chains, waits for every request in flight, puts
+//! them in the used ring (without interrupting the resetting driver) and joins the thread.
+//! It blocks: the caller must not hold a lock that [`VirtioInterrupt`] needs.
 
+pub mod backend;
+pub mod config;
+mod device;
+pub mod executor;
+pub mod gate;
+pub mod guest;
+pub mod request;
+pub mod status;
 pub mod virtio;
+mod worker;
 
+#[cfg(test)]
+mod conformance;
+#[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
+mod testutil;
+
+pub use backend::BackendKind;
+pub use device::{VirtioBlock, VIRTIO_ID_BLOCK};
+pub use gate::RequestGate;
 pub use virtio::{ActivateContext, VirtioDevice, VirtioInterrupt};
 
 /// Errors of the block device.
@@ -13,4 +67,6 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("device activation failed: {0}")]
     Activate(String),
+    #[error("volume size {0} is not a positive multiple of 512 bytes")]
+    VolumeSize(u64),
 }

@@ -1,0 +1,370 @@
+//! Executor tests against a backend the test completes by hand.
+
+use std::sync::{Arc, Mutex};
+
+use journal::{AlignedBuf, Completion};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::guest::Segment;
+use crate::request::Range;
+use crate::testutil::*;
+
+#[derive(Default)]
+struct Held {
+    submitted: Vec<(u64, journal::Request)>,
+    ready: Vec<Completion>,
+    /// Pretend the backend lost everything (in_flight reports 0).
+    lost: bool,
+}
+
+struct HeldBackend {
+    state: Arc<Mutex<Held>>,
+    event: EventFd,
+}
+
+impl Backend for HeldBackend {
+    fn submit(&mut self, token: u64, req: journal::Request) -> journal::Result<()> {
+        self.state
+            .lock()
+            .expect("lock")
+            .submitted
+            .push((token, req));
+        Ok(())
+    }
+    fn poll(&mut self, out: &mut Vec<Completion>) -> journal::Result<()> {
+        out.append(&mut self.state.lock().expect("lock").ready);
+        Ok(())
+    }
+    fn wait(&mut self, _min: usize, out: &mut Vec<Completion>) -> journal::Result<()> {
+        self.poll(out)
+    }
+    fn in_flight(&self) -> usize {
+        let s = self.state.lock().expect("lock");
+        if s.lost {
+            0
+        } else {
+            s.submitted.len() + s.ready.len()
+        }
+    }
+    fn eventfd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.event.as_raw_fd()
+    }
+}
+
+fn executor(depth: usize, max_bytes: u64) -> (Executor, Arc<Mutex<Held>>) {
+    let state = Arc::new(Mutex::new(Held::default()));
+    let backend = HeldBackend {
+        state: state.clone(),
+        event: EventFd::new(0).expect("eventfd"),
+    };
+    (
+        Executor::new(
+            Box::new(backend),
+            *b"serial-0123456789abc",
+            depth,
+            max_bytes,
+        ),
+        state,
+    )
+}
+
+fn segs(addr: u64, len: u32) -> SegList {
+    let mut l = SegList::new();
+    l.push(Segment {
+        addr: GuestAddress(addr),
+        len,
+    });
+    l
+}
+
+fn write_req(head: u16, len: u32) -> Request {
+    Request {
+        head,
+        kind: RequestKind::Write {
+            offset: 0,
+            data: segs(DATA, len),
+        },
+        status: GuestAddress(STATUS + u64::from(head)),
+    }
+}
+
+/// Completes everything submitted so far with `ok` (reads get `fill` data).
+fn complete_all(state: &Mutex<Held>, ok: bool, fill: u8) {
+    let mut s = state.lock().expect("lock");
+    let subs = std::mem::take(&mut s.submitted);
+    for (token, req) in subs {
+        let result = match (ok, req) {
+            (false, _) => Err(journal::Error::Invalid("injected".into())),
+            (true, journal::Request::Read { len, .. }) => {
+                Ok(Some(AlignedBuf::from_slice(&vec![fill; len as usize])))
+            }
+            (true, _) => Ok(None),
+        };
+        s.ready.push(Completion { token, result });
+    }
+}
+
+#[test]
+fn buffer_budget_bounds_what_is_held() {
+    let m = mem();
+    let mb = 1u64 << 20;
+    let (mut ex, state) = executor(256, 4 * mb);
+    let mut done = Vec::new();
+    // One request always fits into an idle executor, even one larger than the budget.
+    let big = write_req(0, 8 << 20);
+    assert!(ex.has_room(&big));
+    ex.start(&m, 0, big, &mut done);
+    assert!(
+        !ex.has_room(&write_req(1, 512)),
+        "budget exhausted by the first request"
+    );
+    let flush = Request {
+        head: 2,
+        kind: RequestKind::Flush,
+        status: GuestAddress(STATUS + 2),
+    };
+    assert!(ex.has_room(&flush), "requests without buffers still fit");
+    complete_all(&state, true, 0);
+    ex.reap(&m, &mut done).expect("reap");
+    assert_eq!(
+        done,
+        vec![Done {
+            queue: 0,
+            head: 0,
+            used_len: 1,
+            started: true
+        }]
+    );
+    assert_eq!(status_at(&m, STATUS), 0);
+    for head in 0..4u16 {
+        assert!(ex.has_room(&write_req(head, mb as u32)));
+        ex.start(&m, 0, write_req(head, mb as u32), &mut done);
+    }
+    assert!(!ex.has_room(&write_req(9, 512)));
+    assert_eq!(ex.in_flight(), 4);
+}
+
+#[test]
+fn depth_bounds_journal_requests() {
+    let m = mem();
+    let (mut ex, _state) = executor(4, u64::MAX);
+    let mut done = Vec::new();
+    for head in 0..4u16 {
+        let flush = Request {
+            head,
+            kind: RequestKind::Flush,
+            status: GuestAddress(STATUS + u64::from(head)),
+        };
+        assert!(ex.has_room(&flush));
+        ex.start(&m, 0, flush, &mut done);
+    }
+    let flush = Request {
+        head: 5,
+        kind: RequestKind::Flush,
+        status: GuestAddress(STATUS + 5),
+    };
+    assert!(!ex.has_room(&flush));
+}
+
+#[test]
+fn multi_range_requests_finish_once_with_the_first_failure() {
+    let m = mem();
+    let (mut ex, state) = executor(256, u64::MAX);
+    let mut done = Vec::new();
+    let ranges = vec![
+        Range {
+            offset: 0,
+            len: 4096,
+        },
+        Range {
+            offset: 8192,
+            len: 0,
+        },
+        Range {
+            offset: 65536,
+            len: 512,
+        },
+    ];
+    ex.start(
+        &m,
+        0,
+        Request {
+            head: 7,
+            kind: RequestKind::Discard { ranges },
+            status: GuestAddress(STATUS),
+        },
+        &mut done,
+    );
+    assert_eq!(
+        state.lock().expect("lock").submitted.len(),
+        2,
+        "empty ranges are skipped"
+    );
+    // First part succeeds, second fails.
+    {
+        let mut s = state.lock().expect("lock");
+        let (t0, _) = s.submitted.remove(0);
+        s.ready.push(Completion {
+            token: t0,
+            result: Ok(None),
+        });
+    }
+    ex.reap(&m, &mut done).expect("reap");
+    assert!(done.is_empty(), "finished before all parts completed");
+    complete_all(&state, false, 0);
+    ex.reap(&m, &mut done).expect("reap");
+    assert_eq!(
+        done,
+        vec![Done {
+            queue: 0,
+            head: 7,
+            used_len: 1,
+            started: true
+        }]
+    );
+    assert_eq!(status_at(&m, STATUS), 1);
+    assert_eq!(ex.in_flight(), 0);
+}
+
+#[test]
+fn reads_land_in_guest_buffers() {
+    let m = mem();
+    let (mut ex, state) = executor(256, u64::MAX);
+    let mut done = Vec::new();
+    let mut data = segs(DATA, 512);
+    data.push(Segment {
+        addr: GuestAddress(DATA + 0x10000),
+        len: 1024,
+    });
+    ex.start(
+        &m,
+        3,
+        Request {
+            head: 1,
+            kind: RequestKind::Read { offset: 0, data },
+            status: GuestAddress(STATUS),
+        },
+        &mut done,
+    );
+    complete_all(&state, true, 0x5a);
+    ex.reap(&m, &mut done).expect("reap");
+    assert_eq!(
+        done,
+        vec![Done {
+            queue: 3,
+            head: 1,
+            used_len: 1536 + 1,
+            started: true
+        }]
+    );
+    assert_eq!(read_bytes(&m, DATA, 512), vec![0x5a; 512]);
+    assert_eq!(read_bytes(&m, DATA + 0x10000, 1024), vec![0x5a; 1024]);
+    assert_eq!(status_at(&m, STATUS), 0);
+
+    // A completion whose buffer does not match the request is an I/O error.
+    ex.start(
+        &m,
+        0,
+        Request {
+            head: 2,
+            kind: RequestKind::Read {
+                offset: 0,
+                data: segs(DATA, 512),
+            },
+            status: GuestAddress(STATUS),
+        },
+        &mut done,
+    );
+    {
+        let mut s = state.lock().expect("lock");
+        let (t, _) = s.submitted.remove(0);
+        s.ready.push(Completion {
+            token: t,
+            result: Ok(Some(AlignedBuf::new(4096))),
+        });
+        s.ready.push(Completion {
+            token: 999,
+            result: Ok(None),
+        });
+    }
+    done.clear();
+    ex.reap(&m, &mut done).expect("reap");
+    assert_eq!(
+        done,
+        vec![Done {
+            queue: 0,
+            head: 2,
+            used_len: 1,
+            started: true
+        }]
+    );
+    assert_eq!(status_at(&m, STATUS), 1);
+}
+
+#[test]
+fn writes_copy_guest_data_and_get_id_needs_no_io() {
+    let m = mem();
+    let (mut ex, state) = executor(256, u64::MAX);
+    let mut done = Vec::new();
+    m.write_slice(&pattern(4, 2048), GuestAddress(DATA))
+        .expect("data");
+    ex.set_write_through(true);
+    ex.start(&m, 0, write_req(0, 2048), &mut done);
+    {
+        let s = state.lock().expect("lock");
+        match &s.submitted[0].1 {
+            journal::Request::Write { buf, fua, offset } => {
+                assert_eq!(buf.as_slice(), pattern(4, 2048).as_slice());
+                assert!(*fua, "write-through writes are FUA");
+                assert_eq!(*offset, 0);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    ex.start(
+        &m,
+        0,
+        Request {
+            head: 9,
+            kind: RequestKind::GetId {
+                data: segs(DATA + 8192, 8),
+            },
+            status: GuestAddress(STATUS + 9),
+        },
+        &mut done,
+    );
+    assert_eq!(
+        done,
+        vec![Done {
+            queue: 0,
+            head: 9,
+            used_len: 9,
+            started: true
+        }]
+    );
+    assert_eq!(read_bytes(&m, DATA + 8192, 8), b"serial-0");
+}
+
+#[test]
+fn drain_never_hangs_on_a_lost_request() {
+    let m = mem();
+    let (mut ex, state) = executor(256, u64::MAX);
+    let mut done = Vec::new();
+    ex.start(&m, 0, write_req(0, 512), &mut done);
+    state.lock().expect("lock").lost = true;
+    ex.drain(&m, &mut done);
+    assert_eq!(
+        done,
+        vec![Done {
+            queue: 0,
+            head: 0,
+            used_len: 1,
+            started: true
+        }]
+    );
+    assert_eq!(status_at(&m, STATUS), 1);
+    assert_eq!(ex.in_flight(), 0);
+}

@@ -1,0 +1,329 @@
+//! The device's worker thread: waits on the queue eventfds and the backend's completion
+//! eventfd, pops chains in batches, starts them, reaps completions, fills the used ring and
+//! notifies the driver once per batch (honouring VRING_AVAIL_F_NO_INTERRUPT, or the used
+//! event index with VIRTIO_RING_F_EVENT_IDX).
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::executor::{Done, Executor};
+use crate::gate::RequestGate;
+use crate::request::{self, Limits, Request};
+use crate::status;
+use crate::virtio::VirtioInterrupt;
+
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+const STOP_TOKEN: u64 = u64::MAX;
+const BACKEND_TOKEN: u64 = u64::MAX - 1;
+const GATE_TOKEN: u64 = u64::MAX - 2;
+
+/// What the worker thread owns.
+pub(crate) struct Worker {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub queues: Vec<(Queue, EventFd)>,
+    pub limits: Limits,
+    pub executor: Executor,
+    pub needs_reset: Arc<AtomicBool>,
+    /// Written by `reset`: drain and exit.
+    pub stop: EventFd,
+    /// Admission control for quiescing (checkpoints), if any.
+    pub gate: Option<Arc<dyn RequestGate>>,
+}
+
+struct QueueState {
+    /// The ring is unusable (bad avail index, unreadable): ignored until reset.
+    broken: bool,
+    /// Chains may be left in the ring because the executor was full.
+    backlog: bool,
+    /// Used entries were added since the last notification check.
+    used_added: bool,
+}
+
+impl Worker {
+    /// Runs until `stop` is signalled; then drains in-flight requests and returns.
+    pub fn run(mut self) {
+        if let Err(e) = self.event_loop() {
+            tracing::error!(error = %e, "virtio-blk worker failed");
+            self.set_needs_reset();
+        }
+        let mut done = Vec::new();
+        self.executor.drain(&self.mem, &mut done);
+        let mut states = self.fresh_states();
+        // The driver is resetting the device: complete the ring silently.
+        self.push_used(&mut states, &mut done, false);
+    }
+
+    fn fresh_states(&self) -> Vec<QueueState> {
+        self.queues
+            .iter()
+            .map(|_| QueueState {
+                broken: false,
+                backlog: false,
+                used_added: false,
+            })
+            .collect()
+    }
+
+    fn event_loop(&mut self) -> Result<(), crate::Error> {
+        let epoll = Epoll::new()?;
+        let add = |fd: RawFd, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        add(self.stop.as_raw_fd(), STOP_TOKEN)?;
+        add(self.executor.eventfd(), BACKEND_TOKEN)?;
+        for (i, (_, evt)) in self.queues.iter().enumerate() {
+            add(evt.as_raw_fd(), i as u64)?;
+        }
+        if let Some(gate) = &self.gate {
+            add(gate.waker(), GATE_TOKEN)?;
+        }
+        let mut states = self.fresh_states();
+        let mut pending: VecDeque<(u16, Request)> = VecDeque::new();
+        let mut done: Vec<Done> = Vec::new();
+        let mut events = vec![EpollEvent::default(); self.queues.len() + 3];
+        // Chains may have been made available before activation.
+        let mut kicked = vec![true; self.queues.len()];
+        loop {
+            self.reap(&mut done);
+            self.start_pending(&mut pending, &mut done);
+            for q in 0..self.queues.len() {
+                if states[q].broken {
+                    kicked[q] = false;
+                } else if (kicked[q] || states[q].backlog) && pending.is_empty() {
+                    // (A kick that arrives while requests wait for room stays recorded.)
+                    kicked[q] = false;
+                    self.process_queue(q, &mut states[q], &mut pending, &mut done);
+                }
+            }
+            self.reap(&mut done);
+            self.push_used(&mut states, &mut done, true);
+
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    STOP_TOKEN => return Ok(()),
+                    BACKEND_TOKEN => clear_eventfd(self.executor.eventfd()),
+                    GATE_TOKEN => {
+                        if let Some(gate) = &self.gate {
+                            gate.clear_waker();
+                        }
+                    }
+                    q => {
+                        if let Some((_, evt)) = self.queues.get(q as usize) {
+                            let _ = evt.read();
+                            kicked[q as usize] = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self, done: &mut Vec<Done>) {
+        if let Err(e) = self.executor.reap(&self.mem, done) {
+            tracing::error!(error = %e, "reaping block completions failed");
+        }
+    }
+
+    fn start_pending(&mut self, pending: &mut VecDeque<(u16, Request)>, done: &mut Vec<Done>) {
+        while let Some((q, req)) = pending.pop_front() {
+            if !self.executor.has_room(&req) || !self.admit() {
+                pending.push_front((q, req));
+                return;
+            }
+            self.executor.start(&self.mem, q, req, done);
+        }
+    }
+
+    /// Pops and starts every available chain of queue `q` until the ring is empty (with
+    /// notifications re-enabled) or the executor is full.
+    fn process_queue(
+        &mut self,
+        q: usize,
+        state: &mut QueueState,
+        pending: &mut VecDeque<(u16, Request)>,
+        done: &mut Vec<Done>,
+    ) {
+        let qi = q as u16;
+        state.backlog = false;
+        loop {
+            let queue = &mut self.queues[q].0;
+            if let Err(e) = queue.disable_notification(&self.mem) {
+                tracing::error!(error = %e, "cannot disable queue notifications");
+                state.broken = true;
+                break;
+            }
+            let mut popped = 0usize;
+            let iter = match queue.iter(&self.mem) {
+                Ok(iter) => iter,
+                Err(e) => {
+                    tracing::error!(error = %e, queue = q, "virtqueue is broken");
+                    state.broken = true;
+                    break;
+                }
+            };
+            for chain in iter {
+                popped += 1;
+                match request::parse(chain, &self.mem, &self.limits) {
+                    Ok(req) => {
+                        if pending.is_empty()
+                            && self.executor.has_room(&req)
+                            && admit(self.gate.as_deref())
+                        {
+                            self.executor.start(&self.mem, qi, req, done);
+                        } else {
+                            pending.push_back((qi, req));
+                            break;
+                        }
+                    }
+                    Err(rej) => {
+                        tracing::debug!(error = %rej.error, head = rej.head, "refused a request");
+                        match rej.status {
+                            Some(addr) => {
+                                let st = status::for_request_error(&rej.error);
+                                self.executor
+                                    .reject(&self.mem, qi, rej.head, addr, st, done);
+                            }
+                            None => {
+                                // No status byte to report through: return the buffer (so
+                                // the ring keeps moving) and ask the driver for a reset.
+                                done.push(Done {
+                                    queue: qi,
+                                    head: rej.head,
+                                    used_len: 0,
+                                    started: false,
+                                });
+                                flag_reset(&self.needs_reset, self.interrupt.as_ref());
+                            }
+                        }
+                    }
+                }
+            }
+            if !pending.is_empty() {
+                state.backlog = true;
+                break;
+            }
+            let queue = &mut self.queues[q].0;
+            match queue.enable_notification(&self.mem) {
+                Ok(false) => break,
+                Ok(true) if popped == 0 => {
+                    // The avail index moved but no chain could be read: stop spinning.
+                    tracing::error!(queue = q, "available ring cannot be read");
+                    state.broken = true;
+                    break;
+                }
+                Ok(true) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot enable queue notifications");
+                    state.broken = true;
+                    break;
+                }
+            }
+        }
+        if state.broken {
+            self.needs_reset_now();
+        }
+    }
+
+    fn admit(&self) -> bool {
+        admit(self.gate.as_deref())
+    }
+
+    /// Adds finished requests to their used rings, then (with `notify`) notifies each queue
+    /// at most once.
+    fn push_used(&mut self, states: &mut [QueueState], done: &mut Vec<Done>, notify: bool) {
+        for d in done.drain(..) {
+            if d.started {
+                if let Some(gate) = &self.gate {
+                    gate.release();
+                }
+            }
+            let Some((queue, _)) = self.queues.get_mut(usize::from(d.queue)) else {
+                continue;
+            };
+            match queue.add_used(&self.mem, d.head, d.used_len) {
+                Ok(()) => states[usize::from(d.queue)].used_added = true,
+                Err(virtio_queue::Error::InvalidDescriptorIndex) => {
+                    // The driver made a head index past the queue available: there is no way
+                    // to return it (NEEDS_RESET is already set), but the ring itself is fine.
+                    tracing::debug!(head = d.head, "cannot return an invalid head index");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, head = d.head, "cannot add to the used ring");
+                    states[usize::from(d.queue)].broken = true;
+                    self.needs_reset_now();
+                }
+            }
+        }
+        for (q, state) in states.iter_mut().enumerate() {
+            if !std::mem::take(&mut state.used_added) || !notify {
+                continue;
+            }
+            if self.should_notify(q) {
+                if let Err(e) = self.interrupt.signal_used_queue(q as u16) {
+                    tracing::error!(error = %e, "cannot signal the used queue");
+                }
+            }
+        }
+    }
+
+    fn should_notify(&mut self, q: usize) -> bool {
+        let queue = &mut self.queues[q].0;
+        if queue.event_idx_enabled() {
+            return queue.needs_notification(&self.mem).unwrap_or(true);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let flags: u16 = self
+            .mem
+            .load(GuestAddress(queue.avail_ring()), Ordering::Acquire)
+            .map(u16::from_le)
+            .unwrap_or(0);
+        flags & VRING_AVAIL_F_NO_INTERRUPT == 0
+    }
+
+    fn needs_reset_now(&self) {
+        flag_reset(&self.needs_reset, self.interrupt.as_ref());
+    }
+
+    fn set_needs_reset(&self) {
+        self.needs_reset_now();
+    }
+}
+
+/// Takes one admission from the gate (always granted without a gate).
+fn admit(gate: Option<&dyn RequestGate>) -> bool {
+    gate.is_none_or(|g| g.try_admit())
+}
+
+/// Sets DEVICE_NEEDS_RESET (once) and tells the driver through a config-change interrupt.
+fn flag_reset(needs_reset: &AtomicBool, interrupt: &dyn VirtioInterrupt) {
+    if !needs_reset.swap(true, Ordering::SeqCst) {
+        if let Err(e) = interrupt.signal_config_change() {
+            tracing::error!(error = %e, "cannot signal a configuration change");
+        }
+    }
+}
+
+fn clear_eventfd(fd: RawFd) {
+    let mut v = 0u64;
+    // SAFETY: `fd` is the backend's eventfd, open for the executor's lifetime; we read at
+    // most 8 bytes into a local u64. epoll reported it readable, so the read does not block
+    // (and a failed read only means there was nothing to clear).
+    let _ = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), std::mem::size_of::<u64>()) };
+}

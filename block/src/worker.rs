@@ -162,6 +162,11 @@ impl Worker {
     ) {
         let qi = q as u16;
         state.backlog = false;
+        // `queue.iter()` reads the avail index once; the driver may publish more chains
+        // between that read and `enable_notification`, which then reports new work although
+        // this pass popped nothing. That is a normal race: retry. Only an index that keeps
+        // moving without any chain ever becoming readable means a broken ring.
+        let mut empty_passes = 0u32;
         loop {
             let queue = &mut self.queues[q].0;
             if let Err(e) = queue.disable_notification(&self.mem) {
@@ -223,12 +228,15 @@ impl Worker {
             match queue.enable_notification(&self.mem) {
                 Ok(false) => break,
                 Ok(true) if popped == 0 => {
-                    // The avail index moved but no chain could be read: stop spinning.
-                    tracing::error!(queue = q, "available ring cannot be read");
-                    state.broken = true;
-                    break;
+                    empty_passes += 1;
+                    if empty_passes > 1024 {
+                        tracing::error!(queue = q, "available ring cannot be read");
+                        state.broken = true;
+                        break;
+                    }
+                    std::thread::yield_now();
                 }
-                Ok(true) => continue,
+                Ok(true) => empty_passes = 0,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot enable queue notifications");
                     state.broken = true;

@@ -23,6 +23,15 @@ pub enum Command {
     Checkpoint(CheckpointCommand),
     /// Boot a VM: the built-in test guest, or a Linux kernel.
     Run(RunArgs),
+    /// Benchmarks against same-run baselines.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Read/write speed against checkpoint-chain depth: journal, raw file, Strata and qcow2 over NBD.
+    Depth(crate::bench::DepthArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -178,6 +187,7 @@ pub fn main() -> ExitCode {
         Command::Disk(cmd) => crate::disk_cmd::run(cmd),
         Command::Checkpoint(cmd) => crate::nbd::checkpoint_cmd(cmd),
         Command::Run(args) => crate::run_cmd::run(args),
+        Command::Bench(BenchCommand::Depth(args)) => crate::bench::depth::run(args),
     };
     match result {
         Ok(code) => code,

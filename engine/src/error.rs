@@ -17,6 +17,11 @@ pub enum Error {
     Protocol(String),
     #[error("{0}")]
     Vm(String),
+    #[error("in-flight I/O did not drain within {waited:?} ({in_flight} requests still running)")]
+    DrainTimeout {
+        waited: std::time::Duration,
+        in_flight: u64,
+    },
 }
 
 impl Error {

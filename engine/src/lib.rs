@@ -1,11 +1,15 @@
 //! Strata's user-facing surface: the `strata` CLI, NBD serving of disks, the control socket
 //! of a running VM or server, and checkpoint orchestration.
 
+pub mod bench;
 pub mod cli;
+pub mod control;
 pub mod disk_cmd;
 pub mod error;
 pub mod nbd;
+pub mod quiesce;
 pub mod run_cmd;
 pub mod size;
+pub mod sys;
 
 pub use error::{Error, Result};

@@ -1,0 +1,287 @@
+//! A gate that lets a controller stop new I/O and wait for in-flight I/O to drain, so that a
+//! checkpoint holds exactly the writes acknowledged before it.
+//!
+//! Workers (NBD connections, and later virtio-blk queues) call [`Gate::try_admit`] before they
+//! start a request and [`Gate::release`] when it has completed. A controller calls
+//! [`Gate::pause`]: from then on admissions fail, and `pause` returns a [`PauseGuard`] once
+//! every admitted request has been released. Dropping the guard reopens the gate and wakes the
+//! workers through the eventfds they got from [`Gate::subscribe`]. Nothing here knows about
+//! NBD or virtio.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use crate::sys::EventFd;
+use crate::{Error, Result};
+
+/// Top bit of the state word: a pause is requested. The other bits count admitted requests.
+const PAUSED: u64 = 1 << 63;
+
+/// The gate shared by every worker of one disk.
+#[derive(Debug, Default)]
+pub struct Gate {
+    state: AtomicU64,
+    /// Wakers of the workers; also the mutex that the drain condition variable waits under.
+    wakers: Mutex<Vec<Weak<EventFd>>>,
+    drained: Condvar,
+    /// Serialises controllers: one pause at a time.
+    pauser: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The protected data (a list of wakers, or nothing) stays valid if a holder panicked.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Gate {
+    /// An open gate with nothing in flight.
+    pub fn new() -> Arc<Gate> {
+        Arc::new(Gate::default())
+    }
+
+    /// Admits one request unless a pause is in progress. Every `true` must be matched by one
+    /// [`Gate::release`] once the request has completed. On `false` the worker keeps the
+    /// request, stops taking new ones, and retries when its waker fires.
+    pub fn try_admit(&self) -> bool {
+        let prev = self.state.fetch_add(1, Ordering::SeqCst);
+        if prev & PAUSED != 0 {
+            self.release();
+            return false;
+        }
+        true
+    }
+
+    /// Marks one admitted request as completed.
+    pub fn release(&self) {
+        let prev = self.state.fetch_sub(1, Ordering::SeqCst);
+        debug_assert!(prev & !PAUSED > 0, "release without admit");
+        if prev & PAUSED != 0 && prev & !PAUSED == 1 {
+            // Take the lock so a controller between its check and its wait cannot miss this.
+            let _guard = lock(&self.wakers);
+            self.drained.notify_all();
+        }
+    }
+
+    /// Admitted requests not yet released.
+    pub fn in_flight(&self) -> u64 {
+        self.state.load(Ordering::SeqCst) & !PAUSED
+    }
+
+    /// True while a controller holds the gate closed.
+    pub fn is_paused(&self) -> bool {
+        self.state.load(Ordering::SeqCst) & PAUSED != 0
+    }
+
+    /// An eventfd that is notified whenever the gate reopens. The worker keeps the `Arc`; the
+    /// gate holds only a weak reference.
+    pub fn subscribe(&self) -> Result<Arc<EventFd>> {
+        let fd = Arc::new(EventFd::new().map_err(|e| Error::io("creating an eventfd", e))?);
+        let mut wakers = lock(&self.wakers);
+        wakers.retain(|w| w.strong_count() > 0);
+        wakers.push(Arc::downgrade(&fd));
+        Ok(fd)
+    }
+
+    /// Closes the gate and waits up to `timeout` for every admitted request to be released.
+    /// On timeout the gate is reopened and [`Error::DrainTimeout`] is returned.
+    pub fn pause(&self, timeout: Duration) -> Result<PauseGuard<'_>> {
+        let serial = lock(&self.pauser);
+        let start = Instant::now();
+        self.state.fetch_or(PAUSED, Ordering::SeqCst);
+        let mut wakers = lock(&self.wakers);
+        loop {
+            let in_flight = self.in_flight();
+            if in_flight == 0 {
+                break;
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                drop(wakers);
+                self.reopen();
+                return Err(Error::DrainTimeout { waited, in_flight });
+            }
+            wakers = self
+                .drained
+                .wait_timeout(wakers, timeout - waited)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        drop(wakers);
+        Ok(PauseGuard {
+            gate: self,
+            _serial: serial,
+        })
+    }
+
+    fn reopen(&self) {
+        self.state.fetch_and(!PAUSED, Ordering::SeqCst);
+        let mut wakers = lock(&self.wakers);
+        wakers.retain(|w| match w.upgrade() {
+            Some(fd) => {
+                fd.notify();
+                true
+            }
+            None => false,
+        });
+    }
+}
+
+/// One worker's handle on a gate: admission plus the worker's own waker. It is the
+/// [`block::RequestGate`] of a virtio-blk worker, so a VM's disk is quiesced like an NBD
+/// connection.
+#[derive(Debug)]
+pub struct Member {
+    gate: Arc<Gate>,
+    waker: Arc<EventFd>,
+}
+
+impl Member {
+    /// Subscribes a new worker to `gate`.
+    pub fn new(gate: &Arc<Gate>) -> Result<Member> {
+        Ok(Member {
+            gate: gate.clone(),
+            waker: gate.subscribe()?,
+        })
+    }
+}
+
+impl block::RequestGate for Member {
+    fn try_admit(&self) -> bool {
+        self.gate.try_admit()
+    }
+
+    fn release(&self) {
+        self.gate.release()
+    }
+
+    fn waker(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&*self.waker)
+    }
+
+    fn clear_waker(&self) {
+        self.waker.clear()
+    }
+}
+
+/// Proof that the gate is closed and drained; reopens it when dropped.
+#[derive(Debug)]
+pub struct PauseGuard<'a> {
+    gate: &'a Gate,
+    _serial: MutexGuard<'a, ()>,
+}
+
+impl Drop for PauseGuard<'_> {
+    fn drop(&mut self) {
+        self.gate.reopen();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn pause_fails_admissions_and_waits_for_drain() {
+        let gate = Gate::new();
+        assert!(gate.try_admit());
+        assert!(gate.try_admit());
+        assert_eq!(gate.in_flight(), 2);
+        let done = Arc::new(AtomicBool::new(false));
+        let releaser = {
+            let (gate, done) = (gate.clone(), done.clone());
+            std::thread::spawn(move || {
+                // Wait until the controller has closed the gate, then finish both requests.
+                while !gate.is_paused() {
+                    std::thread::yield_now();
+                }
+                assert!(!gate.try_admit(), "no admission while paused");
+                done.store(true, Ordering::SeqCst);
+                gate.release();
+                gate.release();
+            })
+        };
+        let guard = gate.pause(Duration::from_secs(30)).unwrap();
+        assert!(
+            done.load(Ordering::SeqCst),
+            "pause returned before the requests finished"
+        );
+        assert_eq!(gate.in_flight(), 0);
+        assert!(!gate.try_admit());
+        drop(guard);
+        releaser.join().unwrap();
+        assert!(!gate.is_paused());
+        assert!(gate.try_admit());
+        gate.release();
+    }
+
+    #[test]
+    fn resume_notifies_subscribers() {
+        let gate = Gate::new();
+        let waker = gate.subscribe().unwrap();
+        let dropped = gate.subscribe().unwrap();
+        drop(dropped);
+        let guard = gate.pause(Duration::from_secs(1)).unwrap();
+        assert!(!waker.is_set());
+        drop(guard);
+        assert!(waker.is_set());
+        assert_eq!(lock(&gate.wakers).len(), 1, "dead wakers are pruned");
+    }
+
+    #[test]
+    fn timeout_reopens_the_gate() {
+        let gate = Gate::new();
+        assert!(gate.try_admit());
+        let err = gate.pause(Duration::from_millis(20)).unwrap_err();
+        match err {
+            Error::DrainTimeout { in_flight, .. } => assert_eq!(in_flight, 1),
+            other => panic!("unexpected {other}"),
+        }
+        assert!(!gate.is_paused());
+        assert!(gate.try_admit());
+        gate.release();
+        gate.release();
+        assert_eq!(gate.in_flight(), 0);
+    }
+
+    #[test]
+    fn member_is_a_block_request_gate() {
+        use block::RequestGate;
+        let gate = Gate::new();
+        let m = Member::new(&gate).unwrap();
+        assert!(m.try_admit());
+        assert_eq!(gate.in_flight(), 1);
+        m.release();
+        let guard = gate.pause(Duration::from_secs(1)).unwrap();
+        assert!(!m.try_admit());
+        drop(guard);
+        assert!(
+            crate::sys::wait_readable(m.waker(), None, Some(Duration::ZERO)).unwrap() == crate::sys::Readiness::Ready
+        );
+        m.clear_waker();
+        assert!(
+            crate::sys::wait_readable(m.waker(), None, Some(Duration::ZERO)).unwrap()
+                == crate::sys::Readiness::TimedOut
+        );
+        assert!(m.try_admit());
+        m.release();
+    }
+
+    #[test]
+    fn controllers_are_serialised() {
+        let gate = Gate::new();
+        let g1 = gate.pause(Duration::from_secs(1)).unwrap();
+        let second = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let _g = gate.pause(Duration::from_secs(30)).unwrap();
+                gate.is_paused()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        drop(g1);
+        assert!(second.join().unwrap());
+        assert!(!gate.is_paused());
+    }
+}

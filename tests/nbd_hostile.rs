@@ -171,6 +171,7 @@ fn slow_reader(sock: &Path, pid: i32) {
     }
     sender.join().unwrap().disconnect();
     let peak = peak_rss_kib(pid);
+    println!("server peak RSS {peak} KiB after 512 MiB of pipelined reads");
     assert!(
         peak < 400 << 10,
         "server peak RSS {peak} KiB after 512 MiB of pipelined reads"

@@ -120,3 +120,56 @@ fn bad_arguments_fail_before_booting() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("one vCPU"));
 }
+
+#[test]
+fn sigterm_stops_the_vm_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "run",
+            "--disk",
+            disk.to_str().unwrap(),
+            "--workload",
+            "ops=1000000,qd=1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning strata");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    // Wait until the guest runs its workload, then ask the VMM to stop.
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("strata-guest: start"));
+    assert!(started, "the guest never started");
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: `pid` is our own child process, still running (we hold its stdout open).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(128 + 15),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by signal 15"));
+    // The disk was closed properly and opens again.
+    let again = strata(&[
+        "run",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--workload",
+        "ops=10",
+    ]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}

@@ -150,7 +150,18 @@ impl IoEngine {
     /// complete with an error.
     pub fn submit(&mut self, token: u64, req: Request) -> Result<()> {
         self.start(token, req)?;
+        if !self.ready.is_empty() {
+            self.signal();
+        }
         self.kick()
+    }
+
+    /// Makes the eventfd readable: completions finished on the caller's thread (errors,
+    /// FLUSH, reads of unwritten blocks) are waiting for [`IoEngine::poll`].
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd this engine owns.
+        let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
     /// Hands queued SQEs to the kernel.
@@ -437,6 +448,10 @@ impl IoEngine {
     /// Appends finished requests to `out` without blocking.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<()> {
         self.kick()?;
+        if self.ring.submission().cq_overflow() {
+            // Completions that did not fit the CQ are flushed into it by the next enter.
+            self.ring.submit()?;
+        }
         self.reap();
         out.append(&mut self.ready);
         Ok(())

@@ -83,9 +83,32 @@ pub fn format_list(list: &[Value]) -> String {
         } else {
             ""
         };
-        out.push_str(&format!("{name:<24} {parent:<24} {created:>12}  {bytes:>14}{now}\n"));
+        let created = utc(created);
+        out.push_str(&format!("{name:<24} {parent:<24} {created:<20} {bytes:>14}{now}\n"));
     }
     out
+}
+
+/// Seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS` (UTC, proleptic Gregorian).
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Days to civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -108,6 +131,14 @@ mod tests {
         assert!(table.lines().nth(1).unwrap().starts_with("a "), "{table}");
         assert!(table.contains("<- Now"));
         assert!(call(&dir.path().join("missing"), &Request::CheckpointList).is_err());
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_795_439_679), "2026-11-23 13:14:39");
+        assert_eq!(utc(4_102_444_799), "2099-12-31 23:59:59");
     }
 
     #[test]

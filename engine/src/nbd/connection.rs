@@ -664,3 +664,7 @@ impl<'a> Transmission<'a> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "connection_tests.rs"]
+mod tests;

@@ -32,6 +32,9 @@ pub enum Command {
 pub enum BenchCommand {
     /// Read/write speed against checkpoint-chain depth: journal, raw file, Strata and qcow2 over NBD.
     Depth(crate::bench::DepthArgs),
+    /// The test guest's IOPS through virtio-blk beside the journal driven directly, and the
+    /// time to the guest's first completed I/O.
+    Guest(crate::bench_guest::GuestArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -188,6 +191,7 @@ pub fn main() -> ExitCode {
         Command::Checkpoint(cmd) => crate::nbd::checkpoint_cmd(cmd),
         Command::Run(args) => crate::run_cmd::run(args),
         Command::Bench(BenchCommand::Depth(args)) => crate::bench::depth::run(args),
+        Command::Bench(BenchCommand::Guest(args)) => crate::bench_guest::run(args),
     };
     match result {
         Ok(code) => code,

@@ -2,6 +2,7 @@
 //! of a running VM or server, and checkpoint orchestration.
 
 pub mod bench;
+pub mod bench_guest;
 pub mod cli;
 pub mod control;
 pub mod disk_cmd;

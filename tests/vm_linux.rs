@@ -172,3 +172,34 @@ fn elf_vmlinux_extracted_from_the_bzimage_prints_its_banner() {
     std::fs::write(&vmlinux, &elf).unwrap();
     assert_banner(&vmlinux);
 }
+
+#[test]
+fn linux_finds_every_vcpu_in_the_mp_table() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    let kernel = stock_kernel();
+    let mut vm = Running::start(&[
+        "run",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--memory",
+        "256M",
+        "--vcpus",
+        "2",
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ]);
+    let seen = vm.wait_for(
+        "smpboot: Allowing 2 CPUs",
+        BANNER_WAIT + Duration::from_secs(120),
+    );
+    let text = vm.text();
+    drop(vm);
+    assert!(seen, "Linux did not find 2 CPUs; output:\n{text}");
+    assert!(text.contains("MPTABLE: OEM ID: STRATA"), "{text}");
+    assert!(
+        text.contains("IOAPIC[0]: apic_id 3, version 17, address 0xfec00000, GSI 0-23"),
+        "{text}"
+    );
+}

@@ -144,6 +144,9 @@ impl Drop for WorkDir {
 
 /// `strata bench depth`.
 pub fn run(args: DepthArgs) -> Result<ExitCode> {
+    if let Some(csv) = &args.from_csv {
+        return rerender(csv, &args.out);
+    }
     let cfg = Config::from_args(&args)?;
     let fio_version = super::fio::check(!cfg.skip_nbd)?;
     let qemu_version = if cfg.skip_nbd {
@@ -255,7 +258,8 @@ pub fn run(args: DepthArgs) -> Result<ExitCode> {
     let preamble = preamble(&cfg, &fio_version, &qemu_version, &load_before);
     let md = report::markdown(&rows, &preamble);
     let title = format!(
-        "strata bench depth: {} MiB disk, {} writes/layer",
+        "{}; {} MiB disk, {} writes/layer",
+        svg_title(&rows),
         cfg.size >> 20,
         cfg.writes_per_layer
     );
@@ -265,6 +269,39 @@ pub fn run(args: DepthArgs) -> Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{md}").map_err(|e| Error::io("writing the table", e))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--from-csv`: writes depth.csv, depth.md and depth.svg in `out` from an existing CSV.
+fn rerender(csv: &Path, out: &Path) -> Result<ExitCode> {
+    let text =
+        fs::read_to_string(csv).map_err(|e| Error::io(format!("reading {}", csv.display()), e))?;
+    let rows =
+        report::parse_csv(&text).map_err(|e| fail(format!("parsing {}", csv.display()), e))?;
+    let old_md = fs::read_to_string(out.join("depth.md")).unwrap_or_default();
+    let preamble = match old_md.find("\n## Results") {
+        Some(at) => old_md[..at + 1].to_string(),
+        None => format!(
+            "# strata bench depth\n\nRe-rendered from {}.\n",
+            csv.display()
+        ),
+    };
+    fs::create_dir_all(out).map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
+    let md = report::markdown(&rows, &preamble);
+    write_out(&out.join("depth.csv"), &report::csv(&rows))?;
+    write_out(&out.join("depth.md"), &md)?;
+    write_out(&out.join("depth.svg"), &plot::svg(&rows, &svg_title(&rows)))?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{md}").map_err(|e| Error::io("writing the table", e))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn svg_title(rows: &[Row]) -> String {
+    let depths: std::collections::BTreeSet<usize> = rows.iter().map(|r| r.depth).collect();
+    let d: Vec<String> = depths.iter().map(|d| d.to_string()).collect();
+    format!(
+        "strata bench depth: IOPS (MB/s for seqwrite) at chain depth {}",
+        d.join(", ")
+    )
 }
 
 fn write_out(path: &Path, text: &str) -> Result<()> {

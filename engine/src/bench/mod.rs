@@ -56,6 +56,10 @@ pub struct DepthArgs {
     /// Leave the images in the work directory.
     #[arg(long)]
     pub keep_workdir: bool,
+    /// Measure nothing: re-render depth.md and depth.svg in --out from this depth.csv (the
+    /// preamble of an existing --out/depth.md is kept).
+    #[arg(long, value_name = "CSV")]
+    pub from_csv: Option<PathBuf>,
     /// Measure only journal-api and raw-fio (no qemu tools, no NBD server).
     #[arg(long)]
     pub skip_nbd: bool,

@@ -52,6 +52,45 @@ pub fn csv(rows: &[Row]) -> String {
     s
 }
 
+/// Reads rows back from [`csv`]'s output (to re-render a report without measuring again).
+pub fn parse_csv(text: &str) -> Result<Vec<Row>, String> {
+    let mut lines = text.lines();
+    if lines.next().map(str::trim) != Some(CSV_HEADER) {
+        return Err(format!("the first line is not {CSV_HEADER:?}"));
+    }
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |what: &str| format!("line {}: {what}: {line:?}", i + 2);
+        let f: Vec<&str> = line.trim().split(',').collect();
+        if f.len() != 7 {
+            return Err(bad("expected 7 fields"));
+        }
+        let target = [
+            TARGET_JOURNAL,
+            TARGET_RAW,
+            TARGET_STRATA_NBD,
+            TARGET_QCOW2_NBD,
+        ]
+        .into_iter()
+        .find(|t| *t == f[1])
+        .ok_or_else(|| bad("unknown target"))?;
+        let cache = ["none", "writeback"]
+            .into_iter()
+            .find(|c| *c == f[2])
+            .ok_or_else(|| bad("unknown cache mode"))?;
+        rows.push(Row {
+            depth: f[0].parse().map_err(|_| bad("bad depth"))?,
+            target,
+            cache,
+            workload: Workload::from_name(f[3]).ok_or_else(|| bad("unknown workload"))?,
+            qd: f[4].parse().map_err(|_| bad("bad qd"))?,
+            iops: f[5].parse().map_err(|_| bad("bad iops"))?,
+            mb_per_s: f[6].parse().map_err(|_| bad("bad mb_per_s"))?,
+        });
+    }
+    Ok(rows)
+}
+
 /// A series: one target in one cache mode, one workload at one queue depth.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Series {
@@ -181,17 +220,27 @@ pub fn markdown(rows: &[Row], preamble: &str) -> String {
     }
 
     let _ = write!(s, "\n## Depth {deepest} / depth {shallow} (same target, same workload; 1.00x = no slowdown)\n\n");
-    s.push_str("| workload | target | ratio |\n|---|---|---:|\n");
+    s.push_str(
+        "raw-fio does not depend on depth: its ratio shows how much the host itself sped up or slowed down \
+         between the two phases. The last column divides each ratio by raw-fio's for the same workload.\n\n",
+    );
+    s.push_str("| workload | target | ratio | / raw-fio's ratio |\n|---|---|---:|---:|\n");
+    let depth_ratio = |target: &str, cache: &str, w: Workload, qd: u32| {
+        let a = find(rows, deepest, target, cache, w, qd).map(headline);
+        let b = find(rows, shallow, target, cache, w, qd).map(headline);
+        a.zip(b).and_then(|(a, b)| ratio(a, b))
+    };
     for se in &series {
-        let a = find(rows, deepest, se.target, se.cache, se.workload, se.qd).map(headline);
-        let b = find(rows, shallow, se.target, se.cache, se.workload, se.qd).map(headline);
-        let r = a.zip(b).and_then(|(a, b)| ratio(a, b));
+        let r = depth_ratio(se.target, se.cache, se.workload, se.qd);
+        let raw = depth_ratio(TARGET_RAW, "none", se.workload, se.qd);
+        let norm = r.zip(raw).and_then(|(r, raw)| ratio(r, raw));
         let _ = writeln!(
             s,
-            "| {} | {} | {} |",
+            "| {} | {} | {} | {} |",
             se.cell_label(),
             se.target_label(),
-            fmt_ratio(r)
+            fmt_ratio(r),
+            fmt_ratio(norm)
         );
     }
 
@@ -380,6 +429,21 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("Goals met in 2 of 4 cells."), "{md}");
+    }
+
+    #[test]
+    fn csv_round_trips() {
+        let rows = sample();
+        let back = parse_csv(&csv(&rows)).unwrap();
+        assert_eq!(back.len(), rows.len());
+        assert_eq!(back[0].target, TARGET_JOURNAL);
+        assert_eq!(back[0].iops, 30000.0);
+        assert_eq!(back[0].mb_per_s, 122.88);
+        assert!(parse_csv("depth,x\n").is_err());
+        let bad = format!("{CSV_HEADER}\n1,nope,none,randread,1,5,5\n");
+        assert!(parse_csv(&bad)
+            .unwrap_err()
+            .contains("line 2: unknown target"));
     }
 
     #[test]

@@ -129,7 +129,7 @@ fn depth_bench_writes_every_row() {
     let svg = std::fs::read_to_string(out_dir.join("depth.svg")).expect("depth.svg");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(
-        svg.matches("chain depth").count(),
+        svg.matches(" KiB qd").count(),
         cells.len(),
         "one panel per workload"
     );

@@ -145,7 +145,7 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode) {
             disk = open(&dir, cache);
             what = "reopen".into();
         }
-        assert_eq!(read_all(&disk.now()) == m.now, true, "step {step} ({what}): Now differs from the model");
+        assert!(read_all(&disk.now()) == m.now, "step {step} ({what}): Now differs from the model");
         let listed: Vec<(String, Option<String>)> = disk.list().into_iter().map(|c| (c.name, c.parent)).collect();
         assert_eq!(listed.len(), m.checkpoints.len(), "step {step} ({what}): checkpoint count");
         for (name, parent) in &listed {

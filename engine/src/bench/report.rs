@@ -39,7 +39,7 @@ pub fn csv(rows: &[Row]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{:.0},{:.2}",
+            "{},{},{},{},{},{:.0},{:.4}",
             r.depth,
             r.target,
             r.cache,
@@ -391,7 +391,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], CSV_HEADER);
         assert_eq!(lines.len(), 13);
-        assert_eq!(lines[1], "1,journal-api,none,randwrite,32,30000,122.88");
+        assert_eq!(lines[1], "1,journal-api,none,randwrite,32,30000,122.8800");
     }
 
     #[test]

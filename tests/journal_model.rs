@@ -30,7 +30,14 @@ impl Model {
 }
 
 fn open(dir: &Path, cache: CacheMode) -> Disk {
-    Disk::open(dir, OpenOptions { cache, read_only: false }).expect("open disk")
+    Disk::open(
+        dir,
+        OpenOptions {
+            cache,
+            read_only: false,
+        },
+    )
+    .expect("open disk")
 }
 
 fn read_all(v: &journal::Volume) -> Vec<u8> {
@@ -45,10 +52,18 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode) {
     Disk::create(&dir, SIZE as u64, None).unwrap();
     let mut disk = open(&dir, cache);
     let mut rng = SmallRng::seed_from_u64(seed);
-    let mut m = Model { now: vec![0; SIZE], now_parent: None, checkpoints: HashMap::new() };
+    let mut m = Model {
+        now: vec![0; SIZE],
+        now_parent: None,
+        checkpoints: HashMap::new(),
+    };
     let mut next_name = 0;
     for step in 0..steps {
-        let names: Vec<String> = { let mut v: Vec<_> = m.checkpoints.keys().cloned().collect(); v.sort(); v };
+        let names: Vec<String> = {
+            let mut v: Vec<_> = m.checkpoints.keys().cloned().collect();
+            v.sort();
+            v
+        };
         let pick = |rng: &mut SmallRng| names[rng.gen_range(0..names.len())].clone();
         let op = rng.gen_range(0..100);
         let what;
@@ -58,14 +73,18 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode) {
             let off = 512 * rng.gen_range(0..sectors - len / 512);
             let v: u8 = rng.gen();
             let data: Vec<u8> = (0..len).map(|i| v ^ (i as u8).wrapping_mul(31)).collect();
-            disk.now().write_at(&data, off as u64, rng.gen_bool(0.05)).unwrap();
+            disk.now()
+                .write_at(&data, off as u64, rng.gen_bool(0.05))
+                .unwrap();
             m.now[off..off + len].copy_from_slice(&data);
             what = format!("write {off}+{len}");
         } else if op < 62 {
             let len = 512 * rng.gen_range(1..=40usize);
             let off = 512 * rng.gen_range(0..SIZE / 512 - len / 512);
             if rng.gen_bool(0.5) {
-                disk.now().write_zeroes(off as u64, len as u64, false).unwrap();
+                disk.now()
+                    .write_zeroes(off as u64, len as u64, false)
+                    .unwrap();
             } else {
                 disk.now().discard(off as u64, len as u64).unwrap();
             }
@@ -78,16 +97,22 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode) {
             let name = format!("c{next_name}");
             next_name += 1;
             disk.checkpoint(&name).unwrap();
-            m.checkpoints.insert(name.clone(), (m.now.clone(), m.now_parent.clone()));
+            m.checkpoints
+                .insert(name.clone(), (m.now.clone(), m.now_parent.clone()));
             m.now_parent = Some(name.clone());
             what = format!("checkpoint {name}");
         } else if op < 82 && !names.is_empty() {
             let target = pick(&mut rng);
-            let save = if rng.gen_bool(0.3) { Some(format!("c{next_name}")) } else { None };
+            let save = if rng.gen_bool(0.3) {
+                Some(format!("c{next_name}"))
+            } else {
+                None
+            };
             next_name += 1;
             disk.apply(&target, save.as_deref()).unwrap();
             if let Some(s) = &save {
-                m.checkpoints.insert(s.clone(), (m.now.clone(), m.now_parent.clone()));
+                m.checkpoints
+                    .insert(s.clone(), (m.now.clone(), m.now_parent.clone()));
             }
             m.now = m.checkpoints[&target].0.clone();
             m.now_parent = Some(target.clone());
@@ -97,13 +122,20 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode) {
             let subtree = rng.gen_bool(0.25);
             let result = disk.delete(&target, subtree);
             if subtree && m.descends(m.now_parent.clone(), &target) {
-                assert!(matches!(result, Err(Error::Invalid(_))), "step {step}: subtree delete above Now must be refused");
+                assert!(
+                    matches!(result, Err(Error::Invalid(_))),
+                    "step {step}: subtree delete above Now must be refused"
+                );
                 what = format!("refused subtree delete {target}");
             } else {
                 result.unwrap();
                 let parent = m.checkpoints[&target].1.clone();
                 if subtree {
-                    let doomed: Vec<String> = names.iter().filter(|n| m.descends(Some((*n).clone()), &target)).cloned().collect();
+                    let doomed: Vec<String> = names
+                        .iter()
+                        .filter(|n| m.descends(Some((*n).clone()), &target))
+                        .cloned()
+                        .collect();
                     for d in doomed {
                         m.checkpoints.remove(&d);
                     }
@@ -126,7 +158,10 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode) {
             next_name += 1;
             if rng.gen_bool(0.2) && names.len() > 1 {
                 let other = names.iter().find(|n| **n != target).unwrap().clone();
-                assert!(matches!(disk.rename(&target, &other), Err(Error::DuplicateName(_))));
+                assert!(matches!(
+                    disk.rename(&target, &other),
+                    Err(Error::DuplicateName(_))
+                ));
             }
             disk.rename(&target, &new).unwrap();
             let c = m.checkpoints.remove(&target).unwrap();
@@ -145,16 +180,33 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode) {
             disk = open(&dir, cache);
             what = "reopen".into();
         }
-        assert!(read_all(&disk.now()) == m.now, "step {step} ({what}): Now differs from the model");
-        let listed: Vec<(String, Option<String>)> = disk.list().into_iter().map(|c| (c.name, c.parent)).collect();
-        assert_eq!(listed.len(), m.checkpoints.len(), "step {step} ({what}): checkpoint count");
+        assert!(
+            read_all(&disk.now()) == m.now,
+            "step {step} ({what}): Now differs from the model"
+        );
+        let listed: Vec<(String, Option<String>)> = disk
+            .list()
+            .into_iter()
+            .map(|c| (c.name, c.parent))
+            .collect();
+        assert_eq!(
+            listed.len(),
+            m.checkpoints.len(),
+            "step {step} ({what}): checkpoint count"
+        );
         for (name, parent) in &listed {
-            assert_eq!(&m.checkpoints[name].1, parent, "step {step} ({what}): parent of {name}");
+            assert_eq!(
+                &m.checkpoints[name].1, parent,
+                "step {step} ({what}): parent of {name}"
+            );
         }
         if step % 25 == 0 || what.starts_with("delete") {
             for (name, (content, _)) in &m.checkpoints {
                 let v = disk.checkpoint_view(name).unwrap();
-                assert!(read_all(&v) == *content, "step {step} ({what}): checkpoint {name} differs from the model");
+                assert!(
+                    read_all(&v) == *content,
+                    "step {step} ({what}): checkpoint {name} differs from the model"
+                );
             }
         }
     }
@@ -165,7 +217,11 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode) {
     let files = std::fs::read_dir(dir.join("layers")).unwrap().count();
     let disk = open(&dir, cache);
     let info = disk.info().unwrap();
-    assert!(files >= 2 && files <= 2 * (info.checkpoints + 1) * 4, "{files} layer files for {} checkpoints", info.checkpoints);
+    assert!(
+        files >= 2 && files <= 2 * (info.checkpoints + 1) * 4,
+        "{files} layer files for {} checkpoints",
+        info.checkpoints
+    );
 }
 
 #[test]

@@ -63,9 +63,20 @@ fn live_checkpoints_match_reference_images() {
     write_both(
         &server,
         &reference,
-        &["write -P 0xaa 0 64k", "write -P 0xbb 1M 128k", "write -P 0x01 15M 1M"],
+        &[
+            "write -P 0xaa 0 64k",
+            "write -P 0xbb 1M 128k",
+            "write -P 0x01 15M 1M",
+        ],
     );
-    let out = run_ok(strata(&["checkpoint", "create", "--api", &api, "--name", "first"]));
+    let out = run_ok(strata(&[
+        "checkpoint",
+        "create",
+        "--api",
+        &api,
+        "--name",
+        "first",
+    ]));
     assert!(out.contains("first"), "{out}");
     std::fs::copy(&reference, dir.path().join("ref-first.img")).unwrap();
 
@@ -81,13 +92,24 @@ fn live_checkpoints_match_reference_images() {
             "flush",
         ],
     );
-    run_ok(strata(&["checkpoint", "create", "--api", &api, "--name", "second"]));
+    run_ok(strata(&[
+        "checkpoint",
+        "create",
+        "--api",
+        &api,
+        "--name",
+        "second",
+    ]));
     std::fs::copy(&reference, dir.path().join("ref-second.img")).unwrap();
 
     write_both(
         &server,
         &reference,
-        &["write -P 0xdd 0 4k", "write -P 0xee 12M 2M", "write -z 15M 512k"],
+        &[
+            "write -P 0xdd 0 4k",
+            "write -P 0xee 12M 2M",
+            "write -z 15M 512k",
+        ],
     );
 
     // A duplicate name is refused and changes nothing.
@@ -113,7 +135,8 @@ fn live_checkpoints_match_reference_images() {
     assert_eq!(v[1]["now_parent"], true);
     let text = run_ok(strata(&["checkpoint", "list", "--api", &api]));
     assert!(
-        text.lines().any(|l| l.starts_with("second") && l.ends_with("<- Now")),
+        text.lines()
+            .any(|l| l.starts_with("second") && l.ends_with("<- Now")),
         "{text}"
     );
 

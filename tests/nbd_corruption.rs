@@ -26,7 +26,10 @@ fn flipped_bytes_are_reported_and_never_served() {
     assert_eq!(rc, 0);
 
     // Data blocks are laid out in write order: disk blocks 10 and 40 are data blocks 10 and 40.
-    let data = std::fs::OpenOptions::new().write(true).open(disk.join("layers/L1.data")).unwrap();
+    let data = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk.join("layers/L1.data"))
+        .unwrap();
     data.write_all_at(&[0xEE, 0xEE], 10 * 4096 + 77).unwrap();
     data.write_all_at(&[0x01], 40 * 4096 + 4095).unwrap();
     drop(data);
@@ -74,7 +77,10 @@ fn damaged_log_record_fails_reads_it_could_affect() {
     c.disconnect();
     server.stop();
     // Damage record 5 of the checkpoint's log: its block number is unknown now.
-    let log = std::fs::OpenOptions::new().write(true).open(disk.join("layers/L1.log")).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk.join("layers/L1.log"))
+        .unwrap();
     log.write_all_at(&[0xFF], 64 + 32 * 5 + 3).unwrap();
     let (rc, out, _) = run_strata(&["disk", "check", d]);
     assert_eq!(rc, 2, "{out}");

@@ -39,7 +39,10 @@ fn sigkill_under_load_keeps_every_flushed_write() {
         {
             let l = ledger.lock().unwrap();
             for (&block, &idx) in &l.durable {
-                let got = c.read(block * 4096, 4096).unwrap().expect("read after crash");
+                let got = c
+                    .read(block * 4096, 4096)
+                    .unwrap()
+                    .expect("read after crash");
                 let legal = &l.history[&block][idx..];
                 assert!(
                     legal.iter().any(|&v| pattern(block, v) == got),
@@ -74,7 +77,13 @@ fn sigkill_under_load_keeps_every_flushed_write() {
             loop {
                 let block = rng.gen_range(0..BLOCKS);
                 v += 1;
-                writer_ledger.lock().unwrap().history.entry(block).or_default().push(v);
+                writer_ledger
+                    .lock()
+                    .unwrap()
+                    .history
+                    .entry(block)
+                    .or_default()
+                    .push(v);
                 match c.write(block * 4096, &pattern(block, v), false) {
                     Ok(0) => unflushed.push(block),
                     _ => return v,
@@ -97,7 +106,10 @@ fn sigkill_under_load_keeps_every_flushed_write() {
         server.kill();
         version = writer.join().unwrap() + 1;
         let l = ledger.lock().unwrap();
-        assert!(!l.durable.is_empty(), "round {round}: the load produced no flushed write");
+        assert!(
+            !l.durable.is_empty(),
+            "round {round}: the load produced no flushed write"
+        );
     }
     let (rc, out, err) = run_strata(&["disk", "check", d]);
     assert_eq!(rc, 0, "check after crashes: {out}{err}");

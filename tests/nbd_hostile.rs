@@ -71,7 +71,10 @@ fn hostile_requests(sock: &Path) {
     assert_eq!(c.call(NBD_CMD_READ, 0, 0, 100, &[]).0, EINVAL);
     assert_eq!(c.call(NBD_CMD_READ, 0, SIZE, 512, &[]).0, EINVAL);
     assert_eq!(c.call(NBD_CMD_READ, 0, u64::MAX - 511, 1024, &[]).0, EINVAL);
-    assert_eq!(c.call(NBD_CMD_WRITE, 0, SIZE - 512, 4096, &[9; 4096]).0, ENOSPC);
+    assert_eq!(
+        c.call(NBD_CMD_WRITE, 0, SIZE - 512, 4096, &[9; 4096]).0,
+        ENOSPC
+    );
     assert_eq!(c.call(NBD_CMD_WRITE, 0, 0, 100, &[9; 100]).0, EINVAL);
     assert_eq!(c.call(NBD_CMD_TRIM, 0, SIZE, 4096, &[]).0, ENOSPC);
     assert_eq!(c.call(NBD_CMD_WRITE_ZEROES, 0, 1, 4096, &[]).0, EINVAL);
@@ -85,7 +88,10 @@ fn hostile_requests(sock: &Path) {
     assert!(data.iter().all(|&b| b == 0));
     // A refused write of 40 MiB: its payload is discarded without being buffered.
     let big = vec![7u8; 40 << 20];
-    assert_eq!(c.call(NBD_CMD_WRITE, 0, 0, big.len() as u32, &big).0, ENOMEM);
+    assert_eq!(
+        c.call(NBD_CMD_WRITE, 0, 0, big.len() as u32, &big).0,
+        ENOMEM
+    );
     assert_eq!(c.call(NBD_CMD_READ, 0, 0, 512, &[]).0, 0);
     // Pipelined requests then DISC: every reply comes before the close.
     c.send(NBD_CMD_WRITE, 0, 1, 1 << 20, 4096, &[0xab; 4096]);
@@ -102,7 +108,10 @@ fn hostile_requests(sock: &Path) {
             c.s.read_exact(&mut d).unwrap();
             // The read may run before or after the write (no ordering between in-flight
             // requests), but it never sees a mix.
-            assert!(d.iter().all(|&b| b == 0xab) || d.iter().all(|&b| b == 0), "torn read");
+            assert!(
+                d.iter().all(|&b| b == 0xab) || d.iter().all(|&b| b == 0),
+                "torn read"
+            );
         }
         cookies.push(cookie);
     }
@@ -130,7 +139,10 @@ fn hostile_requests(sock: &Path) {
 /// VmHWM of a process in KiB.
 fn peak_rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM");
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
@@ -193,7 +205,11 @@ fn hostile_clients_do_not_hurt_the_server() {
     // A well-behaved client is served normally afterwards.
     qemu_io_ok(
         &server.uri(),
-        &["write -P 0xa5 64k 64k", "read -P 0xa5 64k 64k", "read -P 0 0 64k"],
+        &[
+            "write -P 0xa5 64k 64k",
+            "read -P 0xa5 64k 64k",
+            "read -P 0 0 64k",
+        ],
     );
     server.stop();
 }

@@ -10,7 +10,8 @@ use nbd_common::*;
 fn nbdinfo_json(uri: &str) -> serde_json::Value {
     require_tool("nbdinfo", "libnbd-bin");
     let out = run_ok(Command::new("nbdinfo").args(["--json", uri]));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("nbdinfo JSON: {e}\n{out}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("nbdinfo JSON: {e}\n{out}"));
     let exports = v["exports"].as_array().expect("exports array");
     assert_eq!(exports.len(), 1, "{v}");
     exports[0].clone()
@@ -91,12 +92,19 @@ fn serves_over_tcp() {
         .expect("tcp address in the ready line")
         .1
         .to_string();
-    assert!(!addr.ends_with(":0"), "the ready line shows the bound port: {addr}");
+    assert!(
+        !addr.ends_with(":0"),
+        "the ready line shows the bound port: {addr}"
+    );
     let e = nbdinfo_json(&format!("nbd://{addr}"));
     assert_eq!(e["export-size"], 8u64 << 20, "{e}");
     qemu_io_ok(
         &format!("nbd://{addr}"),
-        &["write -P 0x42 4k 8k", "read -P 0x42 4k 8k", "read -P 0 0 4k"],
+        &[
+            "write -P 0x42 4k 8k",
+            "read -P 0x42 4k 8k",
+            "read -P 0 0 4k",
+        ],
     );
     server.stop();
 }

@@ -13,7 +13,10 @@ fn checkpoint_serving_is_read_only() {
     let dir = tempfile::tempdir().unwrap();
     let disk = create_disk(dir.path(), "disk", "8M");
     let server = Server::start(&disk, dir.path(), &[]);
-    qemu_io_ok(&server.uri(), &["write -P 0x33 0 128k", "write -P 0x44 4M 4k"]);
+    qemu_io_ok(
+        &server.uri(),
+        &["write -P 0x33 0 128k", "write -P 0x44 4M 4k"],
+    );
     run_ok(strata(&[
         "checkpoint",
         "create",
@@ -32,7 +35,11 @@ fn checkpoint_serving_is_read_only() {
     qemu_io_ok_with(
         &["-r"],
         &ro.uri(),
-        &["read -P 0x33 0 128k", "read -P 0x44 4M 4k", "read -P 0 4100k 4k"],
+        &[
+            "read -P 0x33 0 128k",
+            "read -P 0x44 4M 4k",
+            "read -P 0 4100k 4k",
+        ],
     );
 
     // qemu-io cannot even open the export for writing.
@@ -55,7 +62,10 @@ fn checkpoint_serving_is_read_only() {
     let mut c = Client::connect(&ro.sock);
     assert_ne!(c.flags & 2, 0, "NBD_FLAG_READ_ONLY not set");
     assert_eq!(c.call(NBD_CMD_WRITE, 0, 0, 4096, &[0x77; 4096]).0, EPERM);
-    assert_eq!(c.call(NBD_CMD_WRITE, NBD_FLAG_FUA, 0, 512, &[0x77; 512]).0, EPERM);
+    assert_eq!(
+        c.call(NBD_CMD_WRITE, NBD_FLAG_FUA, 0, 512, &[0x77; 512]).0,
+        EPERM
+    );
     assert_eq!(c.call(NBD_CMD_TRIM, 0, 0, 4096, &[]).0, EPERM);
     assert_eq!(c.call(NBD_CMD_WRITE_ZEROES, 0, 0, 4096, &[]).0, EPERM);
     assert_eq!(
@@ -69,11 +79,21 @@ fn checkpoint_serving_is_read_only() {
     c.disconnect();
 
     // No live checkpoint of a read-only view.
-    let out = strata(&["checkpoint", "create", "--api", ro.api.to_str().unwrap(), "--name", "x"])
-        .output()
-        .unwrap();
+    let out = strata(&[
+        "checkpoint",
+        "create",
+        "--api",
+        ro.api.to_str().unwrap(),
+        "--name",
+        "x",
+    ])
+    .output()
+    .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("read-only"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("read-only"),
+        "{out:?}"
+    );
     let listed = run_ok(strata(&[
         "checkpoint",
         "list",
@@ -97,7 +117,12 @@ fn checkpoint_serving_is_read_only() {
     let data = std::fs::read(&out).unwrap();
     assert!(data[..128 << 10].iter().all(|&b| b == 0x33));
     let now = dir.path().join("now.raw");
-    run_ok(strata(&["disk", "export"]).arg(&disk).arg("--output").arg(&now));
+    run_ok(
+        strata(&["disk", "export"])
+            .arg(&disk)
+            .arg("--output")
+            .arg(&now),
+    );
     let data = std::fs::read(&now).unwrap();
     assert!(data[..64 << 10].iter().all(|&b| b == 0x55));
     assert!(data[64 << 10..128 << 10].iter().all(|&b| b == 0x33));
@@ -115,7 +140,10 @@ fn unknown_checkpoint_is_an_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(out.stdout.is_empty(), "no ready line on failure");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("missing"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("missing"),
+        "{out:?}"
+    );
     assert!(!dir.path().join("s").exists());
 }
 
@@ -131,8 +159,14 @@ fn served_disk_stays_locked() {
         .arg(format!("unix:{}", other.display()))
         .output()
         .unwrap();
-    assert!(!out.status.success(), "a second server opened a served disk");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("locked"), "{out:?}");
+    assert!(
+        !out.status.success(),
+        "a second server opened a served disk"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("locked"),
+        "{out:?}"
+    );
     assert!(!other.exists());
     // A listening socket of a running server is not taken over by another disk's server.
     let disk2 = create_disk(dir.path(), "disk2", "1M");
@@ -143,9 +177,18 @@ fn served_disk_stays_locked() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("listening"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("listening"),
+        "{out:?}"
+    );
     assert!(server.alive_after_clients());
     server.stop();
-    assert!(!dir.path().join("nbd.sock").exists(), "socket removed on exit");
-    assert!(!dir.path().join("api.sock").exists(), "control socket removed on exit");
+    assert!(
+        !dir.path().join("nbd.sock").exists(),
+        "socket removed on exit"
+    );
+    assert!(
+        !dir.path().join("api.sock").exists(),
+        "control socket removed on exit"
+    );
 }

@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
 use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// How a device tells the driver that something happened.

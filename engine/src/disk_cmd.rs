@@ -10,7 +10,13 @@ use crate::size::parse_size;
 use crate::{Error, Result};
 
 fn open(dir: &Path, read_only: bool) -> Result<Disk> {
-    Ok(Disk::open(dir, OpenOptions { cache: CacheMode::Writeback, read_only })?)
+    Ok(Disk::open(
+        dir,
+        OpenOptions {
+            cache: CacheMode::Writeback,
+            read_only,
+        },
+    )?)
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
@@ -43,7 +49,9 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
                 (None, Some(b)) => std::fs::metadata(b)
                     .map_err(|e| Error::io(format!("base image {}", b.display()), e))?
                     .len(),
-                (None, None) => return Err(Error::Usage("--size is required without --base".into())),
+                (None, None) => {
+                    return Err(Error::Usage("--size is required without --base".into()))
+                }
             };
             Disk::create(&disk, size, base.as_deref())?;
             println!("created {} ({})", disk.display(), human(size));
@@ -62,11 +70,18 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
                     None => println!("base:         (none)"),
                 }
                 println!("checkpoints:  {}", info.checkpoints);
-                println!("Now parent:   {}", info.now_parent.as_deref().unwrap_or("(base)"));
+                println!(
+                    "Now parent:   {}",
+                    info.now_parent.as_deref().unwrap_or("(base)")
+                );
                 println!("depth:        {} layers", info.depth);
                 println!("Now data:     {}", human(info.now_bytes));
                 println!("allocated:    {}", human(info.allocated_bytes));
-                println!("index:        {} blocks, {}", info.index_blocks, human(info.index_bytes as u64));
+                println!(
+                    "index:        {} blocks, {}",
+                    info.index_blocks,
+                    human(info.index_bytes as u64)
+                );
             }
         }
         DiskCommand::Checkpoint { disk, name } => {
@@ -82,7 +97,11 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
                 print!("{}", d.tree_text());
             }
         }
-        DiskCommand::Apply { disk, name, save_current } => {
+        DiskCommand::Apply {
+            disk,
+            name,
+            save_current,
+        } => {
             let mut d = open(&disk, false)?;
             d.apply(&name, save_current.as_deref())?;
             match save_current {
@@ -90,18 +109,30 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
                 None => println!("Now is a fresh child of {name:?}"),
             }
         }
-        DiskCommand::Delete { disk, name, subtree } => {
+        DiskCommand::Delete {
+            disk,
+            name,
+            subtree,
+        } => {
             let mut d = open(&disk, false)?;
             let r = d.delete(&name, subtree)?;
             println!(
                 "deleted {} ({} merged, {} kept hidden for their children, {} freed)",
-                r.deleted.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+                r.deleted
+                    .iter()
+                    .map(|n| format!("{n:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 r.merged,
                 r.hidden,
                 human(r.bytes_freed)
             );
         }
-        DiskCommand::Rename { disk, name, new_name } => {
+        DiskCommand::Rename {
+            disk,
+            name,
+            new_name,
+        } => {
             let mut d = open(&disk, false)?;
             d.rename(&name, &new_name)?;
             println!("renamed {name:?} to {new_name:?}");
@@ -109,7 +140,11 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
         DiskCommand::Export { disk, name, output } => {
             let d = open(&disk, true)?;
             d.export(name.as_deref(), &output)?;
-            println!("exported {} to {}", name.as_deref().unwrap_or("Now"), output.display());
+            println!(
+                "exported {} to {}",
+                name.as_deref().unwrap_or("Now"),
+                output.display()
+            );
         }
         DiskCommand::Check { disk } => {
             let d = open(&disk, true)?;
@@ -121,13 +156,19 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
                 "{} layers, {} blocks checked: {}",
                 r.layers_checked,
                 r.blocks_checked,
-                if r.is_clean() { "clean".to_string() } else { format!("{} problems", r.problems.len()) }
+                if r.is_clean() {
+                    "clean".to_string()
+                } else {
+                    format!("{} problems", r.problems.len())
+                }
             );
             if !r.is_clean() {
                 return Ok(ExitCode::from(2));
             }
         }
-        DiskCommand::Serve(_) => return Err(Error::Usage("serve is handled by the NBD server".into())),
+        DiskCommand::Serve(_) => {
+            return Err(Error::Usage("serve is handled by the NBD server".into()))
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -257,7 +257,8 @@ mod tests {
         assert!(!m.try_admit());
         drop(guard);
         assert!(
-            crate::sys::wait_readable(m.waker(), None, Some(Duration::ZERO)).unwrap() == crate::sys::Readiness::Ready
+            crate::sys::wait_readable(m.waker(), None, Some(Duration::ZERO)).unwrap()
+                == crate::sys::Readiness::Ready
         );
         m.clear_waker();
         assert!(

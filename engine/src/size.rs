@@ -14,10 +14,11 @@ pub fn parse_size(text: &str) -> Result<u64> {
         Some('t') => (&stripped[..stripped.len() - 1], 1 << 40),
         _ => (stripped, 1),
     };
-    let n: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| Error::Usage(format!("invalid size {text:?} (expected e.g. 4096, 64K, 1G)")))?;
+    let n: u64 = digits.trim().parse().map_err(|_| {
+        Error::Usage(format!(
+            "invalid size {text:?} (expected e.g. 4096, 64K, 1G)"
+        ))
+    })?;
     n.checked_mul(mult)
         .ok_or_else(|| Error::Usage(format!("size {text:?} is too large")))
 }

@@ -148,7 +148,12 @@ pub enum Readiness {
     TimedOut,
 }
 
-fn wait_fd(fd: RawFd, events: i16, cancel: Option<RawFd>, timeout: Option<Duration>) -> io::Result<Readiness> {
+fn wait_fd(
+    fd: RawFd,
+    events: i16,
+    cancel: Option<RawFd>,
+    timeout: Option<Duration>,
+) -> io::Result<Readiness> {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let mut fds = [
@@ -157,7 +162,11 @@ fn wait_fd(fd: RawFd, events: i16, cancel: Option<RawFd>, timeout: Option<Durati
                 events: libc::POLLIN,
                 revents: 0,
             },
-            libc::pollfd { fd, events, revents: 0 },
+            libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            },
         ];
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         // SAFETY: `fds` is a live array of two pollfd structs; a negative fd is ignored by poll.
@@ -182,12 +191,20 @@ fn wait_fd(fd: RawFd, events: i16, cancel: Option<RawFd>, timeout: Option<Durati
 }
 
 /// Waits until `fd` is readable, `cancel` is readable, or `timeout` passes.
-pub fn wait_readable(fd: RawFd, cancel: Option<RawFd>, timeout: Option<Duration>) -> io::Result<Readiness> {
+pub fn wait_readable(
+    fd: RawFd,
+    cancel: Option<RawFd>,
+    timeout: Option<Duration>,
+) -> io::Result<Readiness> {
     wait_fd(fd, libc::POLLIN, cancel, timeout)
 }
 
 /// Waits until `fd` is writable, `cancel` is readable, or `timeout` passes.
-pub fn wait_writable(fd: RawFd, cancel: Option<RawFd>, timeout: Option<Duration>) -> io::Result<Readiness> {
+pub fn wait_writable(
+    fd: RawFd,
+    cancel: Option<RawFd>,
+    timeout: Option<Duration>,
+) -> io::Result<Readiness> {
     wait_fd(fd, libc::POLLOUT, cancel, timeout)
 }
 
@@ -307,7 +324,12 @@ mod tests {
     fn wait_readable_prefers_cancel() {
         let fd = EventFd::new().unwrap();
         let cancel = EventFd::new().unwrap();
-        let r = wait_readable(fd.as_raw_fd(), Some(cancel.as_raw_fd()), Some(Duration::from_millis(1))).unwrap();
+        let r = wait_readable(
+            fd.as_raw_fd(),
+            Some(cancel.as_raw_fd()),
+            Some(Duration::from_millis(1)),
+        )
+        .unwrap();
         assert_eq!(r, Readiness::TimedOut);
         fd.notify();
         cancel.notify();

@@ -15,7 +15,10 @@ pub fn strata() -> PathBuf {
 
 /// Runs `strata ARGS`, returning (exit code, stdout, stderr).
 pub fn run_strata(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(strata()).args(args).output().expect("run strata");
+    let out = Command::new(strata())
+        .args(args)
+        .output()
+        .expect("run strata");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -56,13 +59,19 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
-                assert!(line.contains("serving"), "unexpected first line from serve: {line}");
+                assert!(
+                    line.contains("serving"),
+                    "unexpected first line from serve: {line}"
+                );
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("strata disk serve exited early: {status}");
             }
-            assert!(Instant::now() < deadline, "strata disk serve did not become ready");
+            assert!(
+                Instant::now() < deadline,
+                "strata disk serve did not become ready"
+            );
         }
         Server { child, socket }
     }
@@ -154,12 +163,24 @@ impl NbdClient {
                 _ => {}
             }
         }
-        Ok(NbdClient { s, size, flags, handle: 1 })
+        Ok(NbdClient {
+            s,
+            size,
+            flags,
+            handle: 1,
+        })
     }
 
     /// Sends one request and waits for its simple reply; returns the NBD error (0 = ok) and
     /// read data.
-    pub fn request(&mut self, cmd: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
+    pub fn request(
+        &mut self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> std::io::Result<(u32, Vec<u8>)> {
         self.handle += 1;
         let mut r = Vec::with_capacity(28 + data.len());
         r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
@@ -188,7 +209,15 @@ impl NbdClient {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<u32> {
-        Ok(self.request(CMD_WRITE, if fua { FLAG_FUA } else { 0 }, offset, data.len() as u32, data)?.0)
+        Ok(self
+            .request(
+                CMD_WRITE,
+                if fua { FLAG_FUA } else { 0 },
+                offset,
+                data.len() as u32,
+                data,
+            )?
+            .0)
     }
 
     pub fn read(&mut self, offset: u64, len: u32) -> std::io::Result<Result<Vec<u8>, u32>> {

@@ -30,7 +30,9 @@ pub fn require_tool(tool: &str, debian_package: &str) {
 /// Runs a command, fails the test with its output unless it succeeds, returns stdout.
 pub fn run_ok(mut cmd: impl std::borrow::BorrowMut<Command>) -> String {
     let cmd = cmd.borrow_mut();
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({})\nstdout:\n{}\nstderr:\n{}",
@@ -50,7 +52,11 @@ pub fn strata(args: &[&str]) -> Command {
 /// Creates a disk of `size` (e.g. "16M") at `dir/name`.
 pub fn create_disk(dir: &Path, name: &str, size: &str) -> PathBuf {
     let disk = dir.join(name);
-    run_ok(strata(&["disk", "create"]).arg(&disk).args(["--size", size]));
+    run_ok(
+        strata(&["disk", "create"])
+            .arg(&disk)
+            .args(["--size", size]),
+    );
     disk
 }
 
@@ -67,7 +73,8 @@ pub fn qemu_io_with(opts: &[&str], target: &str, cmds: &[&str]) -> Output {
     for cmd in cmds {
         c.args(["-c", cmd]);
     }
-    c.output().unwrap_or_else(|e| panic!("cannot run qemu-io: {e}"))
+    c.output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-io: {e}"))
 }
 
 /// Runs qemu-io and fails the test unless every command succeeded.
@@ -146,10 +153,16 @@ impl Server {
             ready_line: String::new(),
             lines,
         };
-        let ready = server.lines.recv_timeout(Duration::from_secs(120)).unwrap_or_else(|_| {
-            let status = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            panic!("strata disk serve printed no ready line (exit status {status:?})")
-        });
+        let ready = server
+            .lines
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| {
+                let status = server
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                panic!("strata disk serve printed no ready line (exit status {status:?})")
+            });
         let want = format!("strata: serving {} on ", disk.display());
         assert!(
             ready.starts_with(&want),
@@ -169,7 +182,9 @@ impl Server {
 
     /// True while the process runs.
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// True while the process runs and still completes a handshake and a read.
@@ -203,7 +218,10 @@ impl Server {
             "strata disk serve exited with {status} after signal {signal}"
         );
         let extra: Vec<String> = self.lines.try_iter().collect();
-        assert!(extra.is_empty(), "unexpected stdout from the server: {extra:?}");
+        assert!(
+            extra.is_empty(),
+            "unexpected stdout from the server: {extra:?}"
+        );
     }
 
     pub fn stop(self) {
@@ -250,7 +268,8 @@ pub struct Client {
 
 /// Reads the server greeting from a fresh connection.
 pub fn connect_raw(sock: &Path) -> UnixStream {
-    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    let mut s =
+        UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut greet = [0u8; 18];
     s.read_exact(&mut greet).unwrap();
@@ -303,7 +322,15 @@ impl Client {
     }
 
     /// Sends a request header (and `payload`, if any).
-    pub fn send(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+    pub fn send(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
         let mut b = Vec::with_capacity(28 + payload.len());
         b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         b.extend_from_slice(&flags.to_be_bytes());
@@ -330,9 +357,20 @@ impl Client {
     }
 
     /// One request, one reply; returns (errno, data).
-    pub fn call(&mut self, kind: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> (u32, Vec<u8>) {
+    pub fn call(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> (u32, Vec<u8>) {
         self.send(kind, flags, 0x1234, offset, len, payload);
-        let want = if kind == NBD_CMD_READ { len as usize } else { 0 };
+        let want = if kind == NBD_CMD_READ {
+            len as usize
+        } else {
+            0
+        };
         let (errno, cookie, data) = self.reply(want);
         assert_eq!(cookie, 0x1234);
         (errno, data)

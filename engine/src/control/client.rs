@@ -34,9 +34,12 @@ pub fn call(api: &Path, req: &Request) -> Result<Value> {
             "the control socket closed without a complete reply".into(),
         ));
     }
-    let v: Value = serde_json::from_slice(&reply).map_err(|e| Error::Protocol(format!("bad reply: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(&reply).map_err(|e| Error::Protocol(format!("bad reply: {e}")))?;
     if v["ok"] != Value::Bool(true) {
-        let msg = v["error"].as_str().unwrap_or("request failed without a reason");
+        let msg = v["error"]
+            .as_str()
+            .unwrap_or("request failed without a reason");
         return Err(Error::Protocol(msg.to_string()));
     }
     Ok(v)
@@ -44,7 +47,12 @@ pub fn call(api: &Path, req: &Request) -> Result<Value> {
 
 /// `strata checkpoint create --api PATH --name N`.
 pub fn create(api: &Path, name: &str) -> Result<ExitCode> {
-    let v = call(api, &Request::CheckpointCreate { name: name.to_string() })?;
+    let v = call(
+        api,
+        &Request::CheckpointCreate {
+            name: name.to_string(),
+        },
+    )?;
     let got = v["checkpoint"]["name"].as_str().unwrap_or(name);
     println!("checkpoint {got:?} created");
     Ok(ExitCode::SUCCESS)
@@ -56,7 +64,8 @@ pub fn list(api: &Path, json: bool) -> Result<ExitCode> {
     let empty = Vec::new();
     let list = v["checkpoints"].as_array().unwrap_or(&empty);
     if json {
-        let text = serde_json::to_string_pretty(list).map_err(|e| Error::Protocol(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(list).map_err(|e| Error::Protocol(e.to_string()))?;
         println!("{text}");
     } else {
         print!("{}", format_list(list));
@@ -84,7 +93,9 @@ pub fn format_list(list: &[Value]) -> String {
             ""
         };
         let created = utc(created);
-        out.push_str(&format!("{name:<24} {parent:<24} {created:<20} {bytes:>14}{now}\n"));
+        out.push_str(&format!(
+            "{name:<24} {parent:<24} {created:<20} {bytes:>14}{now}\n"
+        ));
     }
     out
 }

@@ -81,9 +81,9 @@ impl DiskTarget {
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Disk>> {
         // A panic while holding the disk may have left it half-changed: refuse to go on.
-        self.disk
-            .lock()
-            .map_err(|_| Error::Protocol("internal error: the disk state was lost to a panic".into()))
+        self.disk.lock().map_err(|_| {
+            Error::Protocol("internal error: the disk state was lost to a panic".into())
+        })
     }
 }
 
@@ -141,7 +141,13 @@ mod tests {
             Ok(info(name))
         }
         fn checkpoint_list(&self) -> Result<Vec<CheckpointInfo>> {
-            Ok(self.created.lock().unwrap().iter().map(|n| info(n)).collect())
+            Ok(self
+                .created
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|n| info(n))
+                .collect())
         }
     }
 
@@ -166,7 +172,13 @@ mod tests {
         assert!(r["error"].as_str().unwrap().contains("already exists"));
         let r = call(&t, r#"{"op":"checkpoint-list"}"#);
         assert_eq!(r["checkpoints"].as_array().unwrap().len(), 1);
-        for bad in ["", "{", r#"{"op":"reboot"}"#, r#"{"op":"checkpoint-create"}"#, "[1,2]"] {
+        for bad in [
+            "",
+            "{",
+            r#"{"op":"reboot"}"#,
+            r#"{"op":"checkpoint-create"}"#,
+            "[1,2]",
+        ] {
             let r = call(&t, bad);
             assert_eq!(r["ok"], false, "{bad}");
             assert!(r["error"].as_str().unwrap().starts_with("bad request"));

@@ -82,7 +82,14 @@ fn accept_loop(listener: UnixListener, target: Arc<dyn Target>, stop: Arc<EventF
         }
         let stream = match listener.accept() {
             Ok((s, _)) => s,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
             Err(e) => {
                 tracing::warn!("control socket accept: {e}");
                 continue;
@@ -131,7 +138,11 @@ fn serve_client(mut stream: UnixStream, target: &dyn Target, stop: &EventFd) -> 
             stream.write_all(format!("{reply}\n").as_bytes())?;
             return Ok(());
         }
-        match wait_readable(stream.as_raw_fd(), Some(stop.as_raw_fd()), Some(IDLE_TIMEOUT))? {
+        match wait_readable(
+            stream.as_raw_fd(),
+            Some(stop.as_raw_fd()),
+            Some(IDLE_TIMEOUT),
+        )? {
             Readiness::Ready => {}
             Readiness::Cancelled | Readiness::TimedOut => return Ok(()),
         }
@@ -158,8 +169,10 @@ mod tests {
         let s = UnixStream::connect(&path).unwrap();
         let mut w = s.try_clone().unwrap();
         let mut r = BufReader::new(s);
-        w.write_all(b"{\"op\":\"checkpoint-create\",\"name\":\"one\"}\n\n{\"op\":\"checkpoint-list\"}\n")
-            .unwrap();
+        w.write_all(
+            b"{\"op\":\"checkpoint-create\",\"name\":\"one\"}\n\n{\"op\":\"checkpoint-list\"}\n",
+        )
+        .unwrap();
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();

@@ -83,10 +83,9 @@ struct Out {
 impl Out {
     fn parts(&self) -> (&[u8], &[u8]) {
         let head = &self.head[self.pos.min(REPLY_LEN)..];
-        let data = self
-            .data
-            .as_ref()
-            .map_or(&[][..], |d| &d.as_slice()[self.pos.saturating_sub(REPLY_LEN)..]);
+        let data = self.data.as_ref().map_or(&[][..], |d| {
+            &d.as_slice()[self.pos.saturating_sub(REPLY_LEN)..]
+        });
         (head, data)
     }
 
@@ -171,7 +170,9 @@ impl<'a> Transmission<'a> {
         epoll.add(sock.as_raw_fd(), ein, T_SOCK).map_err(ctx)?;
         epoll.add(engine.eventfd(), ein, T_ENGINE).map_err(ctx)?;
         epoll.add(waker.as_raw_fd(), ein, T_WAKER).map_err(ctx)?;
-        epoll.add(export.shutdown.as_raw_fd(), ein, T_SHUTDOWN).map_err(ctx)?;
+        epoll
+            .add(export.shutdown.as_raw_fd(), ein, T_SHUTDOWN)
+            .map_err(ctx)?;
         Ok(Transmission {
             sock,
             export,
@@ -233,7 +234,9 @@ impl<'a> Transmission<'a> {
                 .map_err(|e| Error::io("waiting on epoll", e))?;
             for &(token, ev) in &events {
                 match token {
-                    T_SOCK if ev & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 => self.on_hangup()?,
+                    T_SOCK if ev & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 => {
+                        self.on_hangup()?
+                    }
                     T_ENGINE => {
                         self.clear_engine_fd();
                         self.engine.poll(&mut done)?;
@@ -278,14 +281,16 @@ impl<'a> Transmission<'a> {
     fn finished(&self) -> bool {
         let shutting = self.shutdown_deadline.is_some();
         let no_more_input = self.closing || shutting || self.peer_gone || self.eof;
-        let pending_request = matches!(self.input, Input::Ready { .. }) && !shutting && !self.peer_gone;
+        let pending_request =
+            matches!(self.input, Input::Ready { .. }) && !shutting && !self.peer_gone;
         let grace_over = self.shutdown_deadline.is_some_and(|d| Instant::now() >= d);
         let output_done = self.out.is_empty() || self.peer_gone || grace_over;
         no_more_input && !pending_request && self.engine.in_flight() == 0 && output_done
     }
 
     fn may_read(&self) -> bool {
-        !(self.eof || self.closing || self.peer_gone || self.shutdown_deadline.is_some()) && self.out.len() < MAX_QUEUED
+        !(self.eof || self.closing || self.peer_gone || self.shutdown_deadline.is_some())
+            && self.out.len() < MAX_QUEUED
     }
 
     fn update_interest(&mut self) -> Result<()> {
@@ -360,7 +365,11 @@ impl<'a> Transmission<'a> {
     fn pump_input(&mut self) -> Result<()> {
         loop {
             match std::mem::replace(&mut self.input, Input::Header) {
-                Input::Ready { cookie, cmd, payload } => {
+                Input::Ready {
+                    cookie,
+                    cmd,
+                    payload,
+                } => {
                     if self.peer_gone || self.shutdown_deadline.is_some() {
                         self.reserved -= payload.as_ref().map_or(0, AlignedBuf::len);
                         return Ok(());
@@ -377,7 +386,8 @@ impl<'a> Transmission<'a> {
                     let need = REQUEST_LEN - self.hdr_fill;
                     let got = self.take_buffered(need).len();
                     let (start, end) = (self.rstart - got, self.rstart);
-                    self.hdr[self.hdr_fill..self.hdr_fill + got].copy_from_slice(&self.rbuf[start..end]);
+                    self.hdr[self.hdr_fill..self.hdr_fill + got]
+                        .copy_from_slice(&self.rbuf[start..end]);
                     self.hdr_fill += got;
                     if self.hdr_fill < REQUEST_LEN {
                         match self.fill() {
@@ -444,12 +454,18 @@ impl<'a> Transmission<'a> {
                     errno,
                     mut left,
                 } => {
-                    left -= self.take_buffered(usize::try_from(left).unwrap_or(usize::MAX)).len() as u64;
+                    left -= self
+                        .take_buffered(usize::try_from(left).unwrap_or(usize::MAX))
+                        .len() as u64;
                     if left == 0 {
                         self.reply(cookie, errno, None, 0);
                         continue;
                     }
-                    self.input = Input::Discard { cookie, errno, left };
+                    self.input = Input::Discard {
+                        cookie,
+                        errno,
+                        left,
+                    };
                     if !self.may_read() {
                         return Ok(());
                     }
@@ -497,7 +513,12 @@ impl<'a> Transmission<'a> {
     }
 
     /// Submits a complete request. Returns it back when it cannot start yet.
-    fn try_submit(&mut self, cookie: u64, cmd: Command, payload: Option<AlignedBuf>) -> Result<Option<Input>> {
+    fn try_submit(
+        &mut self,
+        cookie: u64,
+        cmd: Command,
+        payload: Option<AlignedBuf>,
+    ) -> Result<Option<Input>> {
         let held = payload.as_ref().map_or(0, AlignedBuf::len);
         // Requests that need no journal work.
         let trivial = match cmd {
@@ -517,11 +538,19 @@ impl<'a> Transmission<'a> {
         };
         let need = read_len.unwrap_or(0);
         if self.free.is_empty() || self.paused || (need > 0 && !self.budget_allows(need)) {
-            return Ok(Some(Input::Ready { cookie, cmd, payload }));
+            return Ok(Some(Input::Ready {
+                cookie,
+                cmd,
+                payload,
+            }));
         }
         if !self.export.gate.try_admit() {
             self.paused = true;
-            return Ok(Some(Input::Ready { cookie, cmd, payload }));
+            return Ok(Some(Input::Ready {
+                cookie,
+                cmd,
+                payload,
+            }));
         }
         let req = match (cmd, payload) {
             (Command::Read { offset, len }, _) => Request::Read {
@@ -652,7 +681,9 @@ impl<'a> Transmission<'a> {
 
     fn advance_output(&mut self, mut n: usize) {
         while n > 0 {
-            let Some(front) = self.out.front_mut() else { return };
+            let Some(front) = self.out.front_mut() else {
+                return;
+            };
             let left = front.remaining();
             if n < left {
                 front.pos += n;

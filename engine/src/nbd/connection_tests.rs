@@ -42,7 +42,9 @@ fn connect(export: &Arc<Export>) -> (UnixStream, std::thread::JoinHandle<Result<
     let (server, mut client) = UnixStream::pair().unwrap();
     let export = export.clone();
     let t = std::thread::spawn(move || serve(Stream::Unix(server), &export));
-    client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut greet = [0u8; 18];
     client.read_exact(&mut greet).unwrap();
     client.write_all(&3u32.to_be_bytes()).unwrap();
@@ -82,7 +84,11 @@ fn reply(c: &mut UnixStream, len: usize) -> (u32, u64, Vec<u8>) {
     let errno = u32::from_be_bytes(h[4..8].try_into().unwrap());
     let mut data = vec![0u8; if errno == 0 { len } else { 0 }];
     c.read_exact(&mut data).unwrap();
-    (errno, u64::from_be_bytes(h[8..16].try_into().unwrap()), data)
+    (
+        errno,
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        data,
+    )
 }
 
 #[test]
@@ -127,13 +133,17 @@ fn paused_gate_holds_new_writes_until_resume() {
     let guard = f.export.gate.pause(Duration::from_secs(5)).unwrap();
     send(&mut c, CMD_WRITE, 7, 0, 4096, &[0x5a; 4096]);
     // Not admitted while paused: no reply, and the journal sees no write.
-    c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut h = [0u8; 1];
     let err = c.read(&mut h).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
     let mut buf = vec![0u8; 4096];
     f.disk.now().read_at(&mut buf, 0).unwrap();
-    assert!(buf.iter().all(|&b| b == 0), "a write ran while the gate was closed");
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "a write ran while the gate was closed"
+    );
     drop(guard);
     c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     assert_eq!(reply(&mut c, 0).0, 0);

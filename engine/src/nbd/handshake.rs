@@ -66,7 +66,11 @@ pub fn negotiate(s: &mut Stream, ex: &ExportLimits, cancel: RawFd) -> io::Result
 }
 
 fn send(s: &mut Stream, cancel: RawFd, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
-    s.write_full(&option_reply(option, reply, data), Some(cancel), MESSAGE_TIMEOUT)
+    s.write_full(
+        &option_reply(option, reply, data),
+        Some(cancel),
+        MESSAGE_TIMEOUT,
+    )
 }
 
 /// Answers one option; `Some` when the handshake is over.
@@ -95,7 +99,13 @@ fn handle_option(
         }
         OPT_LIST => {
             if !data.is_empty() {
-                send(s, cancel, option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
+                send(
+                    s,
+                    cancel,
+                    option,
+                    REP_ERR_INVALID,
+                    b"NBD_OPT_LIST takes no data",
+                )?;
             } else {
                 send(s, cancel, option, REP_SERVER, &rep_server(EXPORT_NAME))?;
                 send(s, cancel, option, REP_ACK, &[])?;
@@ -108,7 +118,13 @@ fn handle_option(
                 return Ok(None);
             };
             if req.name != EXPORT_NAME {
-                send(s, cancel, option, REP_ERR_UNKNOWN, b"only the default export exists")?;
+                send(
+                    s,
+                    cancel,
+                    option,
+                    REP_ERR_UNKNOWN,
+                    b"only the default export exists",
+                )?;
                 return Ok(None);
             }
             send(
@@ -207,7 +223,11 @@ mod tests {
         opt(&mut b, OPT_INFO, &go_payload(b"", &[INFO_BLOCK_SIZE]));
         assert_eq!(
             reply(&mut b),
-            (OPT_INFO, REP_INFO, info_export(1 << 30, EX.transmission_flags()))
+            (
+                OPT_INFO,
+                REP_INFO,
+                info_export(1 << 30, EX.transmission_flags())
+            )
         );
         assert_eq!(reply(&mut b), (OPT_INFO, REP_INFO, info_block_size()));
         assert_eq!(reply(&mut b).1, REP_ACK);
@@ -256,7 +276,10 @@ mod tests {
         b.write_all(&1u32.to_be_bytes()).unwrap();
         b.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
         drop(b);
-        assert_eq!(t.join().unwrap().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            t.join().unwrap().unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
         // Abort is acknowledged.
         let (mut b, t) = start();
         b.write_all(&1u32.to_be_bytes()).unwrap();

@@ -311,7 +311,11 @@ pub enum Decision {
 /// Validates a request against the export: type, flags, alignment, range, size.
 pub fn decide(h: &RequestHeader, ex: &ExportLimits) -> Decision {
     // Only WRITE carries a payload; it must be consumed even when the write is refused.
-    let skip = if h.kind == CMD_WRITE { u64::from(h.len) } else { 0 };
+    let skip = if h.kind == CMD_WRITE {
+        u64::from(h.len)
+    } else {
+        0
+    };
     let reject = |errno| Decision::Reject { errno, skip };
     let allowed_flags = match h.kind {
         CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
@@ -340,7 +344,10 @@ pub fn decide(h: &RequestHeader, ex: &ExportLimits) -> Decision {
     if !aligned {
         return reject(EINVAL);
     }
-    let in_range = h.offset.checked_add(u64::from(h.len)).is_some_and(|end| end <= ex.size);
+    let in_range = h
+        .offset
+        .checked_add(u64::from(h.len))
+        .is_some_and(|end| end <= ex.size);
     if !in_range {
         // The spec asks for ENOSPC on writes past the end and EINVAL on reads.
         return reject(if is_write { ENOSPC } else { EINVAL });
@@ -368,7 +375,9 @@ pub fn errno_of(e: &journal::Error) -> u32 {
     match e {
         journal::Error::Corrupt { .. } => EIO,
         journal::Error::ReadOnly => EPERM,
-        journal::Error::Unaligned { .. } | journal::Error::BadSize(_) | journal::Error::Invalid(_) => EINVAL,
+        journal::Error::Unaligned { .. }
+        | journal::Error::BadSize(_)
+        | journal::Error::Invalid(_) => EINVAL,
         journal::Error::OutOfRange { .. } => ENOSPC,
         other => errno_from_os(other.errno()),
     }
@@ -442,7 +451,10 @@ mod tests {
     fn decide_accepts_valid_commands() {
         assert_eq!(
             decide(&hdr(CMD_READ, 0, 0, 4096), &RW),
-            Decision::Run(Command::Read { offset: 0, len: 4096 })
+            Decision::Run(Command::Read {
+                offset: 0,
+                len: 4096
+            })
         );
         assert_eq!(
             decide(&hdr(CMD_WRITE, CMD_FLAG_FUA, 512, 1024), &RW),
@@ -460,11 +472,20 @@ mod tests {
                 fua: false
             })
         );
-        assert_eq!(decide(&hdr(CMD_FLUSH, 0, 0, 0), &RO), Decision::Run(Command::Flush));
-        assert_eq!(decide(&hdr(CMD_DISC, 0, 0, 0), &RO), Decision::Run(Command::Disconnect));
+        assert_eq!(
+            decide(&hdr(CMD_FLUSH, 0, 0, 0), &RO),
+            Decision::Run(Command::Flush)
+        );
+        assert_eq!(
+            decide(&hdr(CMD_DISC, 0, 0, 0), &RO),
+            Decision::Run(Command::Disconnect)
+        );
         assert_eq!(
             decide(&hdr(CMD_READ, 0, 0, 512), &RO),
-            Decision::Run(Command::Read { offset: 0, len: 512 })
+            Decision::Run(Command::Read {
+                offset: 0,
+                len: 512
+            })
         );
     }
 
@@ -473,7 +494,10 @@ mod tests {
         let rej = |errno, skip| Decision::Reject { errno, skip };
         assert_eq!(decide(&hdr(CMD_WRITE, 0, 0, 512), &RO), rej(EPERM, 512));
         assert_eq!(decide(&hdr(CMD_TRIM, 0, 0, 512), &RO), rej(EPERM, 0));
-        assert_eq!(decide(&hdr(CMD_WRITE_ZEROES, 0, 0, 512), &RO), rej(EPERM, 0));
+        assert_eq!(
+            decide(&hdr(CMD_WRITE_ZEROES, 0, 0, 512), &RO),
+            rej(EPERM, 0)
+        );
         assert_eq!(decide(&hdr(CMD_READ, 0, 1, 512), &RW), rej(EINVAL, 0));
         assert_eq!(decide(&hdr(CMD_WRITE, 0, 0, 100), &RW), rej(EINVAL, 100));
         assert_eq!(decide(&hdr(CMD_READ, 0, 1 << 20, 512), &RW), rej(EINVAL, 0));
@@ -481,15 +505,24 @@ mod tests {
             decide(&hdr(CMD_WRITE, 0, (1 << 20) - 512, 1024), &RW),
             rej(ENOSPC, 1024)
         );
-        assert_eq!(decide(&hdr(CMD_READ, 0, u64::MAX - 511, 512), &RW), rej(EINVAL, 0));
+        assert_eq!(
+            decide(&hdr(CMD_READ, 0, u64::MAX - 511, 512), &RW),
+            rej(EINVAL, 0)
+        );
         assert_eq!(decide(&hdr(CMD_READ, 0, 0, u32::MAX), &RW), rej(ENOMEM, 0));
         assert_eq!(
             decide(&hdr(CMD_WRITE, 0, 0, u32::MAX), &RW),
             rej(ENOMEM, u64::from(u32::MAX))
         );
         assert_eq!(decide(&hdr(99, 0, 0, 4096), &RW), rej(EINVAL, 0));
-        assert_eq!(decide(&hdr(CMD_READ, CMD_FLAG_FUA, 0, 512), &RW), rej(EINVAL, 0));
-        assert_eq!(decide(&hdr(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 512), &RW), rej(EINVAL, 512));
+        assert_eq!(
+            decide(&hdr(CMD_READ, CMD_FLAG_FUA, 0, 512), &RW),
+            rej(EINVAL, 0)
+        );
+        assert_eq!(
+            decide(&hdr(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 512), &RW),
+            rej(EINVAL, 512)
+        );
         // Large trims carry no payload and are not limited by MAX_PAYLOAD.
         let big = ExportLimits {
             size: 1 << 40,
@@ -508,13 +541,22 @@ mod tests {
     fn handshake_parsing() {
         assert_eq!(parse_client_flags([0, 0, 0, 3]), Ok(true));
         assert_eq!(parse_client_flags([0, 0, 0, 1]), Ok(false));
-        assert_eq!(parse_client_flags([0, 0, 0, 0]), Err(HandshakeError::NotFixedNewstyle));
+        assert_eq!(
+            parse_client_flags([0, 0, 0, 0]),
+            Err(HandshakeError::NotFixedNewstyle)
+        );
         assert!(parse_client_flags([0, 0, 1, 1]).is_err());
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
         b[8..12].copy_from_slice(&OPT_GO.to_be_bytes());
         b[12..16].copy_from_slice(&7u32.to_be_bytes());
-        assert_eq!(OptionHeader::parse(&b), Ok(OptionHeader { option: OPT_GO, len: 7 }));
+        assert_eq!(
+            OptionHeader::parse(&b),
+            Ok(OptionHeader {
+                option: OPT_GO,
+                len: 7
+            })
+        );
         b[0] = 0;
         assert!(OptionHeader::parse(&b).is_err());
     }
@@ -569,7 +611,10 @@ mod tests {
         };
         assert_eq!(errno_of(&corrupt), EIO);
         assert_eq!(errno_of(&journal::Error::ReadOnly), EPERM);
-        assert_eq!(errno_of(&journal::Error::Unaligned { offset: 1, len: 1 }), EINVAL);
+        assert_eq!(
+            errno_of(&journal::Error::Unaligned { offset: 1, len: 1 }),
+            EINVAL
+        );
         assert_eq!(
             errno_of(&journal::Error::OutOfRange {
                 offset: 0,

@@ -28,7 +28,11 @@ pub enum ListenAddr {
 impl ListenAddr {
     /// Parses `unix:PATH` or `tcp:HOST:PORT`.
     pub fn parse(s: &str) -> Result<ListenAddr> {
-        let bad = || Error::Usage(format!("--listen {s:?}: expected unix:PATH or tcp:HOST:PORT"));
+        let bad = || {
+            Error::Usage(format!(
+                "--listen {s:?}: expected unix:PATH or tcp:HOST:PORT"
+            ))
+        };
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(bad());
@@ -169,11 +173,13 @@ fn accept_all(listener: &Listener, export: &Arc<Export>, conns: &mut Vec<JoinHan
             continue; // dropping the stream closes it
         }
         let export = export.clone();
-        let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
-            if let Err(e) = connection::serve(stream, &export) {
-                tracing::warn!("nbd connection failed: {}", crate::cli::error_chain(&e));
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("nbd-conn".into())
+            .spawn(move || {
+                if let Err(e) = connection::serve(stream, &export) {
+                    tracing::warn!("nbd connection failed: {}", crate::cli::error_chain(&e));
+                }
+            });
         match spawned {
             Ok(h) => conns.push(h),
             Err(e) => tracing::error!("cannot start a connection thread: {e}"),
@@ -195,8 +201,19 @@ mod tests {
             ListenAddr::parse("tcp:127.0.0.1:10809").unwrap(),
             ListenAddr::Tcp("127.0.0.1:10809".into())
         );
-        assert_eq!(ListenAddr::parse("tcp:[::1]:0").unwrap().to_string(), "tcp:[::1]:0");
-        for bad in ["", "unix:", "tcp:host", "tcp::1", "tcp:h:99999", "/tmp/x", "udp:1:2"] {
+        assert_eq!(
+            ListenAddr::parse("tcp:[::1]:0").unwrap().to_string(),
+            "tcp:[::1]:0"
+        );
+        for bad in [
+            "",
+            "unix:",
+            "tcp:host",
+            "tcp::1",
+            "tcp:h:99999",
+            "/tmp/x",
+            "udp:1:2",
+        ] {
             assert!(ListenAddr::parse(bad).is_err(), "{bad:?} accepted");
         }
     }

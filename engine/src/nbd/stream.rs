@@ -29,7 +29,12 @@ impl Stream {
     }
 
     /// Fills `buf` completely, waiting as needed for at most `timeout` overall.
-    pub fn read_full(&mut self, buf: &mut [u8], cancel: RawFd, timeout: Duration) -> io::Result<()> {
+    pub fn read_full(
+        &mut self,
+        buf: &mut [u8],
+        cancel: RawFd,
+        timeout: Duration,
+    ) -> io::Result<()> {
         let deadline = Instant::now() + timeout;
         let mut done = 0;
         while done < buf.len() {
@@ -48,7 +53,12 @@ impl Stream {
     }
 
     /// Writes all of `buf`, waiting as needed for at most `timeout` overall.
-    pub fn write_full(&mut self, buf: &[u8], cancel: Option<RawFd>, timeout: Duration) -> io::Result<()> {
+    pub fn write_full(
+        &mut self,
+        buf: &[u8],
+        cancel: Option<RawFd>,
+        timeout: Duration,
+    ) -> io::Result<()> {
         let deadline = Instant::now() + timeout;
         let mut done = 0;
         while done < buf.len() {

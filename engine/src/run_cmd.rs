@@ -10,7 +10,11 @@ use vmm::boot::linux::{self, LinuxSpec};
 use vmm::test_guest::{self, WorkloadSpec};
 use vmm::{Guest, Outcome, Vm, VmConfig};
 
+use std::sync::{Arc, Mutex};
+
 use crate::cli::RunArgs;
+use crate::control::{ControlServer, DiskTarget};
+use crate::quiesce::{Gate, Member};
 use crate::size::parse_size;
 use crate::{Error, Result};
 
@@ -19,11 +23,6 @@ const DEFAULT_DISK_SIZE: u64 = 1 << 30;
 
 /// `strata run`.
 pub fn run(args: RunArgs) -> Result<ExitCode> {
-    if args.api.is_some() {
-        return Err(Error::Usage(
-            "--api (live checkpoints of a running VM) is not supported by `strata run` yet".into(),
-        ));
-    }
     if args.kernel.is_none() && (args.initrd.is_some() || args.cmdline.is_some()) {
         return Err(Error::Usage("--initrd and --cmdline need --kernel".into()));
     }
@@ -55,12 +54,27 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             read_only: false,
         },
     )?;
-    let device = block::VirtioBlock::new(disk.now(), "strata".into()).map_err(|e| {
-        Error::Vm(format!(
-            "virtio-blk device: {}",
-            crate::cli::error_chain(&e)
-        ))
-    })?;
+    // The control socket (--api) takes live *disk* checkpoints of the running VM: the
+    // virtio-blk worker is paused and drained through the gate, the journal switches layers,
+    // the worker resumes. Memory and vCPU state join VM checkpoints in a later issue.
+    let gate = Gate::new();
+    let member = Member::new(&gate)?;
+    let device = block::VirtioBlock::new(disk.now(), "strata".into())
+        .map_err(|e| {
+            Error::Vm(format!(
+                "virtio-blk device: {}",
+                crate::cli::error_chain(&e)
+            ))
+        })?
+        .with_gate(Arc::new(member));
+    let disk = Arc::new(Mutex::new(disk));
+    let control = match &args.api {
+        Some(path) => {
+            let target = DiskTarget::new(disk.clone(), gate.clone(), true);
+            Some(ControlServer::start(path, Arc::new(target))?)
+        }
+        None => None,
+    };
 
     let is_linux = matches!(guest, Guest::Linux(_));
     let signals = StopSignals::block()?;
@@ -73,7 +87,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     })
     .map_err(vm_error)?;
     signals.forward_to(vm.latch())?;
-    let outcome = vm.run().map_err(vm_error)?;
+    let outcome = vm.run().map_err(vm_error);
+    if let Some(c) = control {
+        c.stop();
+    }
+    let outcome = outcome?;
     drop(disk);
     drop(scratch);
     match outcome {

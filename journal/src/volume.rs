@@ -18,7 +18,7 @@ use crate::rangelock::{RangeGuard, RangeLock};
 use crate::{AlignedBuf, Error, Result, BLOCK_SIZE, SECTOR_SIZE};
 
 /// Pending records beyond which the log is appended (without waiting for a FLUSH).
-const MAX_PENDING_RECORDS: usize = 16384;
+const MAX_PENDING_RECORDS: usize = 1 << 18;
 /// Smallest and largest preallocation step of an active data file.
 const PREALLOC_MIN: u64 = 1 << 20;
 const PREALLOC_MAX: u64 = 64 << 20;

@@ -160,6 +160,8 @@ pub struct RunArgs {
     pub memory: String,
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
+    /// Control socket: `strata checkpoint create --api PATH` takes a live disk checkpoint
+    /// of the running VM.
     #[arg(long)]
     pub api: Option<PathBuf>,
     /// stdio or a file path.

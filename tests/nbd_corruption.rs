@@ -2,28 +2,37 @@
 //! and reads of the damaged blocks fail over NBD instead of returning wrong data, while
 //! undamaged blocks still read correctly.
 
-mod common;
+mod nbd_common;
 
 use std::os::unix::fs::FileExt;
 
-use common::{pattern, run_strata, NbdClient, Server};
+use nbd_common::fallible_client::{pattern, NbdClient};
+use nbd_common::{run_strata, Server};
 
-#[test]
-fn flipped_bytes_are_reported_and_never_served() {
-    let t = tempfile::tempdir().unwrap();
-    let disk = t.path().join("disk");
+/// Creates an 8 MiB disk in `dir`, writes `blocks` pattern blocks (version 1) through NBD,
+/// flushes, stops the server and takes checkpoint `c1` offline. Returns the disk path.
+fn disk_with_checkpointed_blocks(dir: &std::path::Path, blocks: u64) -> std::path::PathBuf {
+    let disk = dir.join("disk");
     let d = disk.to_str().unwrap();
     assert_eq!(run_strata(&["disk", "create", d, "--size", "8M"]).0, 0);
-    let mut server = Server::start(&disk, t.path(), &[]);
-    let mut c = NbdClient::connect(&server.socket).unwrap();
-    for b in 0..64u64 {
+    let server = Server::start(&disk, dir, &[]);
+    let mut c = NbdClient::connect(&server.sock).unwrap();
+    for b in 0..blocks {
         assert_eq!(c.write(b * 4096, &pattern(b, 1), false).unwrap(), 0);
     }
     assert_eq!(c.flush().unwrap(), 0);
     c.disconnect();
     server.stop();
-    let (rc, _, _) = run_strata(&["disk", "checkpoint", d, "--name", "c1"]);
-    assert_eq!(rc, 0);
+    let (rc, _, err) = run_strata(&["disk", "checkpoint", d, "--name", "c1"]);
+    assert_eq!(rc, 0, "{err}");
+    disk
+}
+
+#[test]
+fn flipped_bytes_are_reported_and_never_served() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk_with_checkpointed_blocks(t.path(), 64);
+    let d = disk.to_str().unwrap();
 
     // Data blocks are laid out in write order: disk blocks 10 and 40 are data blocks 10 and 40.
     let data = std::fs::OpenOptions::new()
@@ -43,7 +52,7 @@ fn flipped_bytes_are_reported_and_never_served() {
     assert!(out.contains("checkpoint \"c1\""), "{out}");
 
     let _server = Server::start(&disk, t.path(), &[]);
-    let mut c = NbdClient::connect(&_server.socket).unwrap();
+    let mut c = NbdClient::connect(&_server.sock).unwrap();
     for b in 0..64u64 {
         let r = c.read(b * 4096, 4096).unwrap();
         if b == 10 || b == 40 {
@@ -59,20 +68,10 @@ fn flipped_bytes_are_reported_and_never_served() {
 #[test]
 fn damaged_log_record_fails_reads_it_could_affect() {
     let t = tempfile::tempdir().unwrap();
-    let disk = t.path().join("disk");
+    let disk = disk_with_checkpointed_blocks(t.path(), 16);
     let d = disk.to_str().unwrap();
-    assert_eq!(run_strata(&["disk", "create", d, "--size", "8M"]).0, 0);
-    let mut server = Server::start(&disk, t.path(), &[]);
-    let mut c = NbdClient::connect(&server.socket).unwrap();
-    for b in 0..16u64 {
-        assert_eq!(c.write(b * 4096, &pattern(b, 1), false).unwrap(), 0);
-    }
-    assert_eq!(c.flush().unwrap(), 0);
-    c.disconnect();
-    server.stop();
-    assert_eq!(run_strata(&["disk", "checkpoint", d, "--name", "c1"]).0, 0);
-    let mut server = Server::start(&disk, t.path(), &[]);
-    let mut c = NbdClient::connect(&server.socket).unwrap();
+    let server = Server::start(&disk, t.path(), &[]);
+    let mut c = NbdClient::connect(&server.sock).unwrap();
     assert_eq!(c.write(3 * 4096, &pattern(3, 2), true).unwrap(), 0);
     c.disconnect();
     server.stop();
@@ -86,7 +85,7 @@ fn damaged_log_record_fails_reads_it_could_affect() {
     assert_eq!(rc, 2, "{out}");
     assert!(out.contains("record at byte 224"), "{out}");
     let _server = Server::start(&disk, t.path(), &[]);
-    let mut c = NbdClient::connect(&_server.socket).unwrap();
+    let mut c = NbdClient::connect(&_server.sock).unwrap();
     // Block 3 was rewritten above the damaged layer: still readable. Everything else could be
     // affected by the lost record: refused with EIO rather than served possibly stale.
     assert_eq!(c.read(3 * 4096, 4096).unwrap().unwrap(), pattern(3, 2));

@@ -2,13 +2,14 @@
 //! flushes; after each restart every write acknowledged before a completed FLUSH reads back
 //! (or a version written after it), and `strata disk check` is clean.
 
-mod common;
+mod nbd_common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{pattern, run_strata, NbdClient, Server};
+use nbd_common::fallible_client::{pattern, NbdClient};
+use nbd_common::{run_strata, Server};
 use rand::{Rng, SeedableRng};
 
 const BLOCKS: u64 = 2048; // 8 MiB disk region
@@ -33,9 +34,9 @@ fn sigkill_under_load_keeps_every_flushed_write() {
     let mut version = 1u64;
     for round in 0..6 {
         let cache = if round % 2 == 0 { "none" } else { "writeback" };
-        let mut server = Server::start(&disk, t.path(), &["--cache", cache]);
+        let server = Server::start(&disk, t.path(), &["--cache", cache]);
         // Verify everything that must have survived the previous crash.
-        let mut c = NbdClient::connect(&server.socket).unwrap();
+        let mut c = NbdClient::connect(&server.sock).unwrap();
         {
             let l = ledger.lock().unwrap();
             for (&block, &idx) in &l.durable {

@@ -2,12 +2,25 @@
 //! writing and verifying while checkpoints are taken; it must finish with no error, the tree
 //! must hold the checkpoints, and every layer must check clean. Needs /dev/kvm.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{run_strata, strata};
+fn strata() -> &'static str {
+    env!("CARGO_BIN_EXE_strata")
+}
+
+/// Runs `strata ARGS`, returning (exit code, stdout, stderr).
+fn run_strata(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(strata())
+        .args(args)
+        .output()
+        .expect("run strata");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
 
 #[test]
 fn checkpoints_taken_while_the_guest_writes() {

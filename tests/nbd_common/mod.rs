@@ -3,6 +3,8 @@
 //! for the tests that need to send exactly chosen bytes.
 #![allow(dead_code)]
 
+pub mod fallible_client;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -41,6 +43,16 @@ pub fn run_ok(mut cmd: impl std::borrow::BorrowMut<Command>) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `strata ARGS`, returning (exit code, stdout, stderr).
+pub fn run_strata(args: &[&str]) -> (i32, String, String) {
+    let out = strata(args).output().expect("run strata");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 pub fn strata(args: &[&str]) -> Command {
@@ -226,6 +238,14 @@ impl Server {
 
     pub fn stop(self) {
         self.stop_with(libc::SIGTERM);
+    }
+
+    /// SIGKILLs the server (a crash) and reaps it.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

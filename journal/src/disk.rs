@@ -303,11 +303,20 @@ impl Disk {
             + layer::allocated(&layer::log_path(&self.dir, id))
     }
 
-    fn create_layer(&mut self) -> Result<(u64, Arc<LayerFiles>)> {
-        let id = self.tree.alloc_id();
+    /// Creates the files of a new layer whose id is allocated in `tree` (a copy of the
+    /// tree about to be committed, so a failure leaves `self.tree` untouched).
+    fn create_layer(&self, tree: &mut Tree) -> Result<(u64, Arc<LayerFiles>)> {
+        let id = tree.alloc_id();
         let files = LayerFiles::create(&self.dir, self.uuid, id, self.opts.cache)?;
         sync_dir(&self.dir.join(LAYERS_DIR))?;
         Ok((id, Arc::new(files)))
+    }
+
+    /// Removes the files of a layer created for a change that failed before its commit,
+    /// and hands back the error.
+    fn abandon_layer(&self, id: u64, e: Error) -> Error {
+        self.remove_layer_files(id);
+        e
     }
 
     fn remove_layer_files(&self, id: u64) -> u64 {
@@ -337,10 +346,13 @@ impl Disk {
         let active = st.active.clone().ok_or(Error::ReadOnly)?;
         active.sync(true)?;
         active.trim_preallocation()?;
-        let saved_next = self.tree.next_id;
-        let (layer_id, files) = self.create_layer()?;
-        let node_id = self.tree.alloc_id();
         let mut tree = self.tree.clone();
+        let (layer_id, files) = self.create_layer(&mut tree)?;
+        let node_id = tree.alloc_id();
+        let new_active = match ActiveLayer::new(files.clone(), 0, LOG_HEADER_SIZE) {
+            Ok(a) => Arc::new(a),
+            Err(e) => return Err(self.abandon_layer(layer_id, e)),
+        };
         tree.nodes.push(Node {
             id: node_id,
             name: Some(name.to_string()),
@@ -353,13 +365,11 @@ impl Disk {
             layers: vec![layer_id],
         };
         if let Err(e) = self.commit_tree(tree) {
-            self.tree.next_id = saved_next;
-            self.remove_layer_files(layer_id);
-            return Err(e);
+            return Err(self.abandon_layer(layer_id, e));
         }
-        st.layers.push(files.clone());
+        st.layers.push(files);
         st.own_from = st.layers.len() - 1;
-        st.active = Some(Arc::new(ActiveLayer::new(files, 0, LOG_HEADER_SIZE)?));
+        st.active = Some(new_active);
         drop(st);
         let node = self
             .tree
@@ -372,13 +382,7 @@ impl Disk {
     /// All visible checkpoints, parents before children.
     pub fn list(&self) -> Vec<CheckpointInfo> {
         let mut out = Vec::new();
-        let mut stack: Vec<u64> = self
-            .tree
-            .nodes
-            .iter()
-            .filter(|n| n.parent.is_none())
-            .map(|n| n.id)
-            .collect();
+        let mut stack = self.tree.roots();
         stack.reverse();
         while let Some(id) = stack.pop() {
             if let Some(n) = self.tree.node(id) {
@@ -436,9 +440,8 @@ impl Disk {
         if let Some(sc) = save_current {
             self.checkpoint(sc)?;
         }
-        let saved_next = self.tree.next_id;
-        let (layer_id, _) = self.create_layer()?;
         let mut tree = self.tree.clone();
+        let (layer_id, _) = self.create_layer(&mut tree)?;
         let old_layers = std::mem::replace(
             &mut tree.now,
             NowNode {
@@ -448,26 +451,17 @@ impl Disk {
         )
         .layers;
         let lineage = tree.lineage_layers(None)?;
-        let state = build_state(self.files(), &lineage, lineage.len() - 1, true);
-        let state = match state {
+        let state = match build_state(self.files(), &lineage, lineage.len() - 1, true) {
             Ok(s) => s,
-            Err(e) => {
-                self.tree.next_id = saved_next;
-                self.remove_layer_files(layer_id);
-                return Err(e);
-            }
+            Err(e) => return Err(self.abandon_layer(layer_id, e)),
         };
         let now = self.now.clone();
         let mut st = now.state_mut();
         if now.writes_in_flight() > 0 {
-            self.tree.next_id = saved_next;
-            self.remove_layer_files(layer_id);
-            return Err(Error::Busy);
+            return Err(self.abandon_layer(layer_id, Error::Busy));
         }
         if let Err(e) = self.commit_tree(tree) {
-            self.tree.next_id = saved_next;
-            self.remove_layer_files(layer_id);
-            return Err(e);
+            return Err(self.abandon_layer(layer_id, e));
         }
         *st = state;
         drop(st);
@@ -724,14 +718,7 @@ impl Disk {
             Some(b) => out.push_str(&format!("base {} ({} bytes)\n", b.path.display(), b.size)),
             None => out.push_str(&format!("(empty disk, {} bytes)\n", self.tree.size)),
         }
-        let roots: Vec<u64> = self
-            .tree
-            .nodes
-            .iter()
-            .filter(|n| n.parent.is_none())
-            .map(|n| n.id)
-            .collect();
-        self.render(&mut out, None, &roots, "");
+        self.render(&mut out, None, &self.tree.roots(), "");
         out
     }
 

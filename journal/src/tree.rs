@@ -168,6 +168,15 @@ impl Tree {
         Ok(layers)
     }
 
+    /// Ids of the nodes without a parent (children of the base), in tree order.
+    pub fn roots(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|n| n.parent.is_none())
+            .map(|n| n.id)
+            .collect()
+    }
+
     /// Ids of the checkpoint children of `id`.
     pub fn children(&self, id: u64) -> Vec<u64> {
         self.nodes

@@ -21,8 +21,11 @@ pub enum Command {
     /// Live checkpoint operations on a running VM or server, through its control socket.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
-    /// Boot a VM: the built-in test guest, or a Linux kernel.
+    /// Boot a VM: the built-in test guest, or a Linux kernel; `--vm DIR` runs a VM directory.
     Run(RunArgs),
+    /// VM directories: a VM's configuration, disk and checkpoints in one place.
+    #[command(subcommand)]
+    Vm(VmCommand),
     /// Benchmarks against same-run baselines.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -35,6 +38,9 @@ pub enum BenchCommand {
     /// The test guest's IOPS through virtio-blk beside the journal driven directly, and the
     /// time to the guest's first completed I/O.
     Guest(crate::bench_guest::GuestArgs),
+    /// Whole-machine checkpoints of the busy test guest: pause, time to complete, bytes
+    /// written (full and incremental), apply time, per memory size and memory mode.
+    Checkpoint(crate::bench_checkpoint::CheckpointArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -133,35 +139,122 @@ impl From<CacheArg> for journal::CacheMode {
     }
 }
 
+/// Which VM or server a checkpoint verb acts on.
+#[derive(Args, Debug, Clone)]
+#[group(required = true, multiple = false)]
+pub struct Where {
+    /// The control socket of a running VM (`strata run --api`) or disk server.
+    #[arg(long)]
+    pub api: Option<PathBuf>,
+    /// A VM directory: through its control socket when it runs, offline when it is stopped.
+    #[arg(long)]
+    pub vm: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum CheckpointCommand {
-    /// Take a live checkpoint.
+    /// Take a checkpoint (Checkpoint-VM): of a running VM, its whole machine at one instant.
     Create {
-        #[arg(long)]
-        api: PathBuf,
+        #[command(flatten)]
+        at: Where,
         #[arg(long)]
         name: String,
-    },
-    /// List the checkpoints of the running disk.
-    List {
+        /// How a running VM's memory is saved: `live` (write-protect, resume at once, save in
+        /// the background) or `stop-copy` (saved during the pause).
         #[arg(long)]
-        api: PathBuf,
+        memory: Option<String>,
+    },
+    /// Show the checkpoint tree (Get-VMSnapshot), Now marked.
+    List {
+        #[command(flatten)]
+        at: Where,
         #[arg(long)]
         json: bool,
     },
+    /// Put the VM back to a checkpoint (Restore-VMSnapshot).
+    Apply {
+        #[command(flatten)]
+        at: Where,
+        name: String,
+        /// Checkpoint the current state under this name first.
+        #[arg(long = "save-current")]
+        save_current: Option<String>,
+    },
+    /// Delete a checkpoint (Remove-VMSnapshot); everything else restores exactly as before.
+    Delete {
+        #[command(flatten)]
+        at: Where,
+        name: String,
+        /// Also delete every descendant checkpoint.
+        #[arg(long)]
+        subtree: bool,
+    },
+    /// Rename a checkpoint.
+    Rename {
+        #[command(flatten)]
+        at: Where,
+        name: String,
+        new_name: String,
+    },
+    /// Write a checkpoint as a standalone VM directory (Export-VMSnapshot).
+    Export {
+        #[command(flatten)]
+        at: Where,
+        name: String,
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Create a VM directory: configuration and a fresh disk.
+    Create(VmCreateArgs),
 }
 
 #[derive(Args, Debug)]
-pub struct RunArgs {
-    /// Disk directory (created fresh, 1 GiB, if it does not exist).
-    #[arg(long)]
-    pub disk: Option<PathBuf>,
+pub struct VmCreateArgs {
+    pub dir: PathBuf,
     #[arg(long, default_value = "256M")]
     pub memory: String,
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
-    /// Control socket: `strata checkpoint create --api PATH` takes a live disk checkpoint
-    /// of the running VM.
+    /// Size of a fresh disk (suffixes K, M, G, T).
+    #[arg(long, conflicts_with = "base")]
+    pub disk_size: Option<String>,
+    /// A raw image the disk references read-only as its base.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// A Linux kernel (copied into the VM directory).
+    #[arg(long, conflicts_with = "workload")]
+    pub kernel: Option<PathBuf>,
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    #[arg(long, requires = "kernel")]
+    pub cmdline: Option<String>,
+    /// Test guest workload (the default guest), e.g. `seed=1,ops=20000,qd=32,dirty=16m`.
+    #[arg(long)]
+    pub workload: Option<String>,
+    #[arg(long, value_enum, default_value_t = CacheArg::None)]
+    pub cache: CacheArg,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Run a VM directory (`strata vm create`): a cold boot, or a resume from the checkpoint
+    /// last applied to it. Its control socket defaults to DIR/api.sock.
+    #[arg(long, conflicts_with_all = ["disk", "kernel", "initrd", "cmdline", "workload"])]
+    pub vm: Option<PathBuf>,
+    /// Disk directory (created fresh, 1 GiB, if it does not exist).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Guest RAM (default 256M).
+    #[arg(long, conflicts_with = "vm")]
+    pub memory: Option<String>,
+    #[arg(long, default_value_t = 1, conflicts_with = "vm")]
+    pub vcpus: u8,
+    /// Control socket: `strata checkpoint ... --api PATH` takes checkpoints of the running VM
+    /// (with --vm: whole-machine checkpoints, default DIR/api.sock).
     #[arg(long)]
     pub api: Option<PathBuf>,
     /// stdio or a file path.
@@ -190,10 +283,12 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Disk(DiskCommand::Serve(args)) => crate::nbd::serve_cmd(args),
         Command::Disk(cmd) => crate::disk_cmd::run(cmd),
-        Command::Checkpoint(cmd) => crate::nbd::checkpoint_cmd(cmd),
+        Command::Checkpoint(cmd) => crate::checkpoint_cmd::run(cmd),
+        Command::Vm(VmCommand::Create(args)) => crate::checkpoint_cmd::vm_create(args),
         Command::Run(args) => crate::run_cmd::run(args),
         Command::Bench(BenchCommand::Depth(args)) => crate::bench::depth::run(args),
         Command::Bench(BenchCommand::Guest(args)) => crate::bench_guest::run(args),
+        Command::Bench(BenchCommand::Checkpoint(args)) => crate::bench_checkpoint::run(args),
     };
     match result {
         Ok(code) => code,

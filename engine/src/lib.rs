@@ -2,15 +2,22 @@
 //! of a running VM or server, and checkpoint orchestration.
 
 pub mod bench;
+pub mod bench_checkpoint;
 pub mod bench_guest;
+pub mod checkpoint_cmd;
 pub mod cli;
 pub mod control;
 pub mod disk_cmd;
 pub mod error;
 pub mod nbd;
 pub mod quiesce;
+pub mod machine;
 pub mod run_cmd;
 pub mod size;
 pub mod sys;
+pub mod vm_live;
+pub mod vm_ops;
+pub mod vm_run;
+pub mod vmdir;
 
 pub use error::{Error, Result};

@@ -23,6 +23,12 @@ const DEFAULT_DISK_SIZE: u64 = 1 << 30;
 
 /// `strata run`.
 pub fn run(args: RunArgs) -> Result<ExitCode> {
+    // Block SIGINT/SIGTERM before any thread starts (the control socket's among them), so
+    // every thread inherits the mask and a signal always means a clean stop.
+    let signals = StopSignals::block()?;
+    if let Some(dir) = &args.vm {
+        return crate::vm_run::run(dir, &args, signals);
+    }
     if args.kernel.is_none() && (args.initrd.is_some() || args.cmdline.is_some()) {
         return Err(Error::Usage("--initrd and --cmdline need --kernel".into()));
     }
@@ -31,7 +37,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             "--workload is for the built-in test guest, not with --kernel".into(),
         ));
     }
-    let mem_size = parse_size(&args.memory)?;
+    let mem_size = parse_size(args.memory.as_deref().unwrap_or("256M"))?;
     let guest = guest_of(&args)?;
     let console = open_console(&args.console)?;
 
@@ -77,7 +83,6 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     };
 
     let is_linux = matches!(guest, Guest::Linux(_));
-    let signals = StopSignals::block()?;
     let vm = Vm::new(VmConfig {
         mem_size,
         vcpus: args.vcpus,
@@ -86,7 +91,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         device: Some(Box::new(device)),
     })
     .map_err(vm_error)?;
-    signals.forward_to(vm.latch())?;
+    let latch = vm.latch();
+    signals.forward(move |signal| latch.set(Outcome::Stopped { signal }))?;
     let outcome = vm.run().map_err(vm_error);
     if let Some(c) = control {
         c.stop();
@@ -94,6 +100,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let outcome = outcome?;
     drop(disk);
     drop(scratch);
+    exit_code(outcome, is_linux)
+}
+
+/// The process exit status for how the guest ended.
+pub(crate) fn exit_code(outcome: Outcome, is_linux: bool) -> Result<ExitCode> {
     match outcome {
         Outcome::ExitPort(status) => {
             if status != 0 {
@@ -119,7 +130,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     }
 }
 
-fn vm_error(e: vmm::Error) -> Error {
+pub(crate) fn vm_error(e: vmm::Error) -> Error {
     Error::Vm(crate::cli::error_chain(&e))
 }
 
@@ -152,12 +163,12 @@ fn guest_of(args: &RunArgs) -> Result<Guest> {
 /// SIGINT and SIGTERM, blocked in this thread (and so in the vCPU threads it spawns) and
 /// turned into a clean stop of the VM by a thread that waits for them: the disk is closed and
 /// a scratch disk removed as on a normal exit.
-struct StopSignals {
+pub(crate) struct StopSignals {
     set: libc::sigset_t,
 }
 
 impl StopSignals {
-    fn block() -> Result<Self> {
+    pub(crate) fn block() -> Result<Self> {
         // SAFETY: sigemptyset/sigaddset initialise and fill the local set we pass by pointer;
         // pthread_sigmask only reads it and changes this thread's mask.
         let (set, rc) = unsafe {
@@ -177,8 +188,8 @@ impl StopSignals {
         Ok(Self { set })
     }
 
-    /// Spawns the thread that records a stop in `latch` when a signal arrives.
-    fn forward_to(&self, latch: std::sync::Arc<vmm::ExitLatch>) -> Result<()> {
+    /// Spawns the thread that calls `on_signal` when a signal arrives.
+    pub(crate) fn forward(&self, on_signal: impl Fn(i32) + Send + 'static) -> Result<()> {
         let set = self.set;
         std::thread::Builder::new()
             .name("signals".into())
@@ -188,7 +199,7 @@ impl StopSignals {
                 // a valid out-pointer; sigwait only reads the one and writes the other.
                 let rc = unsafe { libc::sigwait(&set, &mut sig) };
                 if rc == 0 {
-                    latch.set(Outcome::Stopped { signal: sig });
+                    on_signal(sig);
                     return;
                 }
             })
@@ -198,7 +209,7 @@ impl StopSignals {
 }
 
 /// `stdio` or a file (created or truncated).
-fn open_console(spec: &str) -> Result<Box<dyn Write + Send>> {
+pub(crate) fn open_console(spec: &str) -> Result<Box<dyn Write + Send>> {
     if spec == "stdio" {
         return Ok(Box::new(std::io::stdout()));
     }

@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 
 use journal::{Disk, OpenOptions};
 
-use crate::cli::{CheckpointCommand, ServeArgs};
-use crate::control::{self, ControlServer, DiskTarget};
+use crate::cli::ServeArgs;
+use crate::control::{ControlServer, DiskTarget};
 use crate::quiesce::Gate;
 use crate::sys::{self, EventFd, SignalFd};
 use crate::{Error, Result};
@@ -92,10 +92,3 @@ pub fn serve_cmd(args: ServeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `strata checkpoint create|list`: talks to the control socket of a server or VM.
-pub fn checkpoint_cmd(cmd: CheckpointCommand) -> Result<ExitCode> {
-    match cmd {
-        CheckpointCommand::Create { api, name } => control::client::create(&api, &name),
-        CheckpointCommand::List { api, json } => control::client::list(&api, json),
-    }
-}

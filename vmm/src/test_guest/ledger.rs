@@ -103,7 +103,7 @@ pub fn dirty_gen(written: u64, pages: u64, page: u64) -> u64 {
 /// disk sector `first`: 0 for an all-zero sector, else the tag of the pattern it holds. Anything
 /// else (not a pattern of this seed and sector) is an error naming the sector.
 pub fn tags_from_disk(seed: u64, first: u64, data: &[u8]) -> Result<Vec<u32>, Error> {
-    if data.len() % SECTOR != 0 {
+    if !data.len().is_multiple_of(SECTOR) {
         return Err(Error::Ledger(format!(
             "{} bytes is not a whole number of sectors",
             data.len()

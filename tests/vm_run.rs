@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use vmm::test_guest::{ledger, Summary};
+
 fn require_kvm() {
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
@@ -21,26 +23,9 @@ fn strata(args: &[&str]) -> Output {
         .expect("running strata")
 }
 
-/// The guest's final `done` line, parsed into (key, value) pairs.
-fn done_line(stdout: &str) -> Vec<(String, u64)> {
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("strata-guest: done "))
-        .unwrap_or_else(|| panic!("no done line in:\n{stdout}"));
-    line["strata-guest: done ".len()..]
-        .split_whitespace()
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').expect("key=value");
-            (k.to_string(), v.parse().expect("number"))
-        })
-        .collect()
-}
-
-fn field(done: &[(String, u64)], key: &str) -> u64 {
-    done.iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| *v)
-        .unwrap_or_else(|| panic!("no {key}"))
+/// The guest's final `done` line, parsed by the VMM's own parser (every key present once).
+fn done_line(stdout: &str) -> Summary {
+    Summary::from_console(stdout).unwrap_or_else(|e| panic!("{e} in:\n{stdout}"))
 }
 
 #[test]
@@ -64,10 +49,17 @@ fn test_guest_workload_passes_on_a_fresh_disk() {
     );
     assert!(stdout.contains("strata-guest: start "), "{stdout}");
     let done = done_line(&stdout);
-    assert_eq!(field(&done, "errors"), 0, "{stdout}");
-    assert_eq!(field(&done, "ops"), 400);
-    assert_eq!(field(&done, "reads") + field(&done, "writes"), 400);
-    assert!(field(&done, "flushes") > 0);
+    assert_eq!(done.errors, 0, "{stdout}");
+    assert_eq!(done.ops, 400);
+    assert_eq!(done.reads + done.writes, 400);
+    assert!(done.flushes > 0);
+    // No dirty region: nothing rewritten, the digest of nothing; the ledger has a digest.
+    assert_eq!(
+        (done.dirtied, done.mem),
+        (0, ledger::FNV_OFFSET),
+        "{stdout}"
+    );
+    assert_ne!(done.ledger, ledger::FNV_OFFSET);
     assert!(Path::new(&disk).is_dir(), "the disk directory was created");
     // The disk persists: a second run on it works too (and sees the data it left).
     let again = strata(&[
@@ -106,7 +98,7 @@ fn console_goes_to_a_file_and_default_disk_is_temporary() {
         "console output must not reach stdout"
     );
     let text = std::fs::read_to_string(&console).unwrap();
-    assert_eq!(field(&done_line(&text), "errors"), 0, "{text}");
+    assert_eq!(done_line(&text).errors, 0, "{text}");
 }
 
 #[test]
@@ -119,6 +111,31 @@ fn bad_arguments_fail_before_booting() {
     let out = strata(&["run", "--vcpus", "2", "--workload", "ops=1"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("one vCPU"));
+    let out = strata(&["run", "--workload", "dirty=6k"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dirty: bad value"));
+}
+
+#[test]
+fn a_dirty_region_that_does_not_fit_is_refused_before_booting() {
+    require_kvm();
+    let out = strata(&["run", "--memory", "128M", "--workload", "ops=10,dirty=64m"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("dirty=67108864 does not fit in 134217728 bytes"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "the guest must not have run");
+    // The same with room to spare runs and rewrites its region.
+    let out = strata(&["run", "--memory", "128M", "--workload", "ops=10,dirty=60m"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let done = done_line(&stdout);
+    assert_eq!(done.errors, 0);
+    // 10 reads/writes, one page each (dirty_rate=1), after the fill of generation 0.
+    assert_eq!(done.dirtied, 10, "{stdout}");
+    assert_ne!(done.mem, ledger::FNV_OFFSET);
 }
 
 #[test]

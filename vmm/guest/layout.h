@@ -50,6 +50,11 @@ struct ledger {
     u64 completed;       /* reads + writes completed */
     u64 errors;
     struct slot slots[MAX_QD];
+    /* dirty=SIZE: the RAM the guest rewrites round-robin (see dirty_fill in logic.h). */
+    u64 dirty_base;      /* guest-physical address of the region, 0 = none */
+    u64 dirty_pages;     /* 4 KiB pages in the region */
+    u64 dirty_written;   /* page rewrites done: page p holds dirty_gen(dirty_written, pages, p) */
+    u32 dirty_rate, reserved;
 };
 
 #endif

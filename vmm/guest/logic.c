@@ -1,5 +1,5 @@
 /* Pure logic of the Strata test guest (see logic.h). Freestanding: no libc calls. */
-#include "logic.h"
+#include "layout.h"
 
 usize str_append(char *out, usize cap, usize at, const char *s)
 {
@@ -41,6 +41,18 @@ usize fmt_size(char *out, usize cap, u64 v)
         out[n] = 0;
     }
     return n;
+}
+
+usize fmt_hex64(char *out, usize cap, u64 v)
+{
+    static const char hex[] = "0123456789abcdef";
+    usize i = 0;
+    if (cap == 0)
+        return 0;
+    for (int sh = 60; sh >= 0 && i + 1 < cap; sh -= 4)
+        out[i++] = hex[(v >> sh) & 0xF];
+    out[i] = 0;
+    return i;
 }
 
 static void set_err(char *err, usize errlen, const char *a, const char *b, const char *c)
@@ -116,9 +128,10 @@ static int is_space(char c)
     return c == ' ' || c == '\t' || c == '\n' || c == '\r';
 }
 
-enum { K_SEED, K_OPS, K_READ, K_BS, K_REGION, K_QD, K_FLUSH, K_VERIFY, K_COUNT };
+enum { K_SEED, K_OPS, K_READ, K_BS, K_REGION, K_QD, K_FLUSH, K_VERIFY, K_DIRTY, K_DIRTY_RATE,
+       K_COUNT };
 static const char *const key_names[K_COUNT] = {
-    "seed", "ops", "read", "bs", "region", "qd", "flush", "verify"
+    "seed", "ops", "read", "bs", "region", "qd", "flush", "verify", "dirty", "dirty_rate"
 };
 
 static int parse_value(int key, const char *v, const char *ve, struct workload *w)
@@ -178,6 +191,16 @@ static int parse_value(int key, const char *v, const char *ve, struct workload *
             return -1;
         w->verify = (u32)a;
         return 0;
+    case K_DIRTY:
+        if (parse_num(v, ve, 1, &a) || a % PAGE_SIZE || a > MAX_DIRTY)
+            return -1;
+        w->dirty = a;
+        return 0;
+    case K_DIRTY_RATE:
+        if (parse_num(v, ve, 0, &a) || a < 1 || a > MAX_DIRTY_RATE)
+            return -1;
+        w->dirty_rate = (u32)a;
+        return 0;
     default:
         return -1;
     }
@@ -192,6 +215,8 @@ static const char *const value_help[K_COUNT] = {
     "a number 1..=128",
     "a decimal number 0..=4294967295",
     "0 or 1",
+    "a size (0 = off, 64m), a multiple of 4k, at most 3g",
+    "a number of pages 1..=4096",
 };
 
 int workload_parse(const char *text, usize len, struct workload *w, char *err, usize errlen)
@@ -208,6 +233,8 @@ int workload_parse(const char *text, usize len, struct workload *w, char *err, u
     w->qd = 32;
     w->flush = 0;
     w->verify = 1;
+    w->dirty = 0;
+    w->dirty_rate = 1;
 
     while (p < end && is_space(*p))
         p++;
@@ -232,7 +259,8 @@ int workload_parse(const char *text, usize len, struct workload *w, char *err, u
                 key = k;
         if (key < 0) {
             set_err(err, errlen, "unknown key '", what,
-                    "' (known: seed, ops, read, bs, region, qd, flush, verify)");
+                    "' (known: seed, ops, read, bs, region, qd, flush, verify, dirty, "
+                    "dirty_rate)");
             return -1;
         }
         if (seen[key]) {
@@ -294,7 +322,16 @@ usize workload_format(const struct workload *w, char *out, usize cap)
     fmt_u64(v, sizeof v, w->flush);
     at = put_kv(out, cap, at, "flush", v);
     fmt_u64(v, sizeof v, w->verify);
-    return put_kv(out, cap, at, "verify", v);
+    at = put_kv(out, cap, at, "verify", v);
+    if (w->dirty) {
+        fmt_size(v, sizeof v, w->dirty);
+        at = put_kv(out, cap, at, "dirty", v);
+    }
+    if (w->dirty_rate != 1) {
+        fmt_u64(v, sizeof v, w->dirty_rate);
+        at = put_kv(out, cap, at, "dirty_rate", v);
+    }
+    return at;
 }
 
 u64 mix64(u64 z)
@@ -343,4 +380,60 @@ int pattern_check(u64 seed, u64 sector, u32 tag, const u64 *words)
         if (words[i] != mix64(k + i))
             return 0;
     return 1;
+}
+
+static u64 dirty_key(u64 seed, u64 page, u64 gen)
+{
+    return mix64(~seed ^ mix64(page ^ mix64(gen)));
+}
+
+void dirty_fill(u64 seed, u64 page, u64 gen, u64 *words)
+{
+    u64 k = dirty_key(seed, page, gen);
+    words[0] = page;
+    words[1] = gen;
+    for (u64 i = 2; i < PAGE_SIZE / 8; i++)
+        words[i] = mix64(k + i);
+}
+
+int dirty_check(u64 seed, u64 page, u64 gen, const u64 *words)
+{
+    u64 k = dirty_key(seed, page, gen);
+    u64 diff = (words[0] ^ page) | (words[1] ^ gen);
+    for (u64 i = 2; i < PAGE_SIZE / 8; i++)
+        diff |= words[i] ^ mix64(k + i);
+    return diff == 0;
+}
+
+u64 dirty_gen(u64 written, u64 pages, u64 page)
+{
+    if (page >= written)
+        return 0;
+    return (written - 1 - page) / pages + 1;
+}
+
+u64 fnv1a64(u64 h, const void *p, usize n)
+{
+    const u8 *b = p;
+    for (usize i = 0; i < n; i++) {
+        h ^= b[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h;
+}
+
+int memory_plan(u64 mem_size, u64 dirty, u64 bs_max, u64 *dirty_base, u64 *ledger_sectors,
+                u64 *max_dirty)
+{
+    u64 top = (mem_size < RAM_TOP_MAX ? mem_size : RAM_TOP_MAX) & ~(PAGE_SIZE - 1);
+    u64 need = LEDGER_TAGS_ADDR + 4 * (bs_max / SECTOR_SIZE);
+    *max_dirty = 0;
+    if (top < need)
+        return -1;
+    *max_dirty = (top - need) & ~(PAGE_SIZE - 1);
+    if (dirty > *max_dirty)
+        return -2;
+    *dirty_base = top - dirty;
+    *ledger_sectors = (*dirty_base - LEDGER_TAGS_ADDR) / 4;
+    return 0;
 }

@@ -11,11 +11,14 @@
 static struct virtio_blk_req_hdr req_hdr[MAX_QD];
 static u8 req_status[MAX_QD];
 
-struct stats { u64 ops, reads, writes, flushes, errors, bytes, cycles, iops; };
+struct stats { u64 ops, reads, writes, flushes, errors, bytes, cycles, iops, max_stall; };
 static struct stats st;
 static u32 tsc_khz;
 static u64 reported;
 static int ledger_ready; /* the ledger header is in RAM that exists and has been initialised */
+static int tags_ready;   /* the tags of the region are initialised (ledger digest is meaningful) */
+static int dirty_ready;  /* the dirty region is initialised (mem digest is meaningful) */
+static u64 dirty_seed;
 
 static inline void outb(u16 port, u8 v)
 {
@@ -79,12 +82,48 @@ static void error_line(const char *a, const char *b)
     l_end();
 }
 
+static void l_hex(const char *key, u64 v)
+{
+    char num[24];
+    fmt_hex64(num, sizeof num, v);
+    l_str(" ");
+    l_str(key);
+    l_str("=");
+    l_str(num);
+}
+
+/* TSC cycles to microseconds (0 if the VMM gave no TSC frequency). */
+static u64 cycles_us(u64 cycles)
+{
+    if (!tsc_khz)
+        return 0;
+    return cycles / tsc_khz * 1000 + cycles % tsc_khz * 1000 / tsc_khz;
+}
+
+/* FNV-1a 64 over the ledger tags (little-endian u32s, region order). */
+static u64 ledger_digest(void)
+{
+    if (!tags_ready)
+        return FNV_OFFSET;
+    return fnv1a64(FNV_OFFSET, TAGS, (usize)(LEDGER->region_sectors * 4));
+}
+
+/* FNV-1a 64 over the bytes of the dirty region. */
+static u64 mem_digest(void)
+{
+    if (!dirty_ready)
+        return FNV_OFFSET;
+    return fnv1a64(FNV_OFFSET, (const void *)(usize)LEDGER->dirty_base,
+                   (usize)(LEDGER->dirty_pages * PAGE_SIZE));
+}
+
 static __attribute__((noreturn)) void finish(u32 status)
 {
     if (st.cycles && tsc_khz) {
-        u64 us = st.cycles / tsc_khz * 1000 + st.cycles % tsc_khz * 1000 / tsc_khz;
+        u64 us = cycles_us(st.cycles);
         st.iops = st.ops * 1000000ULL / (us ? us : 1);
     }
+    u64 ledger = ledger_digest(), mem = mem_digest();
     l_begin("done");
     l_kv("ops", st.ops);
     l_kv("reads", st.reads);
@@ -94,6 +133,10 @@ static __attribute__((noreturn)) void finish(u32 status)
     l_kv("bytes", st.bytes);
     l_kv("cycles", st.cycles);
     l_kv("iops", st.iops);
+    l_kv("max_stall_us", cycles_us(st.max_stall));
+    l_kv("dirtied", dirty_ready ? LEDGER->dirty_written : 0);
+    l_hex("ledger", ledger);
+    l_hex("mem", mem);
     l_end();
     if (ledger_ready)
         LEDGER->state = STATE_DONE;
@@ -144,6 +187,80 @@ static void report_io(const char *kind, u64 sector, u64 n, u32 status)
     l_kv("sectors", n);
     l_kv("status", status);
     l_end();
+}
+
+static void report_page(u64 page, u64 want, const u64 *got)
+{
+    u64 expect[PAGE_SIZE / 8];
+    u64 word = 0;
+    if (reported >= MAX_REPORTED)
+        return;
+    reported++;
+    dirty_fill(dirty_seed, page, want, expect);
+    while (word < PAGE_SIZE / 8 && expect[word] == got[word])
+        word++;
+    l_begin("error mem");
+    l_kv("page", page);
+    l_kv("expected_gen", want);
+    l_kv("found_page", got[0]);
+    l_kv("found_gen", got[1]);
+    l_kv("first_bad_byte", word * 8);
+    l_end();
+}
+
+static u64 *dirty_page(u64 page)
+{
+    return (u64 *)(usize)(LEDGER->dirty_base + page * PAGE_SIZE);
+}
+
+/* Fills the dirty region with generation 0. */
+static void dirty_init(u64 base, u64 pages, u32 rate)
+{
+    volatile struct ledger *lg = LEDGER;
+    lg->dirty_base = base;
+    lg->dirty_pages = pages;
+    lg->dirty_rate = rate;
+    lg->dirty_written = 0;
+    for (u64 p = 0; p < pages; p++)
+        dirty_fill(dirty_seed, p, 0, dirty_page(p));
+    __asm__ __volatile__("" ::: "memory");
+    dirty_ready = 1;
+}
+
+/* Rewrites the next n pages round-robin; each must still hold what it was last written with.
+ * The count lives in the ledger (guest RAM), so the guest resumes correctly from any instant. */
+static void dirty_step(u64 n)
+{
+    volatile struct ledger *lg = LEDGER;
+    u64 pages = lg->dirty_pages;
+    for (; n; n--) {
+        u64 c = lg->dirty_written;
+        u64 p = c % pages, gen = c / pages;
+        u64 *words = dirty_page(p);
+        if (!dirty_check(dirty_seed, p, gen, words)) {
+            st.errors++;
+            lg->errors = st.errors;
+            report_page(p, gen, words);
+        }
+        dirty_fill(dirty_seed, p, gen + 1, words);
+        __asm__ __volatile__("" ::: "memory");
+        lg->dirty_written = c + 1;
+    }
+}
+
+/* Checks every page of the dirty region against the rewrite count. */
+static void dirty_verify_all(void)
+{
+    volatile struct ledger *lg = LEDGER;
+    u64 pages = lg->dirty_pages, written = lg->dirty_written;
+    for (u64 p = 0; p < pages; p++) {
+        u64 gen = dirty_gen(written, pages, p);
+        if (!dirty_check(dirty_seed, p, gen, dirty_page(p))) {
+            st.errors++;
+            lg->errors = st.errors;
+            report_page(p, gen, dirty_page(p));
+        }
+    }
 }
 
 struct op { u32 kind; u64 sector; u64 sectors; };
@@ -258,12 +375,13 @@ static void run(struct vblk *d, const struct workload *w, u64 region_sector, u64
     u64 issued = 0, writes_since_flush = 0, last_tag = 0;
     u64 progress_every = w->ops >= 10 ? w->ops / 10 : 0, next_progress = progress_every;
     u64 khz = tsc_khz ? tsc_khz : 1000000; /* assume 1 GHz if unknown, only for the timeout */
-    u64 waited = 0;
+    u64 waited = 0, elapsed = 0;
+    u64 dirty_rate = dirty_ready ? lg->dirty_rate : 0;
 
     for (u32 i = w->qd; i > 0; i--)
         free_slots[nfree++] = i - 1;
     rng_seed(&r, w->seed);
-    u64 t0 = rdtsc(), last = t0;
+    u64 last = rdtsc();
     lg->state = STATE_RUNNING;
 
     while (st.ops < w->ops || inflight || flush_due) {
@@ -312,41 +430,58 @@ static void run(struct vblk *d, const struct workload *w, u64 region_sector, u64
             complete(w, i);
             free_slots[nfree++] = i;
             inflight--;
-            got = 1;
+            got++;
+            /* Memory work between I/Os, counted per completion (not per loop turn), so the
+             * region's final contents depend only on the workload. */
+            if (dirty_rate)
+                dirty_step(dirty_rate);
         }
+        /* Gaps between loop turns by the guest's TSC. The VMM may restore the TSC of a
+         * checkpoint (it can then go backwards from what this RAM last saw): never negative. */
         u64 now = rdtsc();
+        u64 gap = now >= last ? now - last : 0;
+        elapsed += gap;
+        if (gap > st.max_stall)
+            st.max_stall = gap;
+        last = now;
         if (got) {
             waited = 0;
         } else {
             /* Count only short gaps so a VM paused for a checkpoint does not time out. */
-            if (now - last < khz * 1000) {
+            if (gap < khz * 1000) {
                 u64 before = waited / (khz * 1000);
-                waited += now - last;
+                waited += gap;
                 /* Once per second of waiting, look at the device status (one MMIO exit). */
                 if (waited / (khz * 1000) != before && vblk_broken()) {
                     error_line("device: DEVICE_NEEDS_RESET or FAILED set while requests were in "
                                "flight", "");
-                    st.cycles = now - t0;
+                    st.cycles = elapsed;
                     finish(EXIT_DEVICE);
                 }
             }
             if (waited > WAIT_LIMIT_S * khz * 1000) {
                 error_line("device timeout: no request completed for 30 s", "");
-                st.cycles = now - t0;
+                st.cycles = elapsed;
                 finish(EXIT_DEVICE);
             }
             __asm__ __volatile__("pause");
         }
-        last = now;
         if (progress_every && st.ops >= next_progress && st.ops < w->ops) {
             next_progress += progress_every;
             l_begin("progress");
             l_kv("ops", st.ops);
             l_kv("errors", st.errors);
             l_end();
+            /* The console line is the guest's own work (one exit per byte): count it in the
+             * run time but not as a stall between loop turns. */
+            now = rdtsc();
+            elapsed += now >= last ? now - last : 0;
+            last = now;
         }
     }
-    st.cycles = rdtsc() - t0;
+    u64 end = rdtsc();
+    elapsed += end >= last ? end - last : 0;
+    st.cycles = elapsed;
 }
 
 void guest_main(const struct boot_info *bi)
@@ -375,14 +510,24 @@ void guest_main(const struct boot_info *bi)
     l_end();
 
     volatile struct ledger *lg = LEDGER;
-    u64 mem = bi->mem_size;
-    if (mem > 0xC0000000ULL) /* only RAM below the MMIO hole is contiguous from 0 */
-        mem = 0xC0000000ULL;
-    if (mem < LEDGER_TAGS_ADDR + 4 * (w.bs_max / SECTOR_SIZE)) {
+    u64 dirty_base = 0, max_sectors = 0, max_dirty = 0;
+    int plan = memory_plan(bi->mem_size, w.dirty, w.bs_max, &dirty_base, &max_sectors, &max_dirty);
+    if (plan == -1) {
         error_line("guest RAM too small: need more than 64 MiB for buffers and the ledger", "");
         finish(EXIT_DEVICE);
     }
-    u64 max_sectors = (mem - LEDGER_TAGS_ADDR) / 4;
+    if (plan == -2) {
+        char num[24];
+        usize at = fmt_size(num, sizeof num, w.dirty);
+        at = str_append(err, sizeof err, 0, "dirty=");
+        at = str_append(err, sizeof err, at, num);
+        at = str_append(err, sizeof err, at, " does not fit in guest RAM beside the ledger (at most ");
+        fmt_size(num, sizeof num, max_dirty);
+        at = str_append(err, sizeof err, at, num);
+        str_append(err, sizeof err, at, ")");
+        error_line("workload: ", err);
+        finish(EXIT_BAD_SPEC);
+    }
     lg->magic = 0;
     lg->version = LEDGER_VERSION;
     lg->seed = w.seed;
@@ -390,6 +535,8 @@ void guest_main(const struct boot_info *bi)
     lg->qd = w.qd;
     lg->last_tag = lg->completed = lg->errors = 0;
     lg->region_sector = lg->region_sectors = 0;
+    lg->dirty_base = lg->dirty_pages = lg->dirty_written = 0;
+    lg->dirty_rate = w.dirty_rate;
     for (u32 i = 0; i < MAX_QD; i++)
         lg->slots[i].kind = SLOT_FREE;
     lg->magic = LEDGER_MAGIC;
@@ -446,7 +593,13 @@ void guest_main(const struct boot_info *bi)
     __asm__ __volatile__("" ::: "memory");
     lg->region_sector = off / SECTOR_SIZE;
     lg->region_sectors = len / SECTOR_SIZE;
+    tags_ready = 1;
+    dirty_seed = w.seed;
+    if (w.dirty)
+        dirty_init(dirty_base, w.dirty / PAGE_SIZE, w.dirty_rate);
 
     run(&dev, &w, off / SECTOR_SIZE, len);
+    if (dirty_ready)
+        dirty_verify_all();
     finish(st.errors ? EXIT_VERIFY : EXIT_PASSED);
 }

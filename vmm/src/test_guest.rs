@@ -15,8 +15,8 @@ mod workload;
 
 pub use summary::{error_lines, Summary, DONE_PREFIX, LINE_PREFIX};
 pub use workload::{
-    ledger_capacity_sectors, BlockSize, Region, WorkloadSpec, MAX_BLOCK_SIZE, MAX_OPS,
-    MAX_QUEUE_DEPTH, SECTOR_SIZE,
+    ledger_capacity_sectors, BlockSize, MemoryPlan, Region, WorkloadSpec, MAX_BLOCK_SIZE,
+    MAX_DIRTY, MAX_DIRTY_RATE, MAX_OPS, MAX_QUEUE_DEPTH, PAGE_SIZE, SECTOR_SIZE,
 };
 
 /// The flat guest image; load it at [`LOAD_ADDR`], its first byte is the entry point.
@@ -104,6 +104,11 @@ pub enum Error {
         len: u64,
         why: &'static str,
     },
+    #[error(
+        "workload dirty={dirty} does not fit in {mem_size} bytes of guest RAM beside the ledger \
+         (at most {max})"
+    )]
+    Dirty { dirty: u64, mem_size: u64, max: u64 },
     #[error("bad guest summary line: {0}")]
     Summary(String),
     #[error("bad ledger: {0}")]
@@ -141,6 +146,11 @@ impl BootInfo {
             return Err(Error::WorkloadTooLong { len: text.len() });
         }
         check_mem_size(self.mem_size)?;
+        // A text that does not parse is the guest's to refuse (exit status 2); one that does
+        // must leave the guest room for its dirty region.
+        if let Ok(spec) = WorkloadSpec::parse(&self.workload) {
+            spec.memory_plan(self.mem_size)?;
+        }
         let len =
             u32::try_from(text.len()).map_err(|_| Error::WorkloadTooLong { len: text.len() })?;
         let mut b = Vec::with_capacity(BOOT_INFO_WORKLOAD_OFFSET + text.len());
@@ -248,6 +258,25 @@ mod tests {
         assert!(matches!(bi.to_bytes(), Err(Error::MemorySize { .. })));
         bi.mem_size = MIN_MEM_SIZE;
         assert!(bi.to_bytes().is_ok());
+        // The dirty region must fit beside the ledger: 256 MiB leave 192 MiB - 4 KiB - 32 B of
+        // tags room, so 188m fits and 192m does not.
+        bi.mem_size = 256 << 20;
+        bi.workload = "dirty=188m".into();
+        assert!(bi.to_bytes().is_ok());
+        bi.workload = "dirty=192m".into();
+        assert_eq!(
+            bi.to_bytes(),
+            Err(Error::Dirty {
+                dirty: 192 << 20,
+                mem_size: 256 << 20,
+                max: (192 << 20) - 8192
+            })
+        );
+        assert!(bi
+            .to_bytes()
+            .unwrap_err()
+            .to_string()
+            .contains("dirty=201326592 does not fit"));
     }
 
     #[test]

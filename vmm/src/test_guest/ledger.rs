@@ -16,6 +16,11 @@
 //! 56  8    errors
 //! 64  24*128 slots         {u32 kind (0 free, 1 read, 2 write, 3 flush), u32 tag,
 //!                           u64 sector, u64 sectors}: the requests in flight
+//! 3136 8   dirty_base      guest-physical address of the dirty region (0: no `dirty=`)
+//! 3144 8   dirty_pages     4 KiB pages in it
+//! 3152 8   dirty_written   page rewrites done
+//! 3160 4   dirty_rate      pages rewritten per completed request
+//! 3164 4   reserved
 //! ```
 //! Tags at [`LEDGER_TAGS_ADDR`](super::LEDGER_TAGS_ADDR): one u32 per sector of the region:
 //! 0 = never written by this run, `u32::MAX` = a write failed (contents unknown), else the tag of
@@ -25,6 +30,15 @@
 //! Pattern of a sector written with tag `t` in a run with seed `s` (64 little-endian u64 words):
 //! `w[0] = sector`, `w[1] = t | s << 32`, `w[i] = mix64(k + i)` for i in 2..64 with
 //! `k = mix64(s ^ mix64(sector ^ mix64(t)))`, `mix64` = the splitmix64 finaliser.
+//!
+//! Dirty region (`dirty=SIZE`): page `p` at generation `g` holds 512 little-endian u64 words
+//! `w[0] = p`, `w[1] = g`, `w[i] = mix64(k + i)` for i in 2..512 with
+//! `k = mix64(!s ^ mix64(p ^ mix64(g)))`. After `dirty_written` rewrites page `p` holds
+//! generation [`dirty_gen`]; the page `dirty_written % dirty_pages` may be half rewritten in a
+//! memory image (the guest writes the page, then counts it).
+//!
+//! Digests of the `done` line: `ledger=` is FNV-1a 64 over the tags as little-endian bytes in
+//! region order ([`ledger_digest`]), `mem=` FNV-1a 64 over the dirty region's bytes.
 
 use super::Error;
 
@@ -39,8 +53,80 @@ pub const LEDGER_VERSION: u32 = 1;
 /// Number of slots in the header.
 pub const SLOTS: usize = 128;
 /// Bytes of the header that [`LedgerHeader::parse`] reads.
-pub const HEADER_LEN: usize = 64 + 24 * SLOTS;
+pub const HEADER_LEN: usize = 64 + 24 * SLOTS + 32;
 const SECTOR: usize = 512;
+const PAGE: usize = 4096;
+const DIRTY_OFF: usize = 64 + 24 * SLOTS;
+
+/// FNV-1a 64 offset basis: the digest of nothing.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Folds `bytes` into the FNV-1a 64 state `h` (start with [`FNV_OFFSET`]).
+pub fn fnv1a64(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The `ledger=` digest of the guest's `done` line for these tags.
+pub fn ledger_digest(tags: &[u32]) -> u64 {
+    tags.iter()
+        .fold(FNV_OFFSET, |h, t| fnv1a64(h, &t.to_le_bytes()))
+}
+
+/// The 4096 bytes of dirty-region page `page` at generation `gen` in a run with `seed`.
+pub fn dirty_page_pattern(seed: u64, page: u64, gen: u64) -> Vec<u8> {
+    let key = mix64(!seed ^ mix64(page ^ mix64(gen)));
+    let mut out = vec![0u8; PAGE];
+    for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+        let w = match i {
+            0 => page,
+            1 => gen,
+            _ => mix64(key.wrapping_add(i as u64)),
+        };
+        chunk.copy_from_slice(&w.to_le_bytes());
+    }
+    out
+}
+
+/// The generation page `page` of a `pages`-page dirty region holds after `written` rewrites
+/// (rewrite `c` writes page `c % pages` with generation `c / pages + 1`).
+pub fn dirty_gen(written: u64, pages: u64, page: u64) -> u64 {
+    if page >= written || pages == 0 {
+        0
+    } else {
+        (written - 1 - page) / pages + 1
+    }
+}
+
+/// The tags a disk's contents imply for the `sectors` 512-byte sectors in `data` starting at
+/// disk sector `first`: 0 for an all-zero sector, else the tag of the pattern it holds. Anything
+/// else (not a pattern of this seed and sector) is an error naming the sector.
+pub fn tags_from_disk(seed: u64, first: u64, data: &[u8]) -> Result<Vec<u32>, Error> {
+    if !data.len().is_multiple_of(SECTOR) {
+        return Err(Error::Ledger(format!(
+            "{} bytes is not a whole number of sectors",
+            data.len()
+        )));
+    }
+    data.chunks_exact(SECTOR)
+        .enumerate()
+        .map(|(i, d)| {
+            let sector = first + i as u64;
+            if d.iter().all(|&b| b == 0) {
+                return Ok(TAG_NEVER);
+            }
+            let tag = u32_at(d, 8);
+            if sector_matches(seed, sector, tag, d) {
+                Ok(tag)
+            } else {
+                Err(Error::Ledger(format!(
+                    "sector {sector} holds neither zeros nor a pattern of seed {seed}"
+                )))
+            }
+        })
+        .collect()
+}
 
 /// The splitmix64 finaliser.
 pub fn mix64(z: u64) -> u64 {
@@ -110,6 +196,11 @@ pub struct LedgerHeader {
     pub completed: u64,
     pub errors: u64,
     pub in_flight: Vec<InFlight>,
+    /// Guest-physical address of the dirty region (0: none).
+    pub dirty_base: u64,
+    pub dirty_pages: u64,
+    pub dirty_written: u64,
+    pub dirty_rate: u32,
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
@@ -178,7 +269,40 @@ impl LedgerHeader {
             completed: u64_at(page, 48),
             errors: u64_at(page, 56),
             in_flight,
+            dirty_base: u64_at(page, DIRTY_OFF),
+            dirty_pages: u64_at(page, DIRTY_OFF + 8),
+            dirty_written: u64_at(page, DIRTY_OFF + 16),
+            dirty_rate: u32_at(page, DIRTY_OFF + 24),
         })
+    }
+
+    /// Bytes of the dirty region.
+    pub fn dirty_len(&self) -> u64 {
+        self.dirty_pages.saturating_mul(PAGE as u64)
+    }
+
+    /// Checks a memory image of the dirty region (`region`: [`dirty_len`](Self::dirty_len)
+    /// bytes from `dirty_base`) against the rewrite count; returns the pages that hold something
+    /// else. The page being rewritten at the instant (`dirty_written % dirty_pages`) is skipped.
+    pub fn verify_dirty(&self, region: &[u8]) -> Result<Vec<u64>, Error> {
+        if region.len() as u64 != self.dirty_len() {
+            return Err(Error::Ledger(format!(
+                "dirty region image is {} bytes, the ledger says {}",
+                region.len(),
+                self.dirty_len()
+            )));
+        }
+        let busy = self.dirty_written.checked_rem(self.dirty_pages);
+        Ok(region
+            .chunks_exact(PAGE)
+            .enumerate()
+            .map(|(p, data)| (p as u64, data))
+            .filter(|&(p, data)| {
+                let gen = dirty_gen(self.dirty_written, self.dirty_pages, p);
+                Some(p) != busy && data != dirty_page_pattern(self.seed, p, gen).as_slice()
+            })
+            .map(|(p, _)| p)
+            .collect())
     }
 
     /// Bytes of tags at `LEDGER_TAGS_ADDR`.
@@ -290,6 +414,10 @@ mod tests {
         b[36..40].copy_from_slice(&32u32.to_le_bytes());
         b[40..48].copy_from_slice(&9u64.to_le_bytes());
         b[48..56].copy_from_slice(&20u64.to_le_bytes());
+        b[3136..3144].copy_from_slice(&0x0c00_0000u64.to_le_bytes());
+        b[3144..3152].copy_from_slice(&3u64.to_le_bytes());
+        b[3152..3160].copy_from_slice(&7u64.to_le_bytes());
+        b[3160..3164].copy_from_slice(&2u32.to_le_bytes());
         for (i, (kind, tag, sector, n)) in slots.iter().enumerate() {
             let off = 64 + 24 * (i * 5); // spread over the table
             b[off..off + 4].copy_from_slice(&kind.to_le_bytes());
@@ -337,6 +465,70 @@ mod tests {
         assert!(h.write_in_flight(150) && h.write_in_flight(157));
         assert!(!h.write_in_flight(158) && !h.write_in_flight(300));
         assert_eq!(h.tags_len(), 2400);
+        assert_eq!(
+            (h.dirty_base, h.dirty_pages, h.dirty_written, h.dirty_rate),
+            (0x0c00_0000, 3, 7, 2)
+        );
+        assert_eq!(h.dirty_len(), 3 * 4096);
+    }
+
+    #[test]
+    fn digests_are_fnv1a64() {
+        // Reference values of FNV-1a 64.
+        assert_eq!(fnv1a64(FNV_OFFSET, b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(FNV_OFFSET, b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(FNV_OFFSET, b"foobar"), 0x8594_4171_f739_67e8);
+        let tags = [1u32, 0, 0xdead_beef];
+        let bytes: Vec<u8> = tags.iter().flat_map(|t| t.to_le_bytes()).collect();
+        assert_eq!(ledger_digest(&tags), fnv1a64(FNV_OFFSET, &bytes));
+        assert_ne!(ledger_digest(&[1, 2]), ledger_digest(&[2, 1]));
+    }
+
+    #[test]
+    fn dirty_generations_follow_the_round_robin() {
+        // 3 pages, 7 rewrites: pages 0,1,2,0,1,2,0 -> generations 3, 2, 2.
+        assert_eq!(
+            (0..3).map(|p| dirty_gen(7, 3, p)).collect::<Vec<_>>(),
+            vec![3, 2, 2]
+        );
+        assert_eq!(dirty_gen(0, 3, 0), 0);
+        assert_eq!(dirty_gen(1, 3, 1), 0);
+        assert_eq!(dirty_gen(u64::MAX, 1, 0), u64::MAX);
+        let p = dirty_page_pattern(9, 2, 5);
+        assert_eq!((u64_at(&p, 0), u64_at(&p, 8)), (2, 5));
+        assert_eq!(u64_at(&p, 16), mix64(mix64(!9 ^ mix64(2 ^ mix64(5))) + 2));
+        assert_ne!(p, dirty_page_pattern(9, 2, 4));
+    }
+
+    #[test]
+    fn verify_dirty_finds_a_page_from_another_instant() {
+        let h = LedgerHeader::parse(&header_bytes(&[])).unwrap(); // seed 7, 3 pages, 7 written
+        let mut region: Vec<u8> = (0..3)
+            .flat_map(|p| dirty_page_pattern(7, p, dirty_gen(7, 3, p)))
+            .collect();
+        assert_eq!(h.verify_dirty(&region).unwrap(), Vec::<u64>::new());
+        // Page 1 (busy: 7 % 3) may be half rewritten; page 2 restored from an older instant.
+        region[4096 + 100] ^= 1;
+        region[8192..].copy_from_slice(&dirty_page_pattern(7, 2, 1));
+        assert_eq!(h.verify_dirty(&region).unwrap(), vec![2]);
+        region[5] ^= 1;
+        assert_eq!(h.verify_dirty(&region).unwrap(), vec![0, 2]);
+        assert!(h.verify_dirty(&region[..4096]).is_err());
+    }
+
+    #[test]
+    fn tags_from_disk_reads_back_the_patterns() {
+        let mut disk = vec![0u8; 4 * 512];
+        disk[512..1024].copy_from_slice(&sector_pattern(3, 11, 40));
+        disk[1536..].copy_from_slice(&sector_pattern(3, 13, 2));
+        let tags = tags_from_disk(3, 10, &disk).unwrap();
+        assert_eq!(tags, vec![0, 40, 0, 2]);
+        // Wrong seed, wrong place, or garbage: refused.
+        assert!(tags_from_disk(4, 10, &disk).is_err());
+        assert!(tags_from_disk(3, 11, &disk).is_err());
+        disk[700] ^= 1;
+        assert!(tags_from_disk(3, 10, &disk).is_err());
+        assert!(tags_from_disk(3, 10, &disk[..100]).is_err());
     }
 
     #[test]

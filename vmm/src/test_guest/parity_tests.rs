@@ -5,7 +5,9 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use super::ledger::{mix64, sector_pattern, HEADER_LEN};
+use super::ledger::{
+    dirty_gen, dirty_page_pattern, fnv1a64, mix64, sector_pattern, FNV_OFFSET, HEADER_LEN,
+};
 use super::{Error, WorkloadSpec, BOOT_INFO_WORKLOAD_OFFSET};
 
 /// Runs the host build of the guest logic with one command per line; returns one answer each.
@@ -75,6 +77,23 @@ const SPECS: &[&str] = &[
     "seed=0x10",
     "ops=1k",
     "region=1k:1k:1k",
+    "dirty=64m",
+    "dirty=0",
+    "dirty=4k,dirty_rate=4096",
+    "dirty=3g",
+    "dirty=3145728k",
+    "dirty=3221229568",
+    "dirty=4g",
+    "dirty=6k",
+    "dirty=100",
+    "dirty=",
+    "dirty=1m,dirty=2m",
+    "dirty_rate=0",
+    "dirty_rate=4097",
+    "dirty_rate=1",
+    "dirty_rate=7",
+    "dirty_rate=1k",
+    "seed=9,ops=500,read=30,bs=512-64k,region=0:64m,qd=32,flush=16,dirty=16m,dirty_rate=4",
 ];
 
 #[test]
@@ -132,7 +151,92 @@ fn struct_layouts_match_the_guest() {
     let expect = format!(
         "boot_info mem_size=8 tsc_khz=28 workload_len=32 workload={BOOT_INFO_WORKLOAD_OFFSET} \
          ledger seed=8 region_sector=16 region_sectors=24 state=32 qd=36 last_tag=40 \
-         completed=48 errors=56 slots=64 slot_size=24 size={HEADER_LEN}"
+         completed=48 errors=56 slots=64 slot_size=24 dirty_base=3136 dirty_pages=3144 \
+         dirty_written=3152 dirty_rate=3160 size={HEADER_LEN}"
     );
     assert_eq!(answers[0], expect);
+}
+
+#[test]
+fn dirty_pattern_generations_and_digest_match_the_guest() {
+    let pages: &[(u64, u64, u64)] = &[(1, 0, 0), (77, 16383, 9), (u64::MAX, u64::MAX, u64::MAX)];
+    let gens: &[(u64, u64, u64)] = &[(0, 4, 0), (5, 4, 0), (5, 4, 1), (9, 4, 3), (u64::MAX, 3, 2)];
+    let blobs: &[&[u8]] = &[b"", b"a", b"foobar", &[0, 1, 2, 0xff, 0x80, 0x7f, 0x10]];
+    let mut cmds: Vec<String> = pages
+        .iter()
+        .map(|(s, p, g)| format!("dirty {s} {p} {g}"))
+        .collect();
+    cmds.extend(gens.iter().map(|(w, n, p)| format!("gen {w} {n} {p}")));
+    cmds.extend(blobs.iter().map(|b| {
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        format!("fnv {hex}")
+    }));
+    let answers = guest_logic(&cmds);
+    let mut a = answers.iter();
+    for (seed, page, gen) in pages {
+        let hex: String = dirty_page_pattern(*seed, *page, *gen)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(a.next().unwrap(), &hex, "dirty {seed} {page} {gen}");
+    }
+    for (written, n, page) in gens {
+        let want = dirty_gen(*written, *n, *page).to_string();
+        assert_eq!(a.next().unwrap(), &want, "gen {written} {n} {page}");
+    }
+    for b in blobs {
+        let want = format!("{:016x}", fnv1a64(FNV_OFFSET, b));
+        assert_eq!(a.next().unwrap(), &want, "fnv {b:?}");
+    }
+}
+
+#[test]
+fn memory_plan_matches_the_guest() {
+    let cases: &[(u64, &str)] = &[
+        (256 << 20, ""),
+        (256 << 20, "dirty=64m"),
+        (256 << 20, "dirty=188m"),
+        (256 << 20, "dirty=192m"),
+        (256 << 20, "dirty=192m,bs=256k"),
+        ((256 << 20) + 512, "dirty=4k"),
+        (3 << 30, "dirty=3g"),
+        (3 << 30, "dirty=2g"),
+        (4 << 30, "dirty=2g"),
+        ((64 << 20) + 8192, "bs=4k"),
+        ((64 << 20) + 4096, "bs=4k"),
+        (64 << 20, ""),
+    ];
+    let specs: Vec<WorkloadSpec> = cases
+        .iter()
+        .map(|(_, t)| WorkloadSpec::parse(t).unwrap())
+        .collect();
+    let cmds: Vec<String> = cases
+        .iter()
+        .zip(&specs)
+        .map(|((mem, _), w)| format!("plan {mem} {} {}", w.dirty, w.block_size.max))
+        .collect();
+    let answers = guest_logic(&cmds);
+    let mut refused = 0;
+    for (((mem, text), w), answer) in cases.iter().zip(&specs).zip(&answers) {
+        match w.memory_plan(*mem) {
+            Ok(p) => {
+                assert_eq!(
+                    answer,
+                    &format!("ok {} {}", p.dirty_base, p.ledger_sectors),
+                    "{mem} {text}"
+                );
+                assert_eq!(p.dirty_pages, w.dirty / 4096);
+            }
+            Err(Error::Dirty { max, .. }) => {
+                assert_eq!(answer, &format!("err -2 {max}"), "{mem} {text}");
+                refused += 1;
+            }
+            Err(Error::MemorySize { .. }) => {
+                assert_eq!(answer, "err -1 0", "{mem} {text}");
+                refused += 1;
+            }
+            Err(e) => panic!("{mem} {text}: {e:?}"),
+        }
+    }
+    assert!(refused >= 3 && refused < cases.len(), "{answers:?}");
 }

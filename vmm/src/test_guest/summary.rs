@@ -11,7 +11,8 @@ pub const DONE_PREFIX: &str = "strata-guest: done ";
 const ERROR_PREFIX: &str = "strata-guest: error ";
 
 /// The counters of the guest's final line
-/// `strata-guest: done ops=N reads=N writes=N flushes=N errors=N bytes=N cycles=N iops=N`.
+/// `strata-guest: done ops=N reads=N writes=N flushes=N errors=N bytes=N cycles=N iops=N
+/// max_stall_us=N dirtied=N ledger=X mem=X` (X: 16 lowercase hex digits).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Summary {
     /// Reads plus writes completed.
@@ -27,11 +28,34 @@ pub struct Summary {
     pub cycles: u64,
     /// `ops` per second by the guest's TSC (0 if the VMM gave no TSC frequency).
     pub iops: u64,
+    /// The longest gap between two turns of the guest's main loop, in microseconds by its TSC
+    /// (0 without a TSC frequency): the downtime as the guest felt it.
+    pub max_stall_us: u64,
+    /// Pages of the dirty region rewritten (0 without `dirty=`).
+    pub dirtied: u64,
+    /// FNV-1a 64 of the ledger tags (little-endian u32s, in region order): see
+    /// [`ledger_digest`](super::ledger::ledger_digest).
+    pub ledger: u64,
+    /// FNV-1a 64 of the dirty region's bytes (of nothing without `dirty=`).
+    pub mem: u64,
 }
 
-const KEYS: [&str; 8] = [
-    "ops", "reads", "writes", "flushes", "errors", "bytes", "cycles", "iops",
+const KEYS: [&str; 12] = [
+    "ops",
+    "reads",
+    "writes",
+    "flushes",
+    "errors",
+    "bytes",
+    "cycles",
+    "iops",
+    "max_stall_us",
+    "dirtied",
+    "ledger",
+    "mem",
 ];
+/// Keys whose value is 16 hex digits rather than decimal.
+const HEX_KEYS: [&str; 2] = ["ledger", "mem"];
 
 impl Summary {
     /// Parses one `done` line (a trailing `\r`/`\n` is ignored). Every key must appear once.
@@ -40,7 +64,7 @@ impl Summary {
         let rest = line
             .strip_prefix(DONE_PREFIX)
             .ok_or_else(|| Error::Summary(format!("not a done line: {line:?}")))?;
-        let mut values: [Option<u64>; 8] = [None; 8];
+        let mut values: [Option<u64>; 12] = [None; 12];
         for item in rest.split(' ') {
             let (key, value) = item
                 .split_once('=')
@@ -49,11 +73,20 @@ impl Summary {
                 .iter()
                 .position(|k| *k == key)
                 .ok_or_else(|| Error::Summary(format!("unknown key {key:?}")))?;
-            let v = value
-                .parse::<u64>()
-                .ok()
-                .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
-                .ok_or_else(|| Error::Summary(format!("{key}: bad number {value:?}")))?;
+            let v = if HEX_KEYS.contains(&key) {
+                u64::from_str_radix(value, 16).ok().filter(|_| {
+                    value.len() == 16
+                        && value
+                            .bytes()
+                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                })
+            } else {
+                value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
+            }
+            .ok_or_else(|| Error::Summary(format!("{key}: bad number {value:?}")))?;
             if values[i].replace(v).is_some() {
                 return Err(Error::Summary(format!("duplicate key {key:?}")));
             }
@@ -69,6 +102,10 @@ impl Summary {
             bytes: get(5)?,
             cycles: get(6)?,
             iops: get(7)?,
+            max_stall_us: get(8)?,
+            dirtied: get(9)?,
+            ledger: get(10)?,
+            mem: get(11)?,
         })
     }
 
@@ -100,7 +137,8 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{DONE_PREFIX}ops={} reads={} writes={} flushes={} errors={} bytes={} cycles={} iops={}",
+            "{DONE_PREFIX}ops={} reads={} writes={} flushes={} errors={} bytes={} cycles={} iops={} \
+             max_stall_us={} dirtied={} ledger={:016x} mem={:016x}",
             self.ops,
             self.reads,
             self.writes,
@@ -108,7 +146,11 @@ impl fmt::Display for Summary {
             self.errors,
             self.bytes,
             self.cycles,
-            self.iops
+            self.iops,
+            self.max_stall_us,
+            self.dirtied,
+            self.ledger,
+            self.mem
         )
     }
 }
@@ -118,7 +160,8 @@ mod tests {
     use super::*;
 
     const LINE: &str = "strata-guest: done ops=20000 reads=10038 writes=9962 flushes=155 \
-                        errors=0 bytes=81920000 cycles=705084030 iops=69364";
+                        errors=0 bytes=81920000 cycles=705084030 iops=69364 max_stall_us=812 \
+                        dirtied=40000 ledger=00f1e2d3c4b5a697 mem=cbf29ce484222325";
 
     #[test]
     fn parses_a_done_line() {
@@ -133,7 +176,11 @@ mod tests {
                 errors: 0,
                 bytes: 81_920_000,
                 cycles: 705_084_030,
-                iops: 69364
+                iops: 69364,
+                max_stall_us: 812,
+                dirtied: 40000,
+                ledger: 0x00f1_e2d3_c4b5_a697,
+                mem: 0xcbf2_9ce4_8422_2325,
             }
         );
         assert_eq!(s.to_string(), LINE);
@@ -151,6 +198,12 @@ mod tests {
             &LINE.replace("ops=20000", "ops=2x"),
             &LINE.replace("iops=69364", "iops=99999999999999999999"),
             &LINE.replace(' ', "  "),
+            &LINE.replace(" mem=cbf29ce484222325", ""),
+            &LINE.replace("mem=cbf29ce484222325", "mem=cbf29ce48422232"),
+            &LINE.replace("mem=cbf29ce484222325", "mem=CBF29CE484222325"),
+            &LINE.replace("mem=cbf29ce484222325", "mem=+bf29ce484222325"),
+            &LINE.replace("ledger=00f1e2d3c4b5a697", "ledger=16"),
+            &LINE.replace("max_stall_us=812", "max_stall_us=ff"),
         ];
         for line in bad {
             assert!(

@@ -4,14 +4,25 @@
 //! `key=value` items separated by `,` (surrounding blanks of the whole text are ignored):
 //! `seed` (u64), `ops` (0..=2e9), `read` (percent 0..=100), `bs` (a size or a range `MIN-MAX`,
 //! multiples of 512, 512..=256k), `region` (`OFFSET:LEN` in bytes, multiples of 512), `qd`
-//! (1..=128), `flush` (a FLUSH after every N writes, 0 = never), `verify` (0/1). Sizes take a
+//! (1..=128), `flush` (a FLUSH after every N writes, 0 = never), `verify` (0/1), `dirty` (bytes
+//! of guest RAM the guest also rewrites round-robin, a multiple of 4k, at most 3g, 0 = off),
+//! `dirty_rate` (pages of that region rewritten per completed request, 1..=4096). Sizes take a
 //! `k`/`m`/`g` suffix (powers of 1024). Defaults: `seed=1,ops=10000,read=50,bs=4k,qd=32,flush=0,
-//! verify=1`, region = whole disk capped by the ledger's room in guest RAM.
+//! verify=1,dirty=0,dirty_rate=1`, region = whole disk capped by the ledger's room in guest RAM.
+//! The normalised form leaves `dirty` and `dirty_rate` out when they have their defaults.
+//!
+//! With `dirty=SIZE` the region is the last SIZE bytes of RAM below 3 GiB (see
+//! [`MemoryPlan`]); the ledger tags get the RAM between `LEDGER_TAGS_ADDR` and it. The guest
+//! fills every page with generation 0 at set-up, then after each completed request rewrites the
+//! next `dirty_rate` pages (page `c % pages` with generation `c / pages + 1` for rewrite `c`),
+//! each after checking that it still holds what it last wrote, and checks the whole region again
+//! at the end; a mismatch counts in `errors=`. Rewrites follow completions, not time, so the
+//! region's final contents (the `mem=` digest of the `done` line) depend only on the workload.
 
 use std::fmt;
 use std::str::FromStr;
 
-use super::{Error, GUEST_QUEUE_MAX, LEDGER_TAGS_ADDR};
+use super::{Error, GUEST_QUEUE_MAX, LEDGER_TAGS_ADDR, MAX_MEM_SIZE};
 
 /// Sector size of the workload's addressing.
 pub const SECTOR_SIZE: u64 = 512;
@@ -22,7 +33,14 @@ pub const MAX_QUEUE_DEPTH: u8 = 128;
 /// Most operations (write tags are u32).
 pub const MAX_OPS: u64 = 2_000_000_000;
 
-const KEYS: &str = "seed, ops, read, bs, region, qd, flush, verify";
+/// Size of the pages of the dirty region.
+pub const PAGE_SIZE: u64 = 4096;
+/// Largest `dirty=` (the guest's RAM below the MMIO hole).
+pub const MAX_DIRTY: u64 = MAX_MEM_SIZE;
+/// Largest `dirty_rate=` (pages per completed request).
+pub const MAX_DIRTY_RATE: u32 = 4096;
+
+const KEYS: &str = "seed, ops, read, bs, region, qd, flush, verify, dirty, dirty_rate";
 
 /// Request sizes: each request is `min..=max` bytes (a multiple of 512, uniformly chosen) at an
 /// offset aligned to `min`.
@@ -53,6 +71,23 @@ pub struct WorkloadSpec {
     /// A FLUSH after every this many writes; 0 = never.
     pub flush_every: u32,
     pub verify: bool,
+    /// Bytes of RAM rewritten round-robin between I/Os (a multiple of 4096); 0 = off.
+    pub dirty: u64,
+    /// Pages of the dirty region rewritten per completed request.
+    pub dirty_rate: u32,
+}
+
+/// Where the guest puts its ledger tags and dirty region in its RAM, by the guest's rules
+/// (`memory_plan` in `vmm/guest/logic.c`): `top` = RAM below 3 GiB rounded down to 4 KiB, the
+/// dirty region is `[top - dirty, top)`, the tags run from `LEDGER_TAGS_ADDR` up to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Guest-physical address of the dirty region (`top` when `dirty=0`).
+    pub dirty_base: u64,
+    /// Pages of the dirty region.
+    pub dirty_pages: u64,
+    /// Sectors the ledger can track.
+    pub ledger_sectors: u64,
 }
 
 impl Default for WorkloadSpec {
@@ -69,6 +104,8 @@ impl Default for WorkloadSpec {
             queue_depth: 32,
             flush_every: 0,
             verify: true,
+            dirty: 0,
+            dirty_rate: 1,
         }
     }
 }
@@ -101,6 +138,8 @@ fn help(key: &str) -> &'static str {
         "region" => "OFFSET:LEN, sizes in bytes (k/m/g suffixes), multiples of 512, LEN > 0",
         "qd" => "a number 1..=128",
         "flush" => "a decimal number 0..=4294967295",
+        "dirty" => "a size (0 = off, 64m), a multiple of 4k, at most 3g",
+        "dirty_rate" => "a number of pages 1..=4096",
         _ => "0 or 1",
     }
 }
@@ -199,9 +238,46 @@ impl WorkloadSpec {
                     as u8
             }
             "flush" => self.flush_every = u32::try_from(parse_num(v, false)?).ok()?,
+            "dirty" => {
+                self.dirty =
+                    parse_num(v, true).filter(|&n| n.is_multiple_of(PAGE_SIZE) && n <= MAX_DIRTY)?
+            }
+            "dirty_rate" => {
+                self.dirty_rate = parse_num(v, false)
+                    .filter(|&n| (1..=u64::from(MAX_DIRTY_RATE)).contains(&n))?
+                    as u32
+            }
             _ => self.verify = parse_num(v, false).filter(|&n| n <= 1)? == 1,
         }
         Some(())
+    }
+
+    /// The guest's placement of its dirty region and ledger tags in `mem_size` bytes of RAM;
+    /// an error here is the one that makes the guest exit with status 2 (the dirty region does
+    /// not fit) or 3 (too little RAM for the ledger of one largest block).
+    pub fn memory_plan(&self, mem_size: u64) -> Result<MemoryPlan, Error> {
+        let top = mem_size.min(MAX_MEM_SIZE) & !(PAGE_SIZE - 1);
+        let need = LEDGER_TAGS_ADDR + 4 * (u64::from(self.block_size.max) / SECTOR_SIZE);
+        let Some(room) = top.checked_sub(need) else {
+            return Err(Error::MemorySize {
+                size: mem_size,
+                why: "too small for the buffers and the ledger of one largest block",
+            });
+        };
+        let max = room & !(PAGE_SIZE - 1);
+        if self.dirty > max {
+            return Err(Error::Dirty {
+                dirty: self.dirty,
+                mem_size,
+                max,
+            });
+        }
+        let dirty_base = top - self.dirty;
+        Ok(MemoryPlan {
+            dirty_base,
+            dirty_pages: self.dirty / PAGE_SIZE,
+            ledger_sectors: (dirty_base - LEDGER_TAGS_ADDR) / 4,
+        })
     }
 
     /// The region the guest will use on a disk of `disk_bytes` with `mem_size` bytes of RAM,
@@ -210,7 +286,7 @@ impl WorkloadSpec {
     pub fn effective_region(&self, disk_bytes: u64, mem_size: u64) -> Result<Region, Error> {
         super::check_mem_size(mem_size)?;
         let cap = disk_bytes / SECTOR_SIZE * SECTOR_SIZE;
-        let max_sectors = ledger_capacity_sectors(mem_size);
+        let max_sectors = self.memory_plan(mem_size)?.ledger_sectors;
         let region = match self.region {
             Some(r) => r,
             None => Region {
@@ -255,8 +331,8 @@ impl WorkloadSpec {
     }
 }
 
-/// Sectors the ledger can track with `mem_size` bytes of RAM (a u32 tag per sector from
-/// `LEDGER_TAGS_ADDR` to the end of RAM).
+/// Sectors the ledger can track with `mem_size` bytes of RAM and no dirty region (a u32 tag
+/// per sector from `LEDGER_TAGS_ADDR` to the end of RAM).
 pub fn ledger_capacity_sectors(mem_size: u64) -> u64 {
     mem_size.saturating_sub(LEDGER_TAGS_ADDR) / 4
 }
@@ -307,7 +383,14 @@ impl fmt::Display for WorkloadSpec {
             self.queue_depth,
             self.flush_every,
             u8::from(self.verify)
-        )
+        )?;
+        if self.dirty != 0 {
+            write!(f, ",dirty={}", size(self.dirty))?;
+        }
+        if self.dirty_rate != 1 {
+            write!(f, ",dirty_rate={}", self.dirty_rate)?;
+        }
+        Ok(())
     }
 }
 
@@ -381,7 +464,8 @@ mod tests {
     fn refuses_bad_specs_with_the_guest_messages() {
         assert_eq!(
             err("seed=1,colour=red"),
-            "unknown key 'colour' (known: seed, ops, read, bs, region, qd, flush, verify)"
+            "unknown key 'colour' (known: seed, ops, read, bs, region, qd, flush, verify, dirty, \
+             dirty_rate)"
         );
         assert_eq!(err("seed=1,"), "expected key=value, got ''");
         assert_eq!(err("verify"), "expected key=value, got 'verify'");

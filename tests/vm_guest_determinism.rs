@@ -1,0 +1,225 @@
+//! The built-in test guest is deterministic, and its dirty region is checked (needs /dev/kvm,
+//! real KVM through `strata run`):
+//! - two runs of one seed and workload (qd=32, mixed block sizes, flushes, a dirty region) end
+//!   with byte-identical disks (`strata disk export` + compare) and identical `ledger=` and
+//!   `mem=` digests; the ledger digest is the one the exported disk implies; another seed
+//!   changes both;
+//! - a page of the dirty region replaced under the running guest by another page (what a memory
+//!   snapshot that restored the wrong page looks like) is reported and fails the run.
+//!
+//! This is the oracle the VM checkpoint tests build on: an uninterrupted run is the reference.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use vmm::test_guest::{ledger, Summary, SECTOR_SIZE};
+
+fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("this test needs read/write access to /dev/kvm ({e}); run it on a KVM-capable host");
+    }
+}
+
+fn strata(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .output()
+        .expect("running strata")
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}: {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Disk size of these runs; the workload's region is its first `REGION` bytes.
+const DISK: &str = "64M";
+const REGION: u64 = 16 << 20;
+/// qd=32 over a 16 MiB region with 512 B..64 KiB requests: new requests often overlap ones in
+/// flight, so the guest's ordering of overlapping requests is what keeps the disk deterministic.
+const WORKLOAD: &str =
+    "ops=3000,read=40,bs=512-64k,region=0:16m,qd=32,flush=16,dirty=8m,dirty_rate=3";
+
+/// Creates a fresh disk in `dir`, runs the workload with `seed` on it, exports it; returns the
+/// guest's summary and the exported image.
+fn run_and_export(dir: &Path, name: &str, seed: u64) -> (Summary, Vec<u8>) {
+    let disk = dir.join(name);
+    let d = disk.to_str().unwrap();
+    ok(
+        &strata(&["disk", "create", d, "--size", DISK]),
+        "disk create",
+    );
+    let workload = format!("seed={seed},{WORKLOAD}");
+    let stdout = ok(
+        &strata(&["run", "--disk", d, "--workload", &workload]),
+        "strata run",
+    );
+    let summary = Summary::from_console(&stdout).unwrap_or_else(|e| panic!("{e}:\n{stdout}"));
+    assert_eq!(summary.errors, 0, "{stdout}");
+    assert!(vmm::test_guest::error_lines(&stdout).is_empty(), "{stdout}");
+    let image = dir.join(format!("{name}.raw"));
+    ok(
+        &strata(&["disk", "export", "--output", image.to_str().unwrap(), d]),
+        "disk export",
+    );
+    let bytes = std::fs::read(&image).unwrap();
+    std::fs::remove_file(&image).unwrap();
+    (summary, bytes)
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or((a.len() != b.len()).then(|| a.len().min(b.len())))
+}
+
+#[test]
+fn two_runs_of_one_workload_end_with_identical_disks_and_digests() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, disk_a) = run_and_export(dir.path(), "a", 42);
+    let (b, disk_b) = run_and_export(dir.path(), "b", 42);
+
+    assert_eq!(disk_a.len(), 64 << 20);
+    if let Some(at) = first_difference(&disk_a, &disk_b) {
+        panic!(
+            "the two runs' disks differ first at byte {at} (sector {}):\n{a}\n{b}",
+            at as u64 / SECTOR_SIZE
+        );
+    }
+    // Everything the workload decides is the same; only timing may differ.
+    assert_eq!(
+        (a.ops, a.reads, a.writes, a.flushes, a.bytes, a.dirtied),
+        (b.ops, b.reads, b.writes, b.flushes, b.bytes, b.dirtied)
+    );
+    assert_eq!(a.ledger, b.ledger, "ledger digests differ:\n{a}\n{b}");
+    assert_eq!(a.mem, b.mem, "dirty region digests differ:\n{a}\n{b}");
+    assert!(a.writes > 1000 && a.flushes > 50, "{a}");
+    // Every completed request rewrote 3 pages of the 8 MiB (2048-page) region: several passes.
+    assert_eq!(a.dirtied, 3 * (a.ops + a.flushes), "{a}");
+    assert!(a.dirtied > 2 * 2048, "{a}");
+
+    // The ledger digest is the one the disk implies: each sector of the region holds the
+    // pattern of its last write (or zeros), and nothing outside the region was written.
+    let region = &disk_a[..REGION as usize];
+    let tags = ledger::tags_from_disk(42, 0, region).unwrap();
+    assert!(tags.iter().filter(|&&t| t != 0).count() > 10_000);
+    assert_eq!(ledger::ledger_digest(&tags), a.ledger, "{a}");
+    assert!(disk_a[REGION as usize..].iter().all(|&x| x == 0));
+
+    // Another seed: another disk and other digests (the digests are not constants).
+    let (c, disk_c) = run_and_export(dir.path(), "c", 43);
+    assert_eq!(c.errors, 0);
+    assert_ne!(disk_a, disk_c);
+    assert_ne!(a.ledger, c.ledger);
+    assert_ne!(a.mem, c.mem);
+    let tags = ledger::tags_from_disk(43, 0, &disk_c[..REGION as usize]).unwrap();
+    assert_eq!(ledger::ledger_digest(&tags), c.ledger);
+}
+
+/// Guest memory size of the memory test: an unusual size, so its mapping is easy to find.
+const MEM_SIZE: u64 = 200 << 20;
+const DIRTY: u64 = 4 << 20;
+
+/// The start of `pid`'s mapping of guest RAM: the only read-write mapping of `MEM_SIZE` bytes.
+fn guest_ram(pid: u32) -> u64 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let found: Vec<u64> = maps
+        .lines()
+        .filter_map(|l| {
+            let (range, rest) = l.split_once(' ')?;
+            let (lo, hi) = range.split_once('-')?;
+            let (lo, hi) = (
+                u64::from_str_radix(lo, 16).ok()?,
+                u64::from_str_radix(hi, 16).ok()?,
+            );
+            (hi - lo == MEM_SIZE && rest.starts_with("rw")).then_some(lo)
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "guest RAM mappings {found:?} in:\n{maps}");
+    found[0]
+}
+
+#[test]
+fn a_page_of_the_dirty_region_from_elsewhere_is_caught() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    let d = disk.to_str().unwrap();
+    ok(
+        &strata(&["disk", "create", d, "--size", "64M"]),
+        "disk create",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["run", "--disk", d, "--memory", &MEM_SIZE.to_string()])
+        .args([
+            "--workload",
+            "seed=9,ops=3000,read=50,bs=4k,region=0:8m,qd=8,dirty=4m,dirty_rate=4",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning strata");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut console = String::new();
+    // The dirty region is filled before the first request; the first progress line (10% of the
+    // ops) comes well after.
+    loop {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "no progress line:\n{console}"
+        );
+        console.push_str(&line);
+        if line.starts_with("strata-guest: progress") {
+            break;
+        }
+    }
+    // Put copies of other pages (valid patterns, but of page 0 at generation 0..) over three
+    // pages far apart, as a memory image restored from the wrong place would. At most the one
+    // page the guest is rewriting at this instant can escape (it checked it already).
+    let ram = guest_ram(child.id());
+    let base = ram + MEM_SIZE - DIRTY;
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{}/mem", child.id()))
+        .unwrap();
+    let mut page0 = vec![0u8; 4096];
+    mem.read_exact_at(&mut page0, base).unwrap();
+    assert_eq!(u64::from_le_bytes(page0[..8].try_into().unwrap()), 0);
+    let victims = [100u64, 400, 700];
+    for p in victims {
+        mem.write_all_at(&page0, base + p * 4096).unwrap();
+    }
+    drop(mem);
+    stdout.read_to_string(&mut console).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "verification failure expected:\n{console}"
+    );
+    let summary = Summary::from_console(&console).unwrap();
+    let caught: Vec<u64> = victims
+        .into_iter()
+        .filter(|p| console.contains(&format!("error mem page={p} ")))
+        .collect();
+    assert!(caught.len() >= 2, "caught {caught:?}:\n{console}");
+    assert_eq!(summary.errors, caught.len() as u64, "{console}");
+    // The lines name what was found there: page 0.
+    assert!(console.contains(" found_page=0 "), "{console}");
+}

@@ -17,6 +17,7 @@ mod format;
 mod index;
 mod layer;
 mod rangelock;
+mod safe_open;
 mod tree;
 mod uring;
 mod view;
@@ -33,5 +34,7 @@ pub use volume::Volume;
 pub const SECTOR_SIZE: u64 = 512;
 /// The journal's internal block size: the unit of redirection and of checksums.
 pub const BLOCK_SIZE: u64 = 4096;
+#[cfg(test)]
+mod hardening_tests;
 #[cfg(test)]
 mod tests;

@@ -635,14 +635,31 @@ impl Disk {
     }
 
     /// Writes a flattened raw image of `name` (or Now) to `out`, sparse where it reads zeros.
+    /// `out` may not be, or lie inside, the disk directory or its base image; the image is
+    /// written to a temporary file beside `out` and renamed over it once complete, so a
+    /// failure leaves no partial output.
     pub fn export(&self, name: Option<&str>, out: &Path) -> Result<()> {
+        self.check_export_target(out)?;
         let view = match name {
             Some(n) => self.checkpoint_view(n)?,
             None => self.now.clone(),
         };
+        let file_name = out
+            .file_name()
+            .ok_or_else(|| Error::Invalid(format!("{} names no file", out.display())))?;
+        let tmp = out.with_file_name(format!(
+            ".{}.strata-export-{}",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?;
         let result = (|| {
-            let f = File::create(out).map_err(|e| Error::io(out, e))?;
-            f.set_len(view.size()).map_err(|e| Error::io(out, e))?;
+            f.set_len(view.size()).map_err(|e| Error::io(&tmp, e))?;
             const CHUNK: u64 = 1 << 20;
             let mut buf = vec![0u8; CHUNK as usize];
             let mut off = 0;
@@ -651,16 +668,74 @@ impl Disk {
                 view.read_at(&mut buf[..n], off)?;
                 if buf[..n].iter().any(|&b| b != 0) {
                     f.write_all_at(&buf[..n], off)
-                        .map_err(|e| Error::io(out, e))?;
+                        .map_err(|e| Error::io(&tmp, e))?;
                 }
                 off += n as u64;
             }
-            f.sync_all().map_err(|e| Error::io(out, e))
+            f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+            fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
         })();
         if result.is_err() {
-            let _ = fs::remove_file(out);
+            let _ = fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// Refuses an export target that is one of the disk's files, lies inside the disk
+    /// directory, is the base image, or exists and is not a regular file.
+    fn check_export_target(&self, out: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let refuse = |why: &str| {
+            Err(Error::Invalid(format!(
+                "refusing to export to {}: {why}",
+                out.display()
+            )))
+        };
+        let mut own: HashSet<(u64, u64)> = HashSet::new();
+        let mut add = |p: &Path| {
+            if let Ok(m) = fs::metadata(p) {
+                own.insert((m.dev(), m.ino()));
+            }
+        };
+        add(&self.dir);
+        add(&self.dir.join(LAYERS_DIR));
+        for d in [self.dir.clone(), self.dir.join(LAYERS_DIR)] {
+            if let Ok(entries) = fs::read_dir(&d) {
+                for e in entries.flatten() {
+                    add(&e.path());
+                }
+            }
+        }
+        if let Some(b) = &self.tree.base {
+            add(&b.path);
+        }
+        if let Some(b) = &self.base {
+            if let Ok(m) = b.file.metadata() {
+                own.insert((m.dev(), m.ino()));
+            }
+        }
+        match fs::metadata(out) {
+            Ok(m) => {
+                if own.contains(&(m.dev(), m.ino())) {
+                    return refuse("it is a file of the disk or its base image");
+                }
+                if !m.is_file() {
+                    return refuse("it exists and is not a regular file");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(out, e)),
+        }
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let parent = fs::canonicalize(parent).map_err(|e| Error::io(parent, e))?;
+        let dir = fs::canonicalize(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        if parent.starts_with(&dir) {
+            return refuse("it lies inside the disk directory");
+        }
+        Ok(())
     }
 
     /// Verifies every log record, and the checksum of every block that some checkpoint or

@@ -15,7 +15,7 @@ use crate::format::{Record, RecordKind, ZERO_BLOCK};
 use crate::index::{Index, Loc};
 use crate::layer::{preallocate, LayerFiles};
 use crate::rangelock::{RangeGuard, RangeLock};
-use crate::{AlignedBuf, Error, Result, BLOCK_SIZE, SECTOR_SIZE};
+use crate::{AlignedBuf, Error, Result, BLOCK_SIZE};
 
 /// Pending records beyond which the log is appended (without waiting for a FLUSH).
 const MAX_PENDING_RECORDS: usize = 1 << 18;
@@ -308,7 +308,8 @@ pub(crate) enum Planned {
 }
 
 /// A readable (and, for Now, writable) view. All methods take `&self` and are thread-safe.
-/// Offsets and lengths must be multiples of 512 bytes; any length is accepted.
+/// Offsets and lengths have byte granularity: a write that covers part of a 4 KiB block
+/// reads the rest of the block and rewrites it whole, holding the block's range lock.
 pub struct Volume {
     size: u64,
     read_only: bool,
@@ -369,10 +370,9 @@ impl Volume {
         self.state().layers.len()
     }
 
+    /// Any byte offset and length inside the disk is accepted: partial blocks are
+    /// read-modify-written under the block range lock.
     pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
-            return Err(Error::Unaligned { offset, len });
-        }
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(Error::OutOfRange {
                 offset,

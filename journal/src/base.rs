@@ -1,10 +1,11 @@
 //! The optional read-only raw base image under every layer.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::disk::CacheMode;
+use crate::safe_open::{open_regular, open_regular_flags, Links};
 use crate::tree::BaseRef;
 use crate::{Error, Result, BLOCK_SIZE, SECTOR_SIZE};
 
@@ -18,31 +19,36 @@ pub struct BaseImage {
     pub size: u64,
 }
 
+/// Names the base image in a "not a regular file" error.
+fn not_regular(path: &Path, e: Error) -> Error {
+    match e {
+        Error::NotRegular(_) => Error::BaseChanged {
+            path: path.to_path_buf(),
+            why: "not a regular file".into(),
+        },
+        e => e,
+    }
+}
+
 impl BaseImage {
     /// Opens `path` read-only (O_DIRECT when `cache` is none and the filesystem allows it).
     pub fn open(path: &Path, cache: CacheMode) -> Result<BaseImage> {
         let mut opts = OpenOptions::new();
         opts.read(true);
+        // The path is the user's choice: a symlink is followed, but only to a regular file
+        // (checked before any read, and without blocking on a FIFO).
         let file = if cache == CacheMode::None {
-            let mut d = opts.clone();
-            d.custom_flags(libc::O_DIRECT);
-            match d.open(path) {
+            match open_regular_flags(path, &opts, Links::Follow, libc::O_DIRECT) {
                 Ok(f) => f,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    opts.open(path).map_err(|e| Error::io(path, e))?
+                Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                    open_regular(path, &opts, Links::Follow).map_err(|e| not_regular(path, e))?
                 }
-                Err(e) => return Err(Error::io(path, e)),
+                Err(e) => return Err(not_regular(path, e)),
             }
         } else {
-            opts.open(path).map_err(|e| Error::io(path, e))?
+            open_regular(path, &opts, Links::Follow).map_err(|e| not_regular(path, e))?
         };
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        if !meta.is_file() {
-            return Err(Error::BaseChanged {
-                path: path.to_path_buf(),
-                why: "not a regular file".into(),
-            });
-        }
         let size = meta.len();
         if size % SECTOR_SIZE != 0 {
             return Err(Error::BaseChanged {

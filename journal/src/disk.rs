@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,9 +12,10 @@ use serde::Serialize;
 use crate::base::BaseImage;
 use crate::format::{RecordKind, LOG_HEADER_SIZE};
 use crate::layer::{self, LayerFiles, LAYERS_DIR};
+use crate::safe_open::{open_regular, Links};
 use crate::tree::{sync_dir, unix_now, Node, NowNode, Tree, TREE_FILE, TREE_FORMAT};
-use crate::view::{build_state, build_view, DiskFiles};
-use crate::volume::{ActiveLayer, Volume};
+use crate::view::{build_state, build_view, DiskFiles, Tail};
+use crate::volume::{ActiveLayer, ViewState, Volume};
 use crate::{AlignedBuf, Error, Result, BLOCK_SIZE, SECTOR_SIZE};
 
 /// Name of the lock file inside a disk directory.
@@ -128,13 +129,13 @@ fn random_u128() -> Result<u128> {
 
 fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
-    let f = fs::OpenOptions::new()
-        .read(true)
+    let mut opts = fs::OpenOptions::new();
+    opts.read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
+        .mode(0o600);
+    let f = open_regular(&path, &opts, Links::Refuse)?;
     // SAFETY: flock only reads the fd, which `f` keeps open.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r != 0 {
@@ -238,7 +239,20 @@ impl Disk {
             size: tree.size,
             cache: opts.cache,
         };
-        let now = build_view(files, &lineage, own_from, !opts.read_only, base.clone())?;
+        let now = match build_state(files, &lineage, own_from, !opts.read_only, Tail::Active) {
+            Ok(state) => Volume::new(tree.size, opts.read_only, base.clone(), state),
+            // A read-only open still serves the checkpoints that do not use the damage.
+            Err(e) if opts.read_only => {
+                tracing::warn!("Now cannot be read: {e}");
+                Volume::new(
+                    tree.size,
+                    true,
+                    base.clone(),
+                    ViewState::unreadable(e.to_string()),
+                )
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Disk {
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -265,9 +279,14 @@ impl Disk {
             &lineage,
             lineage.len(),
             false,
+            Tail::Sealed,
             self.base.clone(),
         )?;
         Ok(Arc::new(v))
+    }
+
+    fn disk_blocks(&self) -> u64 {
+        self.tree.size.div_ceil(BLOCK_SIZE)
     }
 
     fn files(&self) -> DiskFiles<'_> {
@@ -306,7 +325,7 @@ impl Disk {
     /// Creates the files of a new layer whose id is allocated in `tree` (a copy of the
     /// tree about to be committed, so a failure leaves `self.tree` untouched).
     fn create_layer(&self, tree: &mut Tree) -> Result<(u64, Arc<LayerFiles>)> {
-        let id = tree.alloc_id();
+        let id = tree.alloc_id()?;
         let files = LayerFiles::create(&self.dir, self.uuid, id, self.opts.cache)?;
         sync_dir(&self.dir.join(LAYERS_DIR))?;
         Ok((id, Arc::new(files)))
@@ -348,7 +367,10 @@ impl Disk {
         active.trim_preallocation()?;
         let mut tree = self.tree.clone();
         let (layer_id, files) = self.create_layer(&mut tree)?;
-        let node_id = tree.alloc_id();
+        let node_id = match tree.alloc_id() {
+            Ok(id) => id,
+            Err(e) => return Err(self.abandon_layer(layer_id, e)),
+        };
         let new_active = match ActiveLayer::new(files.clone(), 0, LOG_HEADER_SIZE) {
             Ok(a) => Arc::new(a),
             Err(e) => return Err(self.abandon_layer(layer_id, e)),
@@ -451,7 +473,13 @@ impl Disk {
         )
         .layers;
         let lineage = tree.lineage_layers(None)?;
-        let state = match build_state(self.files(), &lineage, lineage.len() - 1, true) {
+        let state = match build_state(
+            self.files(),
+            &lineage,
+            lineage.len() - 1,
+            true,
+            Tail::Active,
+        ) {
             Ok(s) => s,
             Err(e) => return Err(self.abandon_layer(layer_id, e)),
         };
@@ -563,7 +591,12 @@ impl Disk {
             let mut set = HashSet::new();
             for &l in &m.child_layer_ids {
                 let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, false)?;
-                set.extend(lf.scan_log()?.records.iter().map(|r| r.disk_block));
+                set.extend(
+                    lf.scan_log(self.disk_blocks())?
+                        .records
+                        .iter()
+                        .map(|r| r.disk_block),
+                );
             }
             set
         };
@@ -571,7 +604,7 @@ impl Disk {
         for &l in &m.parent_layers {
             let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, true)?;
             let mut dead: Vec<u64> = lf
-                .scan_log()?
+                .scan_log(self.disk_blocks())?
                 .records
                 .iter()
                 .filter(|r| r.kind == RecordKind::Data && child_blocks.contains(&r.disk_block))
@@ -602,14 +635,31 @@ impl Disk {
     }
 
     /// Writes a flattened raw image of `name` (or Now) to `out`, sparse where it reads zeros.
+    /// `out` may not be, or lie inside, the disk directory or its base image; the image is
+    /// written to a temporary file beside `out` and renamed over it once complete, so a
+    /// failure leaves no partial output.
     pub fn export(&self, name: Option<&str>, out: &Path) -> Result<()> {
+        self.check_export_target(out)?;
         let view = match name {
             Some(n) => self.checkpoint_view(n)?,
             None => self.now.clone(),
         };
+        let file_name = out
+            .file_name()
+            .ok_or_else(|| Error::Invalid(format!("{} names no file", out.display())))?;
+        let tmp = out.with_file_name(format!(
+            ".{}.strata-export-{}",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?;
         let result = (|| {
-            let f = File::create(out).map_err(|e| Error::io(out, e))?;
-            f.set_len(view.size()).map_err(|e| Error::io(out, e))?;
+            f.set_len(view.size()).map_err(|e| Error::io(&tmp, e))?;
             const CHUNK: u64 = 1 << 20;
             let mut buf = vec![0u8; CHUNK as usize];
             let mut off = 0;
@@ -618,16 +668,74 @@ impl Disk {
                 view.read_at(&mut buf[..n], off)?;
                 if buf[..n].iter().any(|&b| b != 0) {
                     f.write_all_at(&buf[..n], off)
-                        .map_err(|e| Error::io(out, e))?;
+                        .map_err(|e| Error::io(&tmp, e))?;
                 }
                 off += n as u64;
             }
-            f.sync_all().map_err(|e| Error::io(out, e))
+            f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+            fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
         })();
         if result.is_err() {
-            let _ = fs::remove_file(out);
+            let _ = fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// Refuses an export target that is one of the disk's files, lies inside the disk
+    /// directory, is the base image, or exists and is not a regular file.
+    fn check_export_target(&self, out: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let refuse = |why: &str| {
+            Err(Error::Invalid(format!(
+                "refusing to export to {}: {why}",
+                out.display()
+            )))
+        };
+        let mut own: HashSet<(u64, u64)> = HashSet::new();
+        let mut add = |p: &Path| {
+            if let Ok(m) = fs::metadata(p) {
+                own.insert((m.dev(), m.ino()));
+            }
+        };
+        add(&self.dir);
+        add(&self.dir.join(LAYERS_DIR));
+        for d in [self.dir.clone(), self.dir.join(LAYERS_DIR)] {
+            if let Ok(entries) = fs::read_dir(&d) {
+                for e in entries.flatten() {
+                    add(&e.path());
+                }
+            }
+        }
+        if let Some(b) = &self.tree.base {
+            add(&b.path);
+        }
+        if let Some(b) = &self.base {
+            if let Ok(m) = b.file.metadata() {
+                own.insert((m.dev(), m.ino()));
+            }
+        }
+        match fs::metadata(out) {
+            Ok(m) => {
+                if own.contains(&(m.dev(), m.ino())) {
+                    return refuse("it is a file of the disk or its base image");
+                }
+                if !m.is_file() {
+                    return refuse("it exists and is not a regular file");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(out, e)),
+        }
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let parent = fs::canonicalize(parent).map_err(|e| Error::io(parent, e))?;
+        let dir = fs::canonicalize(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        if parent.starts_with(&dir) {
+            return refuse("it lies inside the disk directory");
+        }
+        Ok(())
     }
 
     /// Verifies every log record, and the checksum of every block that some checkpoint or
@@ -661,8 +769,20 @@ impl Disk {
                         continue;
                     }
                 };
-                let scan = lf.scan_log()?;
+                let scan = match lf.scan_log(self.disk_blocks()) {
+                    Ok(scan) => scan,
+                    Err(e) => {
+                        report.problems.push(format!("{label}: layer {l}: {e}"));
+                        continue;
+                    }
+                };
                 for (off, why) in &scan.damaged {
+                    report.problems.push(format!(
+                        "{label}: {}: record at byte {off}: {why}",
+                        lf.log_path.display()
+                    ));
+                }
+                for (off, why) in &scan.ignored {
                     report.problems.push(format!(
                         "{label}: {}: record at byte {off}: {why}",
                         lf.log_path.display()
@@ -670,7 +790,7 @@ impl Disk {
                 }
                 if scan.torn_bytes > 0 && Some(l) != active_id {
                     report.problems.push(format!(
-                        "{label}: {}: {} bytes after the last valid record at byte {}",
+                        "{label}: {}: {} bytes after the last valid record at byte {} (the layer is sealed: its blocks cannot be trusted)",
                         lf.log_path.display(),
                         scan.torn_bytes,
                         scan.valid_len
@@ -696,14 +816,14 @@ impl Disk {
                             report.problems.push(format!(
                                 "{label}: {} data block {data_block} (disk offset {}): checksum {got:08x}, expected {crc:08x}",
                                 lf.data_path.display(),
-                                disk_block * BLOCK_SIZE
+                                disk_block.saturating_mul(BLOCK_SIZE)
                             ));
                         }
                     }
                     Err(e) => report.problems.push(format!(
                         "{label}: {} data block {data_block} (disk offset {}): {e}",
                         lf.data_path.display(),
-                        disk_block * BLOCK_SIZE
+                        disk_block.saturating_mul(BLOCK_SIZE)
                     )),
                 }
             }

@@ -47,6 +47,16 @@ pub enum Error {
     Busy,
     #[error("{0}")]
     Invalid(String),
+    #[error("{0} is a symbolic link (refused)")]
+    Symlink(PathBuf),
+    #[error("{0} is not a regular file")]
+    NotRegular(PathBuf),
+    #[error("{path} is larger than {limit} bytes")]
+    TooLarge { path: PathBuf, limit: u64 },
+    #[error("the disk's id counter is exhausted (next_id {0}); no more checkpoints or layers can be created")]
+    IdsExhausted(u64),
+    #[error("{view} cannot be read: {why}")]
+    Unreadable { view: String, why: String },
 }
 
 impl Error {

@@ -7,7 +7,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::disk::CacheMode;
-use crate::format::{record_seed, LogHeader, Record, LOG_HEADER_SIZE, RECORD_SIZE};
+use crate::format::{record_seed, LogHeader, Record, RecordKind, LOG_HEADER_SIZE, RECORD_SIZE};
+use crate::safe_open::{open_regular, open_regular_flags, Links};
 use crate::{Error, Result, BLOCK_SIZE};
 
 /// Directory of layer files inside a disk directory.
@@ -27,6 +28,8 @@ pub fn log_path(dir: &Path, id: u64) -> PathBuf {
 pub struct LayerFiles {
     pub id: u64,
     pub data: File,
+    /// The log, open read-only (scans read it; unlocked readers pin the layer with it).
+    pub log: File,
     pub data_path: PathBuf,
     pub log_path: PathBuf,
     pub seed: u32,
@@ -43,6 +46,8 @@ pub struct LogScan {
     pub damaged: Vec<(u64, String)>,
     /// Bytes after `valid_len` that hold no valid record (a torn tail).
     pub torn_bytes: u64,
+    /// Valid records that are ignored (for blocks past the end of the disk).
+    pub ignored: Vec<(u64, String)>,
 }
 
 fn open_data(path: &Path, cache: CacheMode, write: bool, create: bool) -> Result<File> {
@@ -50,18 +55,17 @@ fn open_data(path: &Path, cache: CacheMode, write: bool, create: bool) -> Result
     opts.read(true).write(write).create(create);
     if create {
         opts.truncate(true);
+        opts.mode(0o600);
     }
     if cache == CacheMode::None {
-        let mut direct = opts.clone();
-        direct.custom_flags(libc::O_DIRECT);
-        match direct.open(path) {
+        match open_regular_flags(path, &opts, Links::Refuse, libc::O_DIRECT) {
             Ok(f) => return Ok(f),
             // tmpfs and some filesystems refuse O_DIRECT: fall back to buffered I/O.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(e) => return Err(Error::io(path, e)),
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
         }
     }
-    opts.open(path).map_err(|e| Error::io(path, e))
+    open_regular(path, &opts, Links::Refuse)
 }
 
 impl LayerFiles {
@@ -72,12 +76,13 @@ impl LayerFiles {
         let data_path = data_path(dir, id);
         let data = open_data(&data_path, cache, true, true)?;
         data.sync_all().map_err(|e| Error::io(&data_path, e))?;
-        let log = OpenOptions::new()
+        let mut opts = OpenOptions::new();
+        opts.read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&log_path)
-            .map_err(|e| Error::io(&log_path, e))?;
+            .mode(0o600);
+        let log = open_regular(&log_path, &opts, Links::Refuse)?;
         let header = LogHeader {
             disk_uuid,
             layer_id: id,
@@ -88,6 +93,7 @@ impl LayerFiles {
         Ok(LayerFiles {
             id,
             data,
+            log,
             data_path,
             log_path,
             seed: record_seed(disk_uuid, id),
@@ -106,7 +112,9 @@ impl LayerFiles {
         let data_path = data_path(dir, id);
         let data = open_data(&data_path, cache, write, false)?;
         let mut head = [0u8; LOG_HEADER_SIZE as usize];
-        let mut log = File::open(&log_path).map_err(|e| Error::io(&log_path, e))?;
+        let mut ro = OpenOptions::new();
+        ro.read(true);
+        let mut log = open_regular(&log_path, &ro, Links::Refuse)?;
         let n = read_full(&mut log, &mut head).map_err(|e| Error::io(&log_path, e))?;
         let header = LogHeader::decode(&head[..n], &log_path.display().to_string())?;
         if header.disk_uuid != disk_uuid || header.layer_id != id {
@@ -121,15 +129,24 @@ impl LayerFiles {
         Ok(LayerFiles {
             id,
             data,
+            log,
             data_path,
             log_path,
             seed: record_seed(disk_uuid, id),
         })
     }
 
-    /// Reads and validates every record of the log.
-    pub fn scan_log(&self) -> Result<LogScan> {
-        let bytes = std::fs::read(&self.log_path).map_err(|e| Error::io(&self.log_path, e))?;
+    /// Reads and validates every record of the log against a disk of `disk_blocks` blocks
+    /// and the data file as it is now: a record pointing past the end of the data file is
+    /// damage, one for a block past the end of the disk is ignored (and reported).
+    pub fn scan_log(&self, disk_blocks: u64) -> Result<LogScan> {
+        let bytes = self.read_log()?;
+        let data_blocks = self
+            .data
+            .metadata()
+            .map_err(|e| Error::io(&self.data_path, e))?
+            .len()
+            / BLOCK_SIZE;
         let body = bytes.get(LOG_HEADER_SIZE as usize..).unwrap_or(&[]);
         let mut scan = LogScan {
             valid_len: LOG_HEADER_SIZE,
@@ -143,8 +160,26 @@ impl LayerFiles {
             match Record::decode(chunk, self.seed) {
                 Some(r) => {
                     scan.damaged.append(&mut pending_bad);
-                    scan.records.push(r);
                     scan.valid_len = off + RECORD_SIZE as u64;
+                    if r.kind == RecordKind::Data && r.data_block >= data_blocks {
+                        scan.damaged.push((
+                            off,
+                            format!(
+                                "data block {} is past the end of the data file ({data_blocks} blocks)",
+                                r.data_block
+                            ),
+                        ));
+                    } else if r.disk_block >= disk_blocks {
+                        scan.ignored.push((
+                            off,
+                            format!(
+                                "block {} is past the end of the disk ({disk_blocks} blocks)",
+                                r.disk_block
+                            ),
+                        ));
+                    } else {
+                        scan.records.push(r);
+                    }
                 }
                 None => pending_bad.push((off, "record checksum mismatch".into())),
             }
@@ -154,9 +189,39 @@ impl LayerFiles {
         Ok(scan)
     }
 
+    /// The whole log, read through the open descriptor.
+    fn read_log(&self) -> Result<Vec<u8>> {
+        let len = self
+            .log
+            .metadata()
+            .map_err(|e| Error::io(&self.log_path, e))?
+            .len();
+        let len = usize::try_from(len).map_err(|_| Error::TooLarge {
+            path: self.log_path.clone(),
+            limit: usize::MAX as u64,
+        })?;
+        let mut bytes = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            match self.log.read_at(&mut bytes[done..], done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(&self.log_path, e)),
+            }
+        }
+        bytes.truncate(done);
+        Ok(bytes)
+    }
+
     /// Reads one data block into `buf` (4 KiB, aligned) with positional I/O.
     pub fn read_block(&self, data_block: u64, buf: &mut [u8]) -> Result<()> {
-        let off = data_block * BLOCK_SIZE;
+        let off = data_block
+            .checked_mul(BLOCK_SIZE)
+            .ok_or_else(|| Error::Corrupt {
+                what: self.data_path.display().to_string(),
+                why: format!("data block {data_block} is out of range"),
+            })?;
         read_exact_at(&self.data, buf, off).map_err(|e| Error::io(&self.data_path, e))
     }
 
@@ -167,15 +232,23 @@ impl LayerFiles {
         let mut i = 0;
         while i < blocks.len() {
             let start = blocks[i];
-            let mut end = start + 1;
+            let mut end = start.saturating_add(1);
             i += 1;
             while i < blocks.len() && blocks[i] <= end {
-                end = end.max(blocks[i] + 1);
+                end = end.max(blocks[i].saturating_add(1));
                 i += 1;
             }
-            punch_hole(&self.data, start * BLOCK_SIZE, (end - start) * BLOCK_SIZE)
-                .map_err(|e| Error::io(&self.data_path, e))?;
-            freed += (end - start) * BLOCK_SIZE;
+            let (Some(off), Some(len)) = (
+                start.checked_mul(BLOCK_SIZE),
+                (end - start).checked_mul(BLOCK_SIZE),
+            ) else {
+                return Err(Error::Corrupt {
+                    what: self.data_path.display().to_string(),
+                    why: format!("data block {start} is out of range"),
+                });
+            };
+            punch_hole(&self.data, off, len).map_err(|e| Error::io(&self.data_path, e))?;
+            freed += len;
         }
         Ok(freed)
     }
@@ -244,7 +317,6 @@ pub fn preallocate(f: &File, off: u64, len: u64) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::RecordKind;
 
     #[test]
     fn scan_stops_at_torn_tail_and_reports_damage() {
@@ -257,6 +329,7 @@ mod tests {
             crc: 0,
             kind: RecordKind::Data,
         };
+        l.data.set_len(10 * BLOCK_SIZE).unwrap();
         let mut bytes = Vec::new();
         for b in 0..4 {
             bytes.extend_from_slice(&rec(b).encode(l.seed));
@@ -266,17 +339,26 @@ mod tests {
         // A torn tail: half a record.
         log.write_all_at(&rec(9).encode(l.seed)[..10], LOG_HEADER_SIZE + 128)
             .unwrap();
-        let s = l.scan_log().unwrap();
+        let s = l.scan_log(1 << 20).unwrap();
         assert_eq!(s.records.len(), 4);
         assert_eq!(s.valid_len, LOG_HEADER_SIZE + 128);
         assert_eq!(s.torn_bytes, 10);
         assert!(s.damaged.is_empty());
         // Damage in the middle is reported, later records still count.
         log.write_all_at(&[0xff], LOG_HEADER_SIZE + 33).unwrap();
-        let s = l.scan_log().unwrap();
+        let s = l.scan_log(1 << 20).unwrap();
         assert_eq!(s.records.len(), 3);
         assert_eq!(s.damaged.len(), 1);
         assert_eq!(s.damaged[0].0, LOG_HEADER_SIZE + 32);
+        // A valid record for a data block past the end of the data file is damage too, and
+        // one for a block past the end of the disk is ignored.
+        let s = l.scan_log(3).unwrap();
+        assert_eq!(s.records.len(), 2);
+        assert_eq!(s.ignored.len(), 1);
+        l.data.set_len(2 * BLOCK_SIZE).unwrap();
+        let s = l.scan_log(1 << 20).unwrap();
+        assert_eq!(s.records.len(), 1);
+        assert_eq!(s.damaged.len(), 3, "{:?}", s.damaged);
     }
 
     #[test]

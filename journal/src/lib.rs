@@ -17,6 +17,7 @@ mod format;
 mod index;
 mod layer;
 mod rangelock;
+mod safe_open;
 mod tree;
 mod uring;
 mod view;
@@ -29,9 +30,13 @@ pub use tree::validate_name;
 pub use uring::{Completion, IoEngine, Request};
 pub use volume::Volume;
 
-/// The unit of addressing of every request: offsets and lengths are multiples of this.
+/// Disk sizes are multiples of this (requests themselves have byte granularity).
 pub const SECTOR_SIZE: u64 = 512;
 /// The journal's internal block size: the unit of redirection and of checksums.
 pub const BLOCK_SIZE: u64 = 4096;
+#[cfg(test)]
+mod bytes_tests;
+#[cfg(test)]
+mod hardening_tests;
 #[cfg(test)]
 mod tests;

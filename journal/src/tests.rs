@@ -74,10 +74,9 @@ fn unaligned_reads_and_writes_round_trip() {
             "at {off}+{len}"
         );
     }
-    assert!(matches!(
-        now.write_at(&[0u8; 100], 0, false),
-        Err(Error::Unaligned { .. })
-    ));
+    now.write_at(&[9u8; 100], 3, false).unwrap();
+    model[3..103].fill(9);
+    assert_eq!(read(&disk, 0, 8192), model[..8192]);
     assert!(matches!(
         now.write_at(&[0u8; 512], 4 * MIB, false),
         Err(Error::OutOfRange { .. })
@@ -330,7 +329,8 @@ fn io_engine_many_in_flight() {
     assert_eq!(out.len(), 203);
     for c in &out {
         if c.token == 1002 {
-            assert!(matches!(c.result, Err(Error::Unaligned { .. })));
+            let got = c.result.as_ref().expect("an unaligned read succeeds");
+            assert_eq!(got.as_ref().map(|b| b.len()), Some(512));
         } else {
             assert!(c.result.is_ok(), "token {}: {:?}", c.token, c.result);
         }

@@ -5,16 +5,20 @@
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::safe_open::{open_regular, read_capped, Links};
 use crate::{Error, Result};
 
 /// File name of the tree metadata inside a disk directory.
 pub const TREE_FILE: &str = "strata.json";
 /// Current metadata format version.
 pub const TREE_FORMAT: u32 = 1;
+/// Largest `strata.json` accepted.
+pub const MAX_TREE_BYTES: u64 = 64 << 20;
 /// Longest checkpoint name, in characters (Hyper-V's limit).
 pub const MAX_NAME_CHARS: usize = 100;
 
@@ -89,11 +93,12 @@ impl Tree {
         })
     }
 
-    /// Allocates a fresh node or layer id.
-    pub fn alloc_id(&mut self) -> u64 {
+    /// Allocates a fresh node or layer id; fails when the counter is exhausted (ids are
+    /// never reused, so it cannot wrap).
+    pub fn alloc_id(&mut self) -> Result<u64> {
         let id = self.next_id;
-        self.next_id += 1;
-        id
+        self.next_id = id.checked_add(1).ok_or(Error::IdsExhausted(id))?;
+        Ok(id)
     }
 
     /// The node with id `id`.
@@ -252,19 +257,16 @@ impl Tree {
     /// Loads and validates `dir/strata.json`.
     pub fn load(dir: &Path) -> Result<Tree> {
         let path = dir.join(TREE_FILE);
-        let text = match fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        let mut opts = fs::OpenOptions::new();
+        opts.read(true);
+        let mut f = match open_regular(&path, &opts, Links::Refuse) {
+            Ok(f) => f,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NotADisk(dir.to_path_buf()))
             }
-            Err(e) => return Err(Error::io(&path, e)),
+            Err(e) => return Err(e),
         };
-        if text.len() > 64 << 20 {
-            return Err(Error::Corrupt {
-                what: path.display().to_string(),
-                why: "metadata larger than 64 MiB".into(),
-            });
-        }
+        let text = read_capped(&mut f, &path, MAX_TREE_BYTES)?;
         let tree: Tree = serde_json::from_slice(&text).map_err(|e| Error::Corrupt {
             what: path.display().to_string(),
             why: e.to_string(),
@@ -278,11 +280,29 @@ impl Tree {
         let tmp = dir.join(format!("{TREE_FILE}.tmp"));
         let path = dir.join(TREE_FILE);
         let text = serde_json::to_vec_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
-        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(&text).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        let written = (|| {
+            // A stale or planted `strata.json.tmp` (even a symlink) is replaced, never followed.
+            match fs::remove_file(&tmp) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&tmp, e)),
+            }
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)
+                .map_err(|e| Error::io(&tmp, e))?;
+            f.write_all(&text).map_err(|e| Error::io(&tmp, e))?;
+            f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+            drop(f);
+            fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         sync_dir(dir)
     }
 }

@@ -22,20 +22,32 @@ pub(crate) struct DiskFiles<'a> {
 
 /// Opens `layers` (oldest first), replays their logs into one index, and wraps them in a
 /// volume. With `writable`, the last layer becomes the active layer (a torn log tail is cut
-/// off) and layers from `own_from` on are Now's own.
+/// off) and layers from `own_from` on are Now's own. `tail` says whether the last layer is
+/// Now's active layer, the only one whose log may end in a torn record: in any other layer
+/// a torn tail is damage.
 pub(crate) fn build_view(
     disk: DiskFiles<'_>,
     layers: &[u64],
     own_from: usize,
     writable: bool,
+    tail: Tail,
     base: Option<Arc<BaseImage>>,
 ) -> Result<Volume> {
     Ok(Volume::new(
         disk.size,
         !writable,
         base,
-        build_state(disk, layers, own_from, writable)?,
+        build_state(disk, layers, own_from, writable, tail)?,
     ))
+}
+
+/// Whether the last layer of a lineage is the active layer (which may have a torn tail).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tail {
+    /// The last layer is Now's active layer.
+    Active,
+    /// Every layer is sealed (a checkpoint's lineage).
+    Sealed,
 }
 
 /// As [`build_view`], the state only (to swap into an existing volume).
@@ -44,6 +56,7 @@ pub(crate) fn build_state(
     layers: &[u64],
     own_from: usize,
     writable: bool,
+    tail: Tail,
 ) -> Result<ViewState> {
     let DiskFiles {
         dir,
@@ -65,31 +78,37 @@ pub(crate) fn build_state(
     for (ordinal, &id) in layers.iter().enumerate() {
         let last = ordinal + 1 == layers.len();
         let lf = Arc::new(LayerFiles::open(dir, uuid, id, cache, writable && last)?);
-        let scan = lf.scan_log()?;
+        let scan = lf.scan_log(blocks_in_disk)?;
+        // The lineage is at most 65535 layers (checked above).
+        let ord = ordinal as u16;
         for (off, why) in &scan.damaged {
             tracing::warn!("layer {id}: log record at byte {off}: {why} (run `strata disk check`)");
-            damaged_upto = Some(ordinal as u16);
+            damaged_upto = Some(ord);
         }
-        let mut next_block = 0;
+        for (off, why) in &scan.ignored {
+            tracing::warn!("layer {id}: log record at byte {off} ignored: {why}");
+        }
+        let may_tear = last && tail == Tail::Active;
+        if scan.torn_bytes > 0 && !may_tear {
+            tracing::warn!(
+                "layer {id} is sealed but its log ends in {} bytes that hold no valid record (run `strata disk check`)",
+                scan.torn_bytes
+            );
+            damaged_upto = Some(ord);
+        }
+        let mut next_block: u64 = 0;
         for r in &scan.records {
-            if r.disk_block >= blocks_in_disk {
-                tracing::warn!(
-                    "layer {id}: record for block {} past the end of the disk ignored",
-                    r.disk_block
-                );
-                continue;
-            }
             let loc = match r.kind {
                 RecordKind::Data => {
-                    next_block = next_block.max(r.data_block + 1);
+                    next_block = next_block.max(r.data_block.saturating_add(1));
                     Loc {
-                        ordinal: ordinal as u16,
+                        ordinal: ord,
                         data_block: r.data_block,
                         crc: r.crc,
                     }
                 }
                 RecordKind::Zero => Loc {
-                    ordinal: ordinal as u16,
+                    ordinal: ord,
                     data_block: ZERO_BLOCK,
                     crc: 0,
                 },
@@ -117,5 +136,6 @@ pub(crate) fn build_state(
         active,
         own_from,
         damaged_upto,
+        unreadable: None,
     })
 }

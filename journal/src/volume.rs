@@ -15,7 +15,7 @@ use crate::format::{Record, RecordKind, ZERO_BLOCK};
 use crate::index::{Index, Loc};
 use crate::layer::{preallocate, LayerFiles};
 use crate::rangelock::{RangeGuard, RangeLock};
-use crate::{AlignedBuf, Error, Result, BLOCK_SIZE, SECTOR_SIZE};
+use crate::{AlignedBuf, Error, Result, BLOCK_SIZE};
 
 /// Pending records beyond which the log is appended (without waiting for a FLUSH).
 const MAX_PENDING_RECORDS: usize = 1 << 18;
@@ -209,6 +209,33 @@ pub(crate) struct ViewState {
     /// unknown, so no block whose newest version is in that layer or below (or in the base)
     /// can be trusted, and reading one fails.
     pub damaged_upto: Option<u16>,
+    /// Set when the view's files cannot be opened or are in use elsewhere: every request
+    /// fails with this reason.
+    pub unreadable: Option<String>,
+}
+
+impl ViewState {
+    /// A state whose every request fails with `why` (its files could not be opened).
+    pub fn unreadable(why: String) -> ViewState {
+        ViewState {
+            layers: Vec::new(),
+            index: Index::default(),
+            active: None,
+            own_from: 0,
+            damaged_upto: None,
+            unreadable: Some(why),
+        }
+    }
+
+    fn check_readable(&self) -> Result<()> {
+        match &self.unreadable {
+            Some(why) => Err(Error::Unreadable {
+                view: "Now".into(),
+                why: why.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Where a piece of a read comes from.
@@ -281,7 +308,8 @@ pub(crate) enum Planned {
 }
 
 /// A readable (and, for Now, writable) view. All methods take `&self` and are thread-safe.
-/// Offsets and lengths must be multiples of 512 bytes; any length is accepted.
+/// Offsets and lengths have byte granularity: a write that covers part of a 4 KiB block
+/// reads the rest of the block and rewrites it whole, holding the block's range lock.
 pub struct Volume {
     size: u64,
     read_only: bool,
@@ -342,10 +370,9 @@ impl Volume {
         self.state().layers.len()
     }
 
+    /// Any byte offset and length inside the disk is accepted: partial blocks are
+    /// read-modify-written under the block range lock.
     pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
-            return Err(Error::Unaligned { offset, len });
-        }
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(Error::OutOfRange {
                 offset,
@@ -365,6 +392,7 @@ impl Volume {
         let mut segs: Vec<ReadSeg> = Vec::new();
         let mut checks = Vec::new();
         let st = self.state();
+        st.check_readable()?;
         for i in 0..nblocks {
             let block = first_block + i;
             let buf_off = (i * BLOCK_SIZE) as usize;
@@ -382,35 +410,41 @@ impl Volume {
                     });
                 }
             }
-            let (source, file_off) = match found {
-                Some(Loc {
-                    data_block: ZERO_BLOCK,
-                    ..
-                }) => (Source::Zero, 0),
-                Some(loc) => {
-                    let layer =
-                        st.layers
-                            .get(usize::from(loc.ordinal))
-                            .ok_or_else(|| Error::Corrupt {
+            let (source, file_off) =
+                match found {
+                    Some(Loc {
+                        data_block: ZERO_BLOCK,
+                        ..
+                    }) => (Source::Zero, 0),
+                    Some(loc) => {
+                        let layer = st.layers.get(usize::from(loc.ordinal)).ok_or_else(|| {
+                            Error::Corrupt {
                                 what: format!("index of block {block}"),
                                 why: "points at a missing layer".into(),
-                            })?;
-                    checks.push(BlockCheck {
-                        buf_off,
-                        crc: loc.crc,
-                        layer: layer.id,
-                        data_block: loc.data_block,
-                        disk_block: block,
-                    });
-                    (Source::Layer(layer.clone()), loc.data_block * BLOCK_SIZE)
-                }
-                None => match &self.base {
-                    Some(b) if block * BLOCK_SIZE < b.size => {
-                        (Source::Base(b.clone()), block * BLOCK_SIZE)
+                            }
+                        })?;
+                        checks.push(BlockCheck {
+                            buf_off,
+                            crc: loc.crc,
+                            layer: layer.id,
+                            data_block: loc.data_block,
+                            disk_block: block,
+                        });
+                        let off = loc.data_block.checked_mul(BLOCK_SIZE).ok_or_else(|| {
+                            Error::Corrupt {
+                                what: format!("index of block {block}"),
+                                why: format!("data block {} is out of range", loc.data_block),
+                            }
+                        })?;
+                        (Source::Layer(layer.clone()), off)
                     }
-                    _ => (Source::Zero, 0),
-                },
-            };
+                    None => match &self.base {
+                        Some(b) if block * BLOCK_SIZE < b.size => {
+                            (Source::Base(b.clone()), block * BLOCK_SIZE)
+                        }
+                        _ => (Source::Zero, 0),
+                    },
+                };
             if let Some(last) = segs.last_mut() {
                 let contiguous = last.buf_off + last.len == buf_off
                     && match (&last.source, &source) {
@@ -552,6 +586,7 @@ impl Volume {
     ) -> Result<Planned> {
         let (active, ordinal) = {
             let st = self.state();
+            st.check_readable()?;
             let active = st.active.clone().ok_or(Error::ReadOnly)?;
             let ordinal = u16::try_from(st.layers.len() - 1).map_err(|_| {
                 Error::Invalid("too many layers in one lineage (limit 65536)".into())

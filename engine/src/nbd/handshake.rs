@@ -134,7 +134,7 @@ fn handle_option(
                 REP_INFO,
                 &info_export(ex.size, ex.transmission_flags()),
             )?;
-            // Sent whether asked for or not: requests must be 512-byte aligned.
+            // Sent whether asked for or not (minimum block size 1: any alignment works).
             send(s, cancel, option, REP_INFO, &info_block_size())?;
             if req.infos.contains(&INFO_NAME) {
                 send(s, cancel, option, REP_INFO, &info_name(EXPORT_NAME))?;

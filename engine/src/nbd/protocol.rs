@@ -72,8 +72,9 @@ pub const EOVERFLOW: u32 = 75;
 pub const ENOTSUP: u32 = 95;
 pub const ESHUTDOWN: u32 = 108;
 
-/// Every request offset and length must be a multiple of this.
-pub const MIN_BLOCK: u32 = 512;
+/// Advertised minimum block size: requests have byte granularity (the journal
+/// read-modify-writes partial blocks under its block range lock).
+pub const MIN_BLOCK: u32 = 1;
 /// Advertised preferred block size (the journal's block).
 pub const PREFERRED_BLOCK: u32 = 4096;
 /// Largest READ or WRITE payload accepted.
@@ -308,7 +309,8 @@ pub enum Decision {
     Reject { errno: u32, skip: u64 },
 }
 
-/// Validates a request against the export: type, flags, alignment, range, size.
+/// Validates a request against the export: type, flags, range, size (any byte offset and
+/// length inside the export is accepted).
 pub fn decide(h: &RequestHeader, ex: &ExportLimits) -> Decision {
     // Only WRITE carries a payload; it must be consumed even when the write is refused.
     let skip = if h.kind == CMD_WRITE {
@@ -339,10 +341,6 @@ pub fn decide(h: &RequestHeader, ex: &ExportLimits) -> Decision {
     let has_payload = matches!(h.kind, CMD_READ | CMD_WRITE);
     if has_payload && h.len > MAX_PAYLOAD {
         return reject(ENOMEM);
-    }
-    let aligned = h.offset.is_multiple_of(u64::from(MIN_BLOCK)) && h.len.is_multiple_of(MIN_BLOCK);
-    if !aligned {
-        return reject(EINVAL);
     }
     let in_range = h
         .offset
@@ -487,6 +485,26 @@ mod tests {
                 len: 512
             })
         );
+        // Byte granularity: unaligned offsets and lengths run.
+        assert_eq!(
+            decide(&hdr(CMD_READ, 0, 1, 511), &RW),
+            Decision::Run(Command::Read {
+                offset: 1,
+                len: 511
+            })
+        );
+        assert_eq!(
+            decide(&hdr(CMD_WRITE, 0, (1 << 20) - 1, 1), &RW),
+            Decision::Run(Command::Write {
+                offset: (1 << 20) - 1,
+                len: 1,
+                fua: false
+            })
+        );
+        assert_eq!(
+            decide(&hdr(CMD_TRIM, 0, 7, 3), &RW),
+            Decision::Run(Command::Trim { offset: 7, len: 3 })
+        );
     }
 
     #[test]
@@ -498,8 +516,10 @@ mod tests {
             decide(&hdr(CMD_WRITE_ZEROES, 0, 0, 512), &RO),
             rej(EPERM, 0)
         );
-        assert_eq!(decide(&hdr(CMD_READ, 0, 1, 512), &RW), rej(EINVAL, 0));
-        assert_eq!(decide(&hdr(CMD_WRITE, 0, 0, 100), &RW), rej(EINVAL, 100));
+        assert_eq!(
+            decide(&hdr(CMD_WRITE, 0, (1 << 20) - 1, 2), &RW),
+            rej(ENOSPC, 2)
+        );
         assert_eq!(decide(&hdr(CMD_READ, 0, 1 << 20, 512), &RW), rej(EINVAL, 0));
         assert_eq!(
             decide(&hdr(CMD_WRITE, 0, (1 << 20) - 512, 1024), &RW),
@@ -592,7 +612,11 @@ mod tests {
         assert_eq!(&r[..8], &REPLY_OPT_MAGIC.to_be_bytes());
         let e = info_export(1 << 30, 0x10d);
         assert_eq!(e, [0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0x01, 0x0d]);
-        assert_eq!(info_block_size().len(), 14);
+        // Minimum 1 (byte granularity), preferred 4096, maximum 32 MiB.
+        assert_eq!(
+            info_block_size(),
+            [0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0]
+        );
         assert_eq!(export_name_reply(1, 2, false).len(), 134);
         assert_eq!(export_name_reply(1, 2, true).len(), 10);
         assert_eq!(simple_reply(9, EIO)[4..8], [0, 0, 0, 5]);

@@ -1,0 +1,359 @@
+//! Hostile and damaged disk directories through the CLI: exports onto the disk's own files,
+//! FIFOs and devices where metadata should be, a damaged Now, an exhausted id counter, a
+//! failed metadata save, and a damaged tail of a checkpoint's log.
+
+mod nbd_common;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nbd_common::{run_strata, strata, STRATA};
+
+/// Runs `strata ARGS` under `timeout 60`, so a hang fails the test instead of stalling it.
+fn strata_bounded(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(STRATA)
+        .args(args)
+        .output()
+        .expect("run timeout strata");
+    let rc = out.status.code().unwrap_or(-1);
+    assert_ne!(rc, 124, "strata {args:?} hung (killed by timeout)");
+    (
+        rc,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (rc, out, err) = strata_bounded(args);
+    assert_eq!(rc, 0, "strata {args:?} failed:\n{out}\n{err}");
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(s(p)).unwrap();
+    // SAFETY: mkfifo only reads the NUL-terminated path that `c` owns.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// A 1 MiB base of 0x42 bytes and a 4 MiB disk over it with checkpoint "c1" (layer 1; Now's
+/// active layer is layer 2). Returns (disk, base).
+fn disk_over_base(dir: &Path) -> (PathBuf, PathBuf) {
+    let base = dir.join("base.raw");
+    std::fs::write(&base, vec![0x42u8; 1 << 20]).unwrap();
+    let disk = dir.join("disk");
+    ok(&[
+        "disk",
+        "create",
+        s(&disk),
+        "--size",
+        "4M",
+        "--base",
+        s(&base),
+    ]);
+    ok(&["disk", "checkpoint", s(&disk), "--name", "c1"]);
+    (disk, base)
+}
+
+fn expected_image() -> Vec<u8> {
+    let mut v = vec![0x42u8; 1 << 20];
+    v.resize(4 << 20, 0);
+    v
+}
+
+#[test]
+fn export_refuses_the_disks_own_files_and_its_base() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, base) = disk_over_base(t.path());
+    let hard = t.path().join("hardlink");
+    std::fs::hard_link(disk.join("layers/L1.data"), &hard).unwrap();
+    let sym = t.path().join("symlink");
+    std::os::unix::fs::symlink(disk.join("strata.json"), &sym).unwrap();
+    let base_link = t.path().join("base-link");
+    std::os::unix::fs::symlink(&base, &base_link).unwrap();
+    let targets = [
+        disk.join("layers/L1.data"),
+        disk.join("layers/L2.log"),
+        disk.join("strata.json"),
+        disk.join("new-file"),
+        disk.join("layers/new-file"),
+        disk.clone(),
+        base.clone(),
+        hard,
+        sym,
+        base_link,
+        PathBuf::from("/dev/null"),
+    ];
+    let before: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(disk.join("layers"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .chain([disk.join("strata.json"), base.clone()])
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect();
+    for target in &targets {
+        for name in [&["c1"][..], &[]] {
+            let mut args = vec!["disk", "export", s(&disk), "--output", s(target)];
+            if let Some(n) = name.first() {
+                args.push(n);
+            }
+            let (rc, out, err) = strata_bounded(&args);
+            assert_ne!(
+                rc,
+                0,
+                "export onto {} must be refused: {out}",
+                target.display()
+            );
+            assert!(err.contains("refusing to export"), "{err}");
+        }
+    }
+    for (p, bytes) in &before {
+        assert_eq!(&std::fs::read(p).unwrap(), bytes, "{} changed", p.display());
+    }
+    assert!(!disk.join("new-file").exists());
+    let check = ok(&["disk", "check", s(&disk)]);
+    assert!(check.contains("clean"), "{check}");
+    // A good target works, and replaces an existing file atomically.
+    let good = t.path().join("out.raw");
+    std::fs::write(&good, b"old").unwrap();
+    ok(&["disk", "export", s(&disk), "c1", "--output", s(&good)]);
+    assert_eq!(std::fs::read(&good).unwrap(), expected_image());
+}
+
+#[test]
+fn damaged_checkpoint_tail_fails_export_and_leaves_no_output() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = t.path().join("disk");
+    ok(&["disk", "create", s(&disk), "--size", "4M"]);
+    let mut content = vec![0u8; 4 << 20];
+    for (i, b) in content.iter_mut().enumerate().take(64 * 4096) {
+        *b = (i / 4096) as u8 + 1;
+    }
+    // Blocks are written through the journal crate (the disk is not served here).
+    {
+        let d = journal::Disk::open(&disk, journal::OpenOptions::default()).unwrap();
+        d.now().write_at(&content[..64 * 4096], 0, true).unwrap();
+    }
+    ok(&["disk", "checkpoint", s(&disk), "--name", "c1"]);
+    {
+        let d = journal::Disk::open(&disk, journal::OpenOptions::default()).unwrap();
+        d.now().write_at(&vec![0xEE; 64 * 4096], 0, true).unwrap();
+    }
+    ok(&["disk", "checkpoint", s(&disk), "--name", "c2"]);
+    let tree: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(disk.join("strata.json")).unwrap()).unwrap();
+    let c2_layer = tree["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "c2")
+        .unwrap()["layers"][0]
+        .as_u64()
+        .unwrap();
+    // Cut c2's log mid-record: the last records' blocks must not fall back to c1's data.
+    let log = disk.join(format!("layers/L{c2_layer}.log"));
+    let len = std::fs::metadata(&log).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(len - 32 * 20 - 7)
+        .unwrap();
+    let out = t.path().join("c2.raw");
+    let (rc, _, err) = strata_bounded(&["disk", "export", s(&disk), "c2", "--output", s(&out)]);
+    assert_ne!(rc, 0, "export of a damaged checkpoint must fail");
+    assert!(err.contains("damaged"), "{err}");
+    assert!(!out.exists(), "no partial output");
+    let leftovers: Vec<_> = std::fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("strata-export"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let (rc, report, _) = strata_bounded(&["disk", "check", s(&disk)]);
+    assert_eq!(rc, 2, "{report}");
+    assert!(
+        report.contains("bytes after the last valid record"),
+        "{report}"
+    );
+    // c1 does not use the damaged layer.
+    ok(&["disk", "export", s(&disk), "c1", "--output", s(&out)]);
+    assert_eq!(std::fs::read(&out).unwrap(), content);
+}
+
+#[test]
+fn damaged_now_leaves_info_check_and_other_exports_working() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, _base) = disk_over_base(t.path());
+    // Now's active data file goes missing.
+    std::fs::remove_file(disk.join("layers/L2.data")).unwrap();
+    let info = ok(&["disk", "info", s(&disk)]);
+    assert!(info.contains("checkpoints:  1"), "{info}");
+    ok(&["disk", "tree", s(&disk)]);
+    let out = t.path().join("c1.raw");
+    ok(&["disk", "export", s(&disk), "c1", "--output", s(&out)]);
+    assert_eq!(std::fs::read(&out).unwrap(), expected_image());
+    let (rc, report, err) = strata_bounded(&["disk", "check", s(&disk)]);
+    assert_eq!(rc, 2, "check reports instead of failing:\n{report}\n{err}");
+    assert!(report.contains("damaged: Now: layer 2"), "{report}");
+    let (rc, _, err) = strata_bounded(&[
+        "disk",
+        "export",
+        s(&disk),
+        "--output",
+        s(&t.path().join("now.raw")),
+    ]);
+    assert_ne!(rc, 0);
+    assert!(err.contains("Now cannot be read"), "{err}");
+    // A bad log header in Now's active layer: the same.
+    std::fs::write(disk.join("layers/L2.data"), b"").unwrap();
+    std::fs::write(disk.join("layers/L2.log"), [0u8; 64]).unwrap();
+    ok(&["disk", "info", s(&disk)]);
+    ok(&["disk", "export", s(&disk), "c1", "--output", s(&out)]);
+    let (rc, report, _) = strata_bounded(&["disk", "check", s(&disk)]);
+    assert_eq!(rc, 2, "{report}");
+    assert!(report.contains("bad log magic"), "{report}");
+}
+
+#[test]
+fn fifos_devices_and_symlinks_as_metadata_are_refused_without_hanging() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, base) = disk_over_base(t.path());
+    let json = disk.join("strata.json");
+    let saved = std::fs::read(&json).unwrap();
+    let out = t.path().join("o.raw");
+    let commands: [Vec<&str>; 4] = [
+        vec!["disk", "info", s(&disk)],
+        vec!["disk", "check", s(&disk)],
+        vec!["disk", "export", s(&disk), "c1", "--output", s(&out)],
+        vec!["disk", "checkpoint", s(&disk), "--name", "x"],
+    ];
+    std::fs::remove_file(&json).unwrap();
+    mkfifo(&json);
+    for c in &commands {
+        let (rc, _, err) = strata_bounded(c);
+        assert_ne!(rc, 0, "{c:?}");
+        assert!(err.contains("not a regular file"), "{c:?}: {err}");
+    }
+    std::fs::remove_file(&json).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &json).unwrap();
+    for c in &commands {
+        let (rc, _, err) = strata_bounded(c);
+        assert_ne!(rc, 0, "{c:?}");
+        assert!(err.contains("symbolic link"), "{c:?}: {err}");
+    }
+    std::fs::remove_file(&json).unwrap();
+    std::fs::write(&json, &saved).unwrap();
+    // An oversized strata.json is refused by its size limit (it is not read to the end).
+    let big = t.path().join("big");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(1 << 40).unwrap();
+    drop(f);
+    std::fs::rename(&json, t.path().join("json.saved")).unwrap();
+    std::fs::rename(&big, &json).unwrap();
+    let (rc, _, err) = strata_bounded(&["disk", "info", s(&disk)]);
+    assert_ne!(rc, 0);
+    assert!(err.contains("larger than"), "{err}");
+    std::fs::rename(t.path().join("json.saved"), &json).unwrap();
+    // The base replaced by a FIFO.
+    std::fs::remove_file(&base).unwrap();
+    mkfifo(&base);
+    for c in &commands {
+        let (rc, _, err) = strata_bounded(c);
+        assert_ne!(rc, 0, "{c:?}");
+        assert!(err.contains("not a regular file"), "{c:?}: {err}");
+    }
+    // Creating a disk over a FIFO or a device is refused too.
+    let (rc, _, err) = strata_bounded(&[
+        "disk",
+        "create",
+        s(&t.path().join("d2")),
+        "--size",
+        "4M",
+        "--base",
+        s(&base),
+    ]);
+    assert_ne!(rc, 0);
+    assert!(err.contains("not a regular file"), "{err}");
+    let (rc, _, err) = strata_bounded(&[
+        "disk",
+        "create",
+        s(&t.path().join("d3")),
+        "--size",
+        "4M",
+        "--base",
+        "/dev/zero",
+    ]);
+    assert_ne!(rc, 0);
+    assert!(err.contains("not a regular file"), "{err}");
+}
+
+#[test]
+fn exhausted_id_counter_is_a_clear_error_and_the_disk_stays_usable() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, _) = disk_over_base(t.path());
+    let json = disk.join("strata.json");
+    let mut tree: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    tree["next_id"] = serde_json::Value::from(u64::MAX);
+    std::fs::write(&json, serde_json::to_vec(&tree).unwrap()).unwrap();
+    let (rc, _, err) = strata_bounded(&["disk", "checkpoint", s(&disk), "--name", "c2"]);
+    assert_ne!(rc, 0);
+    assert!(err.contains("id counter is exhausted"), "{err}");
+    // Nothing was written: the disk opens, c1 exports, a later checkpoint fails the same way.
+    ok(&["disk", "info", s(&disk)]);
+    let out = t.path().join("c1.raw");
+    ok(&["disk", "export", s(&disk), "c1", "--output", s(&out)]);
+    let tree2: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(tree2["next_id"], serde_json::Value::from(u64::MAX));
+    let leftovers = std::fs::read_dir(disk.join("layers")).unwrap().count();
+    assert_eq!(leftovers, 4, "the new layer's files were removed");
+    // An id at or above next_id is refused on load.
+    tree["next_id"] = serde_json::Value::from(2u64);
+    std::fs::write(&json, serde_json::to_vec(&tree).unwrap()).unwrap();
+    let (rc, _, err) = strata_bounded(&["disk", "info", s(&disk)]);
+    assert_ne!(rc, 0);
+    assert!(err.contains("next_id"), "{err}");
+}
+
+#[test]
+fn failed_metadata_save_leaves_no_temporary_file() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, _) = disk_over_base(t.path());
+    let before = std::fs::read(disk.join("strata.json")).unwrap();
+    // A file size limit below the size of strata.json makes its write fail (EFBIG, as a
+    // full filesystem fails it with ENOSPC), after the temporary file was created.
+    let limit = (before.len() / 2) as u64;
+    let mut cmd = strata(&["disk", "checkpoint", s(&disk), "--name", "c2"]);
+    // SAFETY: the closure only calls async-signal-safe setrlimit and signal in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "the save must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("strata.json.tmp"), "{err}");
+    assert!(
+        !disk.join("strata.json.tmp").exists(),
+        "temporary file left behind"
+    );
+    assert_eq!(std::fs::read(disk.join("strata.json")).unwrap(), before);
+    ok(&["disk", "checkpoint", s(&disk), "--name", "c2"]);
+    let _ = run_strata(&["disk", "tree", s(&disk)]);
+}

@@ -26,7 +26,7 @@ pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use disk::{CacheMode, CheckReport, CheckpointInfo, DeleteReport, Disk, DiskInfo, OpenOptions};
 pub use error::{Error, Result};
 pub use tree::validate_name;
-pub use uring::{Completion, IoEngine, Request};
+pub use uring::{Completion, IoEngine, Rejected, Request};
 pub use volume::Volume;
 
 /// The unit of addressing of every request: offsets and lengths are multiples of this.

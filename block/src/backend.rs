@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use journal::{AlignedBuf, Completion, IoEngine, Request, Volume};
+use journal::{AlignedBuf, Completion, IoEngine, Rejected, Request, Volume};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Which backend a device runs its requests on.
@@ -21,8 +21,9 @@ pub enum BackendKind {
 
 /// Runs journal requests identified by tokens. One owner thread submits and reaps.
 pub trait Backend {
-    /// Starts a request. An `Err` means it was not started (no completion will follow).
-    fn submit(&mut self, token: u64, req: Request) -> journal::Result<()>;
+    /// Starts a request. An `Err` means it was not started: nothing of it is queued, no
+    /// completion will carry `token`, and the request comes back in the [`Rejected`].
+    fn submit(&mut self, token: u64, req: Request) -> Result<(), Rejected>;
     /// Appends finished requests to `out` without blocking.
     fn poll(&mut self, out: &mut Vec<Completion>) -> journal::Result<()>;
     /// Blocks until at least `min` requests finished (or none are in flight).
@@ -59,7 +60,7 @@ impl UringBackend {
 }
 
 impl Backend for UringBackend {
-    fn submit(&mut self, token: u64, req: Request) -> journal::Result<()> {
+    fn submit(&mut self, token: u64, req: Request) -> Result<(), Rejected> {
         self.engine.submit(token, req)
     }
 
@@ -119,7 +120,7 @@ impl BlockingBackend {
 }
 
 impl Backend for BlockingBackend {
-    fn submit(&mut self, token: u64, req: Request) -> journal::Result<()> {
+    fn submit(&mut self, token: u64, req: Request) -> Result<(), Rejected> {
         let result = self.run(req);
         self.done.push_back(Completion { token, result });
         // A full eventfd counter only means it is already readable.

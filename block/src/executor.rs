@@ -221,8 +221,10 @@ impl Executor {
         };
         self.buffer_bytes += buffer_bytes;
         for part in parts {
-            if let Err(e) = self.backend.submit(index as u64, part) {
-                let st = status::for_journal_error(&e);
+            // A refused part was not queued and never completes: it is finished here, and the
+            // slot stays taken until the parts that were queued complete.
+            if let Err(r) = self.backend.submit(index as u64, part) {
+                let st = status::for_journal_error(&r.error);
                 self.part_done(mem, index, st, done);
             }
         }

@@ -25,7 +25,7 @@ struct HeldBackend {
 }
 
 impl Backend for HeldBackend {
-    fn submit(&mut self, token: u64, req: journal::Request) -> journal::Result<()> {
+    fn submit(&mut self, token: u64, req: journal::Request) -> Result<(), journal::Rejected> {
         self.state
             .lock()
             .expect("lock")

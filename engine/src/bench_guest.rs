@@ -126,7 +126,7 @@ fn run_direct(disk: &Path, region: u64, ops: u64, qd: u32, read: bool) -> Result
                 fua: false,
             }
         };
-        eng.submit(i, req)?;
+        eng.submit(i, req).map_err(journal::Error::from)?;
         while eng.in_flight() >= qd as usize {
             eng.wait(1, &mut out)?;
         }

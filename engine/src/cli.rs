@@ -122,6 +122,78 @@ pub struct ServeArgs {
     pub api: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = CacheArg::None)]
     pub cache: CacheArg,
+    #[command(flatten)]
+    pub limits: ServeLimitArgs,
+}
+
+/// Limits that keep hostile or broken NBD clients from exhausting the server.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct ServeLimitArgs {
+    /// Clients connected at once (handshaking or transmitting); more are closed at once.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_clients: usize,
+    /// Seconds a client has for the whole handshake (greeting to NBD_OPT_GO).
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub handshake_timeout: u64,
+    /// Seconds a connected client may leave the server with nothing to do (idle, stopped in
+    /// the middle of a request, or not reading its replies) before it is disconnected;
+    /// 0 never disconnects.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub idle_timeout: u64,
+    /// Request and reply data one client may hold in the server (suffixes K, M, G); one
+    /// request of up to 32 MiB is always allowed when the client holds nothing else.
+    #[arg(long, default_value = "32M", value_name = "SIZE")]
+    pub client_buffer: String,
+    /// Request and reply data all clients together may hold (at least 32M); a client that
+    /// would exceed it stops being read until others' replies are read.
+    #[arg(long, default_value = "256M", value_name = "SIZE")]
+    pub memory_budget: String,
+}
+
+impl ServeLimitArgs {
+    /// The validated limits.
+    pub fn server_limits(&self) -> crate::Result<crate::nbd::connection::ServerLimits> {
+        use crate::nbd::protocol::MAX_PAYLOAD;
+        use std::time::Duration;
+        let usage = |m: String| crate::Error::Usage(m);
+        if self.max_clients == 0 || self.max_clients > 4096 {
+            return Err(usage(format!(
+                "--max-clients {}: expected 1 to 4096",
+                self.max_clients
+            )));
+        }
+        if self.handshake_timeout == 0 || self.handshake_timeout > 3600 {
+            return Err(usage(format!(
+                "--handshake-timeout {}: expected 1 to 3600 seconds",
+                self.handshake_timeout
+            )));
+        }
+        let size = |flag: &str, text: &str| {
+            crate::size::parse_size(text)
+                .ok()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| usage(format!("{flag} {text:?}: expected a size such as 64M")))
+        };
+        let client_buffer = size("--client-buffer", &self.client_buffer)?;
+        let memory_budget = size("--memory-budget", &self.memory_budget)?;
+        if client_buffer == 0 {
+            return Err(usage("--client-buffer must be more than 0".into()));
+        }
+        if memory_budget < MAX_PAYLOAD as usize {
+            return Err(usage(format!(
+                "--memory-budget {}: must hold at least one request of {} MiB",
+                self.memory_budget,
+                MAX_PAYLOAD >> 20
+            )));
+        }
+        Ok(crate::nbd::connection::ServerLimits {
+            max_clients: self.max_clients,
+            memory_budget,
+            handshake_timeout: Duration::from_secs(self.handshake_timeout),
+            idle_timeout: (self.idle_timeout > 0).then(|| Duration::from_secs(self.idle_timeout)),
+            client_buffer,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]

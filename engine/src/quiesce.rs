@@ -2,7 +2,9 @@
 //! checkpoint holds exactly the writes acknowledged before it.
 //!
 //! Workers (NBD connections, and later virtio-blk queues) call [`Gate::try_admit`] before they
-//! start a request and [`Gate::release`] when it has completed. A controller calls
+//! start a request and [`Gate::release`] when it has completed; NBD connections hold an
+//! [`Admission`] from [`Gate::admit`] instead, which releases itself when dropped, so no early
+//! return can leak one. A controller calls
 //! [`Gate::pause`]: from then on admissions fail, and `pause` returns a [`PauseGuard`] once
 //! every admitted request has been released. Dropping the guard reopens the gate and wakes the
 //! workers through the eventfds they got from [`Gate::subscribe`]. Nothing here knows about
@@ -50,6 +52,12 @@ impl Gate {
             return false;
         }
         true
+    }
+
+    /// Admits one request unless a pause is in progress; the admission is released when the
+    /// returned guard is dropped.
+    pub fn admit(self: &Arc<Gate>) -> Option<Admission> {
+        self.try_admit().then(|| Admission { gate: self.clone() })
     }
 
     /// Marks one admitted request as completed.
@@ -124,6 +132,19 @@ impl Gate {
             }
             None => false,
         });
+    }
+}
+
+/// One admitted request; dropping it releases the admission.
+#[derive(Debug)]
+#[must_use = "dropping an admission releases it at once"]
+pub struct Admission {
+    gate: Arc<Gate>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.gate.release();
     }
 }
 
@@ -243,6 +264,23 @@ mod tests {
         gate.release();
         gate.release();
         assert_eq!(gate.in_flight(), 0);
+    }
+
+    #[test]
+    fn admissions_release_on_drop() {
+        let gate = Gate::new();
+        let a = gate.admit().unwrap();
+        let b = gate.admit().unwrap();
+        assert_eq!(gate.in_flight(), 2);
+        drop(a);
+        assert_eq!(gate.in_flight(), 1);
+        let err = gate.pause(Duration::from_millis(1)).unwrap_err();
+        assert!(matches!(err, Error::DrainTimeout { in_flight: 1, .. }));
+        drop(b);
+        let guard = gate.pause(Duration::from_secs(1)).unwrap();
+        assert!(gate.admit().is_none(), "no admission while paused");
+        assert_eq!(gate.in_flight(), 0);
+        drop(guard);
     }
 
     #[test]

@@ -283,7 +283,47 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
             Err(e) => return Err(e),
         }
     }
-    UnixListener::bind(path)
+    listen_unix(path, SOCKET_MODE)
+}
+
+/// Mode of the socket files this process creates: the owner only.
+pub const SOCKET_MODE: libc::mode_t = 0o600;
+
+/// socket + bind + listen, with the socket file created with `mode` (less the umask). The
+/// mode is set on the socket before bind, which Linux copies to the new file, so there is no
+/// moment when others may connect, and the process-wide umask is left alone.
+fn listen_unix(path: &Path, mode: libc::mode_t) -> io::Result<UnixListener> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: a plain zeroed C struct; every field is valid as zero.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "path is empty, contains NUL or is too long for a unix socket",
+        ));
+    }
+    for (dst, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = b as libc::c_char;
+    }
+    // SAFETY: socket() takes no pointers; a non-negative return is a new descriptor.
+    let fd =
+        owned(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: fchmod on a descriptor we own.
+    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) })?;
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a live sockaddr_un and `len` covers its family and NUL-terminated path.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    })?;
+    // SAFETY: listen on a bound socket we own.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), 128) })?;
+    Ok(UnixListener::from(fd))
 }
 
 #[cfg(test)]
@@ -352,5 +392,19 @@ mod tests {
         std::fs::write(&file, b"x").unwrap();
         assert!(bind_unix(&file).is_err());
         assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+
+    #[test]
+    fn unix_sockets_are_for_the_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let l = bind_unix(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+        // It is a working listener.
+        let _c = UnixStream::connect(&path).unwrap();
+        assert!(l.accept().is_ok());
+        assert!(bind_unix(&dir.path().join("x".repeat(200))).is_err());
     }
 }

@@ -27,7 +27,7 @@ pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use disk::{CacheMode, CheckReport, CheckpointInfo, DeleteReport, Disk, DiskInfo, OpenOptions};
 pub use error::{Error, Result};
 pub use tree::validate_name;
-pub use uring::{Completion, IoEngine, Request};
+pub use uring::{Completion, IoEngine, Rejected, Request};
 pub use volume::Volume;
 
 /// Disk sizes are multiples of this (requests themselves have byte granularity).

@@ -4,6 +4,13 @@
 //! write), its data I/O goes to the kernel as one or more io_uring SQEs, and when they all
 //! complete it is finished (read checksums verified, or the write committed to the index).
 //! FLUSH and the checksum/commit steps run on the caller's thread: they touch no data.
+//!
+//! Ownership: [`IoEngine::submit`] either takes a request whole (it then completes exactly
+//! once, through [`IoEngine::poll`] or [`IoEngine::wait`]) or hands it back in a [`Rejected`]
+//! with nothing queued. SQEs that do not fit the submission ring wait in a backlog owned by
+//! the engine; a failed `io_uring_enter` leaves them queued for the next attempt. Dropping
+//! the engine cancels what the kernel holds and waits for every completion before any buffer
+//! is freed.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -32,6 +39,27 @@ pub enum Request {
     /// Discard a range (reads as zeros afterwards).
     Discard { offset: u64, len: u64 },
 }
+
+/// A request the engine did not take: nothing of it was queued, so no completion will come
+/// for its token and the caller may reuse the token at once.
+#[derive(Debug, thiserror::Error)]
+#[error("the io_uring engine did not start the request")]
+pub struct Rejected {
+    pub token: u64,
+    /// The request as it was submitted, with its buffer.
+    pub request: Request,
+    #[source]
+    pub error: Error,
+}
+
+impl From<Rejected> for Error {
+    fn from(r: Rejected) -> Error {
+        r.error
+    }
+}
+
+/// User data of the cancel SQE sent when the engine is dropped (no slot has this index).
+const CANCEL_USER_DATA: u64 = u64::MAX;
 
 /// A finished request.
 #[derive(Debug)]
@@ -71,7 +99,8 @@ pub struct IoEngine {
     free: Vec<usize>,
     deferred: VecDeque<(u64, Request)>,
     ready: Vec<Completion>,
-    unsubmitted: usize,
+    /// SQEs of started requests that did not fit the submission ring yet.
+    backlog: VecDeque<io_uring::squeue::Entry>,
 }
 
 impl IoEngine {
@@ -98,7 +127,7 @@ impl IoEngine {
             free: Vec::new(),
             deferred: VecDeque::new(),
             ready: Vec::new(),
-            unsubmitted: 0,
+            backlog: VecDeque::new(),
         })
     }
 
@@ -131,29 +160,48 @@ impl IoEngine {
         }
     }
 
-    fn push_sqe(&mut self, entry: io_uring::squeue::Entry) -> Result<()> {
-        loop {
+    /// Queues one SQE of a request that already owns its slot. Never fails: what does not fit
+    /// the submission ring waits in the backlog.
+    fn push_sqe(&mut self, entry: io_uring::squeue::Entry) {
+        if self.backlog.is_empty() {
             // SAFETY: every buffer an SQE points into is owned by an `Op` in `self.slots`
             // (or by an `Arc<LayerFiles>` it holds) and stays alive and unmoved until its
-            // completion is reaped; AlignedBuf's heap allocation never moves.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
-            if pushed.is_ok() {
-                self.unsubmitted += 1;
-                return Ok(());
+            // completion is reaped (`Drop` waits for it); AlignedBuf's heap allocation never
+            // moves.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
             }
-            self.ring.submit()?;
-            self.unsubmitted = 0;
         }
+        self.backlog.push_back(entry);
+    }
+
+    /// The ring's file descriptor (for diagnostics and fault-injection tests).
+    pub fn ring_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
     }
 
     /// Starts a request. Invalid requests (unaligned, out of range, write to read-only)
-    /// complete with an error.
-    pub fn submit(&mut self, token: u64, req: Request) -> Result<()> {
-        self.start(token, req)?;
+    /// complete with an error. `Err` only when nothing of the request was queued: the ring
+    /// cannot take the SQEs already waiting (a failing `io_uring_enter`); the request comes
+    /// back in the [`Rejected`] and no completion will carry `token`.
+    pub fn submit(&mut self, token: u64, req: Request) -> std::result::Result<(), Rejected> {
+        if let Err(error) = self.kick() {
+            return Err(Rejected {
+                token,
+                request: req,
+                error,
+            });
+        }
+        self.start(token, req);
         if !self.ready.is_empty() {
             self.signal();
         }
-        self.kick()
+        // The request is the engine's now: a failed enter leaves its SQEs queued, and the next
+        // submit, poll or wait tries again (and reports a lasting failure).
+        if let Err(e) = self.kick() {
+            tracing::debug!("io_uring submit failed, retried later: {e}");
+        }
+        Ok(())
     }
 
     /// Makes the eventfd readable: completions finished on the caller's thread (errors,
@@ -164,16 +212,38 @@ impl IoEngine {
         let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
-    /// Hands queued SQEs to the kernel.
+    /// Hands queued SQEs (ring and backlog) to the kernel. On `Err` they stay queued.
     fn kick(&mut self) -> Result<()> {
-        if self.unsubmitted > 0 {
-            self.ring.submit()?;
-            self.unsubmitted = 0;
+        loop {
+            {
+                let mut sq = self.ring.submission();
+                while let Some(entry) = self.backlog.front() {
+                    // SAFETY: as in `push_sqe`: the buffers of a backlogged SQE are owned by
+                    // its request's slot until the completion is reaped.
+                    if unsafe { sq.push(entry) }.is_err() {
+                        break;
+                    }
+                    self.backlog.pop_front();
+                }
+            }
+            let queued = self.ring.submission().len();
+            if queued == 0 {
+                return Ok(());
+            }
+            match self.ring.submit() {
+                Ok(0) => return Ok(()), // the kernel took none (CQ backpressure): later
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if self.backlog.is_empty() {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
-    fn start(&mut self, token: u64, req: Request) -> Result<()> {
+    /// Takes a request: it completes into `ready` or owns a slot with its SQEs queued.
+    fn start(&mut self, token: u64, req: Request) {
         match req {
             Request::Read { offset, len } => self.start_read(token, offset, len),
             Request::Write { offset, buf, fua } => {
@@ -187,12 +257,11 @@ impl IoEngine {
             Request::Flush => {
                 let result = self.volume.flush().map(|_| None);
                 self.ready.push(Completion { token, result });
-                Ok(())
             }
         }
     }
 
-    fn start_read(&mut self, token: u64, offset: u64, len: u64) -> Result<()> {
+    fn start_read(&mut self, token: u64, offset: u64, len: u64) {
         let plan = match self.volume.plan_read(offset, len) {
             Ok(p) => p,
             Err(e) => {
@@ -200,7 +269,7 @@ impl IoEngine {
                     token,
                     result: Err(e),
                 });
-                return Ok(());
+                return;
             }
         };
         let mut buf = AlignedBuf::new((plan.nblocks * BLOCK_SIZE) as usize);
@@ -231,7 +300,7 @@ impl IoEngine {
                 token,
                 result: Err(Error::Invalid("read too large".into())),
             });
-            return Ok(());
+            return;
         }
         let slot = self.alloc_slot(Op::Read {
             token,
@@ -245,12 +314,11 @@ impl IoEngine {
         });
         if pending == 0 {
             self.finish(slot);
-            return Ok(());
+            return;
         }
         for (i, sqe) in sqes.into_iter().enumerate() {
-            self.push_sqe(sqe.user_data(((slot as u64) << 16) | i as u64))?;
+            self.push_sqe(sqe.user_data(((slot as u64) << 16) | i as u64));
         }
-        Ok(())
     }
 
     fn start_write(
@@ -260,7 +328,7 @@ impl IoEngine {
         len: u64,
         data: Option<AlignedBuf>,
         fua: bool,
-    ) -> Result<()> {
+    ) {
         let zero = data.is_none();
         let plan = match self.volume.plan_write(offset, len, data, fua, false) {
             Ok(Planned::Ready(p)) => p,
@@ -271,20 +339,22 @@ impl IoEngine {
                     None => Request::Discard { offset, len },
                 };
                 self.deferred.push_back((token, req));
-                return Ok(());
+                return;
             }
             Err(e) => {
                 self.ready.push(Completion {
                     token,
                     result: Err(e),
                 });
-                return Ok(());
+                return;
             }
         };
         let fd = plan.active.files.data.as_raw_fd();
         let len = plan.data.len() as u32;
         let off = plan.file_off();
         let empty = plan.data.is_empty();
+        // The buffer's heap allocation stays where it is when the plan moves into its slot.
+        let ptr = plan.data.as_slice().as_ptr();
         let slot = self.alloc_slot(Op::Write {
             token,
             plan,
@@ -292,18 +362,14 @@ impl IoEngine {
         });
         if empty {
             self.finish(slot);
-            return Ok(());
+            return;
         }
-        let ptr = match &mut self.slots[slot] {
-            Some(Op::Write { plan, .. }) => plan.data.as_mut_ptr(),
-            _ => return Err(Error::Invalid("engine slot mismatch".into())),
-        };
         self.push_sqe(
             opcode::Write::new(types::Fd(fd), ptr, len)
                 .offset(off)
                 .build()
                 .user_data((slot as u64) << 16),
-        )
+        );
     }
 
     /// Completes the request in `slot` whose data I/O is done.
@@ -433,12 +499,7 @@ impl IoEngine {
             let Some((token, req)) = self.deferred.pop_front() else {
                 break;
             };
-            if let Err(e) = self.start(token, req) {
-                self.ready.push(Completion {
-                    token,
-                    result: Err(e),
-                });
-            }
+            self.start(token, req);
         }
         if let Err(e) = self.kick() {
             tracing::warn!("io_uring submit failed: {e}");
@@ -446,15 +507,16 @@ impl IoEngine {
     }
 
     /// Appends finished requests to `out` without blocking.
+    /// An `Err` (the ring refuses SQEs) comes after the completions that were ready.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<()> {
-        self.kick()?;
-        if self.ring.submission().cq_overflow() {
+        let mut kicked = self.kick();
+        if kicked.is_ok() && self.ring.submission().cq_overflow() {
             // Completions that did not fit the CQ are flushed into it by the next enter.
-            self.ring.submit()?;
+            kicked = self.ring.submit().map(drop).map_err(Error::from);
         }
         self.reap();
         out.append(&mut self.ready);
-        Ok(())
+        kicked
     }
 
     /// Blocks until at least `min` requests have finished (or none are in flight) and
@@ -483,3 +545,85 @@ impl IoEngine {
         }
     }
 }
+
+impl Drop for IoEngine {
+    /// Buffers of requests in flight are freed only once the kernel is done with them: SQEs
+    /// still in the backlog are taken back, everything else is cancelled and waited for.
+    /// Writes that finish here are committed or aborted as usual, so no range lock or
+    /// in-flight count outlives the engine; their completions are dropped.
+    fn drop(&mut self) {
+        self.deferred.clear();
+        for entry in std::mem::take(&mut self.backlog) {
+            self.take_back(entry.get_user_data());
+        }
+        let mut cancel_sent = false;
+        // Transient enter failures (EINTR, EBUSY while the CQ is full) are retried, a bounded
+        // number of times in a row.
+        let mut retries = 0u32;
+        loop {
+            self.reap();
+            self.ready.clear();
+            if self.slots.iter().all(Option::is_none) {
+                return;
+            }
+            if !cancel_sent {
+                // Best effort (a regular file's I/O may not be cancellable): waiting below is
+                // what makes freeing safe.
+                let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+                    .build()
+                    .user_data(CANCEL_USER_DATA);
+                // SAFETY: a cancel SQE points to no memory.
+                cancel_sent = unsafe { self.ring.submission().push(&cancel) }.is_ok();
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => retries = 0,
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY))
+                        && retries < 1000 =>
+                {
+                    retries += 1;
+                }
+                Err(e) => {
+                    // The kernel may still write into these buffers: leak them rather than
+                    // free memory it could write into.
+                    let left = self.slots.iter().filter(|s| s.is_some()).count();
+                    tracing::error!(
+                        "io_uring engine dropped with {left} requests the kernel may still \
+                         hold ({e}); leaking their buffers"
+                    );
+                    for slot in self.slots.drain(..) {
+                        std::mem::forget(slot);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl IoEngine {
+    /// Gives up one SQE that never reached the kernel (engine drop).
+    fn take_back(&mut self, user_data: u64) {
+        let slot = (user_data >> 16) as usize;
+        let gone = || Error::Invalid("the io_uring engine was dropped".into());
+        let done = match self.slots.get_mut(slot).and_then(Option::as_mut) {
+            Some(Op::Read { pending, err, .. }) => {
+                err.get_or_insert_with(gone);
+                *pending = pending.saturating_sub(1);
+                *pending == 0
+            }
+            Some(Op::Write { err, .. }) => {
+                *err = Some(gone());
+                true
+            }
+            None => false,
+        };
+        if done {
+            self.finish(slot);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "uring_tests.rs"]
+mod tests;

@@ -100,7 +100,7 @@ pub fn run(
             } else {
                 Request::Read { offset, len: bs }
             };
-            engine.submit(token, req)?;
+            engine.submit(token, req).map_err(journal::Error::from)?;
             token += 1;
         }
         if engine.in_flight() == 0 {

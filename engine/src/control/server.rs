@@ -1,23 +1,45 @@
-//! The control socket listener: one thread accepting, one thread per client (bounded), all
-//! stopped by [`ControlServer::stop`].
+//! The control socket listener: one thread serving every client from one epoll loop, so an
+//! idle client costs a descriptor and nothing else. Requests are answered one at a time, in
+//! arrival order. A client is disconnected when it has been silent (or has not read its
+//! reply) for [`ControlLimits::idle_timeout`]; when [`ControlLimits::max_clients`] are
+//! connected, a new client displaces the one that has been inactive longest, so idle clients
+//! can never lock out a `checkpoint create`.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{handle_line, Target, MAX_LINE};
-use crate::sys::{self, wait_readable, EventFd, Readiness};
+use crate::sys::{self, Epoll, EventFd};
 use crate::{Error, Result};
 
-/// Control clients served at once.
-const MAX_CLIENTS: usize = 16;
-/// A client silent for this long is disconnected.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limits of one control socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlLimits {
+    /// Clients connected at once; one more displaces the longest inactive.
+    pub max_clients: usize,
+    /// How long a client may stay silent (or leave its reply unread) before it is dropped.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ControlLimits {
+    fn default() -> ControlLimits {
+        ControlLimits {
+            max_clients: 16,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+const T_LISTEN: u64 = 0;
+const T_STOP: u64 = 1;
+/// Client tokens start here.
+const T_CLIENT: u64 = 2;
 
 /// A running control socket.
 pub struct ControlServer {
@@ -27,19 +49,39 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Binds `path` and starts serving requests against `target`.
+    /// Binds `path` (mode 0600) and starts serving requests against `target`.
     pub fn start(path: &Path, target: Arc<dyn Target>) -> Result<ControlServer> {
+        Self::start_with(path, target, ControlLimits::default())
+    }
+
+    /// Like [`ControlServer::start`] with explicit limits.
+    pub fn start_with(
+        path: &Path,
+        target: Arc<dyn Target>,
+        limits: ControlLimits,
+    ) -> Result<ControlServer> {
         let ctx = |e| Error::io(format!("control socket {}", path.display()), e);
         let listener = sys::bind_unix(path).map_err(ctx)?;
         listener.set_nonblocking(true).map_err(ctx)?;
         let stop = Arc::new(EventFd::new().map_err(ctx)?);
-        let thread = {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("control".into())
-                .spawn(move || accept_loop(listener, target, stop))
-                .map_err(ctx)?
+        let epoll = Epoll::new().map_err(ctx)?;
+        let ein = libc::EPOLLIN as u32;
+        epoll
+            .add(listener.as_raw_fd(), ein, T_LISTEN)
+            .map_err(ctx)?;
+        epoll.add(stop.as_raw_fd(), ein, T_STOP).map_err(ctx)?;
+        let mut lp = Loop {
+            listener,
+            epoll,
+            target,
+            limits,
+            clients: HashMap::new(),
+            next_token: T_CLIENT,
         };
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || lp.run())
+            .map_err(ctx)?;
         Ok(ControlServer {
             path: path.to_path_buf(),
             stop,
@@ -47,7 +89,8 @@ impl ControlServer {
         })
     }
 
-    /// Stops accepting, ends every client (after its current request), removes the socket.
+    /// Stops accepting, ends every client (after the request being answered), removes the
+    /// socket.
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -69,89 +112,224 @@ impl Drop for ControlServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, target: Arc<dyn Target>, stop: Arc<EventFd>) {
-    let mut clients: Vec<JoinHandle<()>> = Vec::new();
-    loop {
-        match wait_readable(listener.as_raw_fd(), Some(stop.as_raw_fd()), None) {
-            Ok(Readiness::Ready) => {}
-            Ok(_) => break,
-            Err(e) => {
+/// One connected client.
+struct Client {
+    stream: UnixStream,
+    /// Received bytes not yet answered (at most one line past [`MAX_LINE`]).
+    input: Vec<u8>,
+    /// Reply bytes not yet written.
+    output: Vec<u8>,
+    sent: usize,
+    last_active: Instant,
+    /// Close once the output is written.
+    closing: bool,
+    interest: u32,
+}
+
+struct Loop {
+    listener: UnixListener,
+    epoll: Epoll,
+    target: Arc<dyn Target>,
+    limits: ControlLimits,
+    clients: HashMap<u64, Client>,
+    next_token: u64,
+}
+
+impl Loop {
+    fn run(&mut self) {
+        let mut events = Vec::new();
+        loop {
+            let timeout = self.expire();
+            if let Err(e) = self.epoll.wait(&mut events, timeout) {
                 tracing::error!("control socket: {e}");
-                break;
+                return;
             }
-        }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
-            Err(e) => {
-                tracing::warn!("control socket accept: {e}");
-                continue;
-            }
-        };
-        clients.retain(|c| !c.is_finished());
-        if clients.len() >= MAX_CLIENTS {
-            tracing::warn!("control socket: too many clients");
-            continue;
-        }
-        let (target, stop) = (target.clone(), stop.clone());
-        match std::thread::Builder::new()
-            .name("control-client".into())
-            .spawn(move || {
-                if let Err(e) = serve_client(stream, &*target, &stop) {
-                    tracing::debug!("control client: {e}");
+            for &(token, ev) in &events {
+                match token {
+                    T_STOP => return,
+                    T_LISTEN => self.accept_all(),
+                    t => self.serve(t, ev),
                 }
-            }) {
-            Ok(h) => clients.push(h),
-            Err(e) => tracing::error!("cannot start a control client thread: {e}"),
+            }
         }
     }
-    for c in clients {
-        let _ = c.join();
+
+    /// Drops clients idle past the limit; returns the time until the next may expire.
+    fn expire(&mut self) -> Option<Duration> {
+        let limit = self.limits.idle_timeout;
+        let expired: Vec<u64> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.last_active.elapsed() >= limit)
+            .map(|(&t, _)| t)
+            .collect();
+        for t in expired {
+            tracing::debug!("control socket: dropping a client idle for {limit:?}");
+            self.drop_client(t);
+        }
+        self.clients
+            .values()
+            .map(|c| limit.saturating_sub(c.last_active.elapsed()))
+            .min()
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("control socket accept: {e}");
+                    return;
+                }
+            };
+            if self.clients.len() >= self.limits.max_clients.max(1) {
+                // Every client here is idle or waiting to read a reply (requests are answered
+                // as they arrive): the longest inactive one makes room.
+                if let Some(oldest) = self
+                    .clients
+                    .iter()
+                    .min_by_key(|(_, c)| c.last_active)
+                    .map(|(&t, _)| t)
+                {
+                    tracing::debug!("control socket: full, dropping the longest idle client");
+                    self.drop_client(oldest);
+                }
+            }
+            if let Err(e) = self.add_client(stream) {
+                tracing::warn!("control socket: cannot serve a client: {e}");
+            }
+        }
+    }
+
+    fn add_client(&mut self, stream: UnixStream) -> io::Result<()> {
+        stream.set_nonblocking(true)?;
+        let token = self.next_token;
+        self.next_token += 1;
+        let ein = libc::EPOLLIN as u32;
+        self.epoll.add(stream.as_raw_fd(), ein, token)?;
+        self.clients.insert(
+            token,
+            Client {
+                stream,
+                input: Vec::new(),
+                output: Vec::new(),
+                sent: 0,
+                last_active: Instant::now(),
+                closing: false,
+                interest: ein,
+            },
+        );
+        Ok(())
+    }
+
+    fn drop_client(&mut self, token: u64) {
+        if let Some(c) = self.clients.remove(&token) {
+            let _ = self.epoll.delete(c.stream.as_raw_fd());
+        }
+    }
+
+    /// Reads, answers and writes for one client; drops it when it is done or broken.
+    fn serve(&mut self, token: u64, ev: u32) {
+        let Some(c) = self.clients.get_mut(&token) else {
+            return;
+        };
+        let keep = match step(c, &*self.target, ev) {
+            Ok(keep) => keep,
+            Err(e) => {
+                tracing::debug!("control client: {e}");
+                false
+            }
+        };
+        if !keep {
+            self.drop_client(token);
+            return;
+        }
+        // Read only while no reply is waiting: a client that does not read its replies gets
+        // no more answers (and is dropped when idle too long).
+        let mut want = 0;
+        if c.output.len() > c.sent {
+            want |= libc::EPOLLOUT as u32;
+        } else {
+            want |= libc::EPOLLIN as u32;
+        }
+        if want != c.interest {
+            c.interest = want;
+            if self
+                .epoll
+                .modify(c.stream.as_raw_fd(), want, token)
+                .is_err()
+            {
+                self.drop_client(token);
+            }
+        }
     }
 }
 
-/// Serves one client: a reply line for every request line, until EOF, idleness or stop.
-fn serve_client(mut stream: UnixStream, target: &dyn Target, stop: &EventFd) -> io::Result<()> {
-    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let mut pending: Vec<u8> = Vec::new();
-    let mut chunk = [0u8; 4096];
+/// One round for a client: read what is there, answer complete lines, write what it takes.
+/// `Ok(false)` when the client is finished.
+fn step(c: &mut Client, target: &dyn Target, ev: u32) -> io::Result<bool> {
+    let readable = (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+    if ev & readable != 0 && !c.closing {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match c.stream.read(&mut chunk) {
+                Ok(0) => {
+                    c.closing = true;
+                    break;
+                }
+                Ok(n) => {
+                    c.input.extend_from_slice(&chunk[..n]);
+                    c.last_active = Instant::now();
+                    if c.input.len() > MAX_LINE {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
     loop {
-        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=nl).collect();
-            let line = line.strip_suffix(b"\n").unwrap_or(&line);
+        if c.output.len() > c.sent {
+            match c.stream.write(&c.output[c.sent..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    c.sent += n;
+                    c.last_active = Instant::now();
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        c.output.clear();
+        c.sent = 0;
+        if let Some(nl) = c.input.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = c.input.drain(..=nl).collect();
+            let line = &line[..line.len() - 1];
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
             let mut reply = handle_line(target, line);
             reply.push('\n');
-            stream.write_all(reply.as_bytes())?;
+            c.output = reply.into_bytes();
+            // The request may have taken a while (a checkpoint drains I/O): that was the
+            // server's time, not the client's.
+            c.last_active = Instant::now();
+            continue;
         }
-        if pending.len() > MAX_LINE {
+        if c.input.len() > MAX_LINE {
             let reply = serde_json::json!({ "ok": false, "error": "request line too long" });
-            stream.write_all(format!("{reply}\n").as_bytes())?;
-            return Ok(());
+            c.output = format!("{reply}\n").into_bytes();
+            c.input.clear();
+            c.closing = true;
+            continue;
         }
-        match wait_readable(
-            stream.as_raw_fd(),
-            Some(stop.as_raw_fd()),
-            Some(IDLE_TIMEOUT),
-        )? {
-            Readiness::Ready => {}
-            Readiness::Cancelled | Readiness::TimedOut => return Ok(()),
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) => return Ok(()),
-            Ok(n) => pending.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+        return Ok(!c.closing);
     }
 }
 
@@ -192,5 +370,70 @@ mod tests {
         let _idle = UnixStream::connect(&path).unwrap();
         server.stop();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn idle_clients_cannot_lock_out_a_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let _server = ControlServer::start(&path, Arc::new(fake())).unwrap();
+        let max = ControlLimits::default().max_clients;
+        // More silent clients than the server serves at once, one of them half-way through
+        // a request line.
+        let mut idle: Vec<UnixStream> = (0..max + 4)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        idle[0].write_all(b"{\"op\":").unwrap();
+        let v = super::super::client::call(
+            &path,
+            &super::super::Request::CheckpointCreate { name: "c".into() },
+        )
+        .unwrap();
+        assert_eq!(v["checkpoint"]["name"], "c");
+        // The longest idle clients made room and were closed.
+        let mut first = [0u8; 1];
+        idle[0]
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        match idle[0].read(&mut first) {
+            Ok(n) => assert_eq!(n, 0),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
+        }
+    }
+
+    #[test]
+    fn silent_clients_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let limits = ControlLimits {
+            max_clients: 4,
+            idle_timeout: Duration::from_millis(100),
+        };
+        let _server = ControlServer::start_with(&path, Arc::new(fake()), limits).unwrap();
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0, "an idle client is disconnected");
+        // One that sends requests and never reads the replies is dropped too: its writes end
+        // with the connection closed rather than blocking forever.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+        let line = b"{\"op\":\"checkpoint-list\"}\n".repeat(1000);
+        let err = loop {
+            if let Err(e) = s.write_all(&line) {
+                break e;
+            }
+        };
+        assert!(
+            matches!(
+                err.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ),
+            "{err}"
+        );
+        // The socket is for its owner only.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -3,8 +3,17 @@
 //! (many in flight), and answered with simple replies in completion order.
 //!
 //! Memory per connection is bounded: at most [`DEPTH`] requests in flight, at most
-//! [`MAX_BUFFERED`] bytes of payload held (plus one request), at most [`MAX_QUEUED`] replies
-//! waiting for the client to read them. Past a limit the connection stops reading.
+//! [`ServerLimits::client_buffer`] bytes of payload held (write data received, read data not
+//! yet sent; one request may exceed it when nothing else is held), and every connection
+//! together at most the server's [`MemoryBudget`]; at most [`MAX_QUEUED`] replies waiting for
+//! the client to read them. Past a limit the connection stops reading requests. A client
+//! that leaves the connection with nothing for the server to do (no request in flight, none
+//! waiting for the server's budget or gate) for [`ServerLimits::idle_timeout`] is disconnected:
+//! idle, stuck in the middle of a request, or not reading its replies.
+//!
+//! Ownership: a request owns a slot, its quiesce-gate [`Admission`] and its budget from the
+//! moment the engine takes it until its reply is queued; the engine is dropped (and waits for
+//! the kernel) before the slots, so an early return releases everything in order.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
@@ -14,17 +23,16 @@ use std::time::{Duration, Instant};
 
 use journal::{AlignedBuf, Completion, IoEngine, Request, Volume};
 
+use super::budget::{ClientBudget, MemoryBudget};
 use super::handshake::{negotiate, Outcome};
 use super::protocol::*;
 use super::stream::Stream;
-use crate::quiesce::Gate;
+use crate::quiesce::{Admission, Gate};
 use crate::sys::{Epoll, EventFd};
 use crate::{Error, Result};
 
 /// Requests in flight per connection.
 pub const DEPTH: usize = 64;
-/// Payload bytes (write data received, read data pending) a connection may hold.
-pub const MAX_BUFFERED: usize = 64 << 20;
 /// Replies queued for a client that is slow to read them.
 pub const MAX_QUEUED: usize = 1024;
 /// How long a shutting-down server keeps trying to deliver queued replies.
@@ -37,6 +45,43 @@ const T_SOCK: u64 = 0;
 const T_ENGINE: u64 = 1;
 const T_WAKER: u64 = 2;
 const T_SHUTDOWN: u64 = 3;
+const T_BUDGET: u64 = 4;
+
+/// Limits of one server and each of its connections (`strata disk serve` flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Clients served at once; more are accepted and closed at once.
+    pub max_clients: usize,
+    /// Payload bytes all connections together may hold.
+    pub memory_budget: usize,
+    /// How long the whole handshake may take.
+    pub handshake_timeout: Duration,
+    /// How long a client may leave the connection with nothing for the server to do;
+    /// `None`: forever.
+    pub idle_timeout: Option<Duration>,
+    /// Payload bytes one connection may hold.
+    pub client_buffer: usize,
+}
+
+impl ServerLimits {
+    pub const DEFAULT_MAX_CLIENTS: usize = 64;
+    pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    pub const DEFAULT_CLIENT_BUFFER: usize = 32 << 20;
+}
+
+impl Default for ServerLimits {
+    fn default() -> ServerLimits {
+        ServerLimits {
+            max_clients: Self::DEFAULT_MAX_CLIENTS,
+            memory_budget: Self::DEFAULT_MEMORY_BUDGET,
+            handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
+            client_buffer: Self::DEFAULT_CLIENT_BUFFER,
+        }
+    }
+}
 
 /// What every connection of one server shares.
 pub struct Export {
@@ -45,6 +90,9 @@ pub struct Export {
     pub gate: Arc<Gate>,
     /// Readable once the server is shutting down (never cleared).
     pub shutdown: Arc<EventFd>,
+    pub serve: ServerLimits,
+    /// Payload memory of all connections together.
+    pub budget: Arc<MemoryBudget>,
 }
 
 /// Serves one accepted client until it disconnects or the server shuts down.
@@ -52,7 +100,13 @@ pub fn serve(mut stream: Stream, export: &Export) -> Result<()> {
     stream
         .set_nonblocking()
         .map_err(|e| Error::io("configuring client socket", e))?;
-    match negotiate(&mut stream, &export.limits, export.shutdown.as_raw_fd()) {
+    let deadline = Instant::now() + export.serve.handshake_timeout;
+    match negotiate(
+        &mut stream,
+        &export.limits,
+        export.shutdown.as_raw_fd(),
+        deadline,
+    ) {
         Ok(Outcome::Transmit) => Transmission::new(stream, export)?.run(),
         Ok(Outcome::Closed) => Ok(()),
         Err(e) => {
@@ -67,8 +121,12 @@ struct Slot {
     cookie: u64,
     /// Read length expected back, for reads.
     read_len: Option<usize>,
-    /// Payload bytes this request holds against [`MAX_BUFFERED`].
+    /// Payload bytes this request holds against the connection's budget.
     reserved: usize,
+    /// Keeps a live checkpoint waiting until the request is done.
+    _admission: Admission,
+    /// Make a completed TRIM durable before replying (TRIM with FUA).
+    flush_after: bool,
 }
 
 /// A reply being sent.
@@ -130,9 +188,11 @@ enum Fill {
 }
 
 struct Transmission<'a> {
+    /// Dropped first: waits for the kernel to finish every request in flight, before the
+    /// slots (and their admissions) and buffers go.
+    engine: IoEngine,
     sock: Stream,
     export: &'a Export,
-    engine: IoEngine,
     epoll: Epoll,
     waker: Arc<EventFd>,
     rbuf: Vec<u8>,
@@ -144,7 +204,9 @@ struct Transmission<'a> {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     out: VecDeque<Out>,
-    reserved: usize,
+    budget: ClientBudget,
+    /// Last time a byte moved either way or a request completed.
+    last_progress: Instant,
     /// The client closed its sending side (or the socket hung up).
     eof: bool,
     /// NBD_CMD_DISC received, or the stream is unusable (bad magic).
@@ -165,18 +227,22 @@ impl<'a> Transmission<'a> {
         let engine = IoEngine::new(export.volume.clone(), DEPTH as u32)?;
         let epoll = Epoll::new().map_err(|e| Error::io("creating epoll", e))?;
         let waker = export.gate.subscribe()?;
+        let budget = ClientBudget::new(&export.budget, export.serve.client_buffer)?;
         let ctx = |e| Error::io("registering with epoll", e);
         let ein = libc::EPOLLIN as u32;
         epoll.add(sock.as_raw_fd(), ein, T_SOCK).map_err(ctx)?;
         epoll.add(engine.eventfd(), ein, T_ENGINE).map_err(ctx)?;
         epoll.add(waker.as_raw_fd(), ein, T_WAKER).map_err(ctx)?;
         epoll
+            .add(budget.waker().as_raw_fd(), ein, T_BUDGET)
+            .map_err(ctx)?;
+        epoll
             .add(export.shutdown.as_raw_fd(), ein, T_SHUTDOWN)
             .map_err(ctx)?;
         Ok(Transmission {
+            engine,
             sock,
             export,
-            engine,
             epoll,
             waker,
             rbuf: vec![0u8; READ_BUF],
@@ -188,7 +254,8 @@ impl<'a> Transmission<'a> {
             slots: (0..DEPTH).map(|_| None).collect(),
             free: (0..DEPTH).rev().collect(),
             out: VecDeque::new(),
-            reserved: 0,
+            budget,
+            last_progress: Instant::now(),
             eof: false,
             closing: false,
             peer_gone: false,
@@ -220,10 +287,21 @@ impl<'a> Transmission<'a> {
             if self.finished() {
                 return Ok(());
             }
+            let idle_left = self.idle_left();
+            if idle_left == Some(Duration::ZERO) {
+                tracing::debug!(
+                    "nbd: closing a client idle for {:?}",
+                    self.export.serve.idle_timeout
+                );
+                return Ok(());
+            }
             self.update_interest()?;
             let mut timeout = self
                 .shutdown_deadline
                 .map(|d| d.saturating_duration_since(Instant::now()));
+            if let Some(left) = idle_left {
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            }
             if self.engine.in_flight() > 0 {
                 // A write deferred behind another connection's range lock is retried only when
                 // the engine is polled; nothing signals its eventfd when that lock is freed.
@@ -246,6 +324,7 @@ impl<'a> Transmission<'a> {
                         self.waker.clear();
                         self.paused = false;
                     }
+                    T_BUDGET => self.budget.waker().clear(),
                     T_SHUTDOWN if self.shutdown_deadline.is_none() => {
                         self.shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
                         // Level-triggered and never cleared: stop watching it.
@@ -256,6 +335,20 @@ impl<'a> Transmission<'a> {
                 }
             }
         }
+    }
+
+    /// Time left before the client counts as idle, `None` while the server has work for it
+    /// (requests in flight, or one waiting for the gate or the server's budget with nothing
+    /// for the client to read) or without an idle timeout.
+    fn idle_left(&self) -> Option<Duration> {
+        let limit = self.export.serve.idle_timeout?;
+        let waiting_for_server =
+            matches!(self.input, Input::Ready { .. } | Input::NeedPayload { .. })
+                && self.out.is_empty();
+        if self.engine.in_flight() > 0 || self.paused || waiting_for_server {
+            return None;
+        }
+        Some(limit.saturating_sub(self.last_progress.elapsed()))
     }
 
     fn clear_engine_fd(&self) {
@@ -317,10 +410,6 @@ impl<'a> Transmission<'a> {
         Ok(())
     }
 
-    fn budget_allows(&self, n: usize) -> bool {
-        self.reserved == 0 || self.reserved + n <= MAX_BUFFERED
-    }
-
     /// Reads more bytes into the read-ahead buffer.
     fn fill(&mut self) -> Fill {
         if self.rstart == self.rend {
@@ -339,6 +428,7 @@ impl<'a> Transmission<'a> {
                 }
                 Ok(n) => {
                     self.rend += n;
+                    self.last_progress = Instant::now();
                     return Fill::Data;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -371,7 +461,8 @@ impl<'a> Transmission<'a> {
                     payload,
                 } => {
                     if self.peer_gone || self.shutdown_deadline.is_some() {
-                        self.reserved -= payload.as_ref().map_or(0, AlignedBuf::len);
+                        self.budget
+                            .release(payload.as_ref().map_or(0, AlignedBuf::len));
                         return Ok(());
                     }
                     if let Some(back) = self.try_submit(cookie, cmd, payload)? {
@@ -399,11 +490,10 @@ impl<'a> Transmission<'a> {
                     self.input = self.parse_header();
                 }
                 Input::NeedPayload { cookie, cmd, len } => {
-                    if !self.budget_allows(len) {
+                    if !self.budget.try_reserve(len) {
                         self.input = Input::NeedPayload { cookie, cmd, len };
                         return Ok(());
                     }
-                    self.reserved += len;
                     self.input = Input::Payload {
                         cookie,
                         cmd,
@@ -424,7 +514,10 @@ impl<'a> Transmission<'a> {
                     while filled < buf.len() && self.may_read() {
                         match self.sock.read(&mut buf.as_mut_slice()[filled..]) {
                             Ok(0) => self.eof = true,
-                            Ok(n) => filled += n,
+                            Ok(n) => {
+                                filled += n;
+                                self.last_progress = Instant::now();
+                            }
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                             Err(_) => (self.eof, self.peer_gone) = (true, true),
@@ -432,7 +525,7 @@ impl<'a> Transmission<'a> {
                     }
                     if filled < buf.len() {
                         if self.eof || self.peer_gone || self.shutdown_deadline.is_some() {
-                            self.reserved -= buf.len(); // disconnected mid-request
+                            self.budget.release(buf.len()); // disconnected mid-request
                         } else {
                             self.input = Input::Payload {
                                 cookie,
@@ -528,7 +621,7 @@ impl<'a> Transmission<'a> {
             Command::Disconnect => true,
         };
         if trivial {
-            self.reserved -= held;
+            self.budget.release(held);
             self.reply(cookie, 0, None, 0);
             return Ok(None);
         }
@@ -537,63 +630,77 @@ impl<'a> Transmission<'a> {
             _ => None,
         };
         let need = read_len.unwrap_or(0);
-        if self.free.is_empty() || self.paused || (need > 0 && !self.budget_allows(need)) {
-            return Ok(Some(Input::Ready {
+        let back = |payload| {
+            Ok(Some(Input::Ready {
                 cookie,
                 cmd,
                 payload,
-            }));
+            }))
+        };
+        if self.free.is_empty() || self.paused {
+            return back(payload);
         }
-        if !self.export.gate.try_admit() {
+        let Some(admission) = self.export.gate.admit() else {
             self.paused = true;
-            return Ok(Some(Input::Ready {
-                cookie,
-                cmd,
-                payload,
-            }));
+            return back(payload);
+        };
+        if need > 0 && !self.budget.try_reserve(need) {
+            return back(payload);
         }
-        let req = match (cmd, payload) {
-            (Command::Read { offset, len }, _) => Request::Read {
-                offset,
-                len: u64::from(len),
-            },
-            (Command::Write { offset, fua, .. }, Some(buf)) => Request::Write { offset, buf, fua },
-            (Command::Flush, _) => Request::Flush,
-            (Command::Trim { offset, len }, _) => Request::Discard {
-                offset,
-                len: u64::from(len),
-            },
-            (Command::WriteZeroes { offset, len, fua }, _) => Request::WriteZeroes {
-                offset,
-                len: u64::from(len),
+        let (req, flush_after) = match (cmd, payload) {
+            (Command::Read { offset, len }, _) => (
+                Request::Read {
+                    offset,
+                    len: u64::from(len),
+                },
+                false,
+            ),
+            (Command::Write { offset, fua, .. }, Some(buf)) => {
+                (Request::Write { offset, buf, fua }, false)
+            }
+            (Command::Flush, _) => (Request::Flush, false),
+            (Command::Trim { offset, len, fua }, _) => (
+                Request::Discard {
+                    offset,
+                    len: u64::from(len),
+                },
                 fua,
-            },
+            ),
+            (Command::WriteZeroes { offset, len, fua }, _) => (
+                Request::WriteZeroes {
+                    offset,
+                    len: u64::from(len),
+                    fua,
+                },
+                false,
+            ),
             // A write always carries its payload and Disconnect is trivial.
             (Command::Write { .. } | Command::Disconnect, _) => {
-                self.export.gate.release();
-                self.reserved -= held;
+                self.budget.release(held + need);
                 self.reply(cookie, EINVAL, None, 0);
                 return Ok(None);
             }
         };
         let Some(idx) = self.free.pop() else {
-            self.export.gate.release();
             return Err(Error::Protocol("internal: no free request slot".into()));
         };
         match self.engine.submit(idx as u64, req) {
             Ok(()) => {
-                self.reserved += need;
                 self.slots[idx] = Some(Slot {
                     cookie,
                     read_len,
                     reserved: need + held,
+                    _admission: admission,
+                    flush_after,
                 });
             }
-            Err(e) => {
+            Err(rejected) => {
+                // Nothing was queued: the slot, admission and budget are free again.
+                tracing::debug!("nbd: request not started: {}", rejected.error);
                 self.free.push(idx);
-                self.export.gate.release();
-                self.reserved -= held;
-                self.reply(cookie, errno_of(&e), None, 0);
+                drop(admission);
+                self.budget.release(need + held);
+                self.reply(cookie, errno_of(&rejected.error), None, 0);
             }
         }
         Ok(None)
@@ -601,6 +708,9 @@ impl<'a> Transmission<'a> {
 
     /// Turns engine completions into replies.
     fn complete(&mut self, done: &mut Vec<Completion>) {
+        if !done.is_empty() {
+            self.last_progress = Instant::now();
+        }
         for c in done.drain(..) {
             let idx = usize::try_from(c.token).unwrap_or(usize::MAX);
             let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) else {
@@ -608,23 +718,27 @@ impl<'a> Transmission<'a> {
                 continue;
             };
             self.free.push(idx);
-            self.export.gate.release();
-            match (c.result, slot.read_len) {
+            // A TRIM with FUA: durable before it is acknowledged.
+            let result = match c.result {
+                Ok(v) if slot.flush_after => self.export.volume.flush().map(|()| v),
+                r => r,
+            };
+            match (result, slot.read_len) {
                 (Ok(Some(buf)), Some(len)) if buf.len() == len => {
                     self.reply(slot.cookie, 0, Some(buf), slot.reserved);
                 }
                 (Ok(_), Some(_)) => {
                     tracing::error!("nbd: read completed without the expected data");
-                    self.reserved -= slot.reserved;
+                    self.budget.release(slot.reserved);
                     self.reply(slot.cookie, EIO, None, 0);
                 }
                 (Ok(_), None) => {
-                    self.reserved -= slot.reserved;
+                    self.budget.release(slot.reserved);
                     self.reply(slot.cookie, 0, None, 0);
                 }
                 (Err(e), _) => {
                     tracing::debug!("nbd: request failed: {e}");
-                    self.reserved -= slot.reserved;
+                    self.budget.release(slot.reserved);
                     self.reply(slot.cookie, errno_of(&e), None, 0);
                 }
             }
@@ -634,7 +748,7 @@ impl<'a> Transmission<'a> {
     /// Queues a reply; `reserved` bytes of budget are released once it is sent.
     fn reply(&mut self, cookie: u64, errno: u32, data: Option<AlignedBuf>, reserved: usize) {
         if self.peer_gone {
-            self.reserved -= reserved;
+            self.budget.release(reserved);
             return;
         }
         self.out.push_back(Out {
@@ -662,6 +776,7 @@ impl<'a> Transmission<'a> {
                 Ok(0) => io::Error::from(io::ErrorKind::WriteZero),
                 Ok(n) => {
                     self.advance_output(n);
+                    self.last_progress = Instant::now();
                     sent = true;
                     continue;
                 }
@@ -671,8 +786,8 @@ impl<'a> Transmission<'a> {
             };
             tracing::debug!("nbd client write failed: {err}");
             self.peer_gone = true;
-            for m in self.out.drain(..) {
-                self.reserved -= m.reserved;
+            for m in std::mem::take(&mut self.out) {
+                self.budget.release(m.reserved);
             }
             return true;
         }
@@ -690,8 +805,9 @@ impl<'a> Transmission<'a> {
                 return;
             }
             n -= left;
-            self.reserved -= front.reserved;
+            let reserved = front.reserved;
             self.out.pop_front();
+            self.budget.release(reserved);
         }
     }
 }

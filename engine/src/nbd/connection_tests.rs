@@ -29,6 +29,8 @@ fn fixture(read_only: bool) -> Fixture {
         volume,
         gate: Gate::new(),
         shutdown: Arc::new(EventFd::new().unwrap()),
+        serve: ServerLimits::default(),
+        budget: MemoryBudget::new(ServerLimits::DEFAULT_MEMORY_BUDGET),
     });
     Fixture {
         _dir: dir,

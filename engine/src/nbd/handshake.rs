@@ -3,13 +3,11 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::protocol::*;
 use super::stream::Stream;
 
-/// How long one handshake message may take to arrive.
-const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Options accepted before the server gives up on a client that never picks an export.
 const MAX_OPTIONS: usize = 256;
 /// The one export this server offers: the default (empty) name.
@@ -24,12 +22,23 @@ pub enum Outcome {
     Closed,
 }
 
-/// Runs the handshake on a non-blocking stream. `cancel` becomes readable when the server
-/// shuts down. I/O failures (client gone, timeout) are errors; protocol violations close.
-pub fn negotiate(s: &mut Stream, ex: &ExportLimits, cancel: RawFd) -> io::Result<Outcome> {
-    s.write_full(&server_greeting(), Some(cancel), MESSAGE_TIMEOUT)?;
+/// Runs the handshake on a non-blocking stream; the whole of it must be over by `deadline`.
+/// `cancel` becomes readable when the server shuts down. I/O failures (client gone, timeout)
+/// are errors; protocol violations close.
+pub fn negotiate(
+    s: &mut Stream,
+    ex: &ExportLimits,
+    cancel: RawFd,
+    deadline: Instant,
+) -> io::Result<Outcome> {
+    let mut h = Haggle {
+        s,
+        cancel,
+        deadline,
+    };
+    h.write(&server_greeting())?;
     let mut flags = [0u8; 4];
-    s.read_full(&mut flags, cancel, MESSAGE_TIMEOUT)?;
+    h.read(&mut flags)?;
     let no_zeroes = match parse_client_flags(flags) {
         Ok(z) => z,
         Err(e) => {
@@ -39,7 +48,7 @@ pub fn negotiate(s: &mut Stream, ex: &ExportLimits, cancel: RawFd) -> io::Result
     };
     for _ in 0..MAX_OPTIONS {
         let mut hb = [0u8; 16];
-        s.read_full(&mut hb, cancel, MESSAGE_TIMEOUT)?;
+        h.read(&mut hb)?;
         let hdr = match OptionHeader::parse(&hb) {
             Ok(h) => h,
             Err(e) => {
@@ -50,13 +59,13 @@ pub fn negotiate(s: &mut Stream, ex: &ExportLimits, cancel: RawFd) -> io::Result
         if hdr.len > MAX_OPTION_LEN {
             // The payload is not read, so the stream cannot continue after this reply.
             if hdr.option != OPT_EXPORT_NAME {
-                send(s, cancel, hdr.option, REP_ERR_TOO_BIG, b"option too long")?;
+                h.send(hdr.option, REP_ERR_TOO_BIG, b"option too long")?;
             }
             return Ok(Outcome::Closed);
         }
         let mut data = vec![0u8; hdr.len as usize];
-        s.read_full(&mut data, cancel, MESSAGE_TIMEOUT)?;
-        match handle_option(s, ex, cancel, hdr.option, &data, no_zeroes)? {
+        h.read(&mut data)?;
+        match handle_option(&mut h, ex, hdr.option, &data, no_zeroes)? {
             Some(outcome) => return Ok(outcome),
             None => continue,
         }
@@ -65,19 +74,44 @@ pub fn negotiate(s: &mut Stream, ex: &ExportLimits, cancel: RawFd) -> io::Result
     Ok(Outcome::Closed)
 }
 
-fn send(s: &mut Stream, cancel: RawFd, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
-    s.write_full(
-        &option_reply(option, reply, data),
-        Some(cancel),
-        MESSAGE_TIMEOUT,
-    )
+/// The stream during the handshake: every read and write shares one deadline.
+struct Haggle<'a> {
+    s: &'a mut Stream,
+    cancel: RawFd,
+    deadline: Instant,
+}
+
+impl Haggle<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake took too long",
+            ));
+        }
+        Ok(left)
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let left = self.left()?;
+        self.s.read_full(buf, self.cancel, left)
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+        let left = self.left()?;
+        self.s.write_full(buf, Some(self.cancel), left)
+    }
+
+    fn send(&mut self, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
+        self.write(&option_reply(option, reply, data))
+    }
 }
 
 /// Answers one option; `Some` when the handshake is over.
 fn handle_option(
-    s: &mut Stream,
+    h: &mut Haggle<'_>,
     ex: &ExportLimits,
-    cancel: RawFd,
     option: u32,
     data: &[u8],
     no_zeroes: bool,
@@ -89,61 +123,47 @@ fn handle_option(
                 return Ok(Some(Outcome::Closed));
             }
             let reply = export_name_reply(ex.size, ex.transmission_flags(), no_zeroes);
-            s.write_full(&reply, Some(cancel), MESSAGE_TIMEOUT)?;
+            h.write(&reply)?;
             Ok(Some(Outcome::Transmit))
         }
         OPT_ABORT => {
             // Best effort: the client may already have closed its end.
-            let _ = send(s, cancel, option, REP_ACK, &[]);
+            let _ = h.send(option, REP_ACK, &[]);
             Ok(Some(Outcome::Closed))
         }
         OPT_LIST => {
             if !data.is_empty() {
-                send(
-                    s,
-                    cancel,
-                    option,
-                    REP_ERR_INVALID,
-                    b"NBD_OPT_LIST takes no data",
-                )?;
+                h.send(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
             } else {
-                send(s, cancel, option, REP_SERVER, &rep_server(EXPORT_NAME))?;
-                send(s, cancel, option, REP_ACK, &[])?;
+                h.send(option, REP_SERVER, &rep_server(EXPORT_NAME))?;
+                h.send(option, REP_ACK, &[])?;
             }
             Ok(None)
         }
         OPT_INFO | OPT_GO => {
             let Some(req) = parse_info_request(data) else {
-                send(s, cancel, option, REP_ERR_INVALID, b"malformed request")?;
+                h.send(option, REP_ERR_INVALID, b"malformed request")?;
                 return Ok(None);
             };
             if req.name != EXPORT_NAME {
-                send(
-                    s,
-                    cancel,
-                    option,
-                    REP_ERR_UNKNOWN,
-                    b"only the default export exists",
-                )?;
+                h.send(option, REP_ERR_UNKNOWN, b"only the default export exists")?;
                 return Ok(None);
             }
-            send(
-                s,
-                cancel,
+            h.send(
                 option,
                 REP_INFO,
                 &info_export(ex.size, ex.transmission_flags()),
             )?;
             // Sent whether asked for or not (minimum block size 1: any alignment works).
-            send(s, cancel, option, REP_INFO, &info_block_size())?;
+            h.send(option, REP_INFO, &info_block_size())?;
             if req.infos.contains(&INFO_NAME) {
-                send(s, cancel, option, REP_INFO, &info_name(EXPORT_NAME))?;
+                h.send(option, REP_INFO, &info_name(EXPORT_NAME))?;
             }
-            send(s, cancel, option, REP_ACK, &[])?;
+            h.send(option, REP_ACK, &[])?;
             Ok((option == OPT_GO).then_some(Outcome::Transmit))
         }
         _ => {
-            send(s, cancel, option, REP_ERR_UNSUP, &[])?;
+            h.send(option, REP_ERR_UNSUP, &[])?;
             Ok(None)
         }
     }
@@ -157,18 +177,23 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
 
+    const LIMIT: Duration = Duration::from_secs(30);
     const EX: ExportLimits = ExportLimits {
         size: 1 << 30,
         read_only: false,
     };
 
     fn start() -> (UnixStream, std::thread::JoinHandle<io::Result<Outcome>>) {
+        start_with(LIMIT)
+    }
+
+    fn start_with(limit: Duration) -> (UnixStream, std::thread::JoinHandle<io::Result<Outcome>>) {
         let (a, mut b) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || {
             let cancel = EventFd::new()?;
             let mut s = Stream::Unix(a);
             s.set_nonblocking()?;
-            negotiate(&mut s, &EX, cancel.as_raw_fd())
+            negotiate(&mut s, &EX, cancel.as_raw_fd(), Instant::now() + limit)
         });
         let mut greet = [0u8; 18];
         b.read_exact(&mut greet).unwrap();
@@ -286,5 +311,33 @@ mod tests {
         opt(&mut b, OPT_ABORT, &[]);
         assert_eq!(reply(&mut b), (OPT_ABORT, REP_ACK, vec![]));
         assert_eq!(t.join().unwrap().unwrap(), Outcome::Closed);
+    }
+
+    #[test]
+    fn the_whole_handshake_is_bounded() {
+        // Each option arrives well within the limit, but together they take longer: the
+        // handshake ends with a timeout instead of serving 256 options.
+        let (mut b, t) = start_with(Duration::from_millis(500));
+        b.write_all(&1u32.to_be_bytes()).unwrap();
+        let mut sent = 0;
+        let mut m = IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&42u32.to_be_bytes());
+        m.extend_from_slice(&0u32.to_be_bytes());
+        while !t.is_finished() && sent < MAX_OPTIONS {
+            if b.write_all(&m).is_err() {
+                break;
+            }
+            sent += 1;
+            let mut h = [0u8; 20];
+            if b.read_exact(&mut h).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            t.join().unwrap().unwrap_err().kind(),
+            io::ErrorKind::TimedOut
+        );
+        assert!(sent < MAX_OPTIONS, "all {sent} options were served");
     }
 }

@@ -6,6 +6,7 @@
 //! handles signals. Live checkpoints go through the control socket ([`crate::control`]) and
 //! the I/O gate ([`crate::quiesce`]).
 
+pub mod budget;
 pub mod connection;
 pub mod handshake;
 pub mod protocol;
@@ -31,6 +32,7 @@ use server::{ListenAddr, Listener};
 /// SIGTERM, then flushes and exits. The only stdout output is the ready line.
 pub fn serve_cmd(args: ServeArgs) -> Result<ExitCode> {
     let addr = ListenAddr::parse(&args.listen)?;
+    let serve = args.limits.server_limits()?;
     // Before any thread exists, so that every thread inherits the blocked mask.
     let sigset = sys::block_termination_signals().map_err(|e| Error::io("blocking signals", e))?;
     let signals = SignalFd::new(&sigset).map_err(|e| Error::io("creating a signalfd", e))?;
@@ -79,6 +81,8 @@ pub fn serve_cmd(args: ServeArgs) -> Result<ExitCode> {
         limits,
         gate,
         shutdown,
+        serve,
+        budget: budget::MemoryBudget::new(serve.memory_budget),
     });
     let served = server::run(&listener, export, &signals);
     if let Some(c) = control {

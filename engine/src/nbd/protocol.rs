@@ -288,9 +288,11 @@ pub enum Command {
         fua: bool,
     },
     Flush,
+    /// With `fua`, durable before the reply.
     Trim {
         offset: u64,
         len: u32,
+        fua: bool,
     },
     WriteZeroes {
         offset: u64,
@@ -354,7 +356,7 @@ pub fn decide(h: &RequestHeader, ex: &ExportLimits) -> Decision {
     Decision::Run(match h.kind {
         CMD_READ => Command::Read { offset, len },
         CMD_WRITE => Command::Write { offset, len, fua },
-        CMD_TRIM => Command::Trim { offset, len },
+        CMD_TRIM => Command::Trim { offset, len, fua },
         _ => Command::WriteZeroes { offset, len, fua },
     })
 }
@@ -552,7 +554,16 @@ mod tests {
             decide(&hdr(CMD_TRIM, 0, 0, 1 << 31), &big),
             Decision::Run(Command::Trim {
                 offset: 0,
-                len: 1 << 31
+                len: 1 << 31,
+                fua: false
+            })
+        );
+        assert_eq!(
+            decide(&hdr(CMD_TRIM, CMD_FLAG_FUA, 0, 4096), &big),
+            Decision::Run(Command::Trim {
+                offset: 0,
+                len: 4096,
+                fua: true
             })
         );
     }

@@ -15,9 +15,6 @@ use super::stream::Stream;
 use crate::sys::{self, Epoll, SignalFd};
 use crate::{Error, Result};
 
-/// Clients served at once; more are accepted and closed at once.
-pub const MAX_CONNECTIONS: usize = 64;
-
 /// Where to listen.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -168,8 +165,9 @@ fn accept_all(listener: &Listener, export: &Arc<Export>, conns: &mut Vec<JoinHan
             }
         };
         conns.retain(|c| !c.is_finished());
-        if conns.len() >= MAX_CONNECTIONS {
-            tracing::warn!("refusing a client: {MAX_CONNECTIONS} connections already open");
+        let max = export.serve.max_clients;
+        if conns.len() >= max {
+            tracing::warn!("refusing a client: {max} connections already open");
             continue; // dropping the stream closes it
         }
         let export = export.clone();

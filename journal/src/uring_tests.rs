@@ -1,0 +1,184 @@
+//! Ownership tests of the io_uring engine on real files and a real ring: a refused submit,
+//! a failing `io_uring_enter`, SQEs past the ring's size, and dropping the engine in flight.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+
+use super::*;
+use crate::{CacheMode, Disk, OpenOptions};
+
+const MIB: u64 = 1 << 20;
+
+fn disk(dir: &Path) -> Disk {
+    let d = dir.join("disk");
+    Disk::create(&d, 16 * MIB, None).unwrap();
+    Disk::open(
+        &d,
+        OpenOptions {
+            cache: CacheMode::None,
+            read_only: false,
+        },
+    )
+    .unwrap()
+}
+
+fn write(offset: u64, fill: u8, len: usize) -> Request {
+    Request::Write {
+        offset,
+        buf: AlignedBuf::from_slice(&vec![fill; len]),
+        fua: false,
+    }
+}
+
+/// Points the ring's descriptor at /dev/null, so that every `io_uring_enter` fails (the ring
+/// itself lives on through its mappings); `restore` puts it back.
+struct BrokenRing {
+    ring_fd: RawFd,
+    saved: RawFd,
+}
+
+impl BrokenRing {
+    fn new(engine: &IoEngine) -> BrokenRing {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let ring_fd = engine.ring_fd();
+        // SAFETY: dup/dup2 on descriptors this test owns; `ring_fd` stays a valid descriptor
+        // throughout (first a copy of /dev/null, then the ring again).
+        let saved = unsafe { libc::dup(ring_fd) };
+        assert!(saved >= 0);
+        // SAFETY: as above.
+        assert!(unsafe { libc::dup2(null.as_raw_fd(), ring_fd) } >= 0);
+        BrokenRing { ring_fd, saved }
+    }
+
+    fn restore(self) {
+        // SAFETY: `saved` is our duplicate of the ring; it goes back to its number and closes.
+        unsafe {
+            assert!(libc::dup2(self.saved, self.ring_fd) >= 0);
+            libc::close(self.saved);
+        }
+    }
+}
+
+#[test]
+fn a_refused_submit_hands_the_request_back_and_never_completes() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk(t.path());
+    let mut eng = IoEngine::new(disk.now(), 8).unwrap();
+    let mut out = Vec::new();
+
+    let broken = BrokenRing::new(&eng);
+    // Taken: its SQE is queued although the enter fails; it completes later.
+    eng.submit(1, write(0, 0xa1, 4096)).unwrap();
+    assert_eq!(eng.in_flight(), 1);
+    // Refused before anything of it is queued: the request comes back whole.
+    let buf = AlignedBuf::from_slice(&[0xb2; 8192]);
+    let ptr = buf.as_slice().as_ptr();
+    let r = eng
+        .submit(
+            2,
+            Request::Write {
+                offset: 8192,
+                buf,
+                fua: false,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(r.token, 2);
+    match &r.request {
+        Request::Write { offset, buf, .. } => {
+            assert_eq!(*offset, 8192);
+            assert_eq!(buf.as_slice().as_ptr(), ptr, "the same buffer comes back");
+            assert!(buf.as_slice().iter().all(|&b| b == 0xb2));
+        }
+        other => panic!("got back {other:?}"),
+    }
+    assert_eq!(eng.in_flight(), 1, "a refused request is not in flight");
+    assert!(eng.poll(&mut out).is_err(), "the failing ring is reported");
+    assert!(out.is_empty());
+
+    broken.restore();
+    // The caller may reuse token 2 at once: exactly one completion per taken request.
+    eng.submit(2, write(16384, 0xc3, 4096)).unwrap();
+    eng.wait(usize::MAX, &mut out).unwrap();
+    let mut tokens: Vec<u64> = out.iter().map(|c| c.token).collect();
+    tokens.sort();
+    assert_eq!(tokens, [1, 2]);
+    assert!(out.iter().all(|c| c.result.is_ok()));
+    let v = disk.now();
+    let mut b = vec![0u8; 4096 * 5];
+    v.read_at(&mut b, 0).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 0xa1));
+    assert!(
+        b[8192..12288].iter().all(|&x| x == 0),
+        "the refused write never ran"
+    );
+    assert!(b[16384..].iter().all(|&x| x == 0xc3));
+}
+
+#[test]
+fn sqes_beyond_the_ring_wait_in_the_backlog() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk(t.path());
+    let v = disk.now();
+    // Every other block, so that one read of the range needs one SQE per written block:
+    // 200 SQEs, more than the smallest ring (64 entries) holds.
+    for i in 0..200u64 {
+        v.write_at(&[i as u8 + 1; 4096], i * 8192, false).unwrap();
+    }
+    let mut eng = IoEngine::new(v.clone(), 1).unwrap();
+    eng.submit(
+        7,
+        Request::Read {
+            offset: 0,
+            len: 200 * 8192,
+        },
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    eng.wait(1, &mut out).unwrap();
+    let buf = out.pop().unwrap().result.unwrap().unwrap();
+    for i in 0..200usize {
+        let blk = &buf.as_slice()[i * 8192..(i + 1) * 8192];
+        assert!(blk[..4096].iter().all(|&b| b == i as u8 + 1), "block {i}");
+        assert!(blk[4096..].iter().all(|&b| b == 0), "hole {i}");
+    }
+}
+
+#[test]
+fn dropping_the_engine_waits_for_every_request() {
+    let t = tempfile::tempdir().unwrap();
+    let mut disk = disk(t.path());
+    let v = disk.now();
+    let mut eng = IoEngine::new(v.clone(), 64).unwrap();
+    for i in 0..64u64 {
+        eng.submit(i, write(i * 65536, i as u8, 65536)).unwrap();
+    }
+    for i in 0..16u64 {
+        eng.submit(
+            100 + i,
+            Request::Read {
+                offset: i * MIB,
+                len: MIB,
+            },
+        )
+        .unwrap();
+    }
+    // Nothing reaped: every write is still in flight as far as the volume knows.
+    assert!(v.writes_in_flight() > 0);
+    drop(eng);
+    // Every write was finished (committed or aborted) before the engine went away: none is
+    // left holding the volume, so a checkpoint can be taken.
+    assert_eq!(v.writes_in_flight(), 0);
+    disk.checkpoint("after-drop").unwrap();
+
+    // The same with SQEs queued while the ring could not be entered: they are submitted and
+    // waited for.
+    let mut eng = IoEngine::new(v.clone(), 64).unwrap();
+    let broken = BrokenRing::new(&eng);
+    eng.submit(1, write(0, 0x5a, 65536)).unwrap();
+    assert_eq!(v.writes_in_flight(), 1);
+    broken.restore();
+    drop(eng);
+    assert_eq!(v.writes_in_flight(), 0);
+    disk.checkpoint("after-second-drop").unwrap();
+}

@@ -1,0 +1,34 @@
+//! One module per parser of untrusted input. To add a target: write `src/targets/<name>.rs`
+//! with a `pub const TARGET: Target` (see `journal_log.rs`), list it in [`ALL`], run
+//! `strata-fuzz seed <name>` to write its seed corpus, and commit `corpus/<name>/`.
+
+pub mod journal_log;
+pub mod nbd_protocol;
+pub mod nbd_session;
+pub mod tree_json;
+pub mod virtio_blk;
+
+/// A fuzz target.
+pub struct Target {
+    pub name: &'static str,
+    pub about: &'static str,
+    /// Runs one input; any panic is a bug found. Must not leave state that changes how the
+    /// next input behaves (beyond caches), so that a saved input replays alone.
+    pub run: fn(&[u8]),
+    /// Seed inputs, written to `corpus/<name>/` by `strata-fuzz seed` and used when that
+    /// directory is empty.
+    pub seeds: fn() -> Vec<Vec<u8>>,
+}
+
+/// Every target, in the order `strata-fuzz run` runs them.
+pub const ALL: &[Target] = &[
+    nbd_protocol::TARGET,
+    nbd_session::TARGET,
+    virtio_blk::TARGET,
+    journal_log::TARGET,
+    tree_json::TARGET,
+];
+
+pub fn find(name: &str) -> Option<&'static Target> {
+    ALL.iter().find(|t| t.name == name)
+}

@@ -33,6 +33,10 @@ pub struct CheckpointArgs {
     /// How long the guest runs before the first checkpoint, and between the steps (seconds).
     #[arg(long, default_value_t = 1.5)]
     pub settle: f64,
+    /// Operations of the guest's workload: enough to outlast the checkpoints and the apply;
+    /// its `done` line then reports the longest stall it saw.
+    #[arg(long, default_value_t = 300_000)]
+    pub ops: u64,
     /// Scratch directory (default: a fresh one in $TMPDIR, removed afterwards).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
@@ -112,7 +116,8 @@ fn one(work: &Path, mem: u64, mode: &str, args: &CheckpointArgs) -> Result<Vec<R
     let _ = std::fs::remove_dir_all(&dir);
     let dirty = (mem * args.dirty_percent / 100) & !0xfffff;
     let workload = format!(
-        "seed=1,ops=100000000,read=30,bs=4k,region=0:64M,qd=16,flush=64,dirty={}",
+        "seed=1,ops={},read=30,bs=4k,region=0:64M,qd=16,flush=64,dirty={}",
+        args.ops,
         dirty.max(1 << 20)
     );
     let status = Command::new(strata_exe()?)
@@ -133,7 +138,7 @@ fn one(work: &Path, mem: u64, mode: &str, args: &CheckpointArgs) -> Result<Vec<R
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| Error::io("spawning strata run", e))?;
-    let result = (|| {
+    let result = (|| -> Result<Vec<Row>> {
         wait_socket(&api, &mut child)?;
         let settle = Duration::from_secs_f64(args.settle);
         std::thread::sleep(settle);
@@ -173,11 +178,17 @@ fn one(work: &Path, mem: u64, mode: &str, args: &CheckpointArgs) -> Result<Vec<R
         }
         Ok(rows)
     })();
-    // Stop the guest; its console's last line reports the longest stall it saw (SIGTERM makes
-    // it exit without a done line, so the stall is read from the periodic report if any).
-    // SAFETY: kill only sends a signal to our own child's pid.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    // Let the guest finish (its done line reports the longest stall it saw); stop it if it
+    // takes too long.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        // SAFETY: kill only sends a signal to our own child's pid.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
     }
     let mut console = String::new();
     if let Some(mut out) = child.stdout.take() {

@@ -129,7 +129,7 @@ impl Running {
 
     /// Parks every vCPU; returns the instant the last one stopped.
     pub fn pause(&self, timeout: Duration) -> Result<Instant> {
-        self.ctl.pause(timeout).map_err(vm_err)
+        self.ctl.pause(timeout).map(|p| p.stopped).map_err(vm_err)
     }
 
     /// The machine's state (paused, with the block device drained).

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use journal::Volume;
 use virtio_queue::QueueT;
@@ -13,16 +14,49 @@ use crate::config::{self, bit, QUEUE_SIZE, VIRTIO_RING_F_EVENT_IDX};
 use crate::executor::Executor;
 use crate::gate::RequestGate;
 use crate::request::VIRTIO_BLK_ID_BYTES;
-use crate::virtio::{ActivateContext, VirtioDevice};
-use crate::worker::Worker;
+use crate::virtio::{ActivateContext, VirtioDevice, VirtioDeviceState};
+use crate::worker::{SnapshotLink, Worker, WorkerSnapshot};
 use crate::Error;
 
 /// The virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 
+/// How long a checkpoint waits for the worker to report its queues.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+
 struct Running {
     stop: EventFd,
     thread: JoinHandle<()>,
+    /// The device's end of the worker's checkpoint channel.
+    snapshot_evt: EventFd,
+    snapshot_requests: mpsc::Sender<u64>,
+    snapshot_replies: mpsc::Receiver<(u64, WorkerSnapshot)>,
+    snapshot_seq: u64,
+}
+
+impl Running {
+    /// Asks the worker for its queues and waits for the answer.
+    fn snapshot(&mut self) -> Result<WorkerSnapshot, Error> {
+        self.snapshot_seq += 1;
+        let seq = self.snapshot_seq;
+        let gone = || Error::Snapshot("the block worker has stopped".into());
+        self.snapshot_requests.send(seq).map_err(|_| gone())?;
+        self.snapshot_evt.write(1)?;
+        let deadline = std::time::Instant::now() + SNAPSHOT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.snapshot_replies.recv_timeout(left) {
+                Ok((s, snap)) if s == seq => return Ok(snap),
+                Ok(_) => continue, // an answer to an earlier request that timed out
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(Error::Snapshot(format!(
+                        "the block worker did not report its queues within {SNAPSHOT_TIMEOUT:?}"
+                    )))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(gone()),
+            }
+        }
+    }
 }
 
 /// A virtio-blk device over a journal volume.
@@ -171,6 +205,14 @@ impl VirtioDevice for VirtioBlock {
         );
         let gate = self.gate.clone();
         self.needs_reset.store(false, Ordering::SeqCst);
+        let snapshot_evt = EventFd::new(EFD_NONBLOCK)?;
+        let (req_tx, req_rx) = mpsc::channel();
+        let (rep_tx, rep_rx) = mpsc::channel();
+        let link = SnapshotLink {
+            evt: snapshot_evt.try_clone()?,
+            requests: req_rx,
+            replies: rep_tx,
+        };
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), Error>>(1);
         let depth = usize::from(QUEUE_SIZE);
         let thread = std::thread::Builder::new()
@@ -196,12 +238,20 @@ impl VirtioDevice for VirtioBlock {
                     needs_reset,
                     stop: worker_stop,
                     gate,
+                    snapshot: link,
                 }
                 .run();
             })?;
         match ready_rx.recv() {
             Ok(Ok(())) => {
-                self.running = Some(Running { stop, thread });
+                self.running = Some(Running {
+                    stop,
+                    thread,
+                    snapshot_evt,
+                    snapshot_requests: req_tx,
+                    snapshot_replies: rep_rx,
+                    snapshot_seq: 0,
+                });
                 Ok(())
             }
             Ok(Err(e)) => {
@@ -234,6 +284,67 @@ impl VirtioDevice for VirtioBlock {
 
     fn needs_reset(&self) -> bool {
         self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    fn save_state(&mut self) -> Result<VirtioDeviceState, Error> {
+        let queues = match self.running.as_mut() {
+            Some(running) => {
+                let snap = running.snapshot()?;
+                if snap.in_flight > 0 {
+                    return Err(Error::Snapshot(format!(
+                        "{} requests are in flight (drain the device first)",
+                        snap.in_flight
+                    )));
+                }
+                snap.queues
+            }
+            None => Vec::new(),
+        };
+        Ok(VirtioDeviceState {
+            acked_features: self.acked_features,
+            config: self.config.to_vec(),
+            needs_reset: self.needs_reset(),
+            queues,
+        })
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        ctx: Option<ActivateContext>,
+    ) -> Result<(), Error> {
+        if self.running.is_some() {
+            return Err(Error::Snapshot(
+                "cannot restore into an active device".into(),
+            ));
+        }
+        if state.acked_features & !self.avail_features != 0 {
+            return Err(Error::Snapshot(format!(
+                "the checkpoint's driver accepted features {:#x} this device does not offer",
+                state.acked_features & !self.avail_features
+            )));
+        }
+        if state.config != self.config {
+            return Err(Error::Snapshot(
+                "the checkpoint's block configuration (size, limits) differs from this disk's"
+                    .into(),
+            ));
+        }
+        self.acked_features = state.acked_features;
+        if let Some(ctx) = ctx {
+            if ctx.queues.len() != state.queues.len() {
+                return Err(Error::Snapshot(format!(
+                    "{} queues given for {} saved",
+                    ctx.queues.len(),
+                    state.queues.len()
+                )));
+            }
+            self.activate(ctx)?;
+        }
+        if state.needs_reset {
+            self.needs_reset.store(true, Ordering::SeqCst);
+        }
+        Ok(())
     }
 }
 

@@ -56,7 +56,7 @@ mod testutil;
 pub use backend::BackendKind;
 pub use device::{VirtioBlock, VIRTIO_ID_BLOCK};
 pub use gate::RequestGate;
-pub use virtio::{ActivateContext, VirtioDevice, VirtioInterrupt};
+pub use virtio::{ActivateContext, VirtioDevice, VirtioDeviceState, VirtioInterrupt};
 
 /// Errors of the block device.
 #[derive(Debug, thiserror::Error)]
@@ -69,4 +69,6 @@ pub enum Error {
     Activate(String),
     #[error("volume size {0} is not a positive multiple of 512 bytes")]
     VolumeSize(u64),
+    #[error("block device checkpoint: {0}")]
+    Snapshot(String),
 }

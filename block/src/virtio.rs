@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,6 +24,21 @@ pub struct ActivateContext {
     /// Each queue as configured by the driver, with the eventfd the transport signals (an
     /// ioeventfd in KVM) when the driver writes QueueNotify for it.
     pub queues: Vec<(Queue, EventFd)>,
+}
+
+/// A device's own part of a VM checkpoint (the transport saves its registers beside it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtioDeviceState {
+    /// The feature bits the driver accepted.
+    pub acked_features: u64,
+    /// The configuration space as the driver reads it.
+    pub config: Vec<u8>,
+    /// The device had asked for a reset (DEVICE_NEEDS_RESET).
+    pub needs_reset: bool,
+    /// Each queue with its ring positions while the device is active (empty while it is not).
+    /// A chain the device had taken from the available ring but not started is not counted as
+    /// taken: after a restore it is taken again.
+    pub queues: Vec<QueueState>,
 }
 
 /// A virtio device model.
@@ -48,4 +63,26 @@ pub trait VirtioDevice: Send {
     /// True once the device met an error that needs a reset (the transport then reports
     /// DEVICE_NEEDS_RESET in its status register).
     fn needs_reset(&self) -> bool;
+    /// Captures the device for a checkpoint. Only meaningful while the driver cannot notify
+    /// (vCPUs paused) and no request is in flight (the caller drained the device); a device
+    /// with requests in flight refuses.
+    fn save_state(&mut self) -> Result<VirtioDeviceState, crate::Error> {
+        Err(crate::Error::Snapshot(
+            "this virtio device does not support checkpoints".into(),
+        ))
+    }
+    /// Restores a device created afresh (never activated) from `state`. With `ctx` (the
+    /// driver had set DRIVER_OK) the device starts at once on the queues of `ctx`, which the
+    /// transport built and validated from `state.queues`, and processes any chain already in
+    /// their available rings.
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        ctx: Option<ActivateContext>,
+    ) -> Result<(), crate::Error> {
+        let _ = (state, ctx);
+        Err(crate::Error::Snapshot(
+            "this virtio device does not support checkpoints".into(),
+        ))
+    }
 }

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -23,6 +23,24 @@ const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 const STOP_TOKEN: u64 = u64::MAX;
 const BACKEND_TOKEN: u64 = u64::MAX - 1;
 const GATE_TOKEN: u64 = u64::MAX - 2;
+const SNAPSHOT_TOKEN: u64 = u64::MAX - 3;
+
+/// The worker's queues as a checkpoint sees them.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerSnapshot {
+    /// Each queue, its next available index moved back over chains taken but not started.
+    pub queues: Vec<virtio_queue::QueueState>,
+    /// Requests started and not yet completed into the used ring.
+    pub in_flight: usize,
+}
+
+/// The worker's end of the checkpoint channel: a request (a sequence number) arrives on
+/// `requests` with `evt` signalled; the answer goes back on `replies` with the same number.
+pub(crate) struct SnapshotLink {
+    pub evt: EventFd,
+    pub requests: mpsc::Receiver<u64>,
+    pub replies: mpsc::Sender<(u64, WorkerSnapshot)>,
+}
 
 /// What the worker thread owns.
 pub(crate) struct Worker {
@@ -36,6 +54,8 @@ pub(crate) struct Worker {
     pub stop: EventFd,
     /// Admission control for quiescing (checkpoints), if any.
     pub gate: Option<Arc<dyn RequestGate>>,
+    /// Requests for the queue state (VM checkpoints).
+    pub snapshot: SnapshotLink,
 }
 
 struct QueueState {
@@ -89,10 +109,12 @@ impl Worker {
         if let Some(gate) = &self.gate {
             add(gate.waker(), GATE_TOKEN)?;
         }
+        add(self.snapshot.evt.as_raw_fd(), SNAPSHOT_TOKEN)?;
         let mut states = self.fresh_states();
         let mut pending: VecDeque<(u16, Request)> = VecDeque::new();
         let mut done: Vec<Done> = Vec::new();
-        let mut events = vec![EpollEvent::default(); self.queues.len() + 3];
+        let mut events = vec![EpollEvent::default(); self.queues.len() + 4];
+        let mut snapshot_asked = false;
         // Chains may have been made available before activation.
         let mut kicked = vec![true; self.queues.len()];
         loop {
@@ -109,6 +131,10 @@ impl Worker {
             }
             self.reap(&mut done);
             self.push_used(&mut states, &mut done, true);
+            if std::mem::take(&mut snapshot_asked) {
+                // Every completion reaped so far is in the used ring: answer now.
+                self.answer_snapshots(&pending);
+            }
 
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -124,6 +150,10 @@ impl Worker {
                             gate.clear_waker();
                         }
                     }
+                    SNAPSHOT_TOKEN => {
+                        let _ = self.snapshot.evt.read();
+                        snapshot_asked = true;
+                    }
                     q => {
                         if let Some((_, evt)) = self.queues.get(q as usize) {
                             let _ = evt.read();
@@ -132,6 +162,33 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// Answers every pending checkpoint request with the queues' state. A chain in `pending`
+    /// was taken from its ring but not started: the state shows it as still available.
+    fn answer_snapshots(&self, pending: &VecDeque<(u16, Request)>) {
+        let queues: Vec<virtio_queue::QueueState> = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, (q, _))| {
+                let mut st = q.state();
+                let taken = pending
+                    .iter()
+                    .filter(|(pq, _)| usize::from(*pq) == i)
+                    .count();
+                st.next_avail = st.next_avail.wrapping_sub(taken as u16);
+                st
+            })
+            .collect();
+        let snap = WorkerSnapshot {
+            queues,
+            in_flight: self.executor.in_flight(),
+        };
+        while let Ok(seq) = self.snapshot.requests.try_recv() {
+            // The device may have given up waiting; a closed channel is fine.
+            let _ = self.snapshot.replies.send((seq, snap.clone()));
         }
     }
 

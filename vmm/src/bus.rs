@@ -8,6 +8,7 @@ use crate::layout::{EXIT_PORT, MMIO_BASE, MMIO_SIZE};
 use crate::mmio::MmioTransport;
 use crate::outcome::ExitLatch;
 use crate::serial::SerialConsole;
+use crate::snapshot::devices::{DeviceState, ExitPortState, I8042State, MmioState};
 
 /// The VM's userspace devices.
 pub struct Bus {
@@ -80,6 +81,31 @@ impl Bus {
         match (&self.virtio, addr.checked_sub(MMIO_BASE)) {
             (Some(v), Some(off)) if off < MMIO_SIZE => lock(v).write(off, data),
             _ => tracing::debug!("MMIO write to unassigned address {addr:#x}"),
+        }
+    }
+
+    /// Every device's state for a checkpoint (vCPUs paused, block device drained).
+    pub fn save_devices(&self) -> crate::Result<DeviceState> {
+        let virtio = match &self.virtio {
+            Some(v) => Some(lock(v).save_state()?),
+            None => None,
+        };
+        Ok(DeviceState {
+            serial: lock(&self.serial).state(),
+            i8042: I8042State::default(),
+            exit_port: ExitPortState::default(),
+            virtio,
+        })
+    }
+
+    /// Restores the virtio transport and restarts its device (a restored VM, before its
+    /// vCPUs run).
+    pub fn restore_virtio(&self, state: &MmioState) -> crate::Result<()> {
+        match &self.virtio {
+            Some(v) => lock(v).restore_state(state),
+            None => Err(crate::Error::State(
+                "the state has a virtio device but the VM has none".into(),
+            )),
         }
     }
 

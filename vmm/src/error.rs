@@ -45,6 +45,23 @@ pub enum Error {
     VcpuFault { cpu: usize, what: String },
     #[error("vCPU thread {cpu} panicked")]
     VcpuPanic { cpu: usize },
+    #[error(transparent)]
+    Envelope(#[from] crate::snapshot::EnvelopeError),
+    #[error("invalid machine state: {0}")]
+    State(String),
+    #[error("cannot capture the machine state: {0}")]
+    Capture(String),
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not running (it has ended, or has not started)")]
+    NotRunning,
+    #[error("vCPU {cpu} did not stop within {waited:?}")]
+    PauseTimeout {
+        cpu: usize,
+        waited: std::time::Duration,
+    },
 }
 
 impl Error {

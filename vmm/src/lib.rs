@@ -6,6 +6,7 @@
 
 pub mod boot;
 pub mod bus;
+mod control;
 pub mod emulate;
 pub mod error;
 pub mod exit_port;
@@ -16,10 +17,11 @@ pub mod memory;
 pub mod mmio;
 pub mod outcome;
 pub mod serial;
+pub mod snapshot;
 pub mod test_guest;
 pub mod vcpu;
 pub mod vm;
 
 pub use error::{Error, Result};
 pub use outcome::{ExitLatch, Outcome};
-pub use vm::{Guest, Vm, VmConfig};
+pub use vm::{Guest, PauseStats, Vm, VmConfig, VmController};

@@ -39,6 +39,30 @@ impl SerialConsole {
         })
     }
 
+    /// Creates the UART in a saved state (a restored VM), writing to `out`.
+    pub fn from_state(
+        irq: &EventFd,
+        out: ConsoleOut,
+        state: &crate::snapshot::devices::SerialState,
+    ) -> Result<Self> {
+        let irq = irq
+            .try_clone()
+            .map_err(Error::io("cloning the serial irqfd"))?;
+        let uart = Serial::from_state(
+            &state.into(),
+            IrqTrigger(irq),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| Error::State(format!("serial port: {e:?}")))?;
+        Ok(Self { uart })
+    }
+
+    /// The UART's registers and receive FIFO.
+    pub fn state(&self) -> crate::snapshot::devices::SerialState {
+        (&self.uart.state()).into()
+    }
+
     /// True if `port` belongs to COM1.
     pub fn claims(port: u16) -> bool {
         (SERIAL_PORT..SERIAL_PORT + SERIAL_PORT_LEN).contains(&port)
@@ -99,6 +123,24 @@ mod tests {
         }
         assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
         assert_eq!(com.read(0x3fd) & 0x60, 0x60);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut com = SerialConsole::new(&irq, Box::new(Sink::default())).unwrap();
+        com.write(0x3fb, 0x83); // LCR: DLAB + 8 bits
+        com.write(0x3f8, 0x01); // divisor low
+        com.write(0x3fb, 0x03);
+        com.write(0x3ff, 0x5a); // scratch
+        let st = com.state();
+        assert_eq!(
+            (st.baud_divisor_low, st.line_control, st.scratch),
+            (1, 3, 0x5a)
+        );
+        let mut back = SerialConsole::from_state(&irq, Box::new(Sink::default()), &st).unwrap();
+        assert_eq!(back.read(0x3ff), 0x5a);
+        assert_eq!(back.state(), st);
     }
 
     #[test]

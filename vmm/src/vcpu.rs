@@ -1,15 +1,19 @@
 //! One vCPU: its KVM state set-up, and the thread that runs it and dispatches its exits.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 
+use kvm_bindings::kvm_run;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot::{cpuid, msr};
 use crate::bus::Bus;
+use crate::control::{Command, Control};
 use crate::outcome::{ExitLatch, Outcome};
+use crate::snapshot::{CpuContext, VcpuState};
 use crate::{emulate, fault};
 use crate::{Error, Result};
 
@@ -29,7 +33,67 @@ pub fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// The `kvm_run` area of the vCPU this thread runs (null on other threads).
+    static KICK_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Most exits handled while completing a pending I/O before parking (a string I/O
+/// instruction may need several).
+const SETTLE_EXITS: usize = 4096;
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // A const-initialised thread local without destructor: reading it allocates nothing and
+    // cannot fail, so this is async-signal-safe.
+    let _ = KICK_RUN.try_with(|p| {
+        let run = p.get();
+        if !run.is_null() {
+            // SAFETY: a non-null pointer is only stored by `KickTarget` for the lifetime of
+            // this thread's vCPU mapping (cleared before the `VcpuFd` is dropped); the signal
+            // runs on that same thread, and a byte-sized volatile store cannot tear.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    });
+}
+
+/// Points the kick handler at this thread's `kvm_run` while it lives.
+struct KickTarget;
+
+impl KickTarget {
+    fn install(fd: &mut VcpuFd) -> Self {
+        let run: *mut kvm_run = fd.get_kvm_run();
+        KICK_RUN.with(|p| p.set(run));
+        KickTarget
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KICK_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+}
+
+/// Marks the vCPU's control slot as gone when its thread ends (also on panic).
+struct Registration<'a> {
+    control: &'a Control,
+    id: usize,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.control.unregister(self.id);
+    }
+}
+
+/// What one KVM_RUN came to.
+enum Step {
+    /// An exit was handled; run again.
+    Continue,
+    /// KVM_RUN returned EINTR (a kick, or `immediate_exit`).
+    Interrupted,
+    /// The VM ends.
+    End(Outcome),
+}
 
 /// Installs the (empty) kick handler once per process, so the signal interrupts KVM_RUN with
 /// EINTR instead of killing the process.
@@ -56,6 +120,8 @@ pub struct VcpuShared {
     pub latch: Arc<ExitLatch>,
     pub stop: Arc<AtomicBool>,
     pub mem: GuestMemoryMmap,
+    pub(crate) control: Arc<Control>,
+    pub cpu: Arc<CpuContext>,
 }
 
 impl Vcpu {
@@ -93,14 +159,37 @@ impl Vcpu {
     }
 
     /// Runs the vCPU until the VM stops. Every way out records an [`Outcome`] first (unless
-    /// another thread already did, or `stop` was raised).
+    /// another thread already did, or `stop` was raised). While a pause is requested the
+    /// thread parks (see [`crate::control`]).
     pub fn run(mut self, shared: VcpuShared) {
+        let _kick = KickTarget::install(&mut self.fd);
+        shared.control.register(self.id);
+        let _registration = Registration {
+            control: &shared.control,
+            id: self.id,
+        };
         loop {
             if shared.stop.load(Ordering::Acquire) {
                 return;
             }
-            let outcome = self.run_once(&shared);
-            if let Some(outcome) = outcome {
+            if shared.control.pause_requested() {
+                if let Err(outcome) = self.settle(&shared) {
+                    shared.latch.set(outcome);
+                    return;
+                }
+                let cpu = Arc::clone(&shared.cpu);
+                let fd = &self.fd;
+                let resumed = shared.control.park(self.id, |cmd| match cmd {
+                    Command::Capture(reply) => {
+                        let _ = reply.send(VcpuState::save(fd, &cpu));
+                    }
+                });
+                if !resumed {
+                    return;
+                }
+                continue;
+            }
+            if let Step::End(outcome) = self.run_once(&shared) {
                 shared.latch.set(outcome);
             }
             if shared.latch.is_set() {
@@ -109,43 +198,72 @@ impl Vcpu {
         }
     }
 
-    /// One KVM_RUN and the handling of its exit; `Some` ends the VM.
-    fn run_once(&mut self, shared: &VcpuShared) -> Option<Outcome> {
+    /// Before parking: re-enters KVM_RUN with `immediate_exit` set so KVM completes an I/O
+    /// or MMIO access the last exit left pending (its result lands in the registers) without
+    /// running further guest instructions; the state is then consistent to save.
+    fn settle(&mut self, shared: &VcpuShared) -> std::result::Result<(), Outcome> {
+        for _ in 0..SETTLE_EXITS {
+            self.fd.set_kvm_immediate_exit(1);
+            match self.run_once(shared) {
+                Step::Interrupted => return Ok(()),
+                Step::Continue => {}
+                Step::End(outcome) => return Err(outcome),
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        Err(Outcome::Fault {
+            cpu: self.id,
+            what: "pending I/O did not complete before pausing".into(),
+        })
+    }
+
+    /// One KVM_RUN and the handling of its exit.
+    fn run_once(&mut self, shared: &VcpuShared) -> Step {
         let bus = &shared.bus;
         let what = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 bus.pio_read(port, data);
-                return None;
+                return Step::Continue;
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 bus.pio_write(port, data);
-                return None;
+                return Step::Continue;
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 bus.mmio_read(addr, data);
-                return None;
+                return Step::Continue;
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 bus.mmio_write(addr, data);
-                return None;
+                return Step::Continue;
             }
-            Ok(VcpuExit::Intr) => return None,
+            Ok(VcpuExit::Intr) => return Step::Continue,
             Ok(VcpuExit::SystemEvent(kind, _))
                 if kind == SYSTEM_EVENT_SHUTDOWN || kind == SYSTEM_EVENT_RESET =>
             {
-                return Some(Outcome::Reset);
+                return Step::End(Outcome::Reset);
             }
-            Ok(VcpuExit::InternalError) => return self.internal_error(shared),
+            Ok(VcpuExit::InternalError) => {
+                return match self.internal_error(shared) {
+                    Some(outcome) => Step::End(outcome),
+                    None => Step::Continue,
+                }
+            }
             Ok(VcpuExit::Shutdown) => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
             Ok(VcpuExit::Hlt) => "halted with nothing to wake it (KVM_EXIT_HLT)".to_string(),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 format!("VM entry failed (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, host cpu {cpu})")
             }
             Ok(other) => format!("unexpected exit {other:?}"),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Cleared before the caller looks at the pause flag: a kick after this point
+                // is seen through the flag, one before it has done its job.
+                self.fd.set_kvm_immediate_exit(0);
+                return Step::Interrupted;
+            }
             Err(e) => format!("KVM_RUN failed: {e}"),
         };
-        Some(self.fault(shared, what, None))
+        Step::End(self.fault(shared, what, None))
     }
 
     fn internal_error(&mut self, shared: &VcpuShared) -> Option<Outcome> {

@@ -46,6 +46,14 @@ impl MmioInterrupt {
         self.status.store(0, Ordering::Release);
     }
 
+    /// Sets InterruptStatus and ConfigGeneration (a restored VM; no interrupt is raised: the
+    /// in-kernel irqchip state carries any line still asserted).
+    pub fn restore(&self, status: u32, config_generation: u32) {
+        self.status.store(status, Ordering::Release);
+        self.config_generation
+            .store(config_generation, Ordering::Release);
+    }
+
     /// ConfigGeneration: bumped on every configuration change.
     pub fn config_generation(&self) -> u32 {
         self.config_generation.load(Ordering::Acquire)

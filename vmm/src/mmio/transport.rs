@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
-use block::{ActivateContext, VirtioDevice};
-use virtio_queue::{Queue, QueueT};
+use block::{ActivateContext, VirtioDevice, VirtioDeviceState};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::MmioInterrupt;
 use super::regs::*;
+use crate::snapshot::devices::{MmioState, QueueSnapshot, VirtioDeviceSnapshot};
 use crate::{Error, Result};
 
 /// VIRTIO_RING_F_EVENT_IDX.
@@ -133,6 +134,137 @@ impl MmioTransport {
     /// True while the device is activated.
     pub fn is_active(&self) -> bool {
         self.active
+    }
+
+    /// The transport, its queues and its device for a checkpoint. The vCPUs must be paused and
+    /// the device drained (it refuses while requests are in flight).
+    pub fn save_state(&mut self) -> Result<MmioState> {
+        let dev = self.device.save_state()?;
+        let queues: Vec<QueueSnapshot> = if self.active {
+            if dev.queues.len() != self.queues.len() {
+                return Err(Error::Capture(format!(
+                    "the device reported {} queues, the transport has {}",
+                    dev.queues.len(),
+                    self.queues.len()
+                )));
+            }
+            dev.queues.iter().map(QueueSnapshot::from).collect()
+        } else {
+            let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+            self.queues
+                .iter()
+                .map(|q| QueueSnapshot {
+                    max_size: q.max_size,
+                    size: q.size,
+                    ready: q.ready,
+                    desc_table: q.desc,
+                    avail_ring: q.driver,
+                    used_ring: q.device,
+                    next_avail: 0,
+                    next_used: 0,
+                    event_idx_enabled: event_idx,
+                })
+                .collect()
+        };
+        Ok(MmioState {
+            device_type: self.device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            active: self.active,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+            queues,
+            device: VirtioDeviceSnapshot {
+                acked_features: dev.acked_features,
+                config: dev.config,
+                needs_reset: dev.needs_reset,
+            },
+        })
+    }
+
+    /// Puts a freshly created transport (device never activated) into the saved `state`;
+    /// when the device was active it is restarted on the saved queues and picks up the chains
+    /// waiting in their available rings. Everything is checked before the device starts.
+    pub fn restore_state(&mut self, state: &MmioState) -> Result<()> {
+        if self.active || self.status != 0 {
+            return Err(Error::State(
+                "restoring into a transport that is in use".into(),
+            ));
+        }
+        state.validate(&self.mem)?;
+        if state.device_type != self.device.device_type() {
+            return Err(Error::State(format!(
+                "the checkpoint's virtio device has type {}, this VM's has {}",
+                state.device_type,
+                self.device.device_type()
+            )));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(Error::State(format!(
+                "the checkpoint's virtio device has {} queues, this VM's has {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        for (i, (saved, ours)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != ours.max_size {
+                return Err(Error::State(format!(
+                    "queue {i}: the checkpoint's maximum size is {}, this device's is {}",
+                    saved.max_size, ours.max_size
+                )));
+            }
+        }
+        let offered = self.device_features();
+        if state.driver_features & !offered != 0 {
+            return Err(Error::State(format!(
+                "the checkpoint's driver accepted features {:#x} this device does not offer",
+                state.driver_features & !offered
+            )));
+        }
+        let ctx = if state.active {
+            let mut queues = Vec::with_capacity(state.queues.len());
+            for (saved, evt) in state.queues.iter().zip(&self.queue_evts) {
+                let q = saved.to_queue(&self.mem, true)?;
+                let evt = evt
+                    .try_clone()
+                    .map_err(Error::io("cloning a queue eventfd"))?;
+                queues.push((q, evt));
+            }
+            Some(ActivateContext {
+                mem: self.mem.clone(),
+                interrupt: Arc::clone(&self.interrupt) as Arc<dyn block::VirtioInterrupt>,
+                queues,
+            })
+        } else {
+            None
+        };
+        let dev = VirtioDeviceState {
+            acked_features: state.device.acked_features,
+            config: state.device.config.clone(),
+            needs_reset: state.device.needs_reset,
+            queues: state.queues.iter().map(QueueState::from).collect(),
+        };
+        self.device.restore_state(&dev, ctx)?;
+        for (cfg, saved) in self.queues.iter_mut().zip(&state.queues) {
+            cfg.size = saved.size;
+            cfg.ready = saved.ready;
+            cfg.desc = saved.desc_table;
+            cfg.driver = saved.avail_ring;
+            cfg.device = saved.used_ring;
+        }
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        // NEEDS_RESET is reported from the device, not stored in the register.
+        self.status = state.status & !STATUS_DEVICE_NEEDS_RESET;
+        self.active = state.active;
+        self.interrupt
+            .restore(state.interrupt_status, state.config_generation);
+        Ok(())
     }
 
     /// Stops the device (VM shutdown).

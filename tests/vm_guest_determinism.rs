@@ -52,9 +52,32 @@ const REGION: u64 = 16 << 20;
 const WORKLOAD: &str =
     "ops=3000,read=40,bs=512-64k,region=0:16m,qd=32,flush=16,dirty=8m,dirty_rate=3";
 
-/// Creates a fresh disk in `dir`, runs the workload with `seed` on it, exports it; returns the
-/// guest's summary and the exported image.
-fn run_and_export(dir: &Path, name: &str, seed: u64) -> (Summary, Vec<u8>) {
+/// The console without the timing fields of the `done` line (the only part that may differ).
+fn untimed(console: &str) -> String {
+    console
+        .lines()
+        .map(|l| {
+            l.split(' ')
+                .filter(|kv| {
+                    !["cycles=", "iops=", "max_stall_us="]
+                        .iter()
+                        .any(|k| kv.starts_with(k))
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+struct Run {
+    summary: Summary,
+    console: String,
+    disk: Vec<u8>,
+}
+
+/// Creates a fresh disk in `dir`, runs the workload with `seed` on it, exports it.
+fn run_and_export(dir: &Path, name: &str, seed: u64) -> Run {
     let disk = dir.join(name);
     let d = disk.to_str().unwrap();
     ok(
@@ -74,9 +97,13 @@ fn run_and_export(dir: &Path, name: &str, seed: u64) -> (Summary, Vec<u8>) {
         &strata(&["disk", "export", "--output", image.to_str().unwrap(), d]),
         "disk export",
     );
-    let bytes = std::fs::read(&image).unwrap();
+    let disk = std::fs::read(&image).unwrap();
     std::fs::remove_file(&image).unwrap();
-    (summary, bytes)
+    Run {
+        summary,
+        console: untimed(&stdout),
+        disk,
+    }
 }
 
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
@@ -90,11 +117,12 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 fn two_runs_of_one_workload_end_with_identical_disks_and_digests() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
-    let (a, disk_a) = run_and_export(dir.path(), "a", 42);
-    let (b, disk_b) = run_and_export(dir.path(), "b", 42);
+    let ra = run_and_export(dir.path(), "a", 42);
+    let rb = run_and_export(dir.path(), "b", 42);
+    let (a, disk_a, b, disk_b) = (&ra.summary, &ra.disk, &rb.summary, &rb.disk);
 
     assert_eq!(disk_a.len(), 64 << 20);
-    if let Some(at) = first_difference(&disk_a, &disk_b) {
+    if let Some(at) = first_difference(disk_a, disk_b) {
         panic!(
             "the two runs' disks differ first at byte {at} (sector {}):\n{a}\n{b}",
             at as u64 / SECTOR_SIZE
@@ -111,6 +139,10 @@ fn two_runs_of_one_workload_end_with_identical_disks_and_digests() {
     // Every completed request rewrote 3 pages of the 8 MiB (2048-page) region: several passes.
     assert_eq!(a.dirtied, 3 * (a.ops + a.flushes), "{a}");
     assert!(a.dirtied > 2 * 2048, "{a}");
+    // The whole console is the same but for the done line's timing fields (progress lines are
+    // printed at exact op counts).
+    assert_eq!(ra.console, rb.console);
+    assert_eq!(ra.console.matches("strata-guest: progress ops=").count(), 9);
 
     // The ledger digest is the one the disk implies: each sector of the region holds the
     // pattern of its last write (or zeros), and nothing outside the region was written.
@@ -121,7 +153,8 @@ fn two_runs_of_one_workload_end_with_identical_disks_and_digests() {
     assert!(disk_a[REGION as usize..].iter().all(|&x| x == 0));
 
     // Another seed: another disk and other digests (the digests are not constants).
-    let (c, disk_c) = run_and_export(dir.path(), "c", 43);
+    let rc = run_and_export(dir.path(), "c", 43);
+    let (c, disk_c) = (&rc.summary, &rc.disk);
     assert_eq!(c.errors, 0);
     assert_ne!(disk_a, disk_c);
     assert_ne!(a.ledger, c.ledger);

@@ -448,6 +448,9 @@ mod tests {
             "bs=1536,region=0:3584",
             "bs=8k-256k,region=4g:2048m",
             "ops=0,read=100",
+            "dirty=64m",
+            "dirty=4k,dirty_rate=4096",
+            "dirty_rate=3",
         ] {
             let w = WorkloadSpec::parse(text).unwrap();
             assert_eq!(WorkloadSpec::parse(&w.to_string()).unwrap(), w, "{text}");
@@ -509,6 +512,15 @@ mod tests {
         );
         assert!(err("verify=2").starts_with("verify: bad value"));
         assert!(err("flush=4294967296").starts_with("flush: bad value"));
+        for dirty in ["dirty=6k", "dirty=100", "dirty=4g", "dirty=", "dirty=-4k"] {
+            assert_eq!(
+                err(dirty),
+                "dirty: bad value, expected a size (0 = off, 64m), a multiple of 4k, at most 3g",
+                "{dirty}"
+            );
+        }
+        assert!(err("dirty_rate=0").starts_with("dirty_rate: bad value"));
+        assert!(err("dirty_rate=4097").starts_with("dirty_rate: bad value"));
         assert_eq!(
             WorkloadSpec::parse("seed=\u{e9}"),
             Err(Error::WorkloadNotAscii)
@@ -563,6 +575,51 @@ mod tests {
         assert!(matches!(
             w.effective_region(1 << 30, 1 << 20),
             Err(Error::MemorySize { .. })
+        ));
+    }
+
+    #[test]
+    fn a_dirty_region_takes_its_room_from_the_ledger() {
+        let mem = 256u64 << 20;
+        let w = WorkloadSpec::parse("dirty=188m").unwrap();
+        let plan = w.memory_plan(mem).unwrap();
+        assert_eq!(plan.dirty_base, mem - (188 << 20));
+        assert_eq!(plan.dirty_pages, 188 << 8);
+        let sectors = (mem - (188 << 20) - LEDGER_TAGS_ADDR) / 4;
+        assert_eq!(plan.ledger_sectors, sectors);
+        // The default region shrinks to what the ledger can still track...
+        assert_eq!(
+            w.effective_region(1 << 30, mem).unwrap(),
+            Region {
+                offset: 0,
+                len: sectors * 512
+            }
+        );
+        // ... and an explicit region that fits without the dirty region may no longer fit.
+        let r = WorkloadSpec::parse("region=0:512m,dirty=188m").unwrap();
+        assert!(matches!(
+            r.effective_region(1 << 30, mem),
+            Err(Error::Region { .. })
+        ));
+        let r = WorkloadSpec::parse("region=0:512m").unwrap();
+        assert!(r.effective_region(1 << 30, mem).is_ok());
+        // Without dirty= the plan is the old one: tags up to the end of RAM.
+        let d = WorkloadSpec::default().memory_plan(mem).unwrap();
+        assert_eq!(
+            (d.dirty_base, d.dirty_pages, d.ledger_sectors),
+            (mem, 0, ledger_capacity_sectors(mem))
+        );
+        // Above 3 GiB only the RAM below the hole counts.
+        let big = WorkloadSpec::parse("dirty=1g").unwrap();
+        assert_eq!(
+            big.memory_plan(4 << 30).unwrap().dirty_base,
+            (3u64 << 30) - (1 << 30)
+        );
+        assert!(matches!(
+            WorkloadSpec::parse("dirty=2g")
+                .unwrap()
+                .effective_region(1 << 30, 1 << 30),
+            Err(Error::Dirty { .. })
         ));
     }
 

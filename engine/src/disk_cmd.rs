@@ -75,6 +75,9 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
                     info.now_parent.as_deref().unwrap_or("(base)")
                 );
                 println!("depth:        {} layers", info.depth);
+                if let Some(why) = &info.now_unreadable {
+                    println!("Now:          cannot be read: {why}");
+                }
                 println!("Now data:     {}", human(info.now_bytes));
                 println!("allocated:    {}", human(info.allocated_bytes));
                 println!(
@@ -116,6 +119,12 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
         } => {
             let mut d = open(&disk, false)?;
             let r = d.delete(&name, subtree)?;
+            if r.kept_for_readers > 0 {
+                println!(
+                    "{} merged layers are in use by a reader: their overwritten blocks stay allocated",
+                    r.kept_for_readers
+                );
+            }
             println!(
                 "deleted {} ({} merged, {} kept hidden for their children, {} freed)",
                 r.deleted
@@ -151,6 +160,9 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
             let r = d.check()?;
             for p in &r.problems {
                 println!("damaged: {p}");
+            }
+            for s in &r.skipped {
+                println!("skipped: {s}");
             }
             println!(
                 "{} layers, {} blocks checked: {}",

@@ -2,7 +2,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,14 +11,11 @@ use serde::Serialize;
 use crate::base::BaseImage;
 use crate::format::{RecordKind, LOG_HEADER_SIZE};
 use crate::layer::{self, LayerFiles, LAYERS_DIR};
-use crate::safe_open::{open_regular, Links};
+use crate::locking::{self, lock_reader, lock_writer, LOCK_FILE};
 use crate::tree::{sync_dir, unix_now, Node, NowNode, Tree, TREE_FILE, TREE_FORMAT};
 use crate::view::{build_state, build_view, DiskFiles, Tail};
 use crate::volume::{ActiveLayer, ViewState, Volume};
 use crate::{AlignedBuf, Error, Result, BLOCK_SIZE, SECTOR_SIZE};
-
-/// Name of the lock file inside a disk directory.
-const LOCK_FILE: &str = "lock";
 
 /// How layer data files are opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -68,6 +64,8 @@ pub struct DiskInfo {
     pub depth: usize,
     /// Bytes allocated by Now's own layers.
     pub now_bytes: u64,
+    /// Why Now cannot be read (damaged, or being written by another process), if so.
+    pub now_unreadable: Option<String>,
     /// Bytes allocated on the host by all layer files.
     pub allocated_bytes: u64,
     /// Distinct blocks written in Now's lineage, and the index memory they take.
@@ -82,6 +80,8 @@ pub struct CheckReport {
     pub blocks_checked: u64,
     /// One line per problem: which file, which record or block, what is wrong.
     pub problems: Vec<String>,
+    /// Views that were not checked, and why.
+    pub skipped: Vec<String>,
 }
 
 impl CheckReport {
@@ -100,12 +100,22 @@ pub struct DeleteReport {
     /// Deleted checkpoints kept as hidden nodes because several children still need them.
     pub hidden: usize,
     pub bytes_freed: u64,
+    /// Merged layers a concurrent reader pinned: their overwritten blocks stay allocated.
+    pub kept_for_readers: usize,
 }
 
-/// An open (and locked) Strata disk.
+/// How many times a reader without the lock rebuilds a view that changed while it was
+/// being opened.
+const SHARED_OPEN_TRIES: usize = 5;
+
+/// An open Strata disk: locked for writing, locked shared for reading, or (read-only, while
+/// another process writes it) unlocked with its checkpoints pinned as they are opened.
 pub struct Disk {
     dir: PathBuf,
-    _lock: File,
+    _lock: Option<File>,
+    /// Opened read-only while another process holds the disk for writing: Now is not
+    /// readable, checkpoint views are pinned and re-validated.
+    shared: bool,
     tree: Tree,
     uuid: u128,
     opts: OpenOptions,
@@ -125,27 +135,6 @@ fn random_u128() -> Result<u128> {
         })
         .map_err(|e| Error::io("/dev/urandom", e))?;
     Ok(u128::from_le_bytes(b))
-}
-
-fn lock_dir(dir: &Path) -> Result<File> {
-    let path = dir.join(LOCK_FILE);
-    let mut opts = fs::OpenOptions::new();
-    opts.read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600);
-    let f = open_regular(&path, &opts, Links::Refuse)?;
-    // SAFETY: flock only reads the fd, which `f` keeps open.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::Locked(dir.to_path_buf()));
-        }
-        return Err(Error::io(&path, e));
-    }
-    Ok(f)
 }
 
 impl Disk {
@@ -186,7 +175,7 @@ impl Disk {
         }
         let result = (|| {
             fs::create_dir_all(dir.join(LAYERS_DIR)).map_err(|e| Error::io(dir, e))?;
-            let _lock = lock_dir(dir)?;
+            let _lock = lock_writer(dir)?;
             let uuid = random_u128()?;
             LayerFiles::create(dir, uuid, 1, CacheMode::Writeback)?;
             sync_dir(&dir.join(LAYERS_DIR))?;
@@ -221,7 +210,14 @@ impl Disk {
         if !dir.join(TREE_FILE).exists() {
             return Err(Error::NotADisk(dir.to_path_buf()));
         }
-        let lock = lock_dir(dir)?;
+        let (lock, shared) = if opts.read_only {
+            match lock_reader(dir)? {
+                Some(f) => (Some(f), false),
+                None => (None, true),
+            }
+        } else {
+            (Some(lock_writer(dir)?), false)
+        };
         let tree = Tree::load(dir)?;
         let uuid = tree.uuid_value()?;
         let base = match &tree.base {
@@ -239,23 +235,37 @@ impl Disk {
             size: tree.size,
             cache: opts.cache,
         };
-        let now = match build_state(files, &lineage, own_from, !opts.read_only, Tail::Active) {
-            Ok(state) => Volume::new(tree.size, opts.read_only, base.clone(), state),
-            // A read-only open still serves the checkpoints that do not use the damage.
-            Err(e) if opts.read_only => {
-                tracing::warn!("Now cannot be read: {e}");
-                Volume::new(
-                    tree.size,
-                    true,
-                    base.clone(),
-                    ViewState::unreadable(e.to_string()),
-                )
+        let now = if shared {
+            Volume::new(
+                tree.size,
+                true,
+                base.clone(),
+                ViewState::unreadable(format!(
+                    "{} is in use by another process (locked) and Now is changing; \
+                     its checkpoints can be read",
+                    dir.display()
+                )),
+            )
+        } else {
+            match build_state(files, &lineage, own_from, !opts.read_only, Tail::Active) {
+                Ok(state) => Volume::new(tree.size, opts.read_only, base.clone(), state),
+                // A read-only open still serves the checkpoints that do not use the damage.
+                Err(e) if opts.read_only => {
+                    tracing::warn!("Now cannot be read: {e}");
+                    Volume::new(
+                        tree.size,
+                        true,
+                        base.clone(),
+                        ViewState::unreadable(e.to_string()),
+                    )
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         };
         Ok(Disk {
             dir: dir.to_path_buf(),
             _lock: lock,
+            shared,
             tree,
             uuid,
             opts,
@@ -270,8 +280,13 @@ impl Disk {
         self.now.clone()
     }
 
-    /// A read-only view of checkpoint `name`.
+    /// A read-only view of checkpoint `name`. Without the lock (another process writes the
+    /// disk), the view is built from the current `strata.json`, its layers are pinned, and
+    /// it is only handed out if the checkpoint still has the same layers afterwards.
     pub fn checkpoint_view(&self, name: &str) -> Result<Arc<Volume>> {
+        if self.shared {
+            return self.pinned_view(name).map(Arc::new);
+        }
         let node = self.tree.by_name(name)?;
         let lineage = self.tree.lineage_layers(Some(node.id))?;
         let v = build_view(
@@ -283,6 +298,40 @@ impl Disk {
             self.base.clone(),
         )?;
         Ok(Arc::new(v))
+    }
+
+    fn pinned_view(&self, name: &str) -> Result<Volume> {
+        for _ in 0..SHARED_OPEN_TRIES {
+            let tree = Tree::load(&self.dir)?;
+            let lineage = tree.lineage_layers(Some(tree.by_name(name)?.id))?;
+            let state =
+                match build_state(self.files(), &lineage, lineage.len(), false, Tail::Sealed) {
+                    Ok(s) => s,
+                    // A layer deleted since the tree was read: read the tree again.
+                    Err(Error::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        continue
+                    }
+                    Err(e) => return Err(e),
+                };
+            let mut pinned = true;
+            for lf in &state.layers {
+                pinned &= locking::pin(lf)?;
+            }
+            // Pinned layers are never punched; a layer punched before the pin belongs to a
+            // node the writer has already changed in the tree it committed first.
+            let now_tree = Tree::load(&self.dir)?;
+            let still = now_tree
+                .by_name(name)
+                .and_then(|n| now_tree.lineage_layers(Some(n.id)));
+            if pinned && still.is_ok_and(|l| l == lineage) {
+                return Ok(Volume::new(self.tree.size, true, self.base.clone(), state));
+            }
+        }
+        Err(Error::Invalid(format!(
+            "checkpoint {name:?} kept changing while it was being opened (the disk is in use by another process); try again"
+        )))
     }
 
     fn disk_blocks(&self) -> u64 {
@@ -429,7 +478,8 @@ impl Disk {
             base: self.tree.base.as_ref().map(|b| b.path.clone()),
             checkpoints: self.tree.nodes.iter().filter(|n| n.name.is_some()).count(),
             now_parent: self.tree.visible_name(self.tree.now.parent),
-            depth: self.now.depth(),
+            depth: self.tree.lineage_layers(None)?.len(),
+            now_unreadable: self.now.unreadable_reason(),
             now_bytes: self
                 .tree
                 .now
@@ -560,8 +610,48 @@ impl Disk {
         self.commit_tree(tree)?;
         // The tree is durable: now free space. A crash from here on only leaves garbage that
         // the next open removes (whole layer files) or that stays allocated (shadowed blocks).
+        // Merged layers are punched only while no reader (another process reading a
+        // checkpoint without the lock) pins them; the claims are held until the punching is
+        // done. A reader pinning later finds the merged node changed in the tree and does not
+        // use the layers.
         let new_own = self.tree.now.layers.len();
-        if new_own != old_own {
+        // Layers that become Now's own: their overwritten blocks get punched from now on.
+        let becoming_own: Vec<u64> = if new_own != old_own {
+            let st = self.now.state();
+            let new_from = st.layers.len().saturating_sub(new_own);
+            st.layers[new_from..st.own_from.max(new_from)]
+                .iter()
+                .map(|l| l.id)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut to_claim: Vec<u64> = merges
+            .iter()
+            .flat_map(|m| m.parent_layers.iter().copied())
+            .chain(becoming_own.iter().copied())
+            .collect();
+        to_claim.sort_unstable();
+        to_claim.dedup();
+        let mut claims = Vec::new();
+        let mut pinned: HashSet<u64> = HashSet::new();
+        for l in to_claim {
+            match locking::claim(&layer::log_path(&self.dir, l)) {
+                Ok(Some(f)) => claims.push(f),
+                Ok(None) => {
+                    tracing::info!(
+                        "layer {l} is pinned by a reader: its overwritten blocks stay allocated"
+                    );
+                    pinned.insert(l);
+                }
+                Err(e) => {
+                    tracing::warn!("layer {l}: {e}: its overwritten blocks stay allocated");
+                    pinned.insert(l);
+                }
+            }
+        }
+        report.kept_for_readers = pinned.len();
+        if new_own != old_own && !becoming_own.iter().any(|l| pinned.contains(l)) {
             let mut st = self.now.state_mut();
             st.own_from = st.layers.len() - new_own;
         }
@@ -572,13 +662,14 @@ impl Disk {
             self.now.sync_log(true)?;
         }
         for m in merges {
-            report.bytes_freed += self.free_shadowed(&m)?;
+            report.bytes_freed += self.free_shadowed(&m, &pinned)?;
         }
+        drop(claims);
         Ok(report)
     }
 
     /// Frees the blocks of a merged parent's layers that the child's layers overwrite.
-    fn free_shadowed(&self, m: &Merge) -> Result<u64> {
+    fn free_shadowed(&self, m: &Merge, pinned: &HashSet<u64>) -> Result<u64> {
         let child_blocks: HashSet<u64> = if m.into_now {
             let st = self.now.state();
             let first_child = st.layers.len() - m.child_layers;
@@ -601,7 +692,7 @@ impl Disk {
             set
         };
         let mut freed = 0;
-        for &l in &m.parent_layers {
+        for &l in m.parent_layers.iter().filter(|l| !pinned.contains(l)) {
             let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, true)?;
             let mut dead: Vec<u64> = lf
                 .scan_log(self.disk_blocks())?
@@ -642,8 +733,10 @@ impl Disk {
         self.check_export_target(out)?;
         let view = match name {
             Some(n) => self.checkpoint_view(n)?,
+            None if self.shared => return Err(Error::Locked(self.dir.clone())),
             None => self.now.clone(),
         };
+        view.check_readable()?;
         let file_name = out
             .file_name()
             .ok_or_else(|| Error::Invalid(format!("{} names no file", out.display())))?;
@@ -754,8 +847,17 @@ impl Disk {
                 (label, n.layers.clone())
             })
             .collect();
-        stacks.push(("Now".to_string(), self.tree.now.layers.clone()));
+        if self.shared {
+            // Now is being written by the process that holds the lock.
+            report.skipped.push(format!(
+                "Now (the disk is in use by another process; its layers {:?} are changing)",
+                self.tree.now.layers
+            ));
+        } else {
+            stacks.push(("Now".to_string(), self.tree.now.layers.clone()));
+        }
         let active_id = self.tree.now.layers.last().copied();
+        let mut raced = false;
         let mut buf = AlignedBuf::new(BLOCK_SIZE as usize);
         for (label, layers) in stacks {
             // block -> (layer files, data block, crc) of the newest record in this stack.
@@ -769,6 +871,9 @@ impl Disk {
                         continue;
                     }
                 };
+                if self.shared && !locking::pin(&lf)? {
+                    raced = true;
+                }
                 let scan = match lf.scan_log(self.disk_blocks()) {
                     Ok(scan) => scan,
                     Err(e) => {
@@ -827,6 +932,11 @@ impl Disk {
                     )),
                 }
             }
+        }
+        if self.shared && (raced || !report.is_clean()) && Tree::load(&self.dir)? != self.tree {
+            return Err(Error::Invalid(
+                "the checkpoint tree changed while it was being checked (the disk is in use by another process); run check again".into(),
+            ));
         }
         Ok(report)
     }

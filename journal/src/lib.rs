@@ -16,6 +16,7 @@ mod error;
 mod format;
 mod index;
 mod layer;
+mod locking;
 mod rangelock;
 mod safe_open;
 mod tree;
@@ -38,5 +39,7 @@ pub const BLOCK_SIZE: u64 = 4096;
 mod bytes_tests;
 #[cfg(test)]
 mod hardening_tests;
+#[cfg(test)]
+mod shared_read_tests;
 #[cfg(test)]
 mod tests;

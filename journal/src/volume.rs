@@ -365,6 +365,17 @@ impl Volume {
         (st.index.len(), st.index.heap_bytes())
     }
 
+    /// Why this view cannot be read at all, if so (its files are damaged or missing, or
+    /// another process is writing it).
+    pub fn unreadable_reason(&self) -> Option<String> {
+        self.state().unreadable.clone()
+    }
+
+    /// Fails with [`Error::Unreadable`] when the view cannot be read at all.
+    pub fn check_readable(&self) -> Result<()> {
+        self.state().check_readable()
+    }
+
     /// Number of layers in this view's lineage.
     pub fn depth(&self) -> usize {
         self.state().layers.len()

@@ -203,3 +203,104 @@ fn linux_finds_every_vcpu_in_the_mp_table() {
         "{text}"
     );
 }
+
+/// Runs `strata run` with `extra` arguments (on a fresh disk) and expects it to fail before
+/// booting; returns its output. Bounded: a process still running after `limit` (a read that
+/// never ends) fails the test.
+fn refused(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    let mut args = vec!["run", "--disk", disk.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut vm = Running::start(&args);
+    let limit = Duration::from_secs(120);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = vm.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "strata run {extra:?} still running after {limit:?} (it should have refused at once); output:\n{}",
+            vm.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Let the reader threads drain.
+    std::thread::sleep(Duration::from_millis(200));
+    let text = vm.text();
+    assert!(!status.success(), "strata run {extra:?} succeeded:\n{text}");
+    assert!(
+        !text.contains("panicked"),
+        "strata run {extra:?} panicked:\n{text}"
+    );
+    text
+}
+
+#[test]
+fn a_kernel_too_big_for_guest_memory_says_so() {
+    require_kvm();
+    let kernel = stock_kernel();
+    for memory in ["64M", "32M"] {
+        let text = refused(&["--memory", memory, "--kernel", kernel.to_str().unwrap()]);
+        assert!(
+            text.contains("too little memory"),
+            "--memory {memory}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn initrd_and_kernel_that_are_not_regular_files_are_refused_without_reading() {
+    require_kvm();
+    let kernel = stock_kernel();
+    let text = refused(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        "/dev/zero",
+    ]);
+    assert!(
+        text.contains("initrd /dev/zero is a character device, not a regular file"),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let text = refused(&["--kernel", fifo.to_str().unwrap()]);
+    assert!(text.contains("is a FIFO, not a regular file"), "{text}");
+    let text = refused(&["--kernel", "/dev/zero"]);
+    assert!(text.contains("is a character device"), "{text}");
+    // A sparse initrd far larger than guest memory is refused from its size.
+    let big = dir.path().join("big-initrd");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    let text = refused(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        big.to_str().unwrap(),
+    ]);
+    assert!(text.contains("more than the guest's"), "{text}");
+}
+
+#[test]
+fn a_bzimage_with_cmdline_size_zero_gets_a_clear_error() {
+    require_kvm();
+    let mut image = std::fs::read(stock_kernel()).unwrap();
+    // setup_header.cmdline_size (boot protocol 2.06+) is at 0x238 of the image.
+    image[0x238..0x23c].copy_from_slice(&0u32.to_le_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinuz-cmdline0");
+    std::fs::write(&kernel, &image).unwrap();
+    let text = refused(&["--kernel", kernel.to_str().unwrap()]);
+    assert!(
+        text.contains("this kernel accepts at most 0 bytes"),
+        "{text}"
+    );
+    assert!(!text.contains("18446744073709551615"), "{text}");
+}

@@ -11,7 +11,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::decompress::{self, PayloadFormat};
 use super::long_mode::{self, LINUX_SELECTORS};
-use super::{cmdline, e820, mptable, Entry};
+use super::{cmdline, e820, file, mptable, Entry};
 use crate::layout::{
     BOOT_INFO_ADDR, CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, KERNEL_START, LINUX_STACK,
     MMIO_HOLE_START,
@@ -56,11 +56,57 @@ pub fn detect(head: &[u8]) -> Option<KernelFormat> {
     (magic == HDRS_MAGIC.to_le_bytes()).then_some(KernelFormat::BzImage)
 }
 
-fn open(path: &Path) -> Result<File> {
-    File::open(path).map_err(|source| Error::ReadFile {
-        path: path.into(),
-        source,
-    })
+/// Where a kernel's loaded image ends (exclusive), from its ELF program headers: the
+/// largest `p_paddr + p_memsz` of a PT_LOAD segment. `None` when `head` (the start of the
+/// file) is not a 64-bit ELF header with its program headers, or a sum overflows.
+pub fn elf_load_end(head: &[u8]) -> Option<u64> {
+    let u16_at = |o: usize| Some(u16::from_le_bytes(head.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(head.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(head.get(o..o + 8)?.try_into().ok()?));
+    if !head.starts_with(b"\x7fELF") || *head.get(4)? != 2 {
+        return None;
+    }
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let phentsize = usize::from(u16_at(0x36)?);
+    let phnum = usize::from(u16_at(0x38)?);
+    if phentsize < 56 {
+        return None;
+    }
+    let mut end = None;
+    for i in 0..phnum {
+        let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
+        if u32_at(ph)? == 1 {
+            let e = u64_at(ph.checked_add(24)?)?.checked_add(u64_at(ph.checked_add(40)?)?)?;
+            end = Some(end.map_or(e, |x: u64| x.max(e)));
+        }
+    }
+    end
+}
+
+/// Refuses a kernel whose image would end past the RAM it can be loaded into.
+fn check_fits(kernel: &Path, end: u64, mem_size: u64) -> Result<()> {
+    let usable = mem_size.min(MMIO_HOLE_START);
+    if end > usable {
+        return Err(Error::Config(format!(
+            "too little memory: kernel {} needs more than {} MiB of guest memory (it is loaded \
+             up to {end:#x}); the guest has {} MiB",
+            kernel.display(),
+            end.div_ceil(1 << 20),
+            mem_size >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// The command line's length limit: what the kernel accepts (`cmdline_size` is the longest
+/// command line without its NUL, boot protocol 2.06+; 255 before) and what we can place.
+pub fn cmdline_max_len(hdr: &setup_header) -> usize {
+    let kernel = if hdr.version >= 0x206 {
+        usize::try_from(hdr.cmdline_size).unwrap_or(usize::MAX)
+    } else {
+        255
+    };
+    kernel.min(CMDLINE_MAX - 1)
 }
 
 /// Loads everything and returns the entry state.
@@ -70,8 +116,9 @@ pub fn load(mem: &GuestMemoryMmap, spec: &LinuxSpec) -> Result<Entry> {
         path: spec.kernel.clone(),
         source,
     };
-    let mut file = open(&spec.kernel)?;
-    let mut head = vec![0u8; 0x210];
+    let mut file = file::open_regular(&spec.kernel, "kernel")?;
+    // Enough for the setup header, or for an ELF header and its program headers.
+    let mut head = vec![0u8; 64 << 10];
     let n = read_up_to(&mut file, &mut head).map_err(read_err)?;
     head.truncate(n);
     let format = detect(&head).ok_or_else(|| {
@@ -83,19 +130,37 @@ pub fn load(mem: &GuestMemoryMmap, spec: &LinuxSpec) -> Result<Entry> {
     let highmem = Some(GuestAddress(KERNEL_START));
     let (entry, kernel_end, mut hdr) = match format {
         KernelFormat::Elf => {
+            if let Some(end) = elf_load_end(&head) {
+                check_fits(&spec.kernel, end, mem_size)?;
+            }
             let r = Elf::load(mem, None, &mut file, highmem)
                 .map_err(|e| Error::KernelLoad(format!("ELF: {e}")))?;
             (r.kernel_load.0, r.kernel_end, elf_setup_header())
         }
         KernelFormat::BzImage => {
-            let image = std::fs::read(&spec.kernel).map_err(read_err)?;
+            let image = file::read_regular(&spec.kernel, "kernel", mem_size)?;
             let hdr = image_setup_header(&image)?;
             check_bzimage(&hdr)?;
             match decompress::bzimage_payload(&image) {
                 Some(p) if decompress::payload_format(p) == PayloadFormat::Xz => {
                     // See `decompress`: unpack on the host, boot the ELF inside.
                     let limit = usize::try_from(mem_size).unwrap_or(usize::MAX);
-                    let elf = decompress::xz(p, limit).map_err(Error::KernelLoad)?;
+                    let elf = decompress::xz(p, limit).map_err(|e| {
+                        if e.contains("expands beyond") {
+                            // The unpacked kernel alone is larger than the guest's memory.
+                            Error::Config(format!(
+                                "too little memory: kernel {} unpacks to more than the guest's \
+                                 {} MiB",
+                                spec.kernel.display(),
+                                mem_size >> 20
+                            ))
+                        } else {
+                            Error::KernelLoad(e)
+                        }
+                    })?;
+                    if let Some(end) = elf_load_end(&elf) {
+                        check_fits(&spec.kernel, end, mem_size)?;
+                    }
                     tracing::info!(
                         "bzImage: booting its XZ payload ({} bytes) as ELF",
                         elf.len()
@@ -105,6 +170,10 @@ pub fn load(mem: &GuestMemoryMmap, spec: &LinuxSpec) -> Result<Entry> {
                     (r.kernel_load.0, r.kernel_end, hdr)
                 }
                 _ => {
+                    // The kernel decompresses itself in place: it needs `init_size` bytes
+                    // from its load address (boot protocol 2.10+), and at least the image.
+                    let need = (image.len() as u64).max(u64::from(hdr.init_size));
+                    check_fits(&spec.kernel, KERNEL_START.saturating_add(need), mem_size)?;
                     let r = BzImage::load(mem, None, &mut Cursor::new(image), highmem)
                         .map_err(|e| Error::KernelLoad(format!("bzImage: {e}")))?;
                     let hdr = r.setup_header.unwrap_or(hdr);
@@ -114,17 +183,12 @@ pub fn load(mem: &GuestMemoryMmap, spec: &LinuxSpec) -> Result<Entry> {
         }
     };
 
-    let cmdline_limit = if hdr.version >= 0x206 {
-        hdr.cmdline_size as usize
-    } else {
-        255
-    };
     let cmd = spec.cmdline.as_bytes();
-    if cmd.len() >= cmdline_limit.min(CMDLINE_MAX) {
+    let max_len = cmdline_max_len(&hdr);
+    if cmd.len() > max_len {
         return Err(Error::Cmdline(format!(
-            "{} bytes; this kernel accepts at most {}",
-            cmd.len(),
-            cmdline_limit.min(CMDLINE_MAX) - 1
+            "{} bytes; this kernel accepts at most {max_len} bytes",
+            cmd.len()
         )));
     }
     let mut cmd_nul = cmd.to_vec();
@@ -218,10 +282,7 @@ fn load_initrd(
     kernel_end: u64,
     mem_size: u64,
 ) -> Result<(u32, u32)> {
-    let data = std::fs::read(path).map_err(|source| Error::ReadFile {
-        path: path.into(),
-        source,
-    })?;
+    let data = file::read_regular(path, "initrd", mem_size)?;
     let size = data.len() as u64;
     let addr_max = match hdr.initrd_addr_max {
         0 => INITRD_ADDR_MAX_DEFAULT,
@@ -320,6 +381,61 @@ mod tests {
             ..Default::default()
         };
         assert!(check_bzimage(&hdr).is_ok());
+    }
+
+    #[test]
+    fn cmdline_limit_follows_the_boot_protocol() {
+        let mut hdr = setup_header {
+            version: 0x20f,
+            cmdline_size: 0,
+            ..Default::default()
+        };
+        assert_eq!(cmdline_max_len(&hdr), 0);
+        hdr.cmdline_size = 2047;
+        assert_eq!(cmdline_max_len(&hdr), 2047);
+        hdr.cmdline_size = u32::MAX;
+        assert_eq!(cmdline_max_len(&hdr), CMDLINE_MAX - 1);
+        hdr.version = 0x205;
+        assert_eq!(cmdline_max_len(&hdr), 255);
+    }
+
+    /// A 64-bit ELF header with the given PT_LOAD (paddr, memsz) segments and one PT_NOTE.
+    fn elf(segments: &[(u64, u64)]) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..5].copy_from_slice(b"\x7fELF\x02");
+        b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        b[0x38..0x3a].copy_from_slice(&(segments.len() as u16 + 1).to_le_bytes());
+        for &(paddr, memsz) in segments {
+            let mut ph = [0u8; 56];
+            ph[0..4].copy_from_slice(&1u32.to_le_bytes());
+            ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+            ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+            b.extend_from_slice(&ph);
+        }
+        let mut note = [0u8; 56];
+        note[0..4].copy_from_slice(&4u32.to_le_bytes());
+        note[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        b.extend_from_slice(&note);
+        b
+    }
+
+    #[test]
+    fn elf_load_end_is_the_end_of_the_highest_segment() {
+        assert_eq!(
+            elf_load_end(&elf(&[(0x100_0000, 0x20_0000), (0x300_0000, 0x1000)])),
+            Some(0x300_1000)
+        );
+        assert_eq!(elf_load_end(&elf(&[])), None);
+        assert_eq!(elf_load_end(&elf(&[(u64::MAX, 2)])), None, "overflow");
+        let mut short = elf(&[(0x100_0000, 0x1000)]);
+        short.truncate(100);
+        assert_eq!(elf_load_end(&short), None);
+        assert_eq!(elf_load_end(b"MZ"), None);
+        assert!(check_fits(Path::new("k"), 0x300_1000, 64 << 20).is_ok());
+        let e = check_fits(Path::new("k"), 0x4a0_0000, 64 << 20).unwrap_err();
+        assert!(e.to_string().contains("too little memory"), "{e}");
+        assert!(e.to_string().contains("more than 74 MiB"), "{e}");
     }
 
     #[test]

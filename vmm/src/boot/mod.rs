@@ -4,6 +4,7 @@ pub mod cmdline;
 pub mod cpuid;
 pub mod decompress;
 pub mod e820;
+pub mod file;
 pub mod linux;
 pub mod long_mode;
 pub mod mptable;

@@ -14,12 +14,24 @@ use vm_common::*;
 
 /// Long enough that checkpoints land mid-run; mixed sizes, flushes, requests in flight, and
 /// guest memory rewritten between I/Os.
-const WORKLOAD: &str = "seed=11,ops=120000,read=30,bs=512-64k,region=0:48M,qd=16,flush=24,dirty=8m";
+const WORKLOAD: &str = "seed=11,ops=40000,read=30,bs=4k-16k,region=0:48M,qd=16,flush=24,dirty=8m";
 const MEMORY: &str = "128M";
 const DISK: &str = "128M";
 
-/// An uninterrupted run of WORKLOAD: its done line and exported disk.
-fn reference(t: &Path) -> (String, std::path::PathBuf) {
+/// An uninterrupted run of WORKLOAD: its done line and exported disk (made once, shared by the
+/// tests of this file).
+fn reference(_t: &Path) -> (String, std::path::PathBuf) {
+    static REF: std::sync::OnceLock<(tempfile::TempDir, String, std::path::PathBuf)> =
+        std::sync::OnceLock::new();
+    let r = REF.get_or_init(|| {
+        let t = tempfile::tempdir().unwrap();
+        let (done, raw) = make_reference(t.path());
+        (t, done, raw)
+    });
+    (r.1.clone(), r.2.clone())
+}
+
+fn make_reference(t: &Path) -> (String, std::path::PathBuf) {
     let dir = t.join("ref");
     create_vm(&dir, WORKLOAD, MEMORY, DISK);
     let (okay, out, err) = run_to_end(&dir);
@@ -51,6 +63,7 @@ fn assert_matches_reference(vm: &Path, out: &str, reference: &(String, std::path
 #[test]
 fn apply_on_the_running_vm_continues_from_the_instant() {
     require_kvm();
+    let _one = one_vm_test_at_a_time();
     let t = tempfile::tempdir().unwrap();
     let reference = reference(t.path());
     for mode in ["live", "stop-copy"] {
@@ -75,6 +88,7 @@ fn apply_on_the_running_vm_continues_from_the_instant() {
 #[test]
 fn apply_offline_then_resume_in_a_new_process_and_from_an_export() {
     require_kvm();
+    let _one = one_vm_test_at_a_time();
     let t = tempfile::tempdir().unwrap();
     let reference = reference(t.path());
     let vm = t.path().join("vm");
@@ -107,6 +121,7 @@ fn apply_offline_then_resume_in_a_new_process_and_from_an_export() {
 #[test]
 fn incremental_chain_with_a_deleted_middle_restores_exactly() {
     require_kvm();
+    let _one = one_vm_test_at_a_time();
     let t = tempfile::tempdir().unwrap();
     let reference = reference(t.path());
     let vm = t.path().join("vm");
@@ -143,6 +158,7 @@ fn incremental_chain_with_a_deleted_middle_restores_exactly() {
 #[test]
 fn damaged_or_foreign_state_is_refused_with_a_clear_error() {
     require_kvm();
+    let _one = one_vm_test_at_a_time();
     let t = tempfile::tempdir().unwrap();
     let vm = t.path().join("vm");
     let other = t.path().join("other");
@@ -207,10 +223,11 @@ fn damaged_or_foreign_state_is_refused_with_a_clear_error() {
 #[test]
 fn sigkill_during_a_live_checkpoint_leaves_no_partial_checkpoint() {
     require_kvm();
+    let _one = one_vm_test_at_a_time();
     let t = tempfile::tempdir().unwrap();
     let vm = t.path().join("vm");
     // Large memory so the background save takes a while.
-    create_vm(&vm, "seed=3,ops=2000000,read=30,bs=4k,region=0:32M,qd=16,flush=32,dirty=64m", "1G", DISK);
+    create_vm(&vm, "seed=3,ops=2000000,read=30,bs=4k,region=0:32M,qd=16,flush=32,dirty=64m", "512M", DISK);
     for round in 0..3u64 {
         let mut run = Running::start(&vm);
         let_it_run(Duration::from_millis(200));
@@ -246,17 +263,7 @@ fn sigkill_during_a_live_checkpoint_leaves_no_partial_checkpoint() {
     let run = Running::start(&vm);
     let_it_run(Duration::from_millis(200));
     run.checkpoint_ok("create", &["--name", "after"]);
-    drop(run.child.kill_on_drop());
-}
-
-trait KillOnDrop {
-    fn kill_on_drop(self) -> Self;
-}
-
-impl KillOnDrop for std::process::Child {
-    fn kill_on_drop(mut self) -> Self {
-        let _ = self.kill();
-        let _ = self.wait();
-        self
-    }
+    let mut child = run.child;
+    let _ = child.kill();
+    let _ = child.wait();
 }

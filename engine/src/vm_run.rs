@@ -21,7 +21,7 @@ use crate::vmdir::{GuestSpec, VmDir, VmSpec};
 use crate::{Error, Result};
 
 /// Runs the VM in `dir` until its guest ends (or a signal stops it).
-pub fn run(dir: &Path, args: &RunArgs, signals: StopSignals) -> Result<ExitCode> {
+pub(crate) fn run(dir: &Path, args: &RunArgs, signals: StopSignals) -> Result<ExitCode> {
     let vm_dir = VmDir::open(dir)?;
     let disk = vm_dir.open_disk()?;
     let mut start = match vm_dir.store.resume()? {
@@ -35,8 +35,12 @@ pub fn run(dir: &Path, args: &RunArgs, signals: StopSignals) -> Result<ExitCode>
     let disk = Arc::new(Mutex::new(disk));
     let live = Live::new(vm_dir, disk.clone(), gate.clone());
     {
-        let live = live.clone();
-        signals.forward(move |signal| live.stop(Outcome::Stopped { signal }))?;
+        let live = Arc::downgrade(&live);
+        signals.forward(move |signal| {
+            if let Some(live) = live.upgrade() {
+                live.stop(Outcome::Stopped { signal })
+            }
+        })?;
     }
     let control = ControlServer::start(&api, live.clone())?;
     let result = (|| loop {
@@ -62,11 +66,18 @@ pub fn run(dir: &Path, args: &RunArgs, signals: StopSignals) -> Result<ExitCode>
         }
     })();
     control.stop();
+    // Everything the guest saw completed is made durable before the process ends.
+    let flushed = match live.disk.lock() {
+        Ok(d) => d.now().flush().map_err(Error::from),
+        Err(_) => Err(Error::Protocol("internal error: the disk state was lost to a panic".into())),
+    };
     let is_linux = matches!(
         crate::vm_live::lock_spec(&live).guest,
         GuestSpec::Linux { .. }
     );
-    exit_code(result?, is_linux)
+    let outcome = result?;
+    flushed?;
+    exit_code(outcome, is_linux)
 }
 
 /// Builds the machine to run: a cold boot or a restore of checkpoint `id`.

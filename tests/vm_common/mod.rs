@@ -195,3 +195,10 @@ pub fn assert_same_file(a: &Path, b: &Path) {
 pub fn let_it_run(d: Duration) {
     std::thread::sleep(d);
 }
+
+/// VM tests of one binary run one at a time: each guest holds a core, and the checkpoints'
+/// timing is only meaningful when they do not starve each other.
+pub fn one_vm_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}

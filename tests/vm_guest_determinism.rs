@@ -5,7 +5,8 @@
 //!   `mem=` digests; the ledger digest is the one the exported disk implies; another seed
 //!   changes both;
 //! - a page of the dirty region replaced under the running guest by another page (what a memory
-//!   snapshot that restored the wrong page looks like) is reported and fails the run.
+//!   snapshot that restored the wrong page looks like) is reported and fails the run; the
+//!   host-side check of a memory image (`LedgerHeader::verify_dirty`) sees the same.
 //!
 //! This is the oracle the VM checkpoint tests build on: an uninterrupted run is the reference.
 
@@ -186,6 +187,41 @@ fn guest_ram(pid: u32) -> u64 {
     found[0]
 }
 
+/// A process stopped with SIGSTOP (every thread in the stopped state) until dropped.
+struct Stopped(libc::pid_t);
+
+impl Stopped {
+    fn new(pid: libc::pid_t) -> Self {
+        // SAFETY: `pid` is our own running child (we hold its stdout pipe).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        let all_stopped = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .all(|t| {
+                    let stat =
+                        std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+                    // The state follows the parenthesised command name.
+                    stat.rsplit_once(") ")
+                        .is_some_and(|(_, rest)| rest.starts_with('T'))
+                })
+        };
+        for _ in 0..1000 {
+            if all_stopped() {
+                return Self(pid);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("process {pid} did not stop");
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`; SIGCONT resumes the child we stopped.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
 #[test]
 fn a_page_of_the_dirty_region_from_elsewhere_is_caught() {
     require_kvm();
@@ -221,24 +257,57 @@ fn a_page_of_the_dirty_region_from_elsewhere_is_caught() {
             break;
         }
     }
-    // Put copies of other pages (valid patterns, but of page 0 at generation 0..) over three
-    // pages far apart, as a memory image restored from the wrong place would. At most the one
-    // page the guest is rewriting at this instant can escape (it checked it already).
+    // Stop the whole VMM (vCPU included) to read a consistent image of the guest's memory.
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let stopped = Stopped::new(pid);
+    let stopped_at = std::time::Instant::now();
     let ram = guest_ram(child.id());
-    let base = ram + MEM_SIZE - DIRTY;
     let mem = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(format!("/proc/{}/mem", child.id()))
+        .open(format!("/proc/{pid}/mem"))
         .unwrap();
-    let mut page0 = vec![0u8; 4096];
-    mem.read_exact_at(&mut page0, base).unwrap();
-    assert_eq!(u64::from_le_bytes(page0[..8].try_into().unwrap()), 0);
+    let read = |addr: u64, len: usize| {
+        let mut b = vec![0u8; len];
+        mem.read_exact_at(&mut b, ram + addr).unwrap();
+        b
+    };
+    let header =
+        ledger::LedgerHeader::parse(&read(vmm::test_guest::LEDGER_ADDR, ledger::HEADER_LEN))
+            .unwrap();
+    assert_eq!(header.state, ledger::LedgerState::Running);
+    assert_eq!(
+        (
+            header.seed,
+            header.dirty_base,
+            header.dirty_pages,
+            header.dirty_rate
+        ),
+        (9, MEM_SIZE - DIRTY, DIRTY / 4096, 4)
+    );
+    assert!(header.dirty_written > 0, "{header:?}");
+    // The image agrees with the rewrite count (the host-side check of a memory image).
+    let region = read(header.dirty_base, DIRTY as usize);
+    assert_eq!(header.verify_dirty(&region).unwrap(), Vec::<u64>::new());
+
+    // Put copies of page 0 (a valid pattern, but of another page) over three pages far apart,
+    // as a memory image restored from the wrong place would look. Only the page the guest is
+    // rewriting at this instant (it checked it already) can escape.
+    let page0 = read(header.dirty_base, 4096);
     let victims = [100u64, 400, 700];
     for p in victims {
-        mem.write_all_at(&page0, base + p * 4096).unwrap();
+        mem.write_all_at(&page0, ram + header.dirty_base + p * 4096)
+            .unwrap();
     }
+    let busy = header.dirty_written % header.dirty_pages;
+    let expect: Vec<u64> = victims.into_iter().filter(|&p| p != busy).collect();
+    let region = read(header.dirty_base, DIRTY as usize);
+    assert_eq!(header.verify_dirty(&region).unwrap(), expect);
     drop(mem);
+    // Hold it long enough that this is the run's longest stall by far.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let held = stopped_at.elapsed();
+    drop(stopped);
     stdout.read_to_string(&mut console).unwrap();
     let status = child.wait().unwrap();
     assert_eq!(
@@ -251,8 +320,16 @@ fn a_page_of_the_dirty_region_from_elsewhere_is_caught() {
         .into_iter()
         .filter(|p| console.contains(&format!("error mem page={p} ")))
         .collect();
-    assert!(caught.len() >= 2, "caught {caught:?}:\n{console}");
+    assert_eq!(caught, expect, "{console}");
     assert_eq!(summary.errors, caught.len() as u64, "{console}");
     // The lines name what was found there: page 0.
     assert!(console.contains(" found_page=0 "), "{console}");
+    // The guest felt the stop: no turn of its loop could run while every thread was stopped,
+    // so its longest gap is at least that long (90%: the TSC frequency is KVM's estimate).
+    let held_us = u64::try_from(held.as_micros()).unwrap();
+    assert!(
+        summary.max_stall_us >= held_us * 9 / 10,
+        "held {held_us} us, guest max_stall_us={}",
+        summary.max_stall_us
+    );
 }

@@ -37,10 +37,33 @@ static inline u64 rdtsc(void)
     return ((u64)hi << 32) | lo;
 }
 
+/* The guest's clock: the gaps between its progress points (loop turns, console bytes, dirty
+ * pages) by its TSC, summed into st.cycles, the longest in st.max_stall. Runs during run(). */
+static struct { u64 last; int running; } clk;
+
+/* Counts and returns the gap since the last progress point. Never negative: the VMM may
+ * restore the TSC of a checkpoint, lower than what this RAM saw last. */
+static u64 tick(void)
+{
+    if (!clk.running)
+        return 0;
+    u64 now = rdtsc();
+    u64 gap = now >= clk.last ? now - clk.last : 0;
+    clk.last = now;
+    st.cycles += gap;
+    if (gap > st.max_stall)
+        st.max_stall = gap;
+    return gap;
+}
+
+/* Every byte is an exit to the VMM (a line takes ms): each is a progress point of its own, so a
+ * line is not a stall but a pause of the VM while printing is. */
 static void puts_raw(const char *s)
 {
-    while (*s)
+    while (*s) {
         outb(SERIAL_PORT, (u8)*s++);
+        tick();
+    }
 }
 
 /* Line builder: "strata-guest: " + pieces + "\n". */
@@ -119,6 +142,7 @@ static u64 mem_digest(void)
 
 static __attribute__((noreturn)) void finish(u32 status)
 {
+    clk.running = 0;
     if (st.cycles && tsc_khz) {
         u64 us = cycles_us(st.cycles);
         st.iops = st.ops * 1000000ULL / (us ? us : 1);
@@ -245,6 +269,7 @@ static void dirty_step(u64 n)
         dirty_fill(dirty_seed, p, gen + 1, words);
         __asm__ __volatile__("" ::: "memory");
         lg->dirty_written = c + 1;
+        tick();
     }
 }
 
@@ -375,13 +400,14 @@ static void run(struct vblk *d, const struct workload *w, u64 region_sector, u64
     u64 issued = 0, writes_since_flush = 0, last_tag = 0;
     u64 progress_every = w->ops >= 10 ? w->ops / 10 : 0, next_progress = progress_every;
     u64 khz = tsc_khz ? tsc_khz : 1000000; /* assume 1 GHz if unknown, only for the timeout */
-    u64 waited = 0, elapsed = 0;
+    u64 waited = 0;
     u64 dirty_rate = dirty_ready ? lg->dirty_rate : 0;
 
     for (u32 i = w->qd; i > 0; i--)
         free_slots[nfree++] = i - 1;
     rng_seed(&r, w->seed);
-    u64 last = rdtsc();
+    clk.last = rdtsc();
+    clk.running = 1;
     lg->state = STATE_RUNNING;
 
     while (st.ops < w->ops || inflight || flush_due) {
@@ -419,7 +445,6 @@ static void run(struct vblk *d, const struct workload *w, u64 region_sector, u64
 
         u32 head;
         int got = 0;
-        u64 printing = 0; /* cycles of console output this turn: the guest's own work */
         while (vblk_next_used(d, &head)) {
             int slot = vblk_slot_of(d, head);
             u32 i = (u32)slot;
@@ -439,27 +464,14 @@ static void run(struct vblk *d, const struct workload *w, u64 region_sector, u64
             /* Checked per completion, so the line is printed at exactly st.ops = next_progress
              * and the console does not depend on how completions were batched. */
             if (progress_every && st.ops == next_progress && st.ops < w->ops) {
-                u64 t = rdtsc();
                 next_progress += progress_every;
                 l_begin("progress");
                 l_kv("ops", st.ops);
                 l_kv("errors", st.errors);
                 l_end();
-                u64 t2 = rdtsc();
-                printing += t2 >= t ? t2 - t : 0;
             }
         }
-        /* Gaps between loop turns by the guest's TSC. The VMM may restore the TSC of a
-         * checkpoint (it can then go backwards from what this RAM last saw): never negative. */
-        u64 now = rdtsc();
-        u64 gap = now >= last ? now - last : 0;
-        elapsed += gap;
-        /* A stall is time the guest did not spend on its own work; console lines (one exit
-         * per byte, several ms) are its own doing. */
-        u64 stall = gap - (printing < gap ? printing : gap);
-        if (stall > st.max_stall)
-            st.max_stall = stall;
-        last = now;
+        u64 gap = tick();
         if (got) {
             waited = 0;
         } else {
@@ -471,21 +483,18 @@ static void run(struct vblk *d, const struct workload *w, u64 region_sector, u64
                 if (waited / (khz * 1000) != before && vblk_broken()) {
                     error_line("device: DEVICE_NEEDS_RESET or FAILED set while requests were in "
                                "flight", "");
-                    st.cycles = elapsed;
                     finish(EXIT_DEVICE);
                 }
             }
             if (waited > WAIT_LIMIT_S * khz * 1000) {
                 error_line("device timeout: no request completed for 30 s", "");
-                st.cycles = elapsed;
                 finish(EXIT_DEVICE);
             }
             __asm__ __volatile__("pause");
         }
     }
-    u64 end = rdtsc();
-    elapsed += end >= last ? end - last : 0;
-    st.cycles = elapsed;
+    tick();
+    clk.running = 0;
 }
 
 void guest_main(const struct boot_info *bi)

@@ -20,16 +20,18 @@ pub struct Summary {
     pub reads: u64,
     pub writes: u64,
     pub flushes: u64,
-    /// Failed requests plus mismatching sectors.
+    /// Failed requests, mismatching sectors and dirty-region pages that held the wrong data.
     pub errors: u64,
     /// Data bytes read and written.
     pub bytes: u64,
-    /// TSC cycles from the first submission to the last completion.
+    /// TSC cycles from the first submission to the last completion (the sum of the gaps
+    /// between the loop's progress points: a TSC that goes backwards counts 0).
     pub cycles: u64,
     /// `ops` per second by the guest's TSC (0 if the VMM gave no TSC frequency).
     pub iops: u64,
-    /// The longest gap between two turns of the guest's main loop, in microseconds by its TSC
-    /// (0 without a TSC frequency): the downtime as the guest felt it.
+    /// The longest gap between two progress points of the guest's workload loop (a turn of
+    /// the loop, a console byte, a dirty page rewritten), in microseconds by its TSC (0 without
+    /// a TSC frequency): the downtime as the guest felt it.
     pub max_stall_us: u64,
     /// Pages of the dirty region rewritten (0 without `dirty=`).
     pub dirtied: u64,

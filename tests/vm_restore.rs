@@ -182,6 +182,7 @@ fn restored_vm_continues_the_workload_from_the_checkpoint() {
     // Through the file format: seal, open, parse.
     let id = Identity::generate(MEM_SIZE).unwrap();
     let bytes = snapshot::encode(&state, &id).unwrap();
+    eprintln!("machine state: {} bytes sealed", bytes.len());
     let decoded = snapshot::decode(&bytes, &id).unwrap();
     assert_eq!(decoded, state);
     let other = Identity::generate(MEM_SIZE).unwrap();

@@ -299,7 +299,18 @@ fn damaged_states_are_refused_before_the_guest_runs() {
             .unwrap_or_else(|| panic!("MSR {index:#x} is saved"))
             .data
     };
+    // In-kernel devices the test guest does not use, changed the same way: the PIC master's
+    // interrupt mask (`kvm_irqchip` = chip id, pad, then `kvm_pic_state`: imr is its 3rd
+    // byte), an IOAPIC redirection entry (after id, pad, base, ioregsel, id, irr, pad), and
+    // the mode of PIT channel 1 (24-byte channels, mode at byte 13).
+    const PIC_IMR: usize = 8 + 2;
+    const IOAPIC_REDIR_10: usize = 8 + 24 + 8 * 10;
+    const PIT_CH1_MODE: usize = 24 + 13;
+    let redir: u64 = 0x1_0031;
     let mut s = state.clone();
+    s.vm.pic_master.0[PIC_IMR] = 0x5a;
+    s.vm.ioapic.0[IOAPIC_REDIR_10..IOAPIC_REDIR_10 + 8].copy_from_slice(&redir.to_le_bytes());
+    s.vm.pit.0[PIT_CH1_MODE] = 2;
     s.vcpus[0].lapic.0[APIC_TPR] = 0x20;
     for m in &mut s.vcpus[0].msrs {
         if m.index == SYSENTER_CS {
@@ -336,6 +347,12 @@ fn damaged_states_are_refused_before_the_guest_runs() {
     ctl.finish(Outcome::Stopped { signal: 0 });
     runner.join().unwrap().unwrap();
     assert_eq!(again.vcpus[0].lapic.0[APIC_TPR], 0x20);
+    assert_eq!(again.vm.pic_master.0[PIC_IMR], 0x5a);
+    assert_eq!(
+        again.vm.ioapic.0[IOAPIC_REDIR_10..IOAPIC_REDIR_10 + 8],
+        redir.to_le_bytes()
+    );
+    assert_eq!(again.vm.pit.0[PIT_CH1_MODE], 2);
     assert_eq!(msr(&again, SYSENTER_CS), 0x10);
     let (before, after) = (msr(&s, TSC), msr(&again, TSC));
     assert!(

@@ -312,6 +312,8 @@ fn damaged_states_are_refused_before_the_guest_runs() {
     s.vm.ioapic.0[IOAPIC_REDIR_10..IOAPIC_REDIR_10 + 8].copy_from_slice(&redir.to_le_bytes());
     s.vm.pit.0[PIT_CH1_MODE] = 2;
     s.vcpus[0].lapic.0[APIC_TPR] = 0x20;
+    // DR0 (the first u64 of `kvm_debugregs`; DR7 leaves it disabled).
+    s.vcpus[0].debugregs.0[..8].copy_from_slice(&0x1234u64.to_le_bytes());
     for m in &mut s.vcpus[0].msrs {
         if m.index == SYSENTER_CS {
             m.data = 0x10;
@@ -347,6 +349,7 @@ fn damaged_states_are_refused_before_the_guest_runs() {
     ctl.finish(Outcome::Stopped { signal: 0 });
     runner.join().unwrap().unwrap();
     assert_eq!(again.vcpus[0].lapic.0[APIC_TPR], 0x20);
+    assert_eq!(again.vcpus[0].debugregs.0[..8], 0x1234u64.to_le_bytes());
     assert_eq!(again.vm.pic_master.0[PIC_IMR], 0x5a);
     assert_eq!(
         again.vm.ioapic.0[IOAPIC_REDIR_10..IOAPIC_REDIR_10 + 8],

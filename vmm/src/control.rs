@@ -128,7 +128,11 @@ impl Control {
     pub fn park(&self, id: usize, mut serve: impl FnMut(Command)) -> bool {
         let mut g = self.lock();
         let Some(s) = g.slots.get_mut(id) else {
-            return true;
+            // Not a started vCPU (cannot happen through `Vm::run`): wait out the pause anyway.
+            while g.pause && !g.stopping {
+                g = self.cond.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            return !g.stopping;
         };
         s.parked = true;
         s.parked_at = Some(Instant::now());

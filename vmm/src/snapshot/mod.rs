@@ -177,6 +177,10 @@ pub fn decode_payload(payload: &[u8], identity: &Identity) -> Result<MachineStat
 }
 
 #[cfg(test)]
+#[path = "fuzz_tests.rs"]
+mod fuzz_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod mmio;
 pub mod outcome;
 pub mod serial;
+pub mod snapshot;
 pub mod test_guest;
 pub mod vcpu;
 pub mod vm;

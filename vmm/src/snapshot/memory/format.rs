@@ -230,7 +230,7 @@ fn parse(path: &Path, file: File, p: &[u8], id: &Identity, file_size: u64) -> Re
         data_pages: u64_at(p, 64),
         data_offset: u64_at(p, 72),
     };
-    if mem_size % PAGE_SIZE != 0 || h.page_count != mem_size / PAGE_SIZE {
+    if !mem_size.is_multiple_of(PAGE_SIZE) || h.page_count != mem_size / PAGE_SIZE {
         return Err(Error::Damaged(format!(
             "{} pages for {} bytes of memory",
             h.page_count, mem_size

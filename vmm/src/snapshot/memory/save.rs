@@ -17,6 +17,9 @@ use super::writer::{is_zero, Writer};
 use super::{Error, ImageRef, ImageStats, Result};
 use crate::snapshot::Identity;
 
+/// `(offset in a staging buffer, length, file offset)` of one write.
+type Segment = (usize, usize, u64);
+
 /// Pages per staging buffer / per batch (1 MiB).
 const BATCH_PAGES: u64 = 256;
 /// io_uring SQEs in flight.
@@ -67,7 +70,7 @@ impl Drop for LiveSave {
 fn check_identity(mem: &GuestMemoryMmap, id: &Identity) -> Result<Vec<Region>> {
     let regions = tracker::regions(mem);
     let total: u64 = regions.iter().map(|r| r.len).sum();
-    if total != id.mem_size || total % PAGE_SIZE != 0 {
+    if total != id.mem_size || !total.is_multiple_of(PAGE_SIZE) {
         return Err(Error::MemSize {
             image: id.mem_size,
             vm: total,
@@ -244,7 +247,7 @@ pub fn save_stop_copy(
             t.present(first, n as usize, &mut present)?;
             let host = tracker::host_of(&regions, first).expect("page inside a region");
             let mut run: Option<(u64, u64)> = None;
-            let mut staged: Option<(usize, Vec<(usize, usize, u64)>)> = None;
+            let mut staged: Option<(usize, Vec<Segment>)> = None;
             for k in 0..n {
                 let i = first + k;
                 let ptr = (host + k * PAGE_SIZE) as *const u8;
@@ -312,9 +315,7 @@ pub fn save_stop_copy(
         }
         w.finish().map_err(wio)
     })();
-    if let Err(e) = r {
-        return Err(e);
-    }
+    r?;
     let held_pages = bitmap::count(&epoch.set);
     let data_pages = bitmap::count(&data);
     let header = Header {

@@ -82,7 +82,11 @@ fn stop_copy_round_trip_with_holes() {
     // Zero pages are holes: about a third of the data is allocated.
     assert!(allocated_bytes(&path) < id.mem_size / 2);
     verify(std::slice::from_ref(&path), &id).unwrap();
-    assert_same(&restored(&[path.clone()], &id), &want, "restore");
+    assert_same(
+        &restored(std::slice::from_ref(&path), &id),
+        &want,
+        "restore",
+    );
     release(&mem);
 }
 
@@ -140,7 +144,11 @@ fn live_save_is_the_instant_of_start_while_memory_is_written() {
     let touched = writer.join().unwrap();
     assert!(stats.fault_pages >= written.len() as u64);
     assert_eq!(stats.pages, pages);
-    assert_same(&restored(&[path.clone()], &id), &want, "live image");
+    assert_same(
+        &restored(std::slice::from_ref(&path), &id),
+        &want,
+        "live image",
+    );
 
     // Dirty tracking from the instant: the next increment holds exactly the pages written.
     let now = contents(&mem, id.mem_size);

@@ -23,6 +23,15 @@ const PREFETCH_PAGES: u64 = 64;
 /// on first touch, and in the background. The memory stays tracked, so a later
 /// [`super::start_live`] with this chain's last image as parent takes an increment.
 pub fn restore(chain: &[PathBuf], id: &Identity) -> Result<GuestMemoryMmap> {
+    restore_with(chain, id, true)
+}
+
+/// [`restore`], with or without the prefetch thread (tests: every page by fault).
+pub(super) fn restore_with(
+    chain: &[PathBuf],
+    id: &Identity,
+    prefetch_pages: bool,
+) -> Result<GuestMemoryMmap> {
     let images = format::open_chain(chain, id)?;
     let page_count = id.mem_size / PAGE_SIZE;
     let mut owner = vec![u8::MAX; page_count as usize];
@@ -42,6 +51,9 @@ pub fn restore(chain: &[PathBuf], id: &Identity) -> Result<GuestMemoryMmap> {
     let source = Arc::new(Source { images, owner });
     let t = Tracker::create(&mem, Some(source))?;
     t.lock().last_image = Some(last);
+    if !prefetch_pages {
+        return Ok(mem);
+    }
     let p = Arc::clone(&t);
     let th = std::thread::Builder::new()
         .name("memory-prefetch".into())

@@ -287,8 +287,9 @@ fn restored_memory_takes_live_increments_and_full_images() {
     let s0 = contents(&mem, id.mem_size);
     release(&mem);
 
-    // Restore, and write at once (most pages not loaded yet: missing, then WP faults).
-    let r = restore(&[p("full")], &id).unwrap();
+    // Restore without prefetch (every page loads by fault), and write: missing, then WP
+    // faults.
+    let r = restore::restore_with(&[p("full")], &id, false).unwrap();
     let mut want = s0.clone();
     let c: BTreeSet<u64> = (0..pages / 20).map(|k| (k * 613 + 11) % pages).collect();
     for &i in &c {
@@ -297,11 +298,25 @@ fn restored_memory_takes_live_increments_and_full_images() {
         let at = (i * PAGE_SIZE + (v % 500) * 8) as usize;
         want[at..at + 8].copy_from_slice(&v.to_le_bytes());
     }
-    // A full live image of restored memory, taken while pages are still loading.
-    start_live(&r, &p("rfull"), &id, LiveOptions::default())
-        .unwrap()
-        .wait()
-        .unwrap();
+    // A full live image of restored memory with most pages not loaded: writes after the
+    // start fault on missing pages, whose saved content must be the chain's.
+    let hold = Arc::new(AtomicBool::new(true));
+    let live = start_live(
+        &r,
+        &p("rfull"),
+        &id,
+        LiveOptions {
+            hold: Some(Arc::clone(&hold)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for k in 0..pages / 10 {
+        stamp(&r, (k * 389 + 1) % pages, 0xd000 + k);
+    }
+    hold.store(false, Ordering::Release);
+    let stats = live.wait().unwrap();
+    assert!(stats.fault_pages >= pages / 20);
     assert_same(
         &restored(&[p("rfull")], &id),
         &want,

@@ -26,7 +26,7 @@ mod tests;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use bench::bench_baseline_write;
+pub use bench::{bench_baseline_write, bench_memory, MemoryBench};
 pub use fold::fold;
 pub use format::PAGE_SIZE;
 pub use restore::restore;

@@ -458,3 +458,39 @@ fn baseline_write_writes_the_bytes() {
     assert_eq!(data.len() as u64, 5 * MIB + 4096);
     assert!(data.iter().all(|&b| b != 0));
 }
+
+/// Prints the memory-side checkpoint figures (`STRATA_BENCH_MIB=256,1024 cargo test --release
+/// -p vmm bench_memory_figures -- --ignored --nocapture`). Measures, asserts nothing timed.
+#[test]
+#[ignore]
+fn bench_memory_figures() {
+    let sizes = std::env::var("STRATA_BENCH_MIB").unwrap_or_else(|_| "256".into());
+    let dir = std::env::var("STRATA_BENCH_DIR").unwrap_or_else(|_| "/tmp".into());
+    for mib in sizes.split(',') {
+        let size: u64 = mib.trim().parse::<u64>().unwrap() * MIB;
+        let d = tempfile::tempdir_in(&dir).unwrap();
+        let b = bench_memory(d.path(), size).unwrap();
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "{mib} MiB: stop-copy {:.1} ms ({:.0} MB/s) vs io_uring baseline {:.1} ms -> {:.2}x; \
+             live first: pause {:.2} ms (protect {:.2}), total {:.1} ms; live again: pause {:.3} ms, total {:.1} ms; \
+             incr after 1%: pause {:.3} ms, {} bytes ({:.2}% of memory), total {:.1} ms; \
+             restore {:.2} ms, touch all {:.1} ms",
+            ms(b.stop_copy.elapsed),
+            b.stop_copy.bytes_written as f64 / b.stop_copy.elapsed.as_secs_f64() / 1e6,
+            ms(b.baseline),
+            b.stop_copy_ratio(),
+            ms(b.live_first.pause),
+            ms(b.live_first.protect),
+            ms(b.live_first.elapsed),
+            ms(b.live_again.pause),
+            ms(b.live_again.elapsed),
+            ms(b.live_incremental.pause),
+            b.live_incremental.bytes_written,
+            100.0 * b.live_incremental.bytes_written as f64 / size as f64,
+            ms(b.live_incremental.elapsed),
+            ms(b.restore),
+            ms(b.restore_touch_all),
+        );
+    }
+}

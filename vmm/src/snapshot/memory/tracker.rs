@@ -268,7 +268,7 @@ impl Tracker {
     /// regions (one page-table walk beats thousands of ioctls).
     pub fn protect(&self, pages: &[u64]) -> Result<()> {
         let runs = bitmap::runs(pages, self.page_count, u64::MAX);
-        if runs.len() > 256 {
+        if runs.len() as u64 > self.page_count / 32 {
             return self.protect_all();
         }
         for (first, n) in runs {

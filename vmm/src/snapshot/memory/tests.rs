@@ -495,3 +495,208 @@ fn bench_memory_figures() {
         );
     }
 }
+
+/// A tiny real KVM guest (64-bit, CPL3, identity-mapped with 2 MiB pages) whose code is a loop
+/// writing `al` to `rcx` pages from `rdi` with stride `rsi`, then `out al, 0x10`.
+mod kvm_guest {
+    use kvm_bindings::{kvm_regs, kvm_segment, KVM_MAX_CPUID_ENTRIES};
+    use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    pub const GDT: u64 = 0x1000;
+    pub const PML4: u64 = 0x2000;
+    pub const PDPT: u64 = 0x3000;
+    pub const PD: u64 = 0x4000;
+    pub const CODE: u64 = 0x1_0000;
+    /// The loop above: mov %al,(%rdi); add %rsi,%rdi; dec %rcx; jnz; out %al,$0x10; jmp start.
+    const LOOP: [u8; 14] = [
+        0x88, 0x07, 0x48, 0x01, 0xf7, 0x48, 0xff, 0xc9, 0x75, 0xf6, 0xe6, 0x10, 0xeb, 0xf2,
+    ];
+
+    pub struct Guest {
+        _kvm: Kvm,
+        _vm: VmFd,
+        vcpu: VcpuFd,
+    }
+
+    /// Writes the GDT, page tables and code into `mem` (only for a cold start).
+    pub fn load(mem: &GuestMemoryMmap) {
+        let gdt: [u64; 6] = [
+            0,
+            0,
+            0x00af_9b00_0000_ffff,
+            0x00cf_9300_0000_ffff,
+            0x00af_fb00_0000_ffff,
+            0x00cf_f300_0000_ffff,
+        ];
+        for (k, e) in gdt.iter().enumerate() {
+            mem.write_obj(*e, GuestAddress(GDT + 8 * k as u64)).unwrap();
+        }
+        mem.write_obj(PDPT | 7, GuestAddress(PML4)).unwrap();
+        mem.write_obj(PD | 7, GuestAddress(PDPT)).unwrap();
+        for i in 0..512u64 {
+            mem.write_obj((i << 21) | 0x87, GuestAddress(PD + 8 * i))
+                .unwrap();
+        }
+        mem.write_slice(&LOOP, GuestAddress(CODE)).unwrap();
+    }
+
+    /// A VM with `mem` as its RAM and one vCPU at CPL3.
+    pub fn new(mem: &GuestMemoryMmap) -> Guest {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        crate::memory::register(&vm, mem).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        vcpu.set_cpuid2(&cpuid).unwrap();
+        let mut s = vcpu.get_sregs().unwrap();
+        s.cr3 = PML4;
+        s.cr4 = 0x20;
+        s.cr0 = 0x8000_0011;
+        s.efer = 0x500;
+        let cs = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            present: 1,
+            s: 1,
+            g: 1,
+            l: 1,
+            type_: 11,
+            dpl: 3,
+            selector: 0x23,
+            ..Default::default()
+        };
+        let ds = kvm_segment {
+            type_: 3,
+            l: 0,
+            db: 1,
+            selector: 0x2b,
+            ..cs
+        };
+        s.cs = cs;
+        (s.ds, s.es, s.fs, s.gs, s.ss) = (ds, ds, ds, ds, ds);
+        s.gdt.base = GDT;
+        s.gdt.limit = 6 * 8 - 1;
+        vcpu.set_sregs(&s).unwrap();
+        Guest {
+            _kvm: kvm,
+            _vm: vm,
+            vcpu,
+        }
+    }
+
+    impl Guest {
+        /// Runs the guest writing `val` to `count` pages from `gpa` until its `out`.
+        pub fn write_pages(&mut self, gpa: u64, count: u64, val: u8) {
+            let regs = kvm_regs {
+                rip: CODE,
+                rax: u64::from(val),
+                rcx: count,
+                rdi: gpa,
+                rsi: 4096,
+                rsp: 0x1f_0000,
+                rflags: 0x3002,
+                ..Default::default()
+            };
+            self.vcpu.set_regs(&regs).unwrap();
+            loop {
+                match self.vcpu.run() {
+                    Ok(VcpuExit::IoOut(0x10, _)) => return,
+                    Ok(other) => panic!("unexpected guest exit {other:?}"),
+                    Err(e) if e.errno() == libc::EINTR => continue,
+                    Err(e) => panic!("KVM_RUN: {e}"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kvm_guest_writes_during_live_save_and_on_restored_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = ident(32 * MIB);
+    let p = |n: &str| dir.path().join(n);
+    const AREA: u64 = 16 * MIB;
+    const AREA_PAGES: u64 = 16 * MIB / PAGE_SIZE;
+    let mem = crate::memory::create(id.mem_size).unwrap();
+    kvm_guest::load(&mem);
+    let mut g = kvm_guest::new(&mem);
+    g.write_pages(AREA, AREA_PAGES, 1);
+    let s0 = contents(&mem, id.mem_size);
+
+    // Copier held: every guest write faults inside KVM and the handler saves the old page.
+    let hold = Arc::new(AtomicBool::new(true));
+    let live = start_live(
+        &mem,
+        &p("full"),
+        &id,
+        LiveOptions {
+            hold: Some(Arc::clone(&hold)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    g.write_pages(AREA, AREA_PAGES, 2);
+    hold.store(false, Ordering::Release);
+    let full = live.wait().unwrap();
+    assert_eq!(full.fault_pages, AREA_PAGES);
+    assert_same(&restored(&[p("full")], &id), &s0, "image at the instant");
+
+    // Guest writes half the area again while the copier of an increment runs.
+    let s1 = contents(&mem, id.mem_size);
+    let parent = ImageRef {
+        image_id: full.image_id,
+    };
+    let live = start_live(
+        &mem,
+        &p("incr"),
+        &id,
+        LiveOptions {
+            parent: Some(&parent),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    g.write_pages(AREA, AREA_PAGES / 2, 3);
+    let incr = live.wait().unwrap();
+    // Exactly the pages the guest wrote since the full image.
+    assert_eq!(incr.pages, AREA_PAGES);
+    assert_same(&restored(&[p("full"), p("incr")], &id), &s1, "increment");
+    drop(g);
+    release(&mem);
+
+    // A new VM on lazily restored memory (no prefetch): its code and page tables load by
+    // fault from the chain; its writes are tracked for the next increment.
+    let r = restore::restore_with(&[p("full"), p("incr")], &id, false).unwrap();
+    let mut g = kvm_guest::new(&r);
+    g.write_pages(AREA + AREA / 2, AREA_PAGES / 4, 4);
+    let s2 = contents(&r, id.mem_size);
+    let mut want = s1.clone();
+    for k in 0..AREA_PAGES / 4 {
+        want[(AREA + AREA / 2 + k * PAGE_SIZE) as usize] = 4;
+    }
+    assert_same(&s2, &want, "guest on restored memory");
+    let parent = ImageRef {
+        image_id: incr.image_id,
+    };
+    let i2 = start_live(
+        &r,
+        &p("incr2"),
+        &id,
+        LiveOptions {
+            parent: Some(&parent),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
+    assert_eq!(i2.pages, AREA_PAGES / 4);
+    drop(g);
+    release(&r);
+    assert_same(
+        &restored(&[p("full"), p("incr"), p("incr2")], &id),
+        &want,
+        "chain of three",
+    );
+}

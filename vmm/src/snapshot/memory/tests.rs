@@ -43,6 +43,15 @@ fn stamp(mem: &GuestMemoryMmap, i: u64, v: u64) {
         .unwrap();
 }
 
+/// Lets a held copier go when dropped (a failing test must not hang in `LiveSave`'s drop).
+struct Release(Arc<AtomicBool>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 fn assert_same(got: &[u8], want: &[u8], what: &str) {
     if got != want {
         let page = got
@@ -109,6 +118,7 @@ fn live_save_is_the_instant_of_start_while_memory_is_written() {
         },
     )
     .unwrap();
+    let _release = Release(Arc::clone(&hold));
     // The copier has not started: each of these writes faults and saves the old page first.
     let mut written = BTreeSet::new();
     for i in (0..pages).step_by(97) {
@@ -311,6 +321,7 @@ fn restored_memory_takes_live_increments_and_full_images() {
         },
     )
     .unwrap();
+    let _release = Release(Arc::clone(&hold));
     for k in 0..pages / 10 {
         stamp(&r, (k * 389 + 1) % pages, 0xd000 + k);
     }
@@ -636,6 +647,7 @@ fn kvm_guest_writes_during_live_save_and_on_restored_memory() {
         },
     )
     .unwrap();
+    let _release = Release(Arc::clone(&hold));
     g.write_pages(AREA, AREA_PAGES, 2);
     hold.store(false, Ordering::Release);
     let full = live.wait().unwrap();

@@ -12,7 +12,7 @@
 pub mod cpu;
 pub mod devices;
 pub mod envelope;
-// `pub mod memory;` (helper M's memory images) is declared when that module is merged.
+pub mod memory;
 
 use serde::{Deserialize, Serialize};
 

@@ -18,7 +18,7 @@ fn nbdinfo_json(uri: &str) -> serde_json::Value {
 }
 
 fn assert_block_sizes(e: &serde_json::Value) {
-    assert_eq!(e["block_size_minimum"], 512, "{e}");
+    assert_eq!(e["block_size_minimum"], 1, "{e}");
     assert_eq!(e["block_size_preferred"], 4096, "{e}");
     assert_eq!(e["block_size_maximum"], 32 << 20, "{e}");
 }

@@ -893,6 +893,13 @@ impl Disk {
                         lf.log_path.display()
                     ));
                 }
+                if scan.omitted > 0 {
+                    report.problems.push(format!(
+                        "{label}: {}: {} more damaged or ignored records",
+                        lf.log_path.display(),
+                        scan.omitted
+                    ));
+                }
                 if scan.torn_bytes > 0 && Some(l) != active_id {
                     report.problems.push(format!(
                         "{label}: {}: {} bytes after the last valid record at byte {} (the layer is sealed: its blocks cannot be trusted)",

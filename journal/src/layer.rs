@@ -48,6 +48,23 @@ pub struct LogScan {
     pub torn_bytes: u64,
     /// Valid records that are ignored (for blocks past the end of the disk).
     pub ignored: Vec<(u64, String)>,
+    /// Problems beyond the first [`MAX_REPORTED`] of `damaged` or `ignored`, only counted.
+    pub omitted: u64,
+}
+
+/// Problems listed individually per log (memory stays bounded whatever the log holds).
+pub const MAX_REPORTED: usize = 1024;
+/// Bytes of the log read at a time while scanning (a whole number of records).
+const LOG_SCAN_CHUNK: usize = RECORD_SIZE * 32768;
+
+impl LogScan {
+    fn report_damage(&mut self, off: u64, why: String) {
+        if self.damaged.len() < MAX_REPORTED {
+            self.damaged.push((off, why));
+        } else {
+            self.omitted += 1;
+        }
+    }
 }
 
 fn open_data(path: &Path, cache: CacheMode, write: bool, create: bool) -> Result<File> {
@@ -140,36 +157,51 @@ impl LayerFiles {
     /// and the data file as it is now: a record pointing past the end of the data file is
     /// damage, one for a block past the end of the disk is ignored (and reported).
     pub fn scan_log(&self, disk_blocks: u64) -> Result<LogScan> {
-        let bytes = self.read_log()?;
         let data_blocks = self
             .data
             .metadata()
             .map_err(|e| Error::io(&self.data_path, e))?
             .len()
             / BLOCK_SIZE;
-        let body = bytes.get(LOG_HEADER_SIZE as usize..).unwrap_or(&[]);
         let mut scan = LogScan {
             valid_len: LOG_HEADER_SIZE,
             ..LogScan::default()
         };
-        let mut pending_bad: Vec<(u64, String)> = Vec::new();
-        let chunks = body.chunks_exact(RECORD_SIZE);
-        let rest = chunks.remainder().len() as u64;
-        for (i, chunk) in chunks.enumerate() {
-            let off = LOG_HEADER_SIZE + (i * RECORD_SIZE) as u64;
-            match Record::decode(chunk, self.seed) {
-                Some(r) => {
-                    scan.damaged.append(&mut pending_bad);
-                    scan.valid_len = off + RECORD_SIZE as u64;
-                    if r.kind == RecordKind::Data && r.data_block >= data_blocks {
-                        scan.damaged.push((
-                            off,
-                            format!(
-                                "data block {} is past the end of the data file ({data_blocks} blocks)",
-                                r.data_block
-                            ),
-                        ));
-                    } else if r.disk_block >= disk_blocks {
+        // A run of records with a bad checksum: (offset of the first, count). It is damage
+        // if a valid record follows, a torn tail otherwise.
+        let mut bad_run: Option<(u64, u64)> = None;
+        let mut chunk = vec![0u8; LOG_SCAN_CHUNK];
+        let mut pos = LOG_HEADER_SIZE;
+        loop {
+            let n = self.read_log_at(&mut chunk, pos)?;
+            for (i, rec) in chunk[..n].chunks_exact(RECORD_SIZE).enumerate() {
+                let off = pos + (i * RECORD_SIZE) as u64;
+                let Some(r) = Record::decode(rec, self.seed) else {
+                    match &mut bad_run {
+                        Some((_, count)) => *count += 1,
+                        None => bad_run = Some((off, 1)),
+                    }
+                    continue;
+                };
+                if let Some((first, count)) = bad_run.take() {
+                    let why = if count == 1 {
+                        "record checksum mismatch".to_string()
+                    } else {
+                        format!("{count} consecutive records fail their checksum")
+                    };
+                    scan.report_damage(first, why);
+                }
+                scan.valid_len = off + RECORD_SIZE as u64;
+                if r.kind == RecordKind::Data && r.data_block >= data_blocks {
+                    scan.report_damage(
+                        off,
+                        format!(
+                            "data block {} is past the end of the data file ({data_blocks} blocks)",
+                            r.data_block
+                        ),
+                    );
+                } else if r.disk_block >= disk_blocks {
+                    if scan.ignored.len() < MAX_REPORTED {
                         scan.ignored.push((
                             off,
                             format!(
@@ -178,40 +210,34 @@ impl LayerFiles {
                             ),
                         ));
                     } else {
-                        scan.records.push(r);
+                        scan.omitted += 1;
                     }
+                } else {
+                    scan.records.push(r);
                 }
-                None => pending_bad.push((off, "record checksum mismatch".into())),
+            }
+            pos += n as u64;
+            if n < chunk.len() {
+                break;
             }
         }
-        scan.torn_bytes = bytes.len() as u64 - scan.valid_len.min(bytes.len() as u64);
-        debug_assert!(rest <= scan.torn_bytes);
+        scan.torn_bytes = pos.saturating_sub(scan.valid_len);
         Ok(scan)
     }
 
-    /// The whole log, read through the open descriptor.
-    fn read_log(&self) -> Result<Vec<u8>> {
-        let len = self
-            .log
-            .metadata()
-            .map_err(|e| Error::io(&self.log_path, e))?
-            .len();
-        let len = usize::try_from(len).map_err(|_| Error::TooLarge {
-            path: self.log_path.clone(),
-            limit: usize::MAX as u64,
-        })?;
-        let mut bytes = vec![0u8; len];
+    /// Reads the log at `off` until `buf` is full or the end of the file; returns the bytes
+    /// read.
+    fn read_log_at(&self, buf: &mut [u8], off: u64) -> Result<usize> {
         let mut done = 0;
-        while done < len {
-            match self.log.read_at(&mut bytes[done..], done as u64) {
+        while done < buf.len() {
+            match self.log.read_at(&mut buf[done..], off + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(Error::io(&self.log_path, e)),
             }
         }
-        bytes.truncate(done);
-        Ok(bytes)
+        Ok(done)
     }
 
     /// Reads one data block into `buf` (4 KiB, aligned) with positional I/O.
@@ -359,6 +385,38 @@ mod tests {
         let s = l.scan_log(1 << 20).unwrap();
         assert_eq!(s.records.len(), 1);
         assert_eq!(s.damaged.len(), 3, "{:?}", s.damaged);
+    }
+
+    #[test]
+    fn a_long_damaged_stretch_is_one_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
+        let l = LayerFiles::create(dir.path(), 9, 1, CacheMode::Writeback).unwrap();
+        l.data.set_len(4 * BLOCK_SIZE).unwrap();
+        let rec = |b| Record {
+            disk_block: b,
+            data_block: b,
+            crc: 0,
+            kind: RecordKind::Data,
+        };
+        let log = OpenOptions::new().write(true).open(&l.log_path).unwrap();
+        log.write_all_at(&rec(0).encode(l.seed), LOG_HEADER_SIZE)
+            .unwrap();
+        // 64 MiB of zeros (2 Mi records that fail their checksum, spanning several scan
+        // chunks), then one valid record.
+        let tail = LOG_HEADER_SIZE + 32 + (64 << 20);
+        log.write_all_at(&rec(1).encode(l.seed), tail).unwrap();
+        let s = l.scan_log(1 << 20).unwrap();
+        assert_eq!(s.records.len(), 2);
+        assert_eq!(s.damaged.len(), 1, "one entry for the whole stretch");
+        assert_eq!(s.damaged[0].0, LOG_HEADER_SIZE + 32);
+        assert!(
+            s.damaged[0].1.contains("2097152 consecutive"),
+            "{}",
+            s.damaged[0].1
+        );
+        assert_eq!(s.valid_len, tail + 32);
+        assert_eq!(s.torn_bytes, 0);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::format::{Record, RecordKind, ZERO_BLOCK};
 use crate::index::{Index, Loc};
 use crate::layer::{preallocate, LayerFiles};
 use crate::rangelock::{RangeGuard, RangeLock};
+use crate::safe_open::{open_regular, Links};
 use crate::{AlignedBuf, Error, Result, BLOCK_SIZE};
 
 /// Pending records beyond which the log is appended (without waiting for a FLUSH).
@@ -50,10 +51,9 @@ impl ActiveLayer {
     /// Wraps an open layer for appending; `next_block` is the first free data block and
     /// `log_len` the valid length of the log.
     pub fn new(files: Arc<LayerFiles>, next_block: u64, log_len: u64) -> Result<ActiveLayer> {
-        let log = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&files.log_path)
-            .map_err(|e| Error::io(&files.log_path, e))?;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true);
+        let log = open_regular(&files.log_path, &opts, Links::Refuse)?;
         log.set_len(log_len)
             .map_err(|e| Error::io(&files.log_path, e))?;
         let size = files

@@ -57,6 +57,12 @@ impl UringBackend {
             engine: IoEngine::new(volume, depth)?,
         })
     }
+
+    /// The engine's ring descriptor (fault-injection tests).
+    #[cfg(test)]
+    pub(crate) fn ring_fd(&self) -> RawFd {
+        self.engine.ring_fd()
+    }
 }
 
 impl Backend for UringBackend {

@@ -368,3 +368,75 @@ fn drain_never_hangs_on_a_lost_request() {
     assert_eq!(status_at(&m, STATUS), 1);
     assert_eq!(ex.in_flight(), 0);
 }
+
+fn write_at(head: u16, offset: u64, addr: u64, len: u32) -> Request {
+    Request {
+        head,
+        kind: RequestKind::Write {
+            offset,
+            data: segs(addr, len),
+        },
+        status: GuestAddress(STATUS + u64::from(head)),
+    }
+}
+
+/// On the real io_uring backend, with `io_uring_enter` failing for a while (the ring's
+/// descriptor number points at /dev/null): a request the engine took completes once, with its
+/// own status, and one it refused fails at once without ever finishing another request
+/// that later reuses its slot.
+#[test]
+fn a_refused_submit_never_finishes_another_request() {
+    use std::os::fd::AsRawFd;
+    let m = mem();
+    let td = test_disk(16 << 20);
+    let backend = crate::backend::UringBackend::new(td.volume.clone(), 8).expect("backend");
+    let ring_fd = backend.ring_fd();
+    let mut ex = Executor::new(Box::new(backend), *b"serial-0123456789abc", 8, u64::MAX);
+    m.write_slice(&[0xaa; 4096], GuestAddress(DATA)).unwrap();
+    m.write_slice(&[0xbb; 4096], GuestAddress(DATA + 0x10000))
+        .unwrap();
+    m.write_slice(&[0xcc; 4096], GuestAddress(DATA + 0x20000))
+        .unwrap();
+    let mut done = Vec::new();
+
+    let null = std::fs::File::open("/dev/null").unwrap();
+    // SAFETY: dup/dup2 on descriptors this test owns; the ring lives on through its mappings
+    // while its number points at /dev/null, and gets its number back below.
+    let saved = unsafe { libc::dup(ring_fd) };
+    assert!(saved >= 0);
+    // SAFETY: as above.
+    assert!(unsafe { libc::dup2(null.as_raw_fd(), ring_fd) } >= 0);
+    ex.start(&m, 0, write_at(1, 0, DATA, 4096), &mut done);
+    ex.start(&m, 0, write_at(2, 4096, DATA + 0x10000, 4096), &mut done);
+    // SAFETY: puts the ring back on its number and closes the copy.
+    unsafe {
+        assert!(libc::dup2(saved, ring_fd) >= 0);
+        libc::close(saved);
+    }
+    assert_eq!(
+        done,
+        vec![Done {
+            queue: 0,
+            head: 2,
+            used_len: 1,
+            started: true
+        }],
+        "only the refused request is finished"
+    );
+    assert_eq!(status_at(&m, STATUS + 2), Status::IoErr.byte());
+    ex.start(&m, 0, write_at(3, 8192, DATA + 0x20000, 4096), &mut done);
+    ex.drain(&m, &mut done);
+    let mut heads: Vec<u16> = done.iter().map(|d| d.head).collect();
+    heads.sort();
+    assert_eq!(heads, [1, 2, 3], "each request finishes exactly once");
+    assert_eq!(status_at(&m, STATUS + 1), Status::Ok.byte());
+    assert_eq!(status_at(&m, STATUS + 3), Status::Ok.byte());
+    let mut back = vec![0u8; 3 * 4096];
+    td.volume.read_at(&mut back, 0).unwrap();
+    assert!(back[..4096].iter().all(|&b| b == 0xaa));
+    assert!(
+        back[4096..8192].iter().all(|&b| b == 0),
+        "the refused write ran"
+    );
+    assert!(back[8192..].iter().all(|&b| b == 0xcc));
+}

@@ -114,10 +114,11 @@ pub struct ServeArgs {
     /// Serve this checkpoint read-only instead of Now.
     #[arg(long)]
     pub checkpoint: Option<String>,
-    /// unix:PATH or tcp:HOST:PORT
+    /// unix:PATH (a socket only its owner may use, mode 0600) or tcp:HOST:PORT
     #[arg(long)]
     pub listen: String,
-    /// Path of a control socket for live checkpoints.
+    /// Path of a control socket for live checkpoints (mode 0600; at most 16 clients, each
+    /// dropped after 30 s without a request; a new client displaces the longest idle one).
     #[arg(long)]
     pub api: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = CacheArg::None)]

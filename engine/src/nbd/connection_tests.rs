@@ -1,6 +1,7 @@
 //! Unit tests of one connection over a socket pair and a real journal disk.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,10 @@ struct Fixture {
 }
 
 fn fixture(read_only: bool) -> Fixture {
+    fixture_with(read_only, ServerLimits::default())
+}
+
+fn fixture_with(read_only: bool, serve: ServerLimits) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d");
     Disk::create(&path, 4 << 20, None).unwrap();
@@ -29,8 +34,8 @@ fn fixture(read_only: bool) -> Fixture {
         volume,
         gate: Gate::new(),
         shutdown: Arc::new(EventFd::new().unwrap()),
-        serve: ServerLimits::default(),
-        budget: MemoryBudget::new(ServerLimits::DEFAULT_MEMORY_BUDGET),
+        serve,
+        budget: MemoryBudget::new(serve.memory_budget),
     });
     Fixture {
         _dir: dir,
@@ -171,5 +176,148 @@ fn errors_and_read_only() {
     f.export.shutdown.notify();
     let mut rest = Vec::new();
     c.read_to_end(&mut rest).unwrap();
+    t.join().unwrap().unwrap();
+}
+
+#[test]
+fn an_engine_failure_releases_gate_admissions() {
+    let f = fixture(false);
+    f.disk.now().write_at(&[7; 4096], 0, false).unwrap();
+    let (server, mut client) = UnixStream::pair().unwrap();
+    let stream = Stream::Unix(server);
+    stream.set_nonblocking().unwrap();
+    let tr = Transmission::new(stream, &f.export).unwrap();
+    // Every io_uring_enter of this connection's engine fails from now on: the read is queued
+    // but never submitted, and the transmission loop returns early with it admitted.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    // SAFETY: replaces the ring's descriptor number with /dev/null; the ring lives on
+    // through its mappings until the engine is dropped.
+    assert!(unsafe { libc::dup2(null.as_raw_fd(), tr.engine.ring_fd()) } >= 0);
+    send(&mut client, CMD_READ, 1, 0, 4096, &[]);
+    assert!(tr.run().is_err());
+    assert_eq!(f.export.gate.in_flight(), 0, "an admission leaked");
+    // A live checkpoint can still drain.
+    drop(f.export.gate.pause(Duration::from_secs(5)).unwrap());
+}
+
+fn limits(idle: Duration) -> ServerLimits {
+    ServerLimits {
+        idle_timeout: Some(idle),
+        ..ServerLimits::default()
+    }
+}
+
+#[test]
+fn idle_and_stuck_clients_are_disconnected() {
+    let f = fixture_with(false, limits(Duration::from_millis(100)));
+    // Idle after the handshake.
+    let (mut c, t) = connect(&f.export);
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    t.join().unwrap().unwrap();
+    // Stopped in the middle of a write's payload.
+    let (mut c, t) = connect(&f.export);
+    send(&mut c, CMD_WRITE, 1, 0, 8192, &[1; 100]);
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    t.join().unwrap().unwrap();
+    assert_eq!(
+        f.export.budget.used(),
+        0,
+        "the half write's buffer was given back"
+    );
+    // Never reading its replies: the server stops reading, then drops it, so the client's
+    // writes end in an error instead of blocking forever.
+    let (mut c, t) = connect(&f.export);
+    c.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = Vec::new();
+    for i in 0..64u64 {
+        let h = RequestHeader {
+            flags: 0,
+            kind: CMD_READ,
+            cookie: i,
+            offset: 0,
+            len: 1 << 20,
+        };
+        req.extend_from_slice(&h.encode());
+    }
+    let err = loop {
+        if let Err(e) = c.write_all(&req) {
+            break e;
+        }
+    };
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "{err}"
+    );
+    t.join().unwrap().unwrap();
+    assert_eq!(f.export.budget.used(), 0);
+    assert_eq!(f.export.gate.in_flight(), 0);
+}
+
+#[test]
+fn a_busy_client_is_not_idle() {
+    // Requests keep arriving, each within the idle timeout: the client is served throughout.
+    let f = fixture_with(false, limits(Duration::from_secs(2)));
+    let (mut c, t) = connect(&f.export);
+    for i in 0..10u64 {
+        send(&mut c, CMD_WRITE, i, i * 4096, 4096, &[3; 4096]);
+        assert_eq!(reply(&mut c, 0), (0, i, vec![]));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    send(&mut c, CMD_DISC, 0, 0, 0, &[]);
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    t.join().unwrap().unwrap();
+}
+
+#[test]
+fn clients_share_the_memory_budget() {
+    // A 32 MiB budget and 4 MiB per client: three clients that never read their 1 MiB reads
+    // together hold at most the budget, and a well-behaved client is served once they go.
+    let serve = ServerLimits {
+        memory_budget: 32 << 20,
+        client_buffer: 4 << 20,
+        idle_timeout: Some(Duration::from_millis(500)),
+        ..ServerLimits::default()
+    };
+    let f = fixture_with(false, serve);
+    let mut hogs = Vec::new();
+    for _ in 0..3 {
+        let (mut c, t) = connect(&f.export);
+        let export = f.export.clone();
+        hogs.push(std::thread::spawn(move || {
+            c.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut most = 0;
+            for i in 0.. {
+                let h = RequestHeader {
+                    flags: 0,
+                    kind: CMD_READ,
+                    cookie: i,
+                    offset: 0,
+                    len: 1 << 20,
+                };
+                most = most.max(export.budget.used());
+                if c.write_all(&h.encode()).is_err() {
+                    break;
+                }
+            }
+            t.join().unwrap().unwrap();
+            most
+        }));
+    }
+    for h in hogs {
+        let most = h.join().unwrap();
+        assert!(most <= 32 << 20, "{most} bytes held");
+    }
+    assert_eq!(f.export.budget.used(), 0);
+    let (mut c, t) = connect(&f.export);
+    send(&mut c, CMD_READ, 9, 0, 1 << 20, &[]);
+    assert_eq!(reply(&mut c, 1 << 20).0, 0);
+    drop(c);
     t.join().unwrap().unwrap();
 }

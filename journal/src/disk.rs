@@ -120,7 +120,20 @@ pub struct Disk {
     uuid: u128,
     opts: OpenOptions,
     base: Option<Arc<BaseImage>>,
+    /// Why the base image cannot be used (read-only opens only), and its recorded size.
+    base_error: Option<(u64, String)>,
     now: Arc<Volume>,
+}
+
+/// The text of a base image error with its causes ("base image P: why", "I/O error on P: ...").
+fn base_problem(e: &Error) -> String {
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        text.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    text
 }
 
 fn random_u128() -> Result<u128> {
@@ -220,9 +233,18 @@ impl Disk {
         };
         let tree = Tree::load(dir)?;
         let uuid = tree.uuid_value()?;
-        let base = match &tree.base {
-            Some(b) => Some(Arc::new(BaseImage::open_checked(b, opts.cache)?)),
-            None => None,
+        // A read-only open goes on without a base it cannot use: the blocks the base would
+        // serve fail to read, everything else (layer checks, info) works.
+        let (base, base_error) = match &tree.base {
+            Some(b) => match BaseImage::open_checked(b, opts.cache) {
+                Ok(img) => (Some(Arc::new(img)), None),
+                Err(e) if opts.read_only => {
+                    tracing::warn!("{e}");
+                    (None, Some((b.size, base_problem(&e))))
+                }
+                Err(e) => return Err(e),
+            },
+            None => (None, None),
         };
         if !opts.read_only {
             remove_orphans(dir, &tree);
@@ -270,7 +292,8 @@ impl Disk {
             uuid,
             opts,
             base,
-            now: Arc::new(now),
+            now: Arc::new(now.with_base_unreadable(base_error.clone())),
+            base_error,
         })
     }
 
@@ -297,7 +320,7 @@ impl Disk {
             Tail::Sealed,
             self.base.clone(),
         )?;
-        Ok(Arc::new(v))
+        Ok(Arc::new(v.with_base_unreadable(self.base_error.clone())))
     }
 
     fn pinned_view(&self, name: &str) -> Result<Volume> {
@@ -326,7 +349,8 @@ impl Disk {
                 .by_name(name)
                 .and_then(|n| now_tree.lineage_layers(Some(n.id)));
             if pinned && still.is_ok_and(|l| l == lineage) {
-                return Ok(Volume::new(self.tree.size, true, self.base.clone(), state));
+                return Ok(Volume::new(self.tree.size, true, self.base.clone(), state)
+                    .with_base_unreadable(self.base_error.clone()));
             }
         }
         Err(Error::Invalid(format!(
@@ -835,6 +859,12 @@ impl Disk {
     /// Now can read.
     pub fn check(&self) -> Result<CheckReport> {
         let mut report = CheckReport::default();
+        if let (Some(b), Some((_, why))) = (&self.tree.base, &self.base_error) {
+            report.problems.push(format!(
+                "base image {} cannot be used (blocks it serves are unreadable): {why}",
+                b.path.display()
+            ));
+        }
         let mut stacks: Vec<(String, Vec<u64>)> = self
             .tree
             .nodes

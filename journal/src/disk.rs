@@ -120,8 +120,8 @@ pub struct Disk {
     uuid: u128,
     opts: OpenOptions,
     base: Option<Arc<BaseImage>>,
-    /// Why the base image cannot be used (read-only opens only), and its recorded size.
-    base_error: Option<(u64, String)>,
+    /// Why the base image cannot be used (read-only opens only).
+    base_error: Option<String>,
     now: Arc<Volume>,
 }
 
@@ -233,14 +233,14 @@ impl Disk {
         };
         let tree = Tree::load(dir)?;
         let uuid = tree.uuid_value()?;
-        // A read-only open goes on without a base it cannot use: the blocks the base would
-        // serve fail to read, everything else (layer checks, info) works.
+        // A read-only open goes on without a base it cannot use: no view can be read (every
+        // view reads through the base), but info, tree and check work.
         let (base, base_error) = match &tree.base {
             Some(b) => match BaseImage::open_checked(b, opts.cache) {
                 Ok(img) => (Some(Arc::new(img)), None),
                 Err(e) if opts.read_only => {
                     tracing::warn!("{e}");
-                    (None, Some((b.size, base_problem(&e))))
+                    (None, Some(base_problem(&e)))
                 }
                 Err(e) => return Err(e),
             },
@@ -257,7 +257,9 @@ impl Disk {
             size: tree.size,
             cache: opts.cache,
         };
-        let now = if shared {
+        let now = if let Some(why) = &base_error {
+            Volume::new(tree.size, true, None, ViewState::unreadable(why.clone()))
+        } else if shared {
             Volume::new(
                 tree.size,
                 true,
@@ -292,7 +294,7 @@ impl Disk {
             uuid,
             opts,
             base,
-            now: Arc::new(now.with_base_unreadable(base_error.clone())),
+            now: Arc::new(now),
             base_error,
         })
     }
@@ -307,6 +309,13 @@ impl Disk {
     /// disk), the view is built from the current `strata.json`, its layers are pinned, and
     /// it is only handed out if the checkpoint still has the same layers afterwards.
     pub fn checkpoint_view(&self, name: &str) -> Result<Arc<Volume>> {
+        if let Some(why) = &self.base_error {
+            self.tree.by_name(name)?;
+            return Err(Error::Unreadable {
+                view: format!("checkpoint {name:?}"),
+                why: why.clone(),
+            });
+        }
         if self.shared {
             return self.pinned_view(name).map(Arc::new);
         }
@@ -320,7 +329,7 @@ impl Disk {
             Tail::Sealed,
             self.base.clone(),
         )?;
-        Ok(Arc::new(v.with_base_unreadable(self.base_error.clone())))
+        Ok(Arc::new(v))
     }
 
     fn pinned_view(&self, name: &str) -> Result<Volume> {
@@ -349,8 +358,7 @@ impl Disk {
                 .by_name(name)
                 .and_then(|n| now_tree.lineage_layers(Some(n.id)));
             if pinned && still.is_ok_and(|l| l == lineage) {
-                return Ok(Volume::new(self.tree.size, true, self.base.clone(), state)
-                    .with_base_unreadable(self.base_error.clone()));
+                return Ok(Volume::new(self.tree.size, true, self.base.clone(), state));
             }
         }
         Err(Error::Invalid(format!(
@@ -859,11 +867,8 @@ impl Disk {
     /// Now can read.
     pub fn check(&self) -> Result<CheckReport> {
         let mut report = CheckReport::default();
-        if let (Some(b), Some((_, why))) = (&self.tree.base, &self.base_error) {
-            report.problems.push(format!(
-                "base image {} cannot be used (blocks it serves are unreadable): {why}",
-                b.path.display()
-            ));
+        if let Some(why) = &self.base_error {
+            report.problems.push(format!("{why} (no view can be read)"));
         }
         let mut stacks: Vec<(String, Vec<u64>)> = self
             .tree

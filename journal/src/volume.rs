@@ -314,9 +314,6 @@ pub struct Volume {
     size: u64,
     read_only: bool,
     base: Option<Arc<BaseImage>>,
-    /// Set when the disk has a base image that could not be opened (a read-only open goes on
-    /// without it): its size, and why. Reads of blocks it would serve fail.
-    base_unreadable: Option<(u64, String)>,
     state: RwLock<ViewState>,
     locks: RangeLock,
     in_flight: AtomicUsize,
@@ -333,17 +330,10 @@ impl Volume {
             size,
             read_only: read_only || state.active.is_none(),
             base,
-            base_unreadable: None,
             state: RwLock::new(state),
             locks: RangeLock::default(),
             in_flight: AtomicUsize::new(0),
         }
-    }
-
-    /// Marks the base image as unreadable: reads of the blocks it covers fail with `why`.
-    pub(crate) fn with_base_unreadable(mut self, base: Option<(u64, String)>) -> Volume {
-        self.base_unreadable = base;
-        self
     }
 
     pub(crate) fn state(&self) -> RwLockReadGuard<'_, ViewState> {
@@ -459,15 +449,9 @@ impl Volume {
                         })?;
                         (Source::Layer(layer.clone()), off)
                     }
-                    None => match (&self.base, &self.base_unreadable) {
-                        (Some(b), _) if block * BLOCK_SIZE < b.size => {
+                    None => match &self.base {
+                        Some(b) if block * BLOCK_SIZE < b.size => {
                             (Source::Base(b.clone()), block * BLOCK_SIZE)
-                        }
-                        (_, Some((size, why))) if block * BLOCK_SIZE < *size => {
-                            return Err(Error::Unreadable {
-                                view: format!("disk offset {}", block * BLOCK_SIZE),
-                                why: format!("it comes from the base image: {why}"),
-                            });
                         }
                         _ => (Source::Zero, 0),
                     },

@@ -333,7 +333,11 @@ impl Disk {
     }
 
     fn pinned_view(&self, name: &str) -> Result<Volume> {
-        for _ in 0..SHARED_OPEN_TRIES {
+        for attempt in 0..SHARED_OPEN_TRIES {
+            if attempt > 0 {
+                // The writer is punching or deleting layers of this lineage right now.
+                std::thread::sleep(std::time::Duration::from_millis(10 << attempt));
+            }
             let tree = Tree::load(&self.dir)?;
             let lineage = tree.lineage_layers(Some(tree.by_name(name)?.id))?;
             let state =

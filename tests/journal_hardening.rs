@@ -261,14 +261,20 @@ fn fifos_devices_and_symlinks_as_metadata_are_refused_without_hanging() {
     assert_ne!(rc, 0);
     assert!(err.contains("larger than"), "{err}");
     std::fs::rename(t.path().join("json.saved"), &json).unwrap();
-    // The base replaced by a FIFO.
+    // The base replaced by a FIFO: read-only commands go on without it (what it would
+    // serve is unreadable), the writer refuses it.
     std::fs::remove_file(&base).unwrap();
     mkfifo(&base);
-    for c in &commands {
+    ok(&["disk", "info", s(&disk)]);
+    let (rc, report, err) = strata_bounded(&commands[1]);
+    assert_eq!(rc, 2, "{report}{err}");
+    assert!(report.contains("not a regular file"), "{report}");
+    for c in &commands[2..] {
         let (rc, _, err) = strata_bounded(c);
         assert_ne!(rc, 0, "{c:?}");
         assert!(err.contains("not a regular file"), "{c:?}: {err}");
     }
+    assert!(!out.exists());
     // Creating a disk over a FIFO or a device is refused too.
     let (rc, _, err) = strata_bounded(&[
         "disk",
@@ -356,4 +362,40 @@ fn failed_metadata_save_leaves_no_temporary_file() {
     assert_eq!(std::fs::read(disk.join("strata.json")).unwrap(), before);
     ok(&["disk", "checkpoint", s(&disk), "--name", "c2"]);
     let _ = run_strata(&["disk", "tree", s(&disk)]);
+}
+
+#[test]
+fn changed_base_is_reported_with_the_other_damage() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, base) = disk_over_base(t.path());
+    {
+        let d = journal::Disk::open(&disk, journal::OpenOptions::default()).unwrap();
+        d.now().write_at(&[7u8; 8192], 1 << 21, true).unwrap();
+    }
+    ok(&["disk", "checkpoint", s(&disk), "--name", "c2"]);
+    // The base changes, and one block of c2's layer is damaged.
+    std::fs::write(&base, vec![0x43u8; 1 << 20]).unwrap();
+    let data = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk.join("layers/L2.data"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&data, &[0], 4096 + 5).unwrap();
+    drop(data);
+    let (rc, report, err) = strata_bounded(&["disk", "check", s(&disk)]);
+    assert_eq!(rc, 2, "{report}{err}");
+    assert!(report.contains("content changed"), "{report}");
+    assert!(
+        report.contains(&format!("disk offset {}", (1 << 21) + 4096)),
+        "{report}"
+    );
+    ok(&["disk", "info", s(&disk)]);
+    let out = t.path().join("c2.raw");
+    let (rc, _, err) = strata_bounded(&["disk", "export", s(&disk), "c2", "--output", s(&out)]);
+    assert_ne!(rc, 0);
+    assert!(err.contains("base image"), "{err}");
+    assert!(!out.exists());
+    // The writer refuses the changed base outright.
+    let (rc, _, err) = strata_bounded(&["disk", "checkpoint", s(&disk), "--name", "c3"]);
+    assert_ne!(rc, 0);
+    assert!(err.contains("content changed"), "{err}");
 }

@@ -120,7 +120,20 @@ pub struct Disk {
     uuid: u128,
     opts: OpenOptions,
     base: Option<Arc<BaseImage>>,
+    /// Why the base image cannot be used (read-only opens only).
+    base_error: Option<String>,
     now: Arc<Volume>,
+}
+
+/// The text of a base image error with its causes ("base image P: why", "I/O error on P: ...").
+fn base_problem(e: &Error) -> String {
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        text.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    text
 }
 
 fn random_u128() -> Result<u128> {
@@ -220,9 +233,18 @@ impl Disk {
         };
         let tree = Tree::load(dir)?;
         let uuid = tree.uuid_value()?;
-        let base = match &tree.base {
-            Some(b) => Some(Arc::new(BaseImage::open_checked(b, opts.cache)?)),
-            None => None,
+        // A read-only open goes on without a base it cannot use: no view can be read (every
+        // view reads through the base), but info, tree and check work.
+        let (base, base_error) = match &tree.base {
+            Some(b) => match BaseImage::open_checked(b, opts.cache) {
+                Ok(img) => (Some(Arc::new(img)), None),
+                Err(e) if opts.read_only => {
+                    tracing::warn!("{e}");
+                    (None, Some(base_problem(&e)))
+                }
+                Err(e) => return Err(e),
+            },
+            None => (None, None),
         };
         if !opts.read_only {
             remove_orphans(dir, &tree);
@@ -235,7 +257,9 @@ impl Disk {
             size: tree.size,
             cache: opts.cache,
         };
-        let now = if shared {
+        let now = if let Some(why) = &base_error {
+            Volume::new(tree.size, true, None, ViewState::unreadable(why.clone()))
+        } else if shared {
             Volume::new(
                 tree.size,
                 true,
@@ -271,6 +295,7 @@ impl Disk {
             opts,
             base,
             now: Arc::new(now),
+            base_error,
         })
     }
 
@@ -284,6 +309,13 @@ impl Disk {
     /// disk), the view is built from the current `strata.json`, its layers are pinned, and
     /// it is only handed out if the checkpoint still has the same layers afterwards.
     pub fn checkpoint_view(&self, name: &str) -> Result<Arc<Volume>> {
+        if let Some(why) = &self.base_error {
+            self.tree.by_name(name)?;
+            return Err(Error::Unreadable {
+                view: format!("checkpoint {name:?}"),
+                why: why.clone(),
+            });
+        }
         if self.shared {
             return self.pinned_view(name).map(Arc::new);
         }
@@ -301,7 +333,11 @@ impl Disk {
     }
 
     fn pinned_view(&self, name: &str) -> Result<Volume> {
-        for _ in 0..SHARED_OPEN_TRIES {
+        for attempt in 0..SHARED_OPEN_TRIES {
+            if attempt > 0 {
+                // The writer is punching or deleting layers of this lineage right now.
+                std::thread::sleep(std::time::Duration::from_millis(10 << attempt));
+            }
             let tree = Tree::load(&self.dir)?;
             let lineage = tree.lineage_layers(Some(tree.by_name(name)?.id))?;
             let state =
@@ -835,6 +871,9 @@ impl Disk {
     /// Now can read.
     pub fn check(&self) -> Result<CheckReport> {
         let mut report = CheckReport::default();
+        if let Some(why) = &self.base_error {
+            report.problems.push(format!("{why} (no view can be read)"));
+        }
         let mut stacks: Vec<(String, Vec<u64>)> = self
             .tree
             .nodes

@@ -123,12 +123,22 @@ fn one(work: &Path, mem: u64, mode: &str, args: &CheckpointArgs) -> Result<Vec<R
     let status = Command::new(strata_exe()?)
         .args(["vm", "create"])
         .arg(&dir)
-        .args(["--memory", &mem.to_string(), "--disk-size", "1G", "--workload", &workload])
+        .args([
+            "--memory",
+            &mem.to_string(),
+            "--disk-size",
+            "1G",
+            "--workload",
+            &workload,
+        ])
         .stdout(Stdio::null())
         .status()
         .map_err(|e| Error::io("running strata vm create", e))?;
     if !status.success() {
-        return Err(Error::Vm(format!("strata vm create {} failed", dir.display())));
+        return Err(Error::Vm(format!(
+            "strata vm create {} failed",
+            dir.display()
+        )));
     }
     let api = dir.join("api.sock");
     let mut child = Command::new(strata_exe()?)
@@ -144,7 +154,10 @@ fn one(work: &Path, mem: u64, mode: &str, args: &CheckpointArgs) -> Result<Vec<R
         std::thread::sleep(settle);
         let mut rows = Vec::new();
         let mut apply_ms = f64::NAN;
-        for (name, kind) in [("full", mode.to_string()), ("incr", format!("{mode}-incremental"))] {
+        for (name, kind) in [
+            ("full", mode.to_string()),
+            ("incr", format!("{mode}-incremental")),
+        ] {
             let v = call(
                 &api,
                 &Request::CheckpointCreate {
@@ -300,7 +313,11 @@ pub fn svg(rows: &[Row]) -> String {
     for (i, r) in bars.iter().enumerate() {
         let bh = (h - bottom - 30.0) * r.pause_ms / max;
         let x = left + i as f64 * bw + 4.0;
-        let color = if r.mode.starts_with("live") { "#3b7dd8" } else { "#d8833b" };
+        let color = if r.mode.starts_with("live") {
+            "#3b7dd8"
+        } else {
+            "#d8833b"
+        };
         s.push_str(&format!(
             r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{color}"/><text x="{:.1}" y="{:.1}" text-anchor="middle">{:.1}</text><text x="{:.1}" y="{:.1}" text-anchor="end" transform="rotate(-40 {:.1} {:.1})">{} MiB {}</text>"#,
             h - bottom - bh,
@@ -338,11 +355,15 @@ impl Scratch {
                 })
             }
             None => {
-                let p = std::env::temp_dir().join(format!("strata-bench-ckpt-{}", std::process::id()));
+                let p =
+                    std::env::temp_dir().join(format!("strata-bench-ckpt-{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&p);
                 std::fs::create_dir_all(&p)
                     .map_err(|e| Error::io(format!("creating {}", p.display()), e))?;
-                Ok(Scratch { path: p, owned: true })
+                Ok(Scratch {
+                    path: p,
+                    owned: true,
+                })
             }
         }
     }

@@ -36,8 +36,13 @@ pub fn write_state(path: &Path, state: &MachineState, spec: &VmSpec) -> Result<(
 /// Reads and decodes a machine state file (not yet validated against a VM).
 pub fn read_state(path: &Path, spec: &VmSpec) -> Result<MachineState> {
     let bytes = files::read_capped(path, MAX_STATE_FILE)?;
-    vmm::snapshot::decode(&bytes, &identity(spec)?)
-        .map_err(|e| Error::Vm(format!("{}: {}", path.display(), crate::cli::error_chain(&e))))
+    vmm::snapshot::decode(&bytes, &identity(spec)?).map_err(|e| {
+        Error::Vm(format!(
+            "{}: {}",
+            path.display(),
+            crate::cli::error_chain(&e)
+        ))
+    })
 }
 
 /// Checks that a machine state file belongs to `spec`'s VM and is intact.
@@ -57,7 +62,10 @@ pub fn fold(parent: &Path, child: &Path, spec: &VmSpec) -> Result<u64> {
     let out = child.with_extension("fold");
     let stats = mem::fold(parent, child, &out, &identity(spec)?).map_err(|e| {
         let _ = std::fs::remove_file(&out);
-        Error::Vm(format!("folding memory images: {}", crate::cli::error_chain(&e)))
+        Error::Vm(format!(
+            "folding memory images: {}",
+            crate::cli::error_chain(&e)
+        ))
     })?;
     std::fs::rename(&out, child)
         .map_err(|e| Error::io(format!("replacing {}", child.display()), e))?;
@@ -77,12 +85,7 @@ pub fn flatten(chain: &[PathBuf], out: &Path, spec: &VmSpec) -> Result<u64> {
 
 /// Builds the VM of checkpoint `id`: its state and memory chain are checked before anything
 /// runs; memory loads lazily.
-pub fn restore(
-    store: &Store,
-    id: u64,
-    spec: &VmSpec,
-    config: vmm::VmConfig,
-) -> Result<vmm::Vm> {
+pub fn restore(store: &Store, id: u64, spec: &VmSpec, config: vmm::VmConfig) -> Result<vmm::Vm> {
     let state = read_state(&store.dir_of(id).join(store::STATE_FILE), spec)?;
     let chain = store.memory_chain(id)?;
     let memory = mem::restore(&chain, &identity(spec)?)
@@ -217,4 +220,3 @@ impl Save {
         }
     }
 }
-

@@ -115,9 +115,9 @@ impl Live {
             return Err(journal::Error::DuplicateName(name.into()).into());
         }
         let guard = lock(&self.machine);
-        let running = guard
-            .as_ref()
-            .ok_or_else(|| Error::Usage("the VM is not running (it is being restored or has stopped)".into()))?;
+        let running = guard.as_ref().ok_or_else(|| {
+            Error::Usage("the VM is not running (it is being restored or has stopped)".into())
+        })?;
         let draft = vm.store.begin(name)?;
         // The instant: vCPUs parked, I/O drained, state captured, disk switched.
         let paused = running.pause(PAUSE_TIMEOUT)?;

@@ -127,8 +127,7 @@ pub fn apply_stopped(
         create_stopped(vm, disk, sc)?;
     }
     let applied = apply_disk(vm, disk, name)?;
-    vm.store
-        .set_resume(applied.machine.then_some(applied.id))?;
+    vm.store.set_resume(applied.machine.then_some(applied.id))?;
     Ok(json!({ "name": name, "resumes": applied.machine }))
 }
 
@@ -142,7 +141,10 @@ pub fn delete(vm: &VmDir, disk: &mut Disk, name: &str, subtree: bool) -> Result<
     if subtree {
         let mut i = 0;
         while i < doomed.len() {
-            let parent = all.iter().find(|c| c.id == doomed[i]).map(|c| c.name.clone());
+            let parent = all
+                .iter()
+                .find(|c| c.id == doomed[i])
+                .map(|c| c.name.clone());
             for c in &all {
                 if c.parent.is_some() && c.parent == parent && !doomed.contains(&c.id) {
                     doomed.push(c.id);
@@ -261,8 +263,7 @@ pub fn export(vm: &VmDir, disk: &Disk, name: &str, out: &Path) -> Result<Value> 
                     &draft.dir().join(store::STATE_FILE),
                     64 << 20,
                 )?;
-                let bytes =
-                    machine::flatten(&chain, &draft.dir().join(store::MEMORY_FILE), &spec)?;
+                let bytes = machine::flatten(&chain, &draft.dir().join(store::MEMORY_FILE), &spec)?;
                 Some(MachineMeta {
                     memory_parent: None,
                     memory_bytes: bytes,
@@ -280,9 +281,7 @@ pub fn export(vm: &VmDir, disk: &Disk, name: &str, out: &Path) -> Result<Value> 
                 machine,
             },
         )?;
-        new_vm
-            .store
-            .set_resume(has_machine.then_some(info.id))?;
+        new_vm.store.set_resume(has_machine.then_some(info.id))?;
         drop(new_disk);
         files::sync_dir(&tmp)?;
         std::fs::rename(&tmp, &out_abs)

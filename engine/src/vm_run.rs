@@ -69,7 +69,9 @@ pub(crate) fn run(dir: &Path, args: &RunArgs, signals: StopSignals) -> Result<Ex
     // Everything the guest saw completed is made durable before the process ends.
     let flushed = match live.disk.lock() {
         Ok(d) => d.now().flush().map_err(Error::from),
-        Err(_) => Err(Error::Protocol("internal error: the disk state was lost to a panic".into())),
+        Err(_) => Err(Error::Protocol(
+            "internal error: the disk state was lost to a panic".into(),
+        )),
     };
     let is_linux = matches!(
         crate::vm_live::lock_spec(&live).guest,
@@ -88,12 +90,16 @@ fn build(
     console: &Arc<Mutex<Box<dyn std::io::Write + Send>>>,
     gate: &Arc<Gate>,
 ) -> Result<(vmm::Vm, MemoryBase)> {
-    let disk = live
-        .disk
-        .lock()
-        .map_err(|_| Error::Protocol("internal error: the disk state was lost to a panic".into()))?;
+    let disk = live.disk.lock().map_err(|_| {
+        Error::Protocol("internal error: the disk state was lost to a panic".into())
+    })?;
     let device = block::VirtioBlock::new(disk.now(), "strata".into())
-        .map_err(|e| Error::Vm(format!("virtio-blk device: {}", crate::cli::error_chain(&e))))?
+        .map_err(|e| {
+            Error::Vm(format!(
+                "virtio-blk device: {}",
+                crate::cli::error_chain(&e)
+            ))
+        })?
         .with_gate(Arc::new(Member::new(gate)?));
     let name_of = |id: u64| {
         disk.list()

@@ -24,7 +24,10 @@ pub fn bin() -> &'static str {
 
 /// Runs `strata ARGS` to completion.
 pub fn strata(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().expect("running strata")
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("running strata")
 }
 
 /// Runs `strata ARGS`, asserting success; returns stdout.
@@ -152,8 +155,8 @@ pub fn run_to_end(dir: &Path) -> (bool, String, String) {
 pub fn done_line(stdout: &str) -> String {
     stdout
         .lines()
-        .filter(|l| l.starts_with("strata-guest: done "))
-        .last()
+        .rev()
+        .find(|l| l.starts_with("strata-guest: done "))
         .unwrap_or_else(|| panic!("no done line in:\n{stdout}"))
         .to_string()
 }
@@ -186,7 +189,10 @@ pub fn assert_same_file(a: &Path, b: &Path) {
             .zip(y.chunks(4096))
             .filter(|(p, q)| p != q)
             .count();
-        panic!("disks differ: {count} blocks, first at byte {}", first * 4096);
+        panic!(
+            "disks differ: {count} blocks, first at byte {}",
+            first * 4096
+        );
     }
 }
 

@@ -134,9 +134,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
         let _server = ControlServer::start(&path, Arc::new(fake())).unwrap();
-        let v = call(&path, &Request::CheckpointCreate { name: "a".into(), memory: None }).unwrap();
+        let v = call(
+            &path,
+            &Request::CheckpointCreate {
+                name: "a".into(),
+                memory: None,
+            },
+        )
+        .unwrap();
         assert_eq!(v["checkpoint"]["name"], "a");
-        let e = call(&path, &Request::CheckpointCreate { name: "dup".into(), memory: None }).unwrap_err();
+        let e = call(
+            &path,
+            &Request::CheckpointCreate {
+                name: "dup".into(),
+                memory: None,
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("already exists"), "{e}");
         let v = call(&path, &Request::CheckpointList).unwrap();
         let table = format_list(v["checkpoints"].as_array().unwrap());

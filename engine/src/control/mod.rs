@@ -51,7 +51,10 @@ pub enum Request {
     /// Rename a checkpoint.
     CheckpointRename { name: String, new_name: String },
     /// Write a checkpoint as a standalone VM directory.
-    CheckpointExport { name: String, output: std::path::PathBuf },
+    CheckpointExport {
+        name: String,
+        output: std::path::PathBuf,
+    },
 }
 
 /// What the control socket acts on. Verbs a target does not have answer with a clear error.
@@ -83,9 +86,7 @@ fn unsupported(verb: &str) -> Error {
 /// Answers one request line with one JSON reply (without the newline).
 pub fn handle_line(target: &dyn Target, line: &[u8]) -> String {
     let result = match serde_json::from_slice::<Request>(line) {
-        Err(e) => {
-            return json!({ "ok": false, "error": format!("bad request: {e}") }).to_string()
-        }
+        Err(e) => return json!({ "ok": false, "error": format!("bad request: {e}") }).to_string(),
         Ok(Request::CheckpointCreate { name, memory }) => target
             .checkpoint_create(&name, memory.as_deref())
             .map(|c| json!({ "checkpoint": c })),
@@ -266,9 +267,15 @@ mod tests {
         assert_eq!(*t.created.lock().unwrap(), vec!["a".to_string()]);
         let r = call(&t, r#"{"op":"checkpoint-apply","name":"a"}"#);
         assert_eq!(r["ok"], false);
-        assert!(r["error"].as_str().unwrap().contains("not available"), "{r}");
+        assert!(
+            r["error"].as_str().unwrap().contains("not available"),
+            "{r}"
+        );
         let r = call(&t, r#"{"op":"checkpoint-create","name":"b","bogus":1}"#);
-        assert!(r["error"].as_str().unwrap().starts_with("bad request"), "{r}");
+        assert!(
+            r["error"].as_str().unwrap().starts_with("bad request"),
+            "{r}"
+        );
     }
 
     #[test]

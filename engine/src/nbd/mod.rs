@@ -95,4 +95,3 @@ pub fn serve_cmd(args: ServeArgs) -> Result<ExitCode> {
     served?;
     Ok(ExitCode::SUCCESS)
 }
-

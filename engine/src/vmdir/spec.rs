@@ -80,7 +80,7 @@ impl VmSpec {
             ));
         }
         self.uuid_bytes()?;
-        if self.memory < vmm::memory::MIN_MEM_SIZE || self.memory % 4096 != 0 {
+        if self.memory < vmm::memory::MIN_MEM_SIZE || !self.memory.is_multiple_of(4096) {
             return bad(format!(
                 "memory {} must be a multiple of 4096 and at least {}",
                 self.memory,

@@ -180,7 +180,6 @@ pub fn bench_memory(dir: &Path, mem_size: u64) -> Result<MemoryBench> {
         &id,
         LiveOptions {
             parent: Some(&parent),
-            ..Default::default()
         },
     )?
     .wait()?;

@@ -50,9 +50,10 @@ pub fn check_state_file(path: &Path, spec: &VmSpec) -> Result<()> {
     read_state(path, spec).map(|_| ())
 }
 
-/// Checks a memory image chain completely (every page's checksum).
+/// Checks a memory image chain as a restore would before mapping it (headers, metadata,
+/// sizes, links; page data is checked as it loads).
 pub fn check_memory(chain: &[PathBuf], spec: &VmSpec) -> Result<()> {
-    mem::verify(chain, &identity(spec)?)
+    mem::check_chain(chain, &identity(spec)?)
         .map_err(|e| Error::Vm(format!("memory image: {}", crate::cli::error_chain(&e))))
 }
 

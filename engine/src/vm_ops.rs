@@ -100,7 +100,7 @@ pub fn apply_disk(vm: &mut VmDir, disk: &mut Disk, name: &str) -> Result<Applied
     );
     if machine {
         // Refuse before changing anything if the state cannot be restored.
-        vm.store.memory_chain(id)?;
+        machine::check_memory(&vm.store.memory_chain(id)?, &vm.spec)?;
         machine::check_state_file(&vm.store.dir_of(id).join(store::STATE_FILE), &vm.spec)?;
     }
     let spec = match meta {

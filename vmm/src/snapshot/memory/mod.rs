@@ -71,6 +71,12 @@ pub fn image_id(path: &std::path::Path, id: &crate::snapshot::Identity) -> Resul
     })
 }
 
+/// Checks a chain's images as a restore does before mapping anything (envelope, metadata
+/// checksums, file sizes, parent links), without reading page data.
+pub fn check_chain(chain: &[PathBuf], id: &crate::snapshot::Identity) -> Result<()> {
+    format::open_chain(chain, id).map(|_| ())
+}
+
 /// Checks every page of a chain against its checksum (a full read; restore itself checks
 /// each page as it loads it).
 pub fn verify(chain: &[PathBuf], id: &crate::snapshot::Identity) -> Result<()> {

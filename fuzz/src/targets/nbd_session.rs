@@ -185,7 +185,7 @@ fn structured(u: &mut Unstructured) -> Vec<u8> {
             } else {
                 n
             };
-            v.extend((0..n).map(|k| (k as u8) ^ (i as u8)));
+            v.extend((0..n).map(|k| (k as u8) ^ i));
         }
     }
     v

@@ -115,6 +115,14 @@ fn run_all(args: &[String]) -> Result<ExitCode, String> {
             "ok".to_string()
         } else {
             failed.push(t.name);
+            let last = artifacts_dir().join(t.name).join("last-input");
+            if t.keep_last_input && last.exists() {
+                eprintln!(
+                    "fuzz: {}: the input that was running is saved in {}",
+                    t.name,
+                    last.display()
+                );
+            }
             format!("FAILED ({})", out.status)
         };
         println!(

@@ -18,6 +18,7 @@ pub const TARGET: Target = Target {
     about: "layer log records and replay (open, read every view, check, export, write+reopen)",
     run,
     seeds,
+    keep_last_input: true,
 };
 
 const HEADER: usize = 64;

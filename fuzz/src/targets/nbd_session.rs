@@ -27,6 +27,7 @@ pub const TARGET: Target = Target {
     about: "NBD handshake and transmission phase of the real server, one client session per input",
     run,
     seeds,
+    keep_last_input: true,
 };
 
 const SIZE: u64 = 4 << 20;

@@ -20,6 +20,7 @@ pub const TARGET: Target = Target {
     about: "strata.json metadata (open, views, check, checkpoint/rename/delete, reopen)",
     run,
     seeds,
+    keep_last_input: true,
 };
 
 const NUMBERS: &[i128] = &[

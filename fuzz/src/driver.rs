@@ -156,7 +156,8 @@ pub fn fuzz(target: &Target, corpus: &[Vec<u8>], budget: &Budget, artifacts: &Pa
             break;
         }
     }
-    if let (Some(p), None) = (&last_input, &crash) {
+    // Still in place only when an input killed the process (a panic saved its own file).
+    if let Some(p) = &last_input {
         let _ = std::fs::remove_file(p);
     }
     current.done.store(true, Ordering::SeqCst);

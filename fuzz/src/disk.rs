@@ -11,22 +11,31 @@ use journal::{CacheMode, Disk, OpenOptions};
 pub const DISK_SIZE: u64 = 1 << 20;
 pub const BLOCK: u64 = journal::BLOCK_SIZE;
 
+static SCRATCH: OnceLock<tempfile::TempDir> = OnceLock::new();
+
 /// The scratch root: `$STRATA_FUZZ_TMP`, else `/dev/shm` (no fsync cost: four times the
 /// executions of a disk on ext4), else the system temporary directory.
 pub fn scratch_root() -> &'static Path {
-    static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
-    ROOT.get_or_init(|| {
-        let shm = Path::new("/dev/shm");
-        let base = std::env::var_os("STRATA_FUZZ_TMP")
-            .map(PathBuf::from)
-            .or_else(|| shm.is_dir().then(|| shm.to_path_buf()))
-            .unwrap_or_else(std::env::temp_dir);
-        tempfile::Builder::new()
-            .prefix("strata-fuzz-")
-            .tempdir_in(base)
-            .expect("creating the fuzz scratch directory")
-    })
-    .path()
+    SCRATCH
+        .get_or_init(|| {
+            let shm = Path::new("/dev/shm");
+            let base = std::env::var_os("STRATA_FUZZ_TMP")
+                .map(PathBuf::from)
+                .or_else(|| shm.is_dir().then(|| shm.to_path_buf()))
+                .unwrap_or_else(std::env::temp_dir);
+            tempfile::Builder::new()
+                .prefix("strata-fuzz-")
+                .tempdir_in(base)
+                .expect("creating the fuzz scratch directory")
+        })
+        .path()
+}
+
+/// Removes the scratch root (statics are never dropped, so this is explicit).
+pub fn remove_scratch() {
+    if let Some(root) = SCRATCH.get() {
+        let _ = std::fs::remove_dir_all(root.path());
+    }
 }
 
 pub fn opts(read_only: bool) -> OpenOptions {

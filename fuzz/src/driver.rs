@@ -103,6 +103,11 @@ pub fn fuzz(target: &Target, corpus: &[Vec<u8>], budget: &Budget, artifacts: &Pa
         std::thread::spawn(move || watch(&current, epoch, timeout, &artifacts, name))
     };
 
+    let last_input = target.keep_last_input.then(|| {
+        let dir = artifacts.join(target.name);
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join("last-input")
+    });
     let mut rng = Rng::new(budget.seed);
     let mut execs = 0u64;
     let mut crash = None;
@@ -121,6 +126,10 @@ pub fn fuzz(target: &Target, corpus: &[Vec<u8>], budget: &Budget, artifacts: &Pa
                 &scratch
             }
         };
+        if let Some(p) = &last_input {
+            // Best effort: losing it only loses the reproducer of a process-killing input.
+            let _ = std::fs::write(p, input);
+        }
         {
             let mut cur = current.input.lock().unwrap_or_else(|e| e.into_inner());
             cur.clear();
@@ -146,6 +155,10 @@ pub fn fuzz(target: &Target, corpus: &[Vec<u8>], budget: &Budget, artifacts: &Pa
             crash = Some(path);
             break;
         }
+    }
+    // Still in place only when an input killed the process (a panic saved its own file).
+    if let Some(p) = &last_input {
+        let _ = std::fs::remove_file(p);
     }
     current.done.store(true, Ordering::SeqCst);
     let _ = watchdog.join();

@@ -90,6 +90,8 @@ fn run_all(args: &[String]) -> Result<ExitCode, String> {
     let RunArgs { budget, names } = parse_run(args)?;
     let targets = targets_named(&names)?;
     let exe = std::env::current_exe().map_err(|e| format!("finding myself: {e}"))?;
+    // Every child works under this directory, removed at the end even if a child aborted.
+    let scratch = disk::scratch_root().to_path_buf();
     let mut failed = Vec::new();
     let mut total = 0u64;
     for t in &targets {
@@ -102,6 +104,7 @@ fn run_all(args: &[String]) -> Result<ExitCode, String> {
             .arg(t.name)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
+            .env("STRATA_FUZZ_TMP", &scratch)
             .output()
             .map_err(|e| format!("starting {}: {e}", t.name))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -115,6 +118,14 @@ fn run_all(args: &[String]) -> Result<ExitCode, String> {
             "ok".to_string()
         } else {
             failed.push(t.name);
+            let last = artifacts_dir().join(t.name).join("last-input");
+            if t.keep_last_input && last.exists() {
+                eprintln!(
+                    "fuzz: {}: the input that was running is saved in {}",
+                    t.name,
+                    last.display()
+                );
+            }
             format!("FAILED ({})", out.status)
         };
         println!(
@@ -127,6 +138,7 @@ fn run_all(args: &[String]) -> Result<ExitCode, String> {
             t.about
         );
     }
+    disk::remove_scratch();
     println!(
         "fuzz summary: {} of {} targets clean, {total} executions, seed {}{}",
         targets.len() - failed.len(),
@@ -165,6 +177,7 @@ fn run_one_target(args: &[String]) -> Result<ExitCode, String> {
     limit_memory();
     let corpus = driver::load_corpus(t, &corpus_dir(t));
     let out = driver::fuzz(t, &corpus, &budget, &artifacts_dir());
+    disk::remove_scratch();
     let secs = out.elapsed.as_secs_f64().max(1e-9);
     println!("execs={}", out.execs);
     println!("rate={:.0}/s over {:.1} s", out.execs as f64 / secs, secs);
@@ -189,6 +202,7 @@ fn replay(args: &[String]) -> Result<ExitCode, String> {
             }
         }
     }
+    disk::remove_scratch();
     Ok(if bad == 0 {
         ExitCode::SUCCESS
     } else {

@@ -18,6 +18,7 @@ pub const TARGET: Target = Target {
     about: "layer log records and replay (open, read every view, check, export, write+reopen)",
     run,
     seeds,
+    keep_last_input: true,
 };
 
 const HEADER: usize = 64;
@@ -124,5 +125,14 @@ fn seeds() -> Vec<Vec<u8>> {
             out.push(s);
         }
     }
+    // Regression (issue 6, item 2): a record with a valid checksum whose data block number
+    // overflows the file offset, in the first (sealed) layer.
+    let mut r = [0u8; RECORD];
+    r[0..8].copy_from_slice(&100u64.to_le_bytes());
+    r[8..16].copy_from_slice(&(1u64 << 52).to_le_bytes());
+    r[20..24].copy_from_slice(&1u32.to_le_bytes());
+    let mut s = vec![0x03, 0, 0xff, 0xff];
+    s.extend_from_slice(&r);
+    out.push(s);
     out
 }

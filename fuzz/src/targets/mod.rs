@@ -18,6 +18,10 @@ pub struct Target {
     /// Seed inputs, written to `corpus/<name>/` by `strata-fuzz seed` and used when that
     /// directory is empty.
     pub seeds: fn() -> Vec<Vec<u8>>,
+    /// Write each input to `artifacts/<name>/last-input` before running it, so that one that
+    /// kills the process (stack overflow, abort, allocation failure) is kept. For targets of
+    /// at most a few thousand executions per second.
+    pub keep_last_input: bool,
 }
 
 /// Every target, in the order `strata-fuzz run` runs them.

@@ -13,6 +13,7 @@ pub const TARGET: Target = Target {
     about: "NBD handshake and request parsers and the request decision (pure functions)",
     run,
     seeds,
+    keep_last_input: false,
 };
 
 fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {

@@ -2,14 +2,16 @@
 //! one selector byte), over a socket pair to `engine::nbd::connection::serve` on a real disk.
 //! The session must end (no hang) without a panic, whatever the client sends.
 //!
-//! Input: selector (bit 0: serve the read-only checkpoint instead of Now), then the client's
-//! byte stream (client flags, options, requests with their payloads).
+//! Input: selector (bit 0: serve the read-only checkpoint instead of Now; bit 1: the rest
+//! steers a structured session generator instead of being the client's byte stream), then the
+//! client's byte stream (client flags, options, requests with their payloads).
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 
+use arbitrary::Unstructured;
 use engine::nbd::connection::{serve, Export};
 use engine::nbd::protocol::*;
 use engine::nbd::stream::Stream;
@@ -25,6 +27,7 @@ pub const TARGET: Target = Target {
     about: "NBD handshake and transmission phase of the real server, one client session per input",
     run,
     seeds,
+    keep_last_input: true,
 };
 
 const SIZE: u64 = 4 << 20;
@@ -58,9 +61,147 @@ fn exports() -> &'static [Arc<Export>; 2] {
     })
 }
 
+/// A client session decoded from `u`: options and requests with consistent lengths most of
+/// the time, hostile values (lengths, counts, offsets, flags, kinds) the rest of it.
+fn structured(u: &mut Unstructured) -> Vec<u8> {
+    let mut v = Vec::new();
+    let flags = match u.int_in_range(0..=7u8).unwrap_or(0) {
+        0 => u.arbitrary().unwrap_or(0),
+        1 => FLAG_C_FIXED_NEWSTYLE,
+        2 => 0,
+        _ => FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES,
+    };
+    v.extend_from_slice(&flags.to_be_bytes());
+    for _ in 0..u.int_in_range(1..=6u8).unwrap_or(1) {
+        let option = *u
+            .choose(&[
+                OPT_GO,
+                OPT_INFO,
+                OPT_LIST,
+                OPT_ABORT,
+                OPT_EXPORT_NAME,
+                8,
+                10,
+                u32::MAX,
+            ])
+            .unwrap_or(&OPT_GO);
+        let mut data = Vec::new();
+        if matches!(option, OPT_GO | OPT_INFO) {
+            let name: Vec<u8> = if u.ratio(3, 4).unwrap_or(true) {
+                Vec::new()
+            } else {
+                (0..u.int_in_range(0..=8u8).unwrap_or(0))
+                    .map(|_| b'x')
+                    .collect()
+            };
+            let infos: Vec<u16> = (0..u.int_in_range(0..=8u8).unwrap_or(0))
+                .map(|_| *u.choose(&[0, 1, 2, 3, 0xffff]).unwrap_or(&0))
+                .collect();
+            let name_len = if u.ratio(7, 8).unwrap_or(true) {
+                name.len() as u32
+            } else {
+                u.arbitrary().unwrap_or(0)
+            };
+            let count = if u.ratio(7, 8).unwrap_or(true) {
+                infos.len() as u16
+            } else {
+                u.arbitrary().unwrap_or(0)
+            };
+            data.extend_from_slice(&name_len.to_be_bytes());
+            data.extend_from_slice(&name);
+            data.extend_from_slice(&count.to_be_bytes());
+            for i in infos {
+                data.extend_from_slice(&i.to_be_bytes());
+            }
+        } else if u.ratio(1, 4).unwrap_or(false) {
+            data.extend((0..u.int_in_range(0..=32u8).unwrap_or(0)).map(|i| i ^ 0x5a));
+        }
+        let len = match u.int_in_range(0..=15u8).unwrap_or(0) {
+            0 => u.arbitrary().unwrap_or(0),
+            1 => MAX_OPTION_LEN + 1,
+            _ => data.len() as u32,
+        };
+        v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        v.extend_from_slice(&option.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend_from_slice(&data);
+        // The handshake usually ends here; what follows is the transmission phase.
+        if matches!(option, OPT_GO | OPT_EXPORT_NAME) && u.ratio(7, 8).unwrap_or(true) {
+            break;
+        }
+    }
+    let kinds = [
+        CMD_READ,
+        CMD_WRITE,
+        CMD_DISC,
+        CMD_FLUSH,
+        CMD_TRIM,
+        CMD_WRITE_ZEROES,
+        5,
+        7,
+        u16::MAX,
+    ];
+    for i in 0..u.int_in_range(0..=48u8).unwrap_or(0) {
+        let kind = *u.choose(&kinds).unwrap_or(&CMD_READ);
+        let flags = *u
+            .choose(&[0, 0, 0, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, 3, 4, 0xffff])
+            .unwrap_or(&0);
+        let offset = match u.int_in_range(0..=9u8).unwrap_or(0) {
+            0 => u.arbitrary().unwrap_or(0),
+            1 => SIZE - u64::from(u.int_in_range(0..=8192u16).unwrap_or(0)),
+            2 => SIZE,
+            3 => u64::MAX - u64::from(u.int_in_range(0..=4096u16).unwrap_or(0)),
+            4 => u64::from(u.int_in_range(0..=u16::MAX).unwrap_or(0)),
+            _ => u64::from(u.int_in_range(0..=1023u16).unwrap_or(0)) * 4096,
+        };
+        let len = match u.int_in_range(0..=11u8).unwrap_or(0) {
+            0 => u.arbitrary().unwrap_or(0),
+            1 => 0,
+            2 => 1,
+            3 => 511,
+            4 => MAX_PAYLOAD,
+            5 => MAX_PAYLOAD + 1,
+            6 => u32::MAX,
+            7 => 65536,
+            _ => 512 * u32::from(u.int_in_range(1..=16u8).unwrap_or(1)),
+        };
+        let cookie = if u.ratio(1, 8).unwrap_or(false) {
+            0
+        } else {
+            u64::from(i)
+        };
+        let h = RequestHeader {
+            flags,
+            kind,
+            cookie,
+            offset,
+            len,
+        };
+        v.extend_from_slice(&h.encode());
+        if kind == CMD_WRITE {
+            // The payload as announced when it is small, cut short now and then.
+            let n = (len as usize).min(1 << 20);
+            let n = if u.ratio(1, 8).unwrap_or(false) {
+                n / 2
+            } else {
+                n
+            };
+            v.extend((0..n).map(|k| (k as u8) ^ i));
+        }
+    }
+    v
+}
+
 fn run(input: &[u8]) {
-    let (&sel, stream) = input.split_first().unwrap_or((&0, &[]));
+    let (&sel, rest) = input.split_first().unwrap_or((&0, &[]));
     let export = exports()[usize::from(sel & 1)].clone();
+    let decoded;
+    let stream = if sel & 2 != 0 {
+        decoded = structured(&mut Unstructured::new(rest));
+        &decoded[..]
+    } else {
+        rest
+    };
     let (server_end, mut client) = UnixStream::pair().expect("socketpair");
     let server = std::thread::spawn(move || {
         let _ = serve(Stream::Unix(server_end), &export);
@@ -174,5 +315,12 @@ fn seeds() -> Vec<Vec<u8>> {
     }
     out.push(burst);
     out.push(go);
+    // Structured sessions (selector bit 1): the bytes steer the generator.
+    let mut rng = crate::rng::Rng::new(3);
+    for k in 0..8u8 {
+        let mut s = vec![2 | (k & 1)];
+        s.extend((0..64 + 32 * usize::from(k)).map(|_| rng.next() as u8));
+        out.push(s);
+    }
     out
 }

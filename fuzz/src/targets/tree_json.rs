@@ -20,6 +20,7 @@ pub const TARGET: Target = Target {
     about: "strata.json metadata (open, views, check, checkpoint/rename/delete, reopen)",
     run,
     seeds,
+    keep_last_input: true,
 };
 
 const NUMBERS: &[i128] = &[
@@ -40,6 +41,20 @@ const NUMBERS: &[i128] = &[
     (u64::MAX - 1) as i128,
     u64::MAX as i128,
     u64::MAX as i128 + 1,
+];
+
+/// Fields whose values the journal computes with (and the elements of `layers`).
+const KEYS: &[&str] = &[
+    "next_id",
+    "id",
+    "parent",
+    "layers",
+    "size",
+    "block_size",
+    "format",
+    "uuid",
+    "base",
+    "name",
 ];
 
 fn strings(dir: &Path) -> Vec<String> {
@@ -95,7 +110,22 @@ fn number(u: &mut Unstructured) -> Value {
 fn edit(v: &mut Value, u: &mut Unstructured, dir: &Path) {
     let mut ptrs = Vec::new();
     pointers(v, String::new(), &mut ptrs);
-    let Ok(p) = u.choose(&ptrs).cloned() else {
+    // Half the edits go to the fields the journal computes with.
+    let keyed: Vec<String> = ptrs
+        .iter()
+        .filter(|p| {
+            let last = p.rsplit('/').next().unwrap_or("");
+            let parent = p.rsplit('/').nth(1).unwrap_or("");
+            KEYS.contains(&last) || KEYS.contains(&parent)
+        })
+        .cloned()
+        .collect();
+    let pool = if !keyed.is_empty() && u.ratio(1, 2).unwrap_or(false) {
+        &keyed
+    } else {
+        &ptrs
+    };
+    let Ok(p) = u.choose(pool).cloned() else {
         return;
     };
     let op = u.int_in_range(0..=7u8).unwrap_or(0);
@@ -242,6 +272,18 @@ fn seeds() -> Vec<Vec<u8>> {
     let mut out = vec![with(&[], &text), with(&[0, 0, 0], &[])];
     for c in 0..4u8 {
         out.push(with(&[0, 1, 30 * c, 2, 60, 1, c], &text));
+    }
+    // Long controls, so that mutations steer several edits and the final operation.
+    let mut rng = crate::rng::Rng::new(7);
+    for _ in 0..8 {
+        let mut c: Vec<u8> = (0..32).map(|_| rng.next() as u8).collect();
+        c[0] = 0;
+        out.push(with(&c, &text));
+    }
+    // Regression: a counter at its limit, then a checkpoint (issue 6, item 8).
+    if let Ok(mut v) = serde_json::from_slice::<Value>(&text) {
+        v["next_id"] = Value::from(u64::MAX);
+        out.push(with(&[0, 0, 0], &serde_json::to_vec(&v).expect("json")));
     }
     out
 }

@@ -21,6 +21,7 @@ pub const TARGET: Target = Target {
     about: "virtio-blk descriptor chains and request headers (block::request::parse)",
     run,
     seeds,
+    keep_last_input: false,
 };
 
 const MEM: u64 = 16 << 20;

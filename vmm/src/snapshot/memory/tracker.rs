@@ -151,6 +151,9 @@ pub struct Tracker {
     pub failed: Mutex<Option<String>>,
 }
 
+/// Pages a missing-page fault fills at once (an aligned block around the fault).
+const FILL_BLOCK: u64 = 16;
+
 static TRACKERS: Mutex<Vec<Arc<Tracker>>> = Mutex::new(Vec::new());
 
 fn registry() -> MutexGuard<'static, Vec<Arc<Tracker>>> {
@@ -337,7 +340,7 @@ impl Tracker {
 
     fn handler_loop(&self) {
         let mut msgs = [uffd::Msg::default(); 64];
-        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        let mut buf = vec![0u8; (FILL_BLOCK * PAGE_SIZE) as usize];
         while !self.stopping() {
             let n = match self.uffd.read(&mut msgs, 100) {
                 Ok(n) => n,
@@ -357,6 +360,7 @@ impl Tracker {
 
     /// Resolves one fault. Takes only the epoch lock, which no faulting thread holds.
     fn handle(&self, addr: u64, flags: u64, buf: &mut [u8]) {
+        let page = PAGE_SIZE as usize;
         let Some(i) = self.page_of(addr) else {
             let _ = self.uffd.wake(addr, PAGE_SIZE);
             return;
@@ -369,13 +373,9 @@ impl Tracker {
                     // SAFETY: `addr` is a present, still write-protected page of the live
                     // guest mapping (kept alive by `self._mem`): nobody can change it now.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            addr as *const u8,
-                            buf.as_mut_ptr(),
-                            buf.len(),
-                        )
+                        std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), page)
                     };
-                    s.save_now(i, buf);
+                    s.save_now(i, &buf[..page]);
                 } else {
                     // The copier is capturing this page: let it finish before un-protecting.
                     while !s.copied.get(i) && !s.aborted.load(Ordering::Acquire) {
@@ -392,18 +392,35 @@ impl Tracker {
             return;
         }
         // Missing page: its content is the source's.
-        if let Err(e) = self.source_page(i, buf) {
+        if let Err(e) = self.source_page(i, &mut buf[..page]) {
             drop(st);
             self.poison(addr, e.to_string());
             return;
         }
         if let Some(s) = save {
             if s.claimed.set(i) {
-                s.save_now(i, buf);
+                s.save_now(i, &buf[..page]);
             }
         }
         drop(st);
-        // SAFETY: `buf` holds one page.
+        // Fill the rest of the faulting page's aligned block too (sequential access takes one
+        // fault per block). Same source content, write-protected: safe for a running save
+        // (the copier reads the same bytes) and for tracking (nothing is dirty).
+        if let Some((first, n)) = self.fill_block(i, buf) {
+            let host = host_of(&self.regions, first).expect("page inside a region");
+            // SAFETY: `buf` holds `n` pages.
+            if let Ok(Copied::All) =
+                unsafe { self.uffd.copy(host, buf.as_ptr(), n * PAGE_SIZE, true) }
+            {
+                return;
+            }
+            // A page of the block exists (prefetch, a neighbour's fault): just this page.
+            if let Err(e) = self.source_page(i, &mut buf[..page]) {
+                self.poison(addr, e.to_string());
+                return;
+            }
+        }
+        // SAFETY: `buf` holds at least one page.
         match unsafe { self.uffd.copy(addr, buf.as_ptr(), PAGE_SIZE, true) } {
             Ok(Copied::All) => {}
             Ok(Copied::Exists) => {
@@ -414,6 +431,30 @@ impl Tracker {
                 let _ = self.uffd.wake(addr, PAGE_SIZE);
             }
         }
+    }
+
+    /// Reads the source content of page `i`'s aligned block of [`FILL_BLOCK`] pages (inside
+    /// its region) into `buf`; `None` if a neighbour fails its checksum (then `buf` still
+    /// holds page `i` at its start).
+    fn fill_block(&self, i: u64, buf: &mut [u8]) -> Option<(u64, u64)> {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| i >= r.first_page && i < r.first_page + r.len / PAGE_SIZE)?;
+        let first = (i - i % FILL_BLOCK).max(r.first_page);
+        let end = (first + FILL_BLOCK).min(r.first_page + r.len / PAGE_SIZE);
+        for j in first..end {
+            let at = ((j - first) * PAGE_SIZE) as usize;
+            if self
+                .source_page(j, &mut buf[at..at + PAGE_SIZE as usize])
+                .is_err()
+            {
+                // Page i itself was read fine by the caller; keep it first in `buf`.
+                let _ = self.source_page(i, &mut buf[..PAGE_SIZE as usize]);
+                return None;
+            }
+        }
+        Some((first, end - first))
     }
 
     fn poison(&self, addr: u64, msg: String) {

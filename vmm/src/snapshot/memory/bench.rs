@@ -140,6 +140,18 @@ pub fn bench_memory(dir: &Path, mem_size: u64) -> Result<MemoryBench> {
         vm_uuid: *b"strata-mem-bench",
         mem_size,
     };
+    // Guest address of page i (RAM skips the MMIO hole).
+    let ranges = crate::layout::ram_ranges(mem_size);
+    let addr = move |i: u64| {
+        let mut off = i * PAGE_SIZE;
+        for &(start, len) in &ranges {
+            if off < len {
+                return GuestAddress(start + off);
+            }
+            off -= len;
+        }
+        unreachable!("page {i} beyond memory")
+    };
     let fill = |seed: u64| -> Result<vm_memory::GuestMemoryMmap> {
         let mem = crate::memory::create(mem_size).map_err(|e| Error::Memory(e.to_string()))?;
         let mut page = vec![0u8; PAGE_SIZE as usize];
@@ -148,7 +160,7 @@ pub fn bench_memory(dir: &Path, mem_size: u64) -> Result<MemoryBench> {
             for (k, w) in page.chunks_mut(8).enumerate() {
                 w.copy_from_slice(&(v.wrapping_add(k as u64)).to_le_bytes());
             }
-            mem.write_slice(&page, GuestAddress(i * PAGE_SIZE))
+            mem.write_slice(&page, addr(i))
                 .map_err(|e| Error::Memory(e.to_string()))?;
         }
         Ok(mem)
@@ -188,22 +200,14 @@ pub fn bench_memory(dir: &Path, mem_size: u64) -> Result<MemoryBench> {
     let pages = mem_size / PAGE_SIZE;
     for k in 0..pages / 100 {
         let i = (k * 7919) % pages;
-        mem.write_obj(k | 1, GuestAddress(i * PAGE_SIZE))
+        mem.write_obj(k | 1, addr(i))
             .map_err(|e| Error::Memory(e.to_string()))?;
     }
     let parent = ImageRef {
         image_id: out.live_again.image_id,
     };
-    out.live_incremental = start_live(
-        &mem,
-        &p("bench-incr.img"),
-        &id,
-        LiveOptions {
-            parent: Some(&parent),
-            ..Default::default()
-        },
-    )?
-    .wait()?;
+    let opts = LiveOptions::incremental(&parent);
+    out.live_incremental = start_live(&mem, &p("bench-incr.img"), &id, opts)?.wait()?;
     super::release(&mem);
     drop(mem);
 
@@ -213,7 +217,7 @@ pub fn bench_memory(dir: &Path, mem_size: u64) -> Result<MemoryBench> {
     out.restore = t0.elapsed();
     let mut page = vec![0u8; PAGE_SIZE as usize];
     for i in 0..pages {
-        r.read_slice(&mut page, GuestAddress(i * PAGE_SIZE))
+        r.read_slice(&mut page, addr(i))
             .map_err(|e| Error::Memory(e.to_string()))?;
     }
     out.restore_touch_all = t0.elapsed();

@@ -38,6 +38,17 @@ pub struct LiveOptions<'a> {
     pub hold: Option<Arc<AtomicBool>>,
 }
 
+impl<'a> LiveOptions<'a> {
+    /// An increment on top of `parent`.
+    pub fn incremental(parent: &'a ImageRef) -> LiveOptions<'a> {
+        LiveOptions {
+            parent: Some(parent),
+            #[cfg(test)]
+            hold: None,
+        }
+    }
+}
+
 /// A live save running in the background.
 pub struct LiveSave {
     thread: Option<JoinHandle<Result<ImageStats>>>,

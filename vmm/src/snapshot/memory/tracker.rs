@@ -409,9 +409,8 @@ impl Tracker {
         if let Some((first, n)) = self.fill_block(i, buf) {
             let host = host_of(&self.regions, first).expect("page inside a region");
             // SAFETY: `buf` holds `n` pages.
-            if let Ok(Copied::All) =
-                unsafe { self.uffd.copy(host, buf.as_ptr(), n * PAGE_SIZE, true) }
-            {
+            let r = unsafe { self.uffd.copy(host, buf.as_ptr(), n * PAGE_SIZE, true) };
+            if let Ok(Copied::All) = r {
                 return;
             }
             // A page of the block exists (prefetch, a neighbour's fault): just this page.

@@ -108,6 +108,14 @@ fn create_file(path: &Path, page_count: u64) -> Result<File> {
     Ok(f)
 }
 
+/// `n` zero atomics from a zeroed allocation (no page touched until used).
+fn zeroed_u32s(n: usize) -> Vec<AtomicU32> {
+    let mut v = std::mem::ManuallyDrop::new(vec![0u32; n]);
+    // SAFETY: AtomicU32 has the size, alignment and bit validity of u32; the allocation is
+    // handed over whole, with its length and capacity.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<AtomicU32>(), v.len(), v.capacity()) }
+}
+
 fn all_pages(page_count: u64) -> Vec<u64> {
     let mut w = vec![u64::MAX; format::bitmap_words(page_count) as usize];
     let tail = page_count % 64;
@@ -268,6 +276,10 @@ pub fn save_stop_copy(
                     let page = unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE as usize) };
                     crcs[i as usize] = crc32c::crc32c(page);
                     !is_zero(page)
+                } else if t.source_is_zero(i) {
+                    // Never touched (or a zero page of the restored chain): a hole.
+                    crcs[i as usize] = tracker::zero_page_crc();
+                    false
                 } else {
                     // Missing: its content is the source's (restored chain or zeros).
                     let b = match &staged {
@@ -387,7 +399,7 @@ pub fn start_live(
         claimed: AtomicBitmap::new(page_count),
         copied: AtomicBitmap::new(page_count),
         nonzero: AtomicBitmap::new(page_count),
-        crcs: (0..page_count).map(|_| AtomicU32::new(0)).collect(),
+        crcs: zeroed_u32s(page_count as usize),
         file: handler_file,
         data_offset: format::data_offset(page_count),
         aborted: AtomicBool::new(false),
@@ -490,6 +502,13 @@ impl CopyJob {
                 let i = first + k;
                 if !s.claimed.set(i) {
                     continue; // the fault handler saved it
+                }
+                if !present[k as usize] && t.source_is_zero(i) {
+                    // A hole: nothing to copy or write.
+                    s.crcs[i as usize].store(tracker::zero_page_crc(), Ordering::Relaxed);
+                    s.copied.set(i);
+                    s.done_pages.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
                 let at = (k * PAGE_SIZE) as usize;
                 let page = &mut w.buf_mut(b)[at..at + PAGE_SIZE as usize];

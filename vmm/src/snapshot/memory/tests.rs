@@ -716,3 +716,51 @@ fn kvm_guest_writes_during_live_save_and_on_restored_memory() {
         "chain of three",
     );
 }
+
+#[test]
+fn memory_above_the_mmio_hole_round_trips() {
+    // Two RAM regions (3 GiB below the hole, 64 MiB above 4 GiB), touched only sparsely:
+    // untouched pages are holes and cost neither reads nor writes.
+    let dir = tempfile::tempdir().unwrap();
+    let id = ident(crate::layout::MMIO_HOLE_START + 64 * MIB);
+    let p = |n: &str| dir.path().join(n);
+    let mem = crate::memory::create(id.mem_size).unwrap();
+    let high = crate::layout::HIGH_RAM_START;
+    let low_end = crate::layout::MMIO_HOLE_START;
+    let spots = [
+        0x1000,
+        low_end - PAGE_SIZE,
+        high,
+        high + 5 * PAGE_SIZE,
+        high + 64 * MIB - PAGE_SIZE,
+    ];
+    for (k, &a) in spots.iter().enumerate() {
+        mem.write_obj(0x5150_0000 + k as u64, GuestAddress(a + 8))
+            .unwrap();
+    }
+    let full = save_full(&mem, &p("full"), &id).unwrap();
+    assert_eq!(full.data_pages, spots.len() as u64);
+    mem.write_obj(0x77u64, GuestAddress(high + 5 * PAGE_SIZE + 16))
+        .unwrap();
+    mem.write_obj(0x78u64, GuestAddress(low_end - 2 * PAGE_SIZE))
+        .unwrap();
+    let parent = ImageRef {
+        image_id: full.image_id,
+    };
+    let incr = start_live(&mem, &p("incr"), &id, LiveOptions::incremental(&parent))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(incr.pages, 2);
+    release(&mem);
+    let r = restore(&[p("full"), p("incr")], &id).unwrap();
+    let read = |a: u64| r.read_obj::<u64>(GuestAddress(a)).unwrap();
+    for (k, &a) in spots.iter().enumerate() {
+        assert_eq!(read(a + 8), 0x5150_0000 + k as u64);
+    }
+    assert_eq!(read(high + 5 * PAGE_SIZE + 16), 0x77);
+    assert_eq!(read(low_end - 2 * PAGE_SIZE), 0x78);
+    assert_eq!(read(high + 7 * PAGE_SIZE), 0);
+    assert_eq!(read(2 << 30), 0);
+    release(&r);
+}

@@ -320,6 +320,14 @@ impl Tracker {
         present(&self.pagemap, &self.regions, first, n, out)
     }
 
+    /// Whether page `i`, when not present, is a zero page (never touched, or zero in the
+    /// restored chain).
+    pub fn source_is_zero(&self, i: u64) -> bool {
+        self.source
+            .as_ref()
+            .is_none_or(|s| s.owner[i as usize] == u8::MAX)
+    }
+
     /// Page `i`'s content at the start of the epoch when it is not present.
     pub fn source_page(&self, i: u64, buf: &mut [u8]) -> Result<()> {
         match &self.source {
@@ -468,6 +476,12 @@ impl Tracker {
             tracing::error!("cannot poison damaged page: {e}; the faulting thread stays blocked");
         }
     }
+}
+
+/// CRC32C of a zero page.
+pub fn zero_page_crc() -> u32 {
+    static CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CRC.get_or_init(|| crc32c::crc32c(&[0u8; PAGE_SIZE as usize]))
 }
 
 /// Reads `/proc/self/pagemap` for `n` pages from page `first` (one region): present or

@@ -764,3 +764,36 @@ fn memory_above_the_mmio_hole_round_trips() {
     assert_eq!(read(2 << 30), 0);
     release(&r);
 }
+
+/// Prints the pause of live saves of a large, fully populated memory
+/// (`STRATA_PAUSE_MIB=4096 cargo test --release -p vmm live_pause_figures -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn live_pause_figures() {
+    let mib: u64 = std::env::var("STRATA_PAUSE_MIB")
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(1024);
+    let dir = tempfile::tempdir().unwrap();
+    let id = ident(mib * MIB);
+    let mem = crate::memory::create(id.mem_size).unwrap();
+    for (start, len) in crate::layout::ram_ranges(id.mem_size) {
+        for a in (start..start + len).step_by(PAGE_SIZE as usize) {
+            mem.write_obj(a | 1, GuestAddress(a)).unwrap();
+        }
+    }
+    for round in 0..3 {
+        let path = dir.path().join(format!("img{round}"));
+        let s = start_live(&mem, &path, &id, LiveOptions::default())
+            .unwrap()
+            .wait()
+            .unwrap();
+        println!(
+            "{mib} MiB live round {round}: pause {:.3} ms (protect {:.3} ms), total {:.0} ms",
+            s.pause.as_secs_f64() * 1e3,
+            s.protect.as_secs_f64() * 1e3,
+            s.elapsed.as_secs_f64() * 1e3
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+    release(&mem);
+}

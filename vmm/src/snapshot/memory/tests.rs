@@ -453,9 +453,25 @@ fn damaged_truncated_and_foreign_images_are_refused() {
     let bad = dir.path().join("page.bad");
     std::fs::write(&bad, &bytes).unwrap();
     assert!(matches!(
-        verify(&[bad], &id),
+        verify(std::slice::from_ref(&bad), &id),
         Err(Error::PageChecksum { page: 3, .. })
     ));
+    // Lazily restored: the prefetch finds the damaged page and reports it (the page itself is
+    // never installed).
+    let r = restore(&[bad], &id).unwrap();
+    let mut state = health(&r);
+    for _ in 0..6000 {
+        if !matches!(state, Ok(false)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        state = health(&r);
+    }
+    match state {
+        Err(Error::Restored(msg)) => assert!(msg.contains("page 3 of"), "{msg}"),
+        other => panic!("damage not reported: {other:?}"),
+    }
+    release(&r);
     // Not a regular file.
     assert!(restore(&[dir.path().to_path_buf()], &id).is_err());
 }

@@ -147,8 +147,11 @@ pub struct Tracker {
     stop: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
     pagemap: File,
-    /// Set when a restored page failed its checksum (the faulting access was poisoned).
+    /// Set when a restored page failed its checksum (found by the prefetch, or by a fault
+    /// whose access was then poisoned).
     pub failed: Mutex<Option<String>>,
+    /// The prefetch thread has loaded (or given up on) every page.
+    pub prefetched: AtomicBool,
 }
 
 /// Pages a missing-page fault fills at once (an aligned block around the fault).
@@ -171,6 +174,17 @@ pub fn find(mem: &GuestMemoryMmap) -> Option<Arc<Tracker>> {
         .iter()
         .find(|t| t.regions.first().map(|r| r.host) == Some(k))
         .cloned()
+}
+
+/// The state of restored memory: `Ok(true)` once every page is loaded, `Ok(false)` while the
+/// prefetch runs, `Err` as soon as a page of the chain failed its checksum (stop the VM: that
+/// page is never served, an access to it fails). Memory that was not restored: `Ok(true)`.
+pub fn health(mem: &GuestMemoryMmap) -> Result<bool> {
+    let Some(t) = find(mem) else { return Ok(true) };
+    if let Some(msg) = t.failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        return Err(Error::Restored(msg));
+    }
+    Ok(t.source.is_none() || t.prefetched.load(Ordering::Acquire))
 }
 
 /// Stops tracking `mem`: ends the handler threads and closes its userfaultfd, so the mapping
@@ -227,6 +241,7 @@ impl Tracker {
             threads: Mutex::new(Vec::new()),
             pagemap,
             failed: Mutex::new(None),
+            prefetched: AtomicBool::new(false),
         });
         let h = Arc::clone(&t);
         let th = std::thread::Builder::new()
@@ -464,14 +479,17 @@ impl Tracker {
         Some((first, end - first))
     }
 
-    fn poison(&self, addr: u64, msg: String) {
+    /// Records that restored memory is damaged (the first reason is kept).
+    pub fn record_damage(&self, msg: String) {
         tracing::error!("restored guest memory is damaged: {msg}");
-        {
-            let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-            if f.is_none() {
-                *f = Some(msg);
-            }
+        let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(msg);
         }
+    }
+
+    fn poison(&self, addr: u64, msg: String) {
+        self.record_damage(msg);
         if let Err(e) = self.uffd.poison(addr, PAGE_SIZE) {
             tracing::error!("cannot poison damaged page: {e}; the faulting thread stays blocked");
         }

@@ -335,6 +335,16 @@ fn restored_memory_takes_live_increments_and_full_images() {
     );
     release(&r);
 
+    // Stop-copy of restored memory with no page loaded: every page from the chain.
+    let r = restore::restore_with(&[p("full")], &id, false).unwrap();
+    save_full(&r, &p("rstop"), &id).unwrap();
+    release(&r);
+    assert_same(
+        &restored(&[p("rstop")], &id),
+        &s0,
+        "stop-copy of unloaded memory",
+    );
+
     let r = restore(&[p("full")], &id).unwrap();
     for &i in &c {
         stamp(&r, i, 0xc000 + i);

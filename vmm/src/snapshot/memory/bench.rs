@@ -94,11 +94,15 @@ pub fn bench_baseline_write_memory(
 #[derive(Debug, Clone, Default)]
 pub struct MemoryBench {
     pub mem_size: u64,
-    /// Stop-copy full image of fully written memory.
+    /// First stop-copy full image of fully written memory (includes arming the tracker:
+    /// userfaultfd registration and write-protecting all of RAM).
+    pub stop_copy_first: super::ImageStats,
+    /// Later stop-copy full images (best of three): the steady-state write rate.
     pub stop_copy: super::ImageStats,
-    /// Baseline: the same bytes written with io_uring to a file from one reused buffer.
+    /// Baseline (best of three, interleaved with the saves): the same number of bytes written
+    /// with io_uring to a file from reused 1 MiB buffers.
     pub baseline: Duration,
-    /// Baseline: the guest memory itself written with io_uring to a file (before the save).
+    /// Baseline (best of three): the guest memory itself written with io_uring to a file.
     pub baseline_memory: Duration,
     /// First live image of fresh memory (register + write-protect everything).
     pub live_first: super::ImageStats,
@@ -113,8 +117,13 @@ pub struct MemoryBench {
 }
 
 impl MemoryBench {
-    /// Stop-copy write rate relative to the io_uring baseline (target >= 0.8).
+    /// Stop-copy write rate relative to writing the same memory with io_uring (target >= 0.8).
     pub fn stop_copy_ratio(&self) -> f64 {
+        self.baseline_memory.as_secs_f64() / self.stop_copy.elapsed.as_secs_f64()
+    }
+
+    /// Stop-copy write rate relative to writing from reused buffers (cache-hot source).
+    pub fn stop_copy_ratio_buffer(&self) -> f64 {
         self.baseline.as_secs_f64() / self.stop_copy.elapsed.as_secs_f64()
     }
 }
@@ -131,6 +140,18 @@ pub fn bench_memory(dir: &Path, mem_size: u64) -> Result<MemoryBench> {
         vm_uuid: *b"strata-mem-bench",
         mem_size,
     };
+    // Guest address of page i (RAM skips the MMIO hole).
+    let ranges = crate::layout::ram_ranges(mem_size);
+    let addr = move |i: u64| {
+        let mut off = i * PAGE_SIZE;
+        for &(start, len) in &ranges {
+            if off < len {
+                return GuestAddress(start + off);
+            }
+            off -= len;
+        }
+        unreachable!("page {i} beyond memory")
+    };
     let fill = |seed: u64| -> Result<vm_memory::GuestMemoryMmap> {
         let mem = crate::memory::create(mem_size).map_err(|e| Error::Memory(e.to_string()))?;
         let mut page = vec![0u8; PAGE_SIZE as usize];
@@ -139,7 +160,7 @@ pub fn bench_memory(dir: &Path, mem_size: u64) -> Result<MemoryBench> {
             for (k, w) in page.chunks_mut(8).enumerate() {
                 w.copy_from_slice(&(v.wrapping_add(k as u64)).to_le_bytes());
             }
-            mem.write_slice(&page, GuestAddress(i * PAGE_SIZE))
+            mem.write_slice(&page, addr(i))
                 .map_err(|e| Error::Memory(e.to_string()))?;
         }
         Ok(mem)
@@ -151,12 +172,23 @@ pub fn bench_memory(dir: &Path, mem_size: u64) -> Result<MemoryBench> {
     };
 
     let mem = fill(1)?;
-    out.baseline_memory = bench_baseline_write_memory(&mem, &p("bench-baseline-mem"))?;
-    let _ = std::fs::remove_file(p("bench-baseline-mem"));
-    out.stop_copy = save_full(&mem, &p("bench-stop-copy.img"), &id)?;
+    out.stop_copy_first = save_full(&mem, &p("bench-stop-copy.img"), &id)?;
     let _ = std::fs::remove_file(p("bench-stop-copy.img"));
-    out.baseline = bench_baseline_write(&p("bench-baseline"), out.stop_copy.bytes_written)?;
-    let _ = std::fs::remove_file(p("bench-baseline"));
+    let bytes = out.stop_copy_first.bytes_written;
+    let best = |a: Duration, b: Duration| if a.is_zero() { b } else { a.min(b) };
+    for _ in 0..3 {
+        let t = bench_baseline_write_memory(&mem, &p("bench-baseline-mem"))?;
+        out.baseline_memory = best(out.baseline_memory, t);
+        let _ = std::fs::remove_file(p("bench-baseline-mem"));
+        let s = save_full(&mem, &p("bench-stop-copy.img"), &id)?;
+        let _ = std::fs::remove_file(p("bench-stop-copy.img"));
+        if out.stop_copy.elapsed.is_zero() || s.elapsed < out.stop_copy.elapsed {
+            out.stop_copy = s;
+        }
+        let t = bench_baseline_write(&p("bench-baseline"), bytes)?;
+        out.baseline = best(out.baseline, t);
+        let _ = std::fs::remove_file(p("bench-baseline"));
+    }
     super::release(&mem);
     drop(mem);
 
@@ -168,21 +200,14 @@ pub fn bench_memory(dir: &Path, mem_size: u64) -> Result<MemoryBench> {
     let pages = mem_size / PAGE_SIZE;
     for k in 0..pages / 100 {
         let i = (k * 7919) % pages;
-        mem.write_obj(k | 1, GuestAddress(i * PAGE_SIZE))
+        mem.write_obj(k | 1, addr(i))
             .map_err(|e| Error::Memory(e.to_string()))?;
     }
     let parent = ImageRef {
         image_id: out.live_again.image_id,
     };
-    out.live_incremental = start_live(
-        &mem,
-        &p("bench-incr.img"),
-        &id,
-        LiveOptions {
-            parent: Some(&parent),
-        },
-    )?
-    .wait()?;
+    let opts = LiveOptions::incremental(&parent);
+    out.live_incremental = start_live(&mem, &p("bench-incr.img"), &id, opts)?.wait()?;
     super::release(&mem);
     drop(mem);
 
@@ -192,7 +217,7 @@ pub fn bench_memory(dir: &Path, mem_size: u64) -> Result<MemoryBench> {
     out.restore = t0.elapsed();
     let mut page = vec![0u8; PAGE_SIZE as usize];
     for i in 0..pages {
-        r.read_slice(&mut page, GuestAddress(i * PAGE_SIZE))
+        r.read_slice(&mut page, addr(i))
             .map_err(|e| Error::Memory(e.to_string()))?;
     }
     out.restore_touch_all = t0.elapsed();

@@ -12,10 +12,18 @@ impl AtomicBitmap {
     /// `bits` clear bits.
     pub fn new(bits: u64) -> AtomicBitmap {
         let n = bits.div_ceil(64) as usize;
-        AtomicBitmap {
-            words: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            bits,
-        }
+        let mut words = std::mem::ManuallyDrop::new(vec![0u64; n]);
+        // SAFETY: AtomicU64 has the size, alignment and bit validity of u64; the zeroed
+        // allocation (untouched until used: it costs no page faults during a pause) is handed
+        // over whole, with its length and capacity.
+        let words = unsafe {
+            Vec::from_raw_parts(
+                words.as_mut_ptr().cast::<AtomicU64>(),
+                words.len(),
+                words.capacity(),
+            )
+        };
+        AtomicBitmap { words, bits }
     }
 
     /// A bitmap with the bits of `words` set.

@@ -119,14 +119,14 @@ impl Image {
         let file_size = meta.len();
         let page_count = id.mem_size / PAGE_SIZE;
         let mut head = [0u8; HEADER_LEN];
-        read_exact_at(&file, &mut head, 0, file_size).map_err(|e| e.at(path))?;
+        read_exact_at(&file, path, &mut head, 0, file_size).map_err(|e| e.at(path))?;
         let len = envelope::check_header(KIND_MEMORY_IMAGE, id, &head, u64::MAX / 2, file_size)
             .map_err(|e| e.at(path))?;
         if len != payload_len(page_count) {
             // Most likely an image of another memory size: say so if its (unverified) size
             // field agrees, else it is damaged. Nothing else is read.
             let mut size = [0u8; 8];
-            read_exact_at(&file, &mut size, HEADER_LEN as u64, file_size)
+            read_exact_at(&file, path, &mut size, HEADER_LEN as u64, file_size)
                 .map_err(|e| e.at(path))?;
             let image = u64::from_le_bytes(size);
             let e = if image != id.mem_size && payload_len(image / PAGE_SIZE) == len {
@@ -140,7 +140,8 @@ impl Image {
             return Err(e.at(path));
         }
         let mut payload = vec![0u8; len as usize];
-        read_exact_at(&file, &mut payload, HEADER_LEN as u64, file_size).map_err(|e| e.at(path))?;
+        read_exact_at(&file, path, &mut payload, HEADER_LEN as u64, file_size)
+            .map_err(|e| e.at(path))?;
         envelope::check_payload(&head, &payload).map_err(|e| e.at(path))?;
         let img = parse(path, file, &payload, id, file_size).map_err(|e| e.at(path))?;
         Ok(img)
@@ -175,7 +176,7 @@ impl Image {
     }
 }
 
-fn read_exact_at(file: &File, buf: &mut [u8], off: u64, file_size: u64) -> Result<()> {
+fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], off: u64, file_size: u64) -> Result<()> {
     let end = off + buf.len() as u64;
     if end > file_size {
         return Err(Error::Truncated {
@@ -185,7 +186,7 @@ fn read_exact_at(file: &File, buf: &mut [u8], off: u64, file_size: u64) -> Resul
     }
     file.read_exact_at(buf, off).map_err(|source| Error::Io {
         context: "read memory image",
-        path: PathBuf::new(),
+        path: path.to_path_buf(),
         source,
     })
 }

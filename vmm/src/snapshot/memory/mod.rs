@@ -31,7 +31,7 @@ pub use fold::fold;
 pub use format::PAGE_SIZE;
 pub use restore::restore;
 pub use save::{save_full, save_stop_copy, start_live, LiveOptions, LiveSave};
-pub use tracker::release;
+pub use tracker::{health, release};
 
 /// A memory image named as a parent: its id (from [`ImageStats::image_id`] or [`image_id`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +135,8 @@ pub enum Error {
     Busy,
     #[error("parent image is not the last checkpoint of this memory (take a full image)")]
     NotParent,
+    #[error("restored guest memory is damaged: {0}")]
+    Restored(String),
     #[error("memory save failed: {0}")]
     Save(String),
 }

@@ -57,7 +57,11 @@ pub(super) fn restore_with(
     let p = Arc::clone(&t);
     let th = std::thread::Builder::new()
         .name("memory-prefetch".into())
-        .spawn(move || prefetch(&p))
+        .spawn(move || {
+            prefetch(&p);
+            p.prefetched
+                .store(true, std::sync::atomic::Ordering::Release);
+        })
         .map_err(|e| Error::Sys("spawn memory prefetch", e))?;
     t.add_thread(th);
     Ok(mem)
@@ -86,8 +90,8 @@ fn prefetch(t: &Tracker) {
             let img = &src.images[k as usize];
             let data = &mut buf[..(n * PAGE_SIZE) as usize];
             let off = img.header.data_offset + i * PAGE_SIZE;
-            if img.file.read_exact_at(data, off).is_err() {
-                // Leave the pages to the fault handler, which reports the error on access.
+            if let Err(e) = img.file.read_exact_at(data, off) {
+                t.record_damage(format!("{}: {e}", img.path.display()));
                 i += n;
                 continue;
             }
@@ -98,6 +102,17 @@ fn prefetch(t: &Tracker) {
             let r = if all_good {
                 t.fill(i, data)
             } else {
+                if let Some((j, _)) = data
+                    .chunks(PAGE_SIZE as usize)
+                    .enumerate()
+                    .find(|(j, p)| crc32c::crc32c(p) != img.crcs[i as usize + j])
+                {
+                    let e = Error::PageChecksum {
+                        path: img.path.clone(),
+                        page: i + j as u64,
+                    };
+                    t.record_damage(e.to_string());
+                }
                 data.chunks(PAGE_SIZE as usize)
                     .enumerate()
                     .filter(|(j, p)| crc32c::crc32c(p) == img.crcs[i as usize + j])

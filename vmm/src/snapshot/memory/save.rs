@@ -20,6 +20,40 @@ use crate::snapshot::Identity;
 /// `(offset in a staging buffer, length, file offset)` of one write.
 type Segment = (usize, usize, u64);
 
+/// The scanner's findings for one batch of a stop-copy save.
+struct Scan {
+    present: Vec<bool>,
+    /// CRC32C of present pages and of missing zero pages.
+    crc: Vec<u32>,
+    nonzero: Vec<bool>,
+}
+
+/// Checksums the present (and missing zero) pages of one batch, guest paused.
+fn scan_batch(t: &Tracker, regions: &[Region], first: u64, n: u64) -> Result<Scan> {
+    let mut present = Vec::new();
+    t.present(first, n as usize, &mut present)?;
+    let host = tracker::host_of(regions, first).expect("page inside a region");
+    let mut crc = vec![0u32; n as usize];
+    let mut nonzero = vec![false; n as usize];
+    for k in 0..n as usize {
+        if present[k] {
+            let ptr = (host + k as u64 * PAGE_SIZE) as *const u8;
+            // SAFETY: a present page of the live guest mapping (kept alive by the tracker's
+            // memory clone); the guest is paused and the page cannot change under us.
+            let page = unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE as usize) };
+            crc[k] = crc32c::crc32c(page);
+            nonzero[k] = !is_zero(page);
+        } else if t.source_is_zero(first + k as u64) {
+            crc[k] = tracker::zero_page_crc();
+        }
+    }
+    Ok(Scan {
+        present,
+        crc,
+        nonzero,
+    })
+}
+
 /// Pages per staging buffer / per batch (1 MiB).
 const BATCH_PAGES: u64 = 256;
 /// io_uring SQEs in flight.
@@ -36,6 +70,17 @@ pub struct LiveOptions<'a> {
     /// Tests: the copier waits while this is set (so faults deterministically come first).
     #[cfg(test)]
     pub hold: Option<Arc<AtomicBool>>,
+}
+
+impl<'a> LiveOptions<'a> {
+    /// An increment on top of `parent`.
+    pub fn incremental(parent: &'a ImageRef) -> LiveOptions<'a> {
+        LiveOptions {
+            parent: Some(parent),
+            #[cfg(test)]
+            hold: None,
+        }
+    }
 }
 
 /// A live save running in the background.
@@ -95,6 +140,14 @@ fn create_file(path: &Path, page_count: u64) -> Result<File> {
         .map_err(io)?;
     f.set_len(format::file_len(page_count)).map_err(io)?;
     Ok(f)
+}
+
+/// `n` zero atomics from a zeroed allocation (no page touched until used).
+fn zeroed_u32s(n: usize) -> Vec<AtomicU32> {
+    let mut v = std::mem::ManuallyDrop::new(vec![0u32; n]);
+    // SAFETY: AtomicU32 has the size, alignment and bit validity of u32; the allocation is
+    // handed over whole, with its length and capacity.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<AtomicU32>(), v.len(), v.capacity()) }
 }
 
 fn all_pages(page_count: u64) -> Vec<u64> {
@@ -234,29 +287,42 @@ pub fn save_stop_copy(
     let data_offset = format::data_offset(page_count);
     let mut crcs = vec![0u32; page_count as usize];
     let mut data = vec![0u64; format::bitmap_words(page_count) as usize];
-    let r = (|| -> Result<()> {
+    let list = batches(&regions, &epoch.set, page_count);
+    // A scanner thread checksums the pages one batch ahead while this thread hands the
+    // previous batches to io_uring (whose inline page-cache copy runs on this thread).
+    let r = std::thread::scope(|sc| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Scan>>(4);
+        let (tr, regs, lst) = (&*t, &regions, &list);
+        sc.spawn(move || {
+            for &(first, n) in lst {
+                let scan = scan_batch(tr, regs, first, n);
+                let failed = scan.is_err();
+                if tx.send(scan).is_err() || failed {
+                    return;
+                }
+            }
+        });
         let mut w = Writer::new(&file, DEPTH, 8, (BATCH_PAGES * PAGE_SIZE) as usize)
             .map_err(|e| Error::Sys("io_uring setup", e))?;
-        let mut present = Vec::new();
         let wio = |e| Error::Io {
             context: "write memory image",
             path: path.to_path_buf(),
             source: e,
         };
-        for (first, n) in batches(&regions, &epoch.set, page_count) {
-            t.present(first, n as usize, &mut present)?;
+        for &(first, n) in &list {
+            let scan = rx
+                .recv()
+                .map_err(|_| Error::Save("page scanner stopped".into()))??;
+            let present = &scan.present;
             let host = tracker::host_of(&regions, first).expect("page inside a region");
             let mut run: Option<(u64, u64)> = None;
             let mut staged: Option<(usize, Vec<Segment>)> = None;
             for k in 0..n {
                 let i = first + k;
-                let ptr = (host + k * PAGE_SIZE) as *const u8;
-                let nonzero = if present[k as usize] {
-                    // SAFETY: a present page of the live guest mapping (kept alive by `mem`);
-                    // the guest is paused and the page cannot change under us.
-                    let page = unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE as usize) };
-                    crcs[i as usize] = crc32c::crc32c(page);
-                    !is_zero(page)
+                let nonzero = if present[k as usize] || t.source_is_zero(i) {
+                    // Checksummed by the scanner (a missing zero page: a hole).
+                    crcs[i as usize] = scan.crc[k as usize];
+                    scan.nonzero[k as usize]
                 } else {
                     // Missing: its content is the source's (restored chain or zeros).
                     let b = match &staged {
@@ -314,7 +380,7 @@ pub fn save_stop_copy(
             }
         }
         w.finish().map_err(wio)
-    })();
+    });
     r?;
     let held_pages = bitmap::count(&epoch.set);
     let data_pages = bitmap::count(&data);
@@ -376,7 +442,7 @@ pub fn start_live(
         claimed: AtomicBitmap::new(page_count),
         copied: AtomicBitmap::new(page_count),
         nonzero: AtomicBitmap::new(page_count),
-        crcs: (0..page_count).map(|_| AtomicU32::new(0)).collect(),
+        crcs: zeroed_u32s(page_count as usize),
         file: handler_file,
         data_offset: format::data_offset(page_count),
         aborted: AtomicBool::new(false),
@@ -479,6 +545,13 @@ impl CopyJob {
                 let i = first + k;
                 if !s.claimed.set(i) {
                     continue; // the fault handler saved it
+                }
+                if !present[k as usize] && t.source_is_zero(i) {
+                    // A hole: nothing to copy or write.
+                    s.crcs[i as usize].store(tracker::zero_page_crc(), Ordering::Relaxed);
+                    s.copied.set(i);
+                    s.done_pages.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
                 let at = (k * PAGE_SIZE) as usize;
                 let page = &mut w.buf_mut(b)[at..at + PAGE_SIZE as usize];

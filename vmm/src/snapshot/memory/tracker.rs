@@ -147,9 +147,15 @@ pub struct Tracker {
     stop: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
     pagemap: File,
-    /// Set when a restored page failed its checksum (the faulting access was poisoned).
+    /// Set when a restored page failed its checksum (found by the prefetch, or by a fault
+    /// whose access was then poisoned).
     pub failed: Mutex<Option<String>>,
+    /// The prefetch thread has loaded (or given up on) every page.
+    pub prefetched: AtomicBool,
 }
+
+/// Pages a missing-page fault fills at once (an aligned block around the fault).
+const FILL_BLOCK: u64 = 16;
 
 static TRACKERS: Mutex<Vec<Arc<Tracker>>> = Mutex::new(Vec::new());
 
@@ -168,6 +174,17 @@ pub fn find(mem: &GuestMemoryMmap) -> Option<Arc<Tracker>> {
         .iter()
         .find(|t| t.regions.first().map(|r| r.host) == Some(k))
         .cloned()
+}
+
+/// The state of restored memory: `Ok(true)` once every page is loaded, `Ok(false)` while the
+/// prefetch runs, `Err` as soon as a page of the chain failed its checksum (stop the VM: that
+/// page is never served, an access to it fails). Memory that was not restored: `Ok(true)`.
+pub fn health(mem: &GuestMemoryMmap) -> Result<bool> {
+    let Some(t) = find(mem) else { return Ok(true) };
+    if let Some(msg) = t.failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        return Err(Error::Restored(msg));
+    }
+    Ok(t.source.is_none() || t.prefetched.load(Ordering::Acquire))
 }
 
 /// Stops tracking `mem`: ends the handler threads and closes its userfaultfd, so the mapping
@@ -224,6 +241,7 @@ impl Tracker {
             threads: Mutex::new(Vec::new()),
             pagemap,
             failed: Mutex::new(None),
+            prefetched: AtomicBool::new(false),
         });
         let h = Arc::clone(&t);
         let th = std::thread::Builder::new()
@@ -317,6 +335,14 @@ impl Tracker {
         present(&self.pagemap, &self.regions, first, n, out)
     }
 
+    /// Whether page `i`, when not present, is a zero page (never touched, or zero in the
+    /// restored chain).
+    pub fn source_is_zero(&self, i: u64) -> bool {
+        self.source
+            .as_ref()
+            .is_none_or(|s| s.owner[i as usize] == u8::MAX)
+    }
+
     /// Page `i`'s content at the start of the epoch when it is not present.
     pub fn source_page(&self, i: u64, buf: &mut [u8]) -> Result<()> {
         match &self.source {
@@ -337,7 +363,7 @@ impl Tracker {
 
     fn handler_loop(&self) {
         let mut msgs = [uffd::Msg::default(); 64];
-        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        let mut buf = vec![0u8; (FILL_BLOCK * PAGE_SIZE) as usize];
         while !self.stopping() {
             let n = match self.uffd.read(&mut msgs, 100) {
                 Ok(n) => n,
@@ -357,6 +383,7 @@ impl Tracker {
 
     /// Resolves one fault. Takes only the epoch lock, which no faulting thread holds.
     fn handle(&self, addr: u64, flags: u64, buf: &mut [u8]) {
+        let page = PAGE_SIZE as usize;
         let Some(i) = self.page_of(addr) else {
             let _ = self.uffd.wake(addr, PAGE_SIZE);
             return;
@@ -369,13 +396,9 @@ impl Tracker {
                     // SAFETY: `addr` is a present, still write-protected page of the live
                     // guest mapping (kept alive by `self._mem`): nobody can change it now.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            addr as *const u8,
-                            buf.as_mut_ptr(),
-                            buf.len(),
-                        )
+                        std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), page)
                     };
-                    s.save_now(i, buf);
+                    s.save_now(i, &buf[..page]);
                 } else {
                     // The copier is capturing this page: let it finish before un-protecting.
                     while !s.copied.get(i) && !s.aborted.load(Ordering::Acquire) {
@@ -392,18 +415,34 @@ impl Tracker {
             return;
         }
         // Missing page: its content is the source's.
-        if let Err(e) = self.source_page(i, buf) {
+        if let Err(e) = self.source_page(i, &mut buf[..page]) {
             drop(st);
             self.poison(addr, e.to_string());
             return;
         }
         if let Some(s) = save {
             if s.claimed.set(i) {
-                s.save_now(i, buf);
+                s.save_now(i, &buf[..page]);
             }
         }
         drop(st);
-        // SAFETY: `buf` holds one page.
+        // Fill the rest of the faulting page's aligned block too (sequential access takes one
+        // fault per block). Same source content, write-protected: safe for a running save
+        // (the copier reads the same bytes) and for tracking (nothing is dirty).
+        if let Some((first, n)) = self.fill_block(i, buf) {
+            let host = host_of(&self.regions, first).expect("page inside a region");
+            // SAFETY: `buf` holds `n` pages.
+            let r = unsafe { self.uffd.copy(host, buf.as_ptr(), n * PAGE_SIZE, true) };
+            if let Ok(Copied::All) = r {
+                return;
+            }
+            // A page of the block exists (prefetch, a neighbour's fault): just this page.
+            if let Err(e) = self.source_page(i, &mut buf[..page]) {
+                self.poison(addr, e.to_string());
+                return;
+            }
+        }
+        // SAFETY: `buf` holds at least one page.
         match unsafe { self.uffd.copy(addr, buf.as_ptr(), PAGE_SIZE, true) } {
             Ok(Copied::All) => {}
             Ok(Copied::Exists) => {
@@ -416,18 +455,51 @@ impl Tracker {
         }
     }
 
-    fn poison(&self, addr: u64, msg: String) {
-        tracing::error!("restored guest memory is damaged: {msg}");
-        {
-            let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-            if f.is_none() {
-                *f = Some(msg);
+    /// Reads the source content of page `i`'s aligned block of [`FILL_BLOCK`] pages (inside
+    /// its region) into `buf`; `None` if a neighbour fails its checksum (then `buf` still
+    /// holds page `i` at its start).
+    fn fill_block(&self, i: u64, buf: &mut [u8]) -> Option<(u64, u64)> {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| i >= r.first_page && i < r.first_page + r.len / PAGE_SIZE)?;
+        let first = (i - i % FILL_BLOCK).max(r.first_page);
+        let end = (first + FILL_BLOCK).min(r.first_page + r.len / PAGE_SIZE);
+        for j in first..end {
+            let at = ((j - first) * PAGE_SIZE) as usize;
+            if self
+                .source_page(j, &mut buf[at..at + PAGE_SIZE as usize])
+                .is_err()
+            {
+                // Page i itself was read fine by the caller; keep it first in `buf`.
+                let _ = self.source_page(i, &mut buf[..PAGE_SIZE as usize]);
+                return None;
             }
         }
+        Some((first, end - first))
+    }
+
+    /// Records that restored memory is damaged (the first reason is kept).
+    pub fn record_damage(&self, msg: String) {
+        tracing::error!("restored guest memory is damaged: {msg}");
+        let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(msg);
+        }
+    }
+
+    fn poison(&self, addr: u64, msg: String) {
+        self.record_damage(msg);
         if let Err(e) = self.uffd.poison(addr, PAGE_SIZE) {
             tracing::error!("cannot poison damaged page: {e}; the faulting thread stays blocked");
         }
     }
+}
+
+/// CRC32C of a zero page.
+pub fn zero_page_crc() -> u32 {
+    static CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CRC.get_or_init(|| crc32c::crc32c(&[0u8; PAGE_SIZE as usize]))
 }
 
 /// Reads `/proc/self/pagemap` for `n` pages from page `first` (one region): present or

@@ -220,6 +220,7 @@ fn seed(args: &[String]) -> Result<ExitCode, String> {
         }
         println!("{}: seeds written to {}", t.name, dir.display());
     }
+    disk::remove_scratch();
     Ok(ExitCode::SUCCESS)
 }
 

@@ -229,11 +229,16 @@ fn damaged_or_foreign_state_is_refused_with_a_clear_error() {
     std::fs::write(&state, &good).unwrap();
     // A damaged memory image.
     let img = x.join("memory.img");
+    let good_img = std::fs::read(&img).unwrap();
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     let len = f.metadata().unwrap().len();
     f.set_len(len / 2).unwrap();
     let e = fails(&["checkpoint", "apply", "--vm", s(&vm), "x"]);
     assert!(e.to_lowercase().contains("memory"), "{e}");
+    // y's memory is an increment over x's: it is refused too, until x's image is whole again.
+    let e = fails(&["checkpoint", "apply", "--vm", s(&vm), "y"]);
+    assert!(e.contains("truncated"), "{e}");
+    std::fs::write(&img, &good_img).unwrap();
     // Nothing was changed by the refusals: y still applies and resumes.
     ok(&["checkpoint", "apply", "--vm", s(&vm), "y"]);
     let (okay, out, err) = run_to_end(&vm);

@@ -206,6 +206,34 @@ impl Running {
         }
     }
 
+    /// Watches a restored machine's memory while it loads in the background: a page of the
+    /// image chain that fails its checksum is never served, and the machine is stopped with a
+    /// clear error as soon as the prefetch finds one.
+    pub fn watch_restored_memory(&self) {
+        let ctl = self.ctl.clone();
+        let spawned = std::thread::Builder::new()
+            .name("memory-health".into())
+            .spawn(move || loop {
+                match mem::health(&ctl.memory()) {
+                    Ok(true) => return,
+                    Ok(false) => std::thread::sleep(Duration::from_millis(20)),
+                    Err(e) => {
+                        ctl.finish(vmm::Outcome::Fault {
+                            cpu: 0,
+                            what: format!(
+                                "restored memory is damaged: {}",
+                                crate::cli::error_chain(&e)
+                            ),
+                        });
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot watch the restored memory: {e}");
+        }
+    }
+
     /// Stops tracking the machine's memory (after its run ended).
     pub fn release_memory(&self) {
         mem::release(&self.ctl.memory());

@@ -54,6 +54,9 @@ pub(crate) fn run(dir: &Path, args: &RunArgs, signals: StopSignals) -> Result<Ex
         };
         let (vm, base) = running;
         let ctl = machine::Running::new(vm.controller(), &spec, base)?;
+        if base != MemoryBase::None {
+            ctl.watch_restored_memory();
+        }
         live.set_machine(Some(ctl));
         live.report_start(Ok(Instant::now()));
         let outcome = vm.run().map_err(vm_error);

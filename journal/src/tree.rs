@@ -228,6 +228,12 @@ impl Tree {
         if layers.len() != n {
             return Err(bad("a layer belongs to two nodes".into()));
         }
+        let mut ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.nodes.len() {
+            return Err(bad("two nodes share an id".into()));
+        }
         if layers
             .iter()
             .chain(self.nodes.iter().map(|n| &n.id))
@@ -376,6 +382,15 @@ mod tests {
         let mut t = tree();
         t.nodes[1].name = Some("a".into());
         assert!(t.validate().is_err(), "duplicate name");
+        // Two nodes with one id (found by the tree_json fuzz target: `disk tree` recursed
+        // until the stack overflowed).
+        let mut t = tree();
+        let first = t.nodes[0].id;
+        t.nodes[1].id = first;
+        t.nodes[1].parent = None;
+        t.now.parent = Some(first);
+        let e = t.validate().unwrap_err().to_string();
+        assert!(e.contains("share an id"), "{e}");
     }
 
     #[test]

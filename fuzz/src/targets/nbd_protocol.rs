@@ -85,7 +85,7 @@ fn check_decision(h: &RequestHeader, ex: &ExportLimits) {
             let range = match cmd {
                 Command::Read { offset, len } => Some((offset, len, false)),
                 Command::Write { offset, len, .. } => Some((offset, len, true)),
-                Command::Trim { offset, len } | Command::WriteZeroes { offset, len, .. } => {
+                Command::Trim { offset, len, .. } | Command::WriteZeroes { offset, len, .. } => {
                     Some((offset, len, true))
                 }
                 Command::Flush | Command::Disconnect => None,

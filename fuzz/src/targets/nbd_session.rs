@@ -55,6 +55,8 @@ fn exports() -> &'static [Arc<Export>; 2] {
                 volume,
                 gate: Gate::new(),
                 shutdown: shutdown.clone(),
+                serve: engine::nbd::connection::ServerLimits::default(),
+                budget: engine::nbd::budget::MemoryBudget::new(256 << 20),
             })
         };
         [export(rw, false), export(ro, true)]

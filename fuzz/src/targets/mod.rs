@@ -3,10 +3,12 @@
 //! `strata-fuzz seed <name>` to write its seed corpus, and commit `corpus/<name>/`.
 
 pub mod journal_log;
+pub mod memory_image;
 pub mod nbd_protocol;
 pub mod nbd_session;
 pub mod tree_json;
 pub mod virtio_blk;
+pub mod vm_state;
 
 /// A fuzz target.
 pub struct Target {
@@ -31,6 +33,8 @@ pub const ALL: &[Target] = &[
     virtio_blk::TARGET,
     journal_log::TARGET,
     tree_json::TARGET,
+    vm_state::TARGET,
+    memory_image::TARGET,
 ];
 
 pub fn find(name: &str) -> Option<&'static Target> {

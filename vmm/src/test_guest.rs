@@ -51,8 +51,11 @@ pub const BOOT_INFO_VERSION: u32 = 1;
 pub const BOOT_INFO_WORKLOAD_OFFSET: usize = 40;
 /// Longest workload text BootInfo carries.
 pub const WORKLOAD_MAX: usize = 3800;
-/// Most RAM the test guest may have: one region below the 3 GiB MMIO hole.
+/// Most RAM the test guest uses: one region below the 3 GiB MMIO hole.
 pub const MAX_MEM_SIZE: u64 = 3 << 30;
+/// Most RAM a VM running the test guest may have: RAM above the hole is left untouched by the
+/// guest but is still the VM's memory (checkpoints save it, benchmarks measure it).
+pub const MAX_VM_MEM_SIZE: u64 = 64 << 30;
 
 /// Guest RAM from here holds the per-slot data buffers (128 x 256 KiB).
 pub const BUF_BASE: u64 = 0x20_0000;
@@ -156,7 +159,8 @@ impl BootInfo {
         let mut b = Vec::with_capacity(BOOT_INFO_WORKLOAD_OFFSET + text.len());
         b.extend_from_slice(&BOOT_INFO_MAGIC.to_le_bytes());
         b.extend_from_slice(&BOOT_INFO_VERSION.to_le_bytes());
-        b.extend_from_slice(&self.mem_size.to_le_bytes());
+        // The guest plans its memory below the hole only.
+        b.extend_from_slice(&self.mem_size.min(MAX_MEM_SIZE).to_le_bytes());
         b.extend_from_slice(&MMIO_BASE.to_le_bytes());
         b.extend_from_slice(&MMIO_IRQ.to_le_bytes());
         b.extend_from_slice(&self.tsc_khz.to_le_bytes());
@@ -173,10 +177,10 @@ pub const MIN_MEM_SIZE: u64 = LEDGER_TAGS_ADDR + (1 << 20) - 0x1000;
 
 /// Checks that `mem_size` is usable by the test guest.
 pub fn check_mem_size(mem_size: u64) -> Result<(), Error> {
-    if mem_size > MAX_MEM_SIZE {
+    if mem_size > MAX_VM_MEM_SIZE {
         return Err(Error::MemorySize {
             size: mem_size,
-            why: "the test guest supports at most 3 GiB (RAM below the MMIO hole)",
+            why: "the test guest's VM may have at most 64 GiB (it uses the RAM below 3 GiB)",
         });
     }
     if mem_size < MIN_MEM_SIZE {
@@ -254,8 +258,12 @@ mod tests {
         bi.workload = String::new();
         bi.mem_size = 64 << 20;
         assert!(matches!(bi.to_bytes(), Err(Error::MemorySize { .. })));
-        bi.mem_size = 4 << 30;
+        bi.mem_size = 65 << 30;
         assert!(matches!(bi.to_bytes(), Err(Error::MemorySize { .. })));
+        // RAM above the hole is the VM's, not the guest's: the guest is told 3 GiB.
+        bi.mem_size = 4 << 30;
+        let b = bi.to_bytes().unwrap();
+        assert_eq!(b[8..16], MAX_MEM_SIZE.to_le_bytes());
         bi.mem_size = MIN_MEM_SIZE;
         assert!(bi.to_bytes().is_ok());
         // The dirty region must fit beside the ledger: 256 MiB leave 192 MiB - 4 KiB - 32 B of

@@ -1,39 +1,31 @@
-//! The checkpoint envelope (layout in docs/FORMAT.md, shared with the machine-state files):
-//! magic, format version, kind, VM uuid, payload length, payload CRC32C, header CRC32C, then
-//! the payload. Everything is checked before the payload is looked at.
-//!
-//! Helper S writes the shared `snapshot/envelope.rs` to the same layout in parallel; this copy
-//! keeps the memory images independent until the lead unifies them.
+//! The checkpoint envelope of memory images: the shared `snapshot::envelope` (layout in
+//! docs/FORMAT.md), with this module's errors. Everything is checked before the payload is
+//! looked at.
 
 use super::{Error, Result};
+use crate::snapshot::envelope::{self as shared, EnvelopeError, Kind};
 use crate::snapshot::Identity;
 
-/// `b"STRATAVM"`.
-pub const MAGIC: [u8; 8] = *b"STRATAVM";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
 /// Kind of a memory image header.
 pub const KIND_MEMORY_IMAGE: u32 = 2;
 /// Bytes of the envelope header.
-pub const HEADER_LEN: usize = 48;
+pub const HEADER_LEN: usize = shared::HEADER_LEN;
+
+fn kind_of(code: u32) -> Kind {
+    if code == Kind::MachineState.code() {
+        Kind::MachineState
+    } else {
+        Kind::MemoryImage
+    }
+}
 
 /// Seals `payload` into an envelope of `kind` for `id`.
 pub fn seal(kind: u32, id: &Identity, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&kind.to_le_bytes());
-    out.extend_from_slice(&id.vm_uuid);
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-    let hcrc = crc32c::crc32c(&out);
-    out.extend_from_slice(&hcrc.to_le_bytes());
-    out.extend_from_slice(payload);
-    out
+    shared::seal(kind_of(kind), id, payload)
 }
 
-/// Checks the envelope header in `head` (at least [`HEADER_LEN`] bytes) and returns the
-/// payload length, which the caller has checked against `max_payload` and `file_len`.
+/// Checks an envelope header read from the start of a file of `file_len` bytes; returns the
+/// payload length.
 pub fn check_header(
     kind: u32,
     id: &Identity,
@@ -41,37 +33,20 @@ pub fn check_header(
     max_payload: u64,
     file_len: u64,
 ) -> Result<u64> {
-    if head.len() < HEADER_LEN {
-        return Err(Error::Truncated {
-            expected: HEADER_LEN as u64,
-            actual: head.len() as u64,
-        });
-    }
-    if head[..8] != MAGIC {
-        return Err(Error::NotAnImage);
-    }
-    let stored = u32::from_le_bytes(head[44..48].try_into().expect("4 bytes"));
-    if crc32c::crc32c(&head[..44]) != stored {
-        return Err(Error::Checksum("envelope header"));
-    }
-    let version = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
-        return Err(Error::Version { found: version });
-    }
-    let found = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes"));
-    if found != kind {
-        return Err(Error::Kind { found });
-    }
-    if head[16..32] != id.vm_uuid {
-        return Err(Error::ForeignVm);
-    }
-    let len = u64::from_le_bytes(head[32..40].try_into().expect("8 bytes"));
-    if len > max_payload {
-        return Err(Error::Damaged(format!(
-            "header says {len} payload bytes, at most {max_payload} fit this memory size"
-        )));
-    }
-    let need = len
+    let h = shared::check_header(kind_of(kind), id, head, max_payload).map_err(|e| match e {
+        EnvelopeError::NotAStateFile => Error::NotAnImage,
+        EnvelopeError::Version { found } => Error::Version { found },
+        EnvelopeError::HeaderChecksum => Error::Checksum("envelope header"),
+        EnvelopeError::WrongKind { found, .. } => Error::Kind { found },
+        EnvelopeError::ForeignVm { .. } => Error::ForeignVm,
+        EnvelopeError::TooLarge { len, max } => Error::Damaged(format!(
+            "header says {len} payload bytes, at most {max} fit this memory size"
+        )),
+        EnvelopeError::Truncated { expected, actual } => Error::Truncated { expected, actual },
+        other => Error::Damaged(other.to_string()),
+    })?;
+    let need = h
+        .payload_len
         .checked_add(HEADER_LEN as u64)
         .ok_or_else(|| Error::Damaged("payload length overflows".into()))?;
     if need > file_len {
@@ -80,10 +55,10 @@ pub fn check_header(
             actual: file_len,
         });
     }
-    Ok(len)
+    Ok(h.payload_len)
 }
 
-/// Checks the payload CRC of an envelope whose header passed [`check_header`].
+/// Checks the payload against the header's checksum.
 pub fn check_payload(head: &[u8], payload: &[u8]) -> Result<()> {
     let stored = u32::from_le_bytes(head[40..44].try_into().expect("4 bytes"));
     if crc32c::crc32c(payload) != stored {

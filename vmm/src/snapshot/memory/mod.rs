@@ -101,7 +101,7 @@ pub enum Error {
     ForeignVm,
     #[error(
         "memory image format version {found}, this build reads {}",
-        envelope::VERSION
+        crate::snapshot::envelope::FORMAT_VERSION
     )]
     Version { found: u32 },
     #[error("not a memory image (envelope kind {found})")]

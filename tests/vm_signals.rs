@@ -14,11 +14,21 @@ fn stop_with(signal: libc::c_int, api: bool) {
     let disk = t.path().join("disk");
     let sock = t.path().join("api.sock");
     let mut cmd = Command::new(bin());
-    cmd.args(["run", "--disk", s(&disk), "--workload", "seed=2,ops=100000000,qd=8,region=0:16M"]);
+    cmd.args([
+        "run",
+        "--disk",
+        s(&disk),
+        "--workload",
+        "seed=2,ops=100000000,qd=8,region=0:16M",
+    ]);
     if api {
         cmd.args(["--api", s(&sock)]);
     }
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     // Running: the disk exists (and the socket answers, with --api).
     while !(disk.join("strata.json").exists()

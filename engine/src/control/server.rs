@@ -386,7 +386,10 @@ mod tests {
         idle[0].write_all(b"{\"op\":").unwrap();
         let v = super::super::client::call(
             &path,
-            &super::super::Request::CheckpointCreate { name: "c".into() },
+            &super::super::Request::CheckpointCreate {
+                name: "c".into(),
+                memory: None,
+            },
         )
         .unwrap();
         assert_eq!(v["checkpoint"]["name"], "c");

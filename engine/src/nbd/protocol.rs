@@ -505,7 +505,11 @@ mod tests {
         );
         assert_eq!(
             decide(&hdr(CMD_TRIM, 0, 7, 3), &RW),
-            Decision::Run(Command::Trim { offset: 7, len: 3 })
+            Decision::Run(Command::Trim {
+                offset: 7,
+                len: 3,
+                fua: false
+            })
         );
     }
 

@@ -136,7 +136,7 @@ fn live_checkpoints_match_reference_images() {
     let text = run_ok(strata(&["checkpoint", "list", "--api", &api]));
     assert!(
         text.lines()
-            .any(|l| l.starts_with("second") && l.ends_with("<- Now")),
+            .any(|l| l.trim_start().starts_with("second") && l.ends_with("<- Now")),
         "{text}"
     );
 

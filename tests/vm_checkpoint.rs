@@ -84,11 +84,31 @@ fn apply_on_the_running_vm_continues_from_the_instant() {
         let_it_run(Duration::from_millis(700));
         let list = run.checkpoint_ok("list", &["--json"]);
         assert!(list.contains("\"machine\""), "{list}");
-        let out = run.checkpoint_ok("apply", &["c1"]);
+        // "Checkpoint, then apply": the state just before the apply is kept as `before`.
+        let out = run.checkpoint_ok("apply", &["c1", "--save-current", "before"]);
         assert!(out.contains("continues"), "{out}");
+        let list = run.checkpoint_ok("list", &["--json"]);
+        let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let before = v.as_array().unwrap().iter().find(|c| c["name"] == "before");
+        assert_eq!(
+            before.map(|c| c["kind"].clone()),
+            Some("machine".into()),
+            "{list}"
+        );
         let (okay, out, err) = run.wait();
         assert!(okay, "{mode}: the applied VM failed:\n{out}{err}");
         assert_matches_reference(&vm, &out, &reference, t.path());
+        // `before` and everything under it go with --subtree; c1 stays and still applies.
+        ok(&[
+            "checkpoint",
+            "delete",
+            "--vm",
+            s(&vm),
+            "before",
+            "--subtree",
+        ]);
+        let l = ok(&["checkpoint", "list", "--vm", s(&vm)]);
+        assert!(!l.contains("before") && l.contains("c1"), "{l}");
     }
 }
 

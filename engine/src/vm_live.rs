@@ -119,27 +119,44 @@ impl Live {
             Error::Usage("the VM is not running (it is being restored or has stopped)".into())
         })?;
         let draft = vm.store.begin(name)?;
-        // The instant: vCPUs parked, I/O drained, state captured, disk switched.
+        // The instant: vCPUs parked, I/O drained, state captured, disk switched, memory
+        // written or write-protected; only then may the device touch guest memory again.
+        // Most of the disk's flush is done before the pause, while the guest runs; the flush
+        // inside `Disk::checkpoint` then only covers the last moments.
+        disk.now().flush()?;
         let paused = running.pause(PAUSE_TIMEOUT)?;
-        let captured = (|| {
-            let _io = self.gate.pause(PAUSE_TIMEOUT)?;
-            let state = running.capture()?;
-            let info = disk.checkpoint(name)?;
-            Ok::<_, Error>((state, info))
-        })();
-        let (state, info) = match captured {
-            Ok(v) => v,
+        let io = match self.gate.pause(PAUSE_TIMEOUT) {
+            Ok(g) => g,
             Err(e) => {
                 running.resume()?;
                 return Err(e);
             }
         };
-        let dir = draft.dir().to_path_buf();
-        let memory = (|| {
-            machine::write_state(&dir.join(store::STATE_FILE), &state, &vm.spec)?;
-            running.start_memory_save(&dir.join(store::MEMORY_FILE), mode, &vm.store)
+        let drained = paused.elapsed();
+        let captured = (|| {
+            let state = running.capture()?;
+            let captured = paused.elapsed();
+            let info = disk.checkpoint(name)?;
+            Ok::<_, Error>((state, info, captured))
         })();
+        let (state, info, captured_at) = match captured {
+            Ok(v) => v,
+            Err(e) => {
+                drop(io);
+                running.resume()?;
+                return Err(e);
+            }
+        };
+        let switched = paused.elapsed();
+        let dir = draft.dir().to_path_buf();
+        let memory = running.start_memory_save(&dir.join(store::MEMORY_FILE), mode, &vm.store);
+        let protected = paused.elapsed();
+        drop(io);
         let resumed = running.resume();
+        tracing::info!(
+            "checkpoint {name:?} pause: I/O drained at {drained:?}, state captured at {captured_at:?}, disk switched at {switched:?}, memory {} at {protected:?}",
+            if mode == MemoryMode::Live { "protected" } else { "written" }
+        );
         let ((save, parent), resumed_at) = match (memory, resumed) {
             (Ok(save), Ok(at)) => (save, at),
             (Err(e), _) | (_, Err(e)) => {
@@ -149,6 +166,12 @@ impl Live {
         };
         drop(guard);
         let pause = resumed_at.saturating_duration_since(paused);
+        // The state is plain data by now: written (and fsynced) while the guest runs.
+        if let Err(e) = machine::write_state(&dir.join(store::STATE_FILE), &state, &vm.spec) {
+            drop(save);
+            vm_ops::undo_checkpoint(&mut disk, name);
+            return Err(e);
+        }
         let bytes = match save.wait() {
             Ok(b) => b,
             Err(e) => {
@@ -229,6 +252,10 @@ impl Live {
         } else {
             Start::Cold
         });
+        tracing::info!(
+            "apply {name:?}: paused and disk rewound after {:?}",
+            t0.elapsed()
+        );
         running.finish(vmm::Outcome::Stopped { signal: 0 });
         drop(guard);
         drop(vm);

@@ -45,6 +45,7 @@ pub(crate) fn run(dir: &Path, args: &RunArgs, signals: StopSignals) -> Result<Ex
     let control = ControlServer::start(&api, live.clone())?;
     let result = (|| loop {
         let spec = crate::vm_live::lock_spec(&live);
+        let building = Instant::now();
         let running = match build(&live, &spec, start, &console, &gate) {
             Ok(v) => v,
             Err(e) => {
@@ -59,10 +60,20 @@ pub(crate) fn run(dir: &Path, args: &RunArgs, signals: StopSignals) -> Result<Ex
         }
         live.set_machine(Some(ctl));
         live.report_start(Ok(Instant::now()));
+        tracing::info!("machine built in {:?} ({start:?})", building.elapsed());
         let outcome = vm.run().map_err(vm_error);
+        let ended = Instant::now();
         if let Some(m) = live.take_machine() {
-            m.release_memory();
+            // Stopping the memory tracker's threads takes up to their poll period: do it beside
+            // the next machine's start (the old memory is not used by anything any more).
+            let released = std::thread::Builder::new()
+                .name("memory-release".into())
+                .spawn(move || m.release_memory());
+            if let Err(e) = released {
+                tracing::warn!("releasing the old machine's memory: {e}");
+            }
         }
+        tracing::info!("machine ended {:?} ago", ended.elapsed());
         match live.take_next() {
             Some(next) => start = next,
             None => return outcome,

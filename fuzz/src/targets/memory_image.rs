@@ -70,9 +70,9 @@ fn fixture() -> &'static (tempfile::TempDir, Vec<u8>, Vec<u8>) {
 }
 
 fn expected(i: u64) -> u64 {
-    if i % 7 == 0 {
+    if i.is_multiple_of(7) {
         word(i, 2)
-    } else if i % 3 == 0 {
+    } else if i.is_multiple_of(3) {
         word(i, 0)
     } else {
         0

@@ -50,12 +50,14 @@ fn fixture() -> &'static (tempfile::TempDir, Vec<u8>, Vec<u8>) {
         let id = identity();
         let m = vmm::memory::create(MEM).expect("memory");
         for i in (0..MEM / PAGE).step_by(3) {
-            m.write_obj(word(i, 0), GuestAddress(i * PAGE)).expect("write");
+            m.write_obj(word(i, 0), GuestAddress(i * PAGE))
+                .expect("write");
         }
         let full = dir.path().join("full.img");
         let stats = mem::save_full(&m, &full, &id).expect("full image");
         for i in (0..MEM / PAGE).step_by(7) {
-            m.write_obj(word(i, 2), GuestAddress(i * PAGE)).expect("write");
+            m.write_obj(word(i, 2), GuestAddress(i * PAGE))
+                .expect("write");
         }
         let parent = mem::ImageRef {
             image_id: stats.image_id,
@@ -112,10 +114,15 @@ fn run(input: &[u8]) {
     let id = identity();
     let checked = mem::check_chain(&paths, &id);
     if unchanged {
-        checked.as_ref().expect("the real chain must pass its checks");
+        checked
+            .as_ref()
+            .expect("the real chain must pass its checks");
     }
     if checked.is_err() {
-        assert!(mem::restore(&paths, &id).is_err(), "restore took a chain its checks refuse");
+        assert!(
+            mem::restore(&paths, &id).is_err(),
+            "restore took a chain its checks refuse"
+        );
         return;
     }
     let verified = mem::verify(&paths, &id).is_ok();
@@ -177,4 +184,3 @@ fn seeds() -> Vec<Vec<u8>> {
         seed(2, 4200, &[1, 2, 3, 4]),
     ]
 }
-

@@ -185,7 +185,14 @@ impl IoEngine {
     /// cannot take the SQEs already waiting (a failing `io_uring_enter`); the request comes
     /// back in the [`Rejected`] and no completion will carry `token`.
     pub fn submit(&mut self, token: u64, req: Request) -> std::result::Result<(), Rejected> {
-        if let Err(error) = self.kick() {
+        let mut kicked = self.kick();
+        if matches!(&kicked, Err(Error::RawIo(e)) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)))
+        {
+            // A full completion queue: move its entries to `ready` and try once more.
+            self.reap();
+            kicked = self.kick();
+        }
+        if let Err(error) = kicked {
             return Err(Rejected {
                 token,
                 request: req,

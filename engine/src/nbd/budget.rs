@@ -72,11 +72,10 @@ impl ClientBudget {
     /// for may be back.
     pub fn new(global: &Arc<MemoryBudget>, limit: usize) -> Result<ClientBudget> {
         let waker = Arc::new(EventFd::new().map_err(|e| Error::io("creating an eventfd", e))?);
-        global
-            .wakers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Arc::downgrade(&waker));
+        let mut wakers = global.wakers.lock().unwrap_or_else(PoisonError::into_inner);
+        wakers.retain(|w| w.strong_count() > 0);
+        wakers.push(Arc::downgrade(&waker));
+        drop(wakers);
         Ok(ClientBudget {
             global: global.clone(),
             limit,

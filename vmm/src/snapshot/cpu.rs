@@ -193,13 +193,10 @@ impl VcpuState {
         let n = fd.get_msrs(&mut msrs).map_err(Error::kvm("KVM_GET_MSRS"))?;
         if n != entries.len() {
             let bad = entries.get(n).map_or(0, |e| e.index);
-            return Err(Error::VcpuFault {
-                cpu: 0,
-                what: format!(
-                    "KVM_GET_MSRS stopped at MSR {bad:#x} ({n} of {})",
-                    entries.len()
-                ),
-            });
+            return Err(Error::Capture(format!(
+                "KVM_GET_MSRS stopped at MSR {bad:#x} ({n} of {})",
+                entries.len()
+            )));
         }
         let msrs = msrs
             .as_slice()

@@ -152,7 +152,7 @@ impl Vm {
         let a = assemble(parts, &mem, serial, config.device, config.vcpus)?;
         state.vm.restore(&a.vm)?;
         for (i, (vcpu, saved)) in a.vcpus.iter().zip(&state.vcpus).enumerate() {
-            saved.restore(vcpu.fd()).map_err(|e| match e {
+            saved.restore(vcpu.fd(), &a.cpu).map_err(|e| match e {
                 Error::State(s) => Error::State(format!("vCPU {i}: {s}")),
                 other => other,
             })?;

@@ -108,17 +108,28 @@ pub struct MsrValue {
 pub struct CpuContext {
     /// KVM's saveable MSR list (`KVM_GET_MSR_INDEX_LIST`), less those that cannot be read.
     pub msr_indices: Vec<u32>,
+    /// KVM_CAP_XSAVE2: the XSAVE area size (0 if the capability is absent).
+    pub xsave_size: i32,
+}
+
+impl CpuContext {
+    /// Refuses hosts whose XSAVE state does not fit `kvm_xsave` (dynamically enabled features
+    /// such as AMX): checkpoints would lose it, and KVM_SET_XSAVE would read past the struct.
+    fn check_xsave(&self) -> Result<()> {
+        if self.xsave_size > XSAVE_LEGACY_SIZE {
+            return Err(Error::Config(format!(
+                "this host's XSAVE state is {} bytes; checkpoints support {XSAVE_LEGACY_SIZE}",
+                self.xsave_size
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl CpuContext {
     /// Probes `kvm` and a created (not yet run) vCPU `fd` of `vm`.
     pub fn probe(kvm: &Kvm, vm: &VmFd, fd: &VcpuFd) -> Result<Self> {
-        let xsave = vm.check_extension_int(Cap::Xsave2);
-        if xsave > XSAVE_LEGACY_SIZE {
-            return Err(Error::Config(format!(
-                "this host's XSAVE state is {xsave} bytes; checkpoints support {XSAVE_LEGACY_SIZE}"
-            )));
-        }
+        let xsave_size = vm.check_extension_int(Cap::Xsave2);
         let list = kvm
             .get_msr_index_list()
             .map_err(Error::kvm("KVM_GET_MSR_INDEX_LIST"))?;
@@ -135,7 +146,10 @@ impl CpuContext {
             }
         }
         msr_indices.truncate(MAX_MSRS);
-        Ok(Self { msr_indices })
+        Ok(Self {
+            msr_indices,
+            xsave_size,
+        })
     }
 }
 
@@ -173,6 +187,7 @@ struct Parsed {
 impl VcpuState {
     /// Reads the state of `fd`, which must not be running (call it on the parked vCPU's thread).
     pub fn save(fd: &VcpuFd, ctx: &CpuContext) -> Result<Self> {
+        ctx.check_xsave()?;
         let mp_state = fd.get_mp_state().map_err(Error::kvm("KVM_GET_MP_STATE"))?;
         let regs = fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
         let sregs = fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
@@ -193,13 +208,10 @@ impl VcpuState {
         let n = fd.get_msrs(&mut msrs).map_err(Error::kvm("KVM_GET_MSRS"))?;
         if n != entries.len() {
             let bad = entries.get(n).map_or(0, |e| e.index);
-            return Err(Error::VcpuFault {
-                cpu: 0,
-                what: format!(
-                    "KVM_GET_MSRS stopped at MSR {bad:#x} ({n} of {})",
-                    entries.len()
-                ),
-            });
+            return Err(Error::Capture(format!(
+                "KVM_GET_MSRS stopped at MSR {bad:#x} ({n} of {})",
+                entries.len()
+            )));
         }
         let msrs = msrs
             .as_slice()
@@ -280,8 +292,10 @@ impl VcpuState {
         })
     }
 
-    /// Loads this state into `fd` (a created vCPU that has not run since).
-    pub fn restore(&self, fd: &VcpuFd) -> Result<()> {
+    /// Loads this state into `fd` (a created vCPU of the VM `ctx` was probed on, not run
+    /// since).
+    pub fn restore(&self, fd: &VcpuFd, ctx: &CpuContext) -> Result<()> {
+        ctx.check_xsave()?;
         let p = self.parse()?;
         fd.set_mp_state(p.mp_state)
             .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
@@ -289,7 +303,7 @@ impl VcpuState {
         fd.set_sregs(&p.sregs)
             .map_err(Error::kvm("KVM_SET_SREGS"))?;
         fd.set_fpu(&p.fpu).map_err(Error::kvm("KVM_SET_FPU"))?;
-        // SAFETY: `CpuContext::probe` refused this host unless KVM_CAP_XSAVE2 reports at most
+        // SAFETY: `check_xsave` above refused this host unless KVM_CAP_XSAVE2 reports at most
         // the 4096 bytes of `kvm_xsave`, so KVM reads no more than the struct we pass.
         unsafe { fd.set_xsave(&p.xsave) }.map_err(Error::kvm("KVM_SET_XSAVE"))?;
         fd.set_xcrs(&p.xcrs).map_err(Error::kvm("KVM_SET_XCRS"))?;

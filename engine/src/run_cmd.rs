@@ -64,15 +64,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     // virtio-blk worker is paused and drained through the gate, the journal switches layers,
     // the worker resumes. Memory and vCPU state join VM checkpoints in a later issue.
     let gate = Gate::new();
-    let member = Member::new(&gate)?;
-    let device = block::VirtioBlock::new(disk.now(), "strata".into())
-        .map_err(|e| {
-            Error::Vm(format!(
-                "virtio-blk device: {}",
-                crate::cli::error_chain(&e)
-            ))
-        })?
-        .with_gate(Arc::new(member));
+    let device = gated_block_device(disk.now(), &gate)?;
     let disk = Arc::new(Mutex::new(disk));
     let control = match &args.api {
         Some(path) => {
@@ -128,6 +120,22 @@ pub(crate) fn exit_code(outcome: Outcome, is_linux: bool) -> Result<ExitCode> {
             Ok(ExitCode::from(code))
         }
     }
+}
+
+/// The virtio-blk device over `volume`, its I/O admitted through `gate` (so checkpoints can
+/// pause and drain it).
+pub(crate) fn gated_block_device(
+    volume: Arc<journal::Volume>,
+    gate: &Arc<Gate>,
+) -> Result<block::VirtioBlock> {
+    Ok(block::VirtioBlock::new(volume, "strata".into())
+        .map_err(|e| {
+            Error::Vm(format!(
+                "virtio-blk device: {}",
+                crate::cli::error_chain(&e)
+            ))
+        })?
+        .with_gate(Arc::new(Member::new(gate)?)))
 }
 
 pub(crate) fn vm_error(e: vmm::Error) -> Error {

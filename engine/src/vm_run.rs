@@ -14,8 +14,8 @@ use vmm::{Guest, Outcome, VmConfig};
 use crate::cli::RunArgs;
 use crate::control::ControlServer;
 use crate::machine::{self, MemoryBase};
-use crate::quiesce::{Gate, Member};
-use crate::run_cmd::{exit_code, open_console, vm_error, StopSignals};
+use crate::quiesce::Gate;
+use crate::run_cmd::{exit_code, gated_block_device, open_console, vm_error, StopSignals};
 use crate::vm_live::{Live, Start};
 use crate::vmdir::{GuestSpec, VmDir, VmSpec};
 use crate::{Error, Result};
@@ -107,14 +107,7 @@ fn build(
     let disk = live.disk.lock().map_err(|_| {
         Error::Protocol("internal error: the disk state was lost to a panic".into())
     })?;
-    let device = block::VirtioBlock::new(disk.now(), "strata".into())
-        .map_err(|e| {
-            Error::Vm(format!(
-                "virtio-blk device: {}",
-                crate::cli::error_chain(&e)
-            ))
-        })?
-        .with_gate(Arc::new(Member::new(gate)?));
+    let device = gated_block_device(disk.now(), gate)?;
     let name_of = |id: u64| {
         disk.list()
             .into_iter()

@@ -89,6 +89,9 @@ pub fn flatten(chain: &[PathBuf], out: &Path, spec: &VmSpec) -> Result<u64> {
 pub fn restore(store: &Store, id: u64, spec: &VmSpec, config: vmm::VmConfig) -> Result<vmm::Vm> {
     let state = read_state(&store.dir_of(id).join(store::STATE_FILE), spec)?;
     let chain = store.memory_chain(id)?;
+    // A page that fails its checksum is poisoned, never served: make the access that hits it
+    // end this process with the reason instead of a bare "Bus error".
+    mem::exit_on_damaged_access().map_err(|e| Error::io("installing the SIGBUS handler", e))?;
     let memory = mem::restore(&chain, &identity(spec)?)
         .map_err(|e| Error::Vm(format!("memory image: {}", crate::cli::error_chain(&e))))?;
     match vmm::Vm::restore(config, &state, memory.clone()) {

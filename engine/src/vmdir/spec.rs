@@ -97,6 +97,8 @@ impl VmSpec {
                 }
                 vmm::test_guest::WorkloadSpec::parse(workload)
                     .map_err(|e| Error::Usage(format!("vm.json: workload: {e}")))?;
+                vmm::test_guest::check_mem_size(self.memory)
+                    .map_err(|e| Error::Usage(format!("vm.json: {e}")))?;
             }
             GuestSpec::Linux {
                 kernel,
@@ -163,7 +165,7 @@ mod tests {
         VmSpec {
             format: SPEC_FORMAT,
             uuid: new_uuid().unwrap(),
-            memory: 64 << 20,
+            memory: 128 << 20,
             vcpus: 1,
             cache: CacheSpec::None,
             guest: GuestSpec::TestGuest {
@@ -179,12 +181,14 @@ mod tests {
         let s = spec();
         s.save(&p).unwrap();
         assert_eq!(VmSpec::load(&p).unwrap(), s);
-        let cases: Vec<(Box<dyn Fn(&mut VmSpec)>, &str)> = vec![
+        type Case = (Box<dyn Fn(&mut VmSpec)>, &'static str);
+        let cases: Vec<Case> = vec![
             (Box::new(|s| s.format = 9), "format 9"),
             (Box::new(|s| s.uuid = "xyz".into()), "bad uuid"),
             (Box::new(|s| s.memory = 4097), "multiple of 4096"),
             (Box::new(|s| s.vcpus = 0), "vcpus 0"),
             (Box::new(|s| s.vcpus = 2), "exactly one vCPU"),
+            (Box::new(|s| s.memory = 64 << 20), "at least 65 MiB"),
             (
                 Box::new(|s| {
                     s.guest = GuestSpec::Linux {

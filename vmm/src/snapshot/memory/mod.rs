@@ -16,6 +16,7 @@ mod fold;
 mod format;
 mod restore;
 mod save;
+mod sigbus;
 mod tracker;
 mod uffd;
 mod writer;
@@ -31,6 +32,7 @@ pub use fold::fold;
 pub use format::PAGE_SIZE;
 pub use restore::restore;
 pub use save::{save_full, save_stop_copy, start_live, LiveOptions, LiveSave};
+pub use sigbus::{exit_on_damaged_access, DAMAGED_EXIT_STATUS};
 pub use tracker::{health, release};
 
 /// A memory image named as a parent: its id (from [`ImageStats::image_id`] or [`image_id`]).

@@ -482,6 +482,7 @@ impl Tracker {
     /// Records that restored memory is damaged (the first reason is kept).
     pub fn record_damage(&self, msg: String) {
         tracing::error!("restored guest memory is damaged: {msg}");
+        super::sigbus::record(&msg);
         let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
             *f = Some(msg);

@@ -192,7 +192,7 @@ fn an_engine_failure_releases_gate_admissions() {
     let null = std::fs::File::open("/dev/null").unwrap();
     // SAFETY: replaces the ring's descriptor number with /dev/null; the ring lives on
     // through its mappings until the engine is dropped.
-    assert!(unsafe { libc::dup2(null.as_raw_fd(), tr.engine.ring_fd()) } >= 0);
+    assert!(unsafe { libc::dup2(null.as_raw_fd(), tr.exec.ring_fd().unwrap()) } >= 0);
     send(&mut client, CMD_READ, 1, 0, 4096, &[]);
     assert!(tr.run().is_err());
     assert_eq!(f.export.gate.in_flight(), 0, "an admission leaked");

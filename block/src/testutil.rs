@@ -430,3 +430,61 @@ impl crate::backend::Backend for HeldBackend {
         self.event.as_raw_fd()
     }
 }
+
+/// A quiesce gate for unit tests: counts admissions, refuses while closed, and fires its
+/// waker when reopened (engine's `quiesce::Gate` is the real controller; block cannot use it).
+pub struct TestGate {
+    pub admitted: AtomicU32,
+    pub closed: std::sync::atomic::AtomicBool,
+    pub tries: AtomicU32,
+    pub waker: EventFd,
+}
+
+impl TestGate {
+    pub fn new() -> Arc<TestGate> {
+        Arc::new(TestGate {
+            admitted: AtomicU32::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            tries: AtomicU32::new(0),
+            waker: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).expect("eventfd"),
+        })
+    }
+
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn open(&self) {
+        self.closed.store(false, Ordering::SeqCst);
+        let _ = self.waker.write(1);
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.admitted.load(Ordering::SeqCst)
+    }
+}
+
+impl crate::gate::RequestGate for TestGate {
+    fn try_admit(&self) -> bool {
+        self.tries.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.admitted.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    fn release(&self) {
+        let prev = self.admitted.fetch_sub(1, Ordering::SeqCst);
+        assert!(prev > 0, "release without admit");
+    }
+
+    fn waker(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.waker.as_raw_fd()
+    }
+
+    fn clear_waker(&self) {
+        let _ = self.waker.read();
+    }
+}

@@ -50,12 +50,14 @@ pub mod virtio;
 pub mod virtio_exec;
 mod worker;
 
-#[cfg(test)]
-mod conformance;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod conformance;
 #[cfg(test)]
 mod fuzz_tests;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testutil;
 #[cfg(test)]
-mod testutil;
+mod virtio_conformance;
 
 pub use backend::BackendKind;
 pub use device::{VirtioBlock, VIRTIO_ID_BLOCK};

@@ -243,10 +243,24 @@ impl<'a> Harness<'a> {
         kind: crate::BackendKind,
         acked: Option<u64>,
     ) -> Self {
+        Self::start_gated(mem, volume, kind, acked, None)
+    }
+
+    /// Like [`Harness::start`], with the device's requests admitted through `gate`.
+    pub fn start_gated(
+        mem: &'a GuestMemoryMmap,
+        volume: Arc<Volume>,
+        kind: crate::BackendKind,
+        acked: Option<u64>,
+        gate: Option<Arc<dyn crate::RequestGate>>,
+    ) -> Self {
         use crate::virtio::{ActivateContext, VirtioDevice};
         let mut dev = crate::VirtioBlock::new(volume, "conformance".into())
             .expect("device")
             .with_backend(kind);
+        if let Some(g) = gate {
+            dev = dev.with_gate(g);
+        }
         let features = acked.unwrap_or_else(|| dev.avail_features());
         dev.set_acked_features(features);
         let drv = Driver::new(mem);

@@ -744,5 +744,8 @@ impl<'a> Transmission<'a> {
 }
 
 #[cfg(test)]
+#[path = "conformance_tests.rs"]
+mod conformance_tests;
+#[cfg(test)]
 #[path = "connection_tests.rs"]
 mod tests;

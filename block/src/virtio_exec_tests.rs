@@ -25,6 +25,14 @@ fn executor(depth: usize, max_bytes: u64) -> (GuestExecutor, Arc<Mutex<Held>>) {
     )
 }
 
+fn finished(queue: u16, head: u16, used_len: u32) -> Done {
+    Done {
+        queue,
+        head,
+        used_len,
+    }
+}
+
 /// Starts `req`, which must not have to wait.
 fn start(
     ex: &mut GuestExecutor,
@@ -79,18 +87,7 @@ fn buffer_budget_bounds_what_is_held() {
     ex.reap(&m, &mut done).expect("reap");
     assert_eq!(
         done,
-        vec![
-            Done {
-                queue: 0,
-                head: 0,
-                used_len: 1,
-            },
-            Done {
-                queue: 0,
-                head: 2,
-                used_len: 1,
-            }
-        ],
+        vec![finished(0, 0, 1), finished(0, 2, 1)],
         "requests without buffers still fit"
     );
     assert_eq!(status_at(&m, STATUS), 0);
@@ -170,14 +167,7 @@ fn multi_range_requests_finish_once_with_the_first_failure() {
     assert!(done.is_empty(), "finished before all parts completed");
     complete_all(&state, false, 0);
     ex.reap(&m, &mut done).expect("reap");
-    assert_eq!(
-        done,
-        vec![Done {
-            queue: 0,
-            head: 7,
-            used_len: 1,
-        }]
-    );
+    assert_eq!(done, vec![finished(0, 7, 1)]);
     assert_eq!(status_at(&m, STATUS), 1);
     assert_eq!(ex.in_flight(), 0);
 }
@@ -205,14 +195,7 @@ fn reads_land_in_guest_buffers() {
     );
     complete_all(&state, true, 0x5a);
     ex.reap(&m, &mut done).expect("reap");
-    assert_eq!(
-        done,
-        vec![Done {
-            queue: 3,
-            head: 1,
-            used_len: 1536 + 1,
-        }]
-    );
+    assert_eq!(done, vec![finished(3, 1, 1536 + 1)]);
     assert_eq!(read_bytes(&m, DATA, 512), vec![0x5a; 512]);
     assert_eq!(read_bytes(&m, DATA + 0x10000, 1024), vec![0x5a; 1024]);
     assert_eq!(status_at(&m, STATUS), 0);
@@ -246,14 +229,7 @@ fn reads_land_in_guest_buffers() {
     }
     done.clear();
     ex.reap(&m, &mut done).expect("reap");
-    assert_eq!(
-        done,
-        vec![Done {
-            queue: 0,
-            head: 2,
-            used_len: 1,
-        }]
-    );
+    assert_eq!(done, vec![finished(0, 2, 1)]);
     assert_eq!(status_at(&m, STATUS), 1);
 }
 
@@ -290,14 +266,7 @@ fn writes_copy_guest_data_and_get_id_needs_no_io() {
         },
         &mut done,
     );
-    assert_eq!(
-        done,
-        vec![Done {
-            queue: 0,
-            head: 9,
-            used_len: 9,
-        }]
-    );
+    assert_eq!(done, vec![finished(0, 9, 9)]);
     assert_eq!(read_bytes(&m, DATA + 8192, 8), b"serial-0");
 }
 
@@ -309,14 +278,7 @@ fn drain_never_hangs_on_a_lost_request() {
     start(&mut ex, &m, 0, write_req(0, 512), &mut done);
     state.lock().expect("lock").lost = true;
     ex.drain(&m, &mut done);
-    assert_eq!(
-        done,
-        vec![Done {
-            queue: 0,
-            head: 0,
-            used_len: 1,
-        }]
-    );
+    assert_eq!(done, vec![finished(0, 0, 1)]);
     assert_eq!(status_at(&m, STATUS), 1);
     assert_eq!(ex.in_flight(), 0);
 }
@@ -380,11 +342,7 @@ fn a_refused_submit_never_finishes_another_request() {
     }
     assert_eq!(
         done,
-        vec![Done {
-            queue: 0,
-            head: 2,
-            used_len: 1,
-        }],
+        vec![finished(0, 2, 1)],
         "only the refused request is finished"
     );
     assert_eq!(status_at(&m, STATUS + 2), Status::IoErr.byte());

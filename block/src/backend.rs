@@ -32,6 +32,10 @@ pub trait Backend {
     fn in_flight(&self) -> usize;
     /// Readable when completions may be ready; read it to clear it, then `poll`.
     fn eventfd(&self) -> RawFd;
+    /// The io_uring descriptor, if the backend has one (diagnostics, fault-injection tests).
+    fn ring_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// Creates a backend of `kind` over `volume` with room for `depth` requests in flight.
@@ -52,16 +56,10 @@ pub struct UringBackend {
 }
 
 impl UringBackend {
-    pub fn new(volume: Arc<Volume>, depth: u32) -> Result<Self, crate::Error> {
+    pub fn new(volume: Arc<Volume>, depth: u32) -> journal::Result<Self> {
         Ok(UringBackend {
             engine: IoEngine::new(volume, depth)?,
         })
-    }
-
-    /// The engine's ring descriptor (fault-injection tests).
-    #[cfg(test)]
-    pub(crate) fn ring_fd(&self) -> RawFd {
-        self.engine.ring_fd()
     }
 }
 
@@ -84,6 +82,10 @@ impl Backend for UringBackend {
 
     fn eventfd(&self) -> RawFd {
         self.engine.eventfd()
+    }
+
+    fn ring_fd(&self) -> Option<RawFd> {
+        Some(self.engine.ring_fd())
     }
 }
 

@@ -11,10 +11,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{self, BackendKind};
 use crate::config::{self, bit, QUEUE_SIZE, VIRTIO_RING_F_EVENT_IDX};
-use crate::executor::Executor;
 use crate::gate::RequestGate;
 use crate::request::VIRTIO_BLK_ID_BYTES;
 use crate::virtio::{ActivateContext, VirtioDevice, VirtioDeviceState};
+use crate::virtio_exec::GuestExecutor;
 use crate::worker::{SnapshotLink, Worker, WorkerSnapshot};
 use crate::Error;
 
@@ -226,7 +226,14 @@ impl VirtioDevice for VirtioBlock {
                         return;
                     }
                 };
-                let mut executor = Executor::new(backend, id, depth, config::MAX_BUFFER_BYTES);
+                let mut executor =
+                    match GuestExecutor::new(backend, id, depth, config::MAX_BUFFER_BYTES, gate) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
                 executor.set_write_through(write_through);
                 let _ = ready_tx.send(Ok(()));
                 Worker {
@@ -237,7 +244,6 @@ impl VirtioDevice for VirtioBlock {
                     executor,
                     needs_reset,
                     stop: worker_stop,
-                    gate,
                     snapshot: link,
                 }
                 .run();

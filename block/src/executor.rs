@@ -1,213 +1,316 @@
-//! Runs parsed requests on a [`Backend`]: copies guest data into aligned buffers for writes,
-//! copies read data back into guest memory, and writes each request's status byte.
+//! The one request executor of every front end (virtio-blk queues, NBD connections): it
+//! admits front-end-neutral requests ([`Op`]) through the quiesce gate and a bounded buffer
+//! [`Budget`], runs them as journal requests on a [`Backend`] (io_uring through
+//! [`journal::IoEngine`] by default), and hands each one back exactly once as a [`Done`]
+//! carrying the front end's context.
 //!
-//! The executor bounds what the guest can make it hold: at most `depth` journal requests in
-//! flight and at most `max_buffer_bytes` of data buffers (each request is already bounded by
-//! [`crate::request::Limits::max_data_bytes`]). A request that does not fit waits until one
-//! that does completes ([`Executor::has_room`]); one request always fits when nothing is in
-//! flight.
+//! # Admission
+//! [`Executor::admit`] checks, in order: room for the request's journal parts (at most
+//! `depth` in flight; one request always fits when nothing is in flight), the buffer budget
+//! for what the executor must allocate (read data), and the gate. It returns a [`Ticket`]
+//! or says what to wait for ([`Wait`]): a completion, the budget's waker, or the gate's
+//! waker. A front end that holds payload memory itself (an NBD write's data, received
+//! before the request can start) reserves it with [`Executor::reserve`] and hands it to the
+//! request with [`Ticket::carry`].
+//!
+//! # Ownership
+//! A started request owns its gate admission and its budget until it is done. Its
+//! completion releases both, except that read data stays charged to the budget until the
+//! front end gives it back ([`Done::held`], [`Executor::release`]); a cancelled request's
+//! completion releases everything and is not delivered. The backend is dropped first (it
+//! waits for the kernel), then the slots: no admission is released while the kernel may
+//! still write into a buffer of its request.
+//!
+//! # Durability
+//! FLUSH is just another request: it goes to the backend like a read or a write and its
+//! completion comes back from there (today the journal engine runs it when submitted; when
+//! the engine issues it on io_uring nothing here changes). Writes and write-zeroes carry
+//! FUA down to the journal; a discard with FUA is followed by a FLUSH before it completes.
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use journal::{AlignedBuf, Completion};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::backend::Backend;
-use crate::guest::SegList;
-use crate::request::{Request, RequestKind, VIRTIO_BLK_ID_BYTES};
-use crate::status::{self, Status};
+use crate::budget::Budget;
+use crate::gate::RequestGate;
 
-/// A finished request, ready for the used ring.
+/// A front-end-neutral block request. Offsets and lengths are bytes; the journal checks
+/// alignment and range.
+#[derive(Debug)]
+pub enum Op {
+    /// Read `len` bytes at `offset`; the data comes back in [`Done::result`].
+    Read { offset: u64, len: u64 },
+    /// Write `buf` at `offset`; with `fua`, durable before it completes.
+    Write {
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    },
+    /// Make every write completed before this request was started durable.
+    Flush,
+    /// Make `(offset, len)` ranges read as zeros, releasing their space; with `fua`,
+    /// durable before it completes.
+    Discard { ranges: Vec<(u64, u64)>, fua: bool },
+    /// Make `(offset, len)` ranges read as zeros; with `fua`, durable before it completes.
+    WriteZeroes { ranges: Vec<(u64, u64)>, fua: bool },
+}
+
+impl Op {
+    /// Journal requests this request becomes (0 for range lists with nothing in them).
+    pub fn parts(&self) -> usize {
+        match self {
+            Op::Discard { ranges, .. } | Op::WriteZeroes { ranges, .. } => {
+                ranges.iter().filter(|r| r.1 > 0).count()
+            }
+            _ => 1,
+        }
+    }
+
+    /// Buffer bytes the executor allocates for it (read data).
+    pub fn alloc_bytes(&self) -> u64 {
+        match self {
+            Op::Read { len, .. } => *len,
+            _ => 0,
+        }
+    }
+}
+
+/// Why a request cannot start now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Done {
-    pub queue: u16,
-    pub head: u16,
-    /// Bytes written into the chain's device-writable buffers (data plus status).
-    pub used_len: u32,
-    /// The request went through [`Executor::start`] (false for refused chains).
-    pub started: bool,
+pub enum Wait {
+    /// No room (depth or budget): retry after a completion, or after [`Executor::budget_waker`]
+    /// fires when [`Executor::starved`].
+    Full,
+    /// The gate is closed: retry after [`Executor::gate_waker`] fires and
+    /// [`Executor::gate_woken`] was called.
+    Paused,
 }
 
-struct Slot {
-    queue: u16,
-    head: u16,
-    status_addr: GuestAddress,
-    /// For reads: where the data goes.
-    read_into: Option<SegList>,
-    /// Journal requests not yet completed.
+/// Releases one gate admission when dropped.
+struct Admit(Arc<dyn RequestGate>);
+
+impl Drop for Admit {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// Permission to start one request: room, budget and (with a gate) an admission. Give it to
+/// [`Executor::start`], or back with [`Executor::abandon`].
+#[must_use = "a ticket holds budget: start it or abandon it"]
+pub struct Ticket {
+    held: u64,
+    admit: Option<Admit>,
+}
+
+impl Ticket {
+    /// Adds `n` bytes the front end reserved itself (with [`Executor::reserve`]) to what the
+    /// request holds; they are released with it.
+    pub fn carry(&mut self, n: u64) {
+        self.held += n;
+    }
+}
+
+/// A finished request.
+#[derive(Debug)]
+pub struct Done<C> {
+    pub ctx: C,
+    /// `Ok(Some(data))` for reads (exactly the length asked for), `Ok(None)` otherwise; the
+    /// first failure of any of its parts.
+    pub result: journal::Result<Option<AlignedBuf>>,
+    /// Budget bytes still charged for the read data: give them back with
+    /// [`Executor::release`] once the data is delivered. 0 for everything else.
+    pub held: u64,
+}
+
+struct Slot<C> {
+    ctx: C,
+    /// Journal requests submitted and not completed.
     remaining: u32,
-    status: Status,
-    /// Data bytes written to the guest so far.
-    written: u32,
-    buffer_bytes: u64,
+    err: Option<journal::Error>,
+    /// For reads: the length asked for, and the data once it arrived.
+    read_len: Option<u64>,
+    data: Option<AlignedBuf>,
+    /// Run a FLUSH once the parts are done (discard with FUA).
+    flush_after: bool,
+    held: u64,
+    /// The front end gave up on it: release everything at completion, deliver nothing.
+    cancelled: bool,
+    _admit: Option<Admit>,
 }
 
-/// Executes requests of one device.
-pub struct Executor {
+/// Executes the requests of one front end (one queue thread, one connection).
+pub struct Executor<C> {
+    /// Dropped first: waits for the kernel before the slots' admissions are released.
     backend: Box<dyn Backend>,
-    slots: Vec<Option<Slot>>,
+    slots: Vec<Option<Slot<C>>>,
     free: Vec<usize>,
+    live: usize,
     completions: Vec<Completion>,
-    id: [u8; VIRTIO_BLK_ID_BYTES],
     depth: usize,
-    max_buffer_bytes: u64,
-    buffer_bytes: u64,
-    write_through: bool,
+    budget: Budget,
+    gate: Option<Arc<dyn RequestGate>>,
+    /// The gate refused a request; no new attempt until its waker fired.
+    paused: bool,
 }
 
-impl Executor {
-    /// `id` is the GET_ID serial; `depth` the most journal requests in flight.
+impl<C> Executor<C> {
+    /// `depth`: journal requests in flight at most; `budget`: buffer memory; `gate`: the
+    /// quiesce gate, if any.
     pub fn new(
         backend: Box<dyn Backend>,
-        id: [u8; VIRTIO_BLK_ID_BYTES],
         depth: usize,
-        max_buffer_bytes: u64,
+        budget: Budget,
+        gate: Option<Arc<dyn RequestGate>>,
     ) -> Self {
         Executor {
             backend,
             slots: Vec::new(),
             free: Vec::new(),
+            live: 0,
             completions: Vec::new(),
-            id,
             depth: depth.max(1),
-            max_buffer_bytes,
-            buffer_bytes: 0,
-            write_through: false,
+            budget,
+            gate,
+            paused: false,
         }
     }
 
-    /// With write-through, every write is durable when it completes (used when the driver did
-    /// not negotiate VIRTIO_BLK_F_FLUSH and so cannot ask for durability).
-    pub fn set_write_through(&mut self, on: bool) {
-        self.write_through = on;
-    }
-
-    /// Requests started and not yet finished.
+    /// Requests started and not yet done (cancelled ones included).
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.live
     }
 
-    /// The backend's completion eventfd.
+    /// The backend's completion eventfd: read it to clear it, then [`Executor::poll`].
     pub fn eventfd(&self) -> RawFd {
         self.backend.eventfd()
     }
 
-    /// True when `req` may start now without exceeding the executor's bounds.
-    pub fn has_room(&self, req: &Request) -> bool {
-        if self.in_flight() == 0 {
-            return true;
+    /// The backend's io_uring descriptor, if it has one (fault-injection tests).
+    pub fn ring_fd(&self) -> Option<RawFd> {
+        self.backend.ring_fd()
+    }
+
+    /// The gate's waker, if there is a gate.
+    pub fn gate_waker(&self) -> Option<RawFd> {
+        self.gate.as_ref().map(|g| g.waker())
+    }
+
+    /// Call when the gate's waker fired: clears it and lets admissions be tried again.
+    pub fn gate_woken(&mut self) {
+        if let Some(g) = &self.gate {
+            g.clear_waker();
         }
-        let parts = journal_parts(&req.kind);
-        let bytes = req.buffer_bytes();
-        self.backend.in_flight() + parts <= self.depth
-            && (bytes == 0 || self.buffer_bytes + bytes <= self.max_buffer_bytes)
+        self.paused = false;
     }
 
-    /// Writes `status` for a request that was refused without I/O.
-    pub fn reject(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        queue: u16,
-        head: u16,
-        status_addr: GuestAddress,
-        st: Status,
-        done: &mut Vec<Done>,
-    ) {
-        write_status(mem, status_addr, st);
-        done.push(Done {
-            queue,
-            head,
-            used_len: 1,
-            started: false,
-        });
+    /// True while the gate refused and its waker did not fire yet.
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
-    /// Starts `req`; requests that need no I/O (or fail before it) finish into `done` at once.
-    pub fn start(&mut self, mem: &GuestMemoryMmap, queue: u16, req: Request, done: &mut Vec<Done>) {
-        let Request {
-            head,
-            kind,
-            status: status_addr,
-        } = req;
-        let finish_now = |st: Status, written: u32, done: &mut Vec<Done>| {
-            write_status(mem, status_addr, st);
-            done.push(Done {
-                queue,
-                head,
-                used_len: written.saturating_add(1),
-                started: true,
-            });
+    /// The budget's waker (fires when shared budget may be back).
+    pub fn budget_waker(&self) -> RawFd {
+        self.budget.waker()
+    }
+
+    /// Clears the budget's waker after it fired.
+    pub fn budget_woken(&self) {
+        self.budget.clear_waker();
+    }
+
+    /// True when the last reservation failed on the shared budget.
+    pub fn starved(&self) -> bool {
+        self.budget.starved()
+    }
+
+    /// Buffer bytes held now (requests in flight, plus what the front end reserved).
+    pub fn held(&self) -> u64 {
+        self.budget.held()
+    }
+
+    /// Reserves `n` bytes the front end holds itself (a payload being received).
+    pub fn reserve(&mut self, n: u64) -> bool {
+        self.budget.try_reserve(n)
+    }
+
+    /// Gives back bytes from [`Executor::reserve`] or [`Done::held`].
+    pub fn release(&mut self, n: u64) {
+        self.budget.release(n);
+    }
+
+    /// Admits a request of `parts` journal requests that needs `alloc` bytes of buffers from
+    /// the executor (see [`Op::parts`], [`Op::alloc_bytes`]).
+    pub fn admit(&mut self, parts: usize, alloc: u64) -> Result<Ticket, Wait> {
+        if self.live > 0 && self.backend.in_flight().saturating_add(parts) > self.depth {
+            return Err(Wait::Full);
+        }
+        if self.paused {
+            return Err(Wait::Paused);
+        }
+        if !self.budget.try_reserve(alloc) {
+            return Err(Wait::Full);
+        }
+        let admit = match &self.gate {
+            Some(g) if g.try_admit() => Some(Admit(g.clone())),
+            Some(_) => {
+                self.paused = true;
+                self.budget.release(alloc);
+                return Err(Wait::Paused);
+            }
+            None => None,
         };
+        Ok(Ticket { held: alloc, admit })
+    }
+
+    /// Gives back a ticket that will not be started.
+    pub fn abandon(&mut self, ticket: Ticket) {
+        self.budget.release(ticket.held);
+    }
+
+    /// Starts `op` under `ticket`. A request that needs no journal work (an empty range list)
+    /// or that the backend refuses outright is done at once, into `out`.
+    pub fn start(&mut self, ticket: Ticket, ctx: C, op: Op, out: &mut Vec<Done<C>>) {
         let mut parts: Vec<journal::Request> = Vec::with_capacity(1);
-        let mut read_into = None;
-        let mut buffer_bytes = 0;
-        match kind {
-            RequestKind::GetId { data } => {
-                let n = (data.len() as usize).min(VIRTIO_BLK_ID_BYTES);
-                match data.write_from(mem, &self.id[..n]) {
-                    Ok(()) => finish_now(Status::Ok, n as u32, done),
-                    Err(e) => finish_now(status::for_guest_memory_error(&e), 0, done),
-                }
-                return;
+        let mut read_len = None;
+        let mut flush_after = false;
+        match op {
+            Op::Read { offset, len } => {
+                read_len = Some(len);
+                parts.push(journal::Request::Read { offset, len });
             }
-            RequestKind::Read { offset, data } => {
-                if data.is_empty() {
-                    return finish_now(Status::Ok, 0, done);
-                }
-                buffer_bytes = data.len();
-                parts.push(journal::Request::Read {
-                    offset,
-                    len: data.len(),
-                });
-                read_into = Some(data);
+            Op::Write { offset, buf, fua } => {
+                parts.push(journal::Request::Write { offset, buf, fua })
             }
-            RequestKind::Write { offset, data } => {
-                if data.is_empty() {
-                    return finish_now(Status::Ok, 0, done);
-                }
-                // data.len() <= Limits::max_data_bytes (a u32), checked by the parser.
-                let mut buf = AlignedBuf::new(data.len() as usize);
-                if let Err(e) = data.read_into(mem, buf.as_mut_slice()) {
-                    return finish_now(status::for_guest_memory_error(&e), 0, done);
-                }
-                buffer_bytes = data.len();
-                parts.push(journal::Request::Write {
-                    offset,
-                    buf,
-                    fua: self.write_through,
-                });
+            Op::Flush => parts.push(journal::Request::Flush),
+            Op::Discard { ranges, fua } => {
+                flush_after = fua;
+                parts.extend(
+                    ranges
+                        .into_iter()
+                        .filter(|r| r.1 > 0)
+                        .map(|(offset, len)| journal::Request::Discard { offset, len }),
+                );
             }
-            RequestKind::Flush => parts.push(journal::Request::Flush),
-            RequestKind::Discard { ranges } => {
-                for r in ranges.into_iter().filter(|r| r.len > 0) {
-                    parts.push(journal::Request::Discard {
-                        offset: r.offset,
-                        len: r.len,
-                    });
-                }
-            }
-            RequestKind::WriteZeroes { ranges } => {
-                for r in ranges.into_iter().filter(|r| r.len > 0) {
-                    parts.push(journal::Request::WriteZeroes {
-                        offset: r.offset,
-                        len: r.len,
-                        fua: self.write_through,
-                    });
-                }
-            }
-        }
-        if parts.is_empty() {
-            return finish_now(Status::Ok, 0, done);
+            Op::WriteZeroes { ranges, fua } => parts.extend(
+                ranges
+                    .into_iter()
+                    .filter(|r| r.1 > 0)
+                    .map(|(offset, len)| journal::Request::WriteZeroes { offset, len, fua }),
+            ),
         }
         let slot = Slot {
-            queue,
-            head,
-            status_addr,
-            read_into,
+            ctx,
             remaining: parts.len() as u32,
-            status: Status::Ok,
-            written: 0,
-            buffer_bytes,
+            err: None,
+            read_len,
+            data: None,
+            flush_after: flush_after && !parts.is_empty(),
+            held: ticket.held,
+            cancelled: false,
+            _admit: ticket.admit,
         };
         let index = match self.free.pop() {
             Some(i) => {
@@ -219,69 +322,72 @@ impl Executor {
                 self.slots.len() - 1
             }
         };
-        self.buffer_bytes += buffer_bytes;
+        self.live += 1;
+        if parts.is_empty() {
+            self.finish(index, out);
+            return;
+        }
         for part in parts {
-            // A refused part was not queued and never completes: it is finished here, and the
+            // A refused part was not queued and never completes: count it done here; the
             // slot stays taken until the parts that were queued complete.
             if let Err(r) = self.backend.submit(index as u64, part) {
-                let st = status::for_journal_error(&r.error);
-                self.part_done(mem, index, st, done);
+                self.part_done(index, Err(r.error), out);
             }
         }
     }
 
-    /// Collects finished requests without blocking.
-    pub fn reap(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        done: &mut Vec<Done>,
-    ) -> Result<(), crate::Error> {
-        let mut completions = std::mem::take(&mut self.completions);
-        let res = self.backend.poll(&mut completions);
-        self.complete(mem, &mut completions, done);
-        self.completions = completions;
-        res.map_err(crate::Error::from)
+    /// Stops delivering every request in flight: each still completes in the backend, and
+    /// then releases its admission and budget without a [`Done`].
+    pub fn cancel_all(&mut self) {
+        for slot in self.slots.iter_mut().flatten() {
+            slot.cancelled = true;
+        }
     }
 
-    /// Waits for every started request to finish. If the backend fails, the requests still
-    /// in flight finish with IOERR.
-    pub fn drain(&mut self, mem: &GuestMemoryMmap, done: &mut Vec<Done>) {
+    /// Collects finished requests without blocking. An `Err` (the backend cannot submit any
+    /// more) comes after the completions that were ready.
+    pub fn poll(&mut self, out: &mut Vec<Done<C>>) -> journal::Result<()> {
         let mut completions = std::mem::take(&mut self.completions);
-        while self.in_flight() > 0 {
+        let res = self.backend.poll(&mut completions);
+        self.complete(&mut completions, out);
+        self.completions = completions;
+        res
+    }
+
+    /// Waits until every started request is done. If the backend fails, or cannot finish
+    /// what it holds, the requests left finish with an I/O error: this never hangs.
+    pub fn drain(&mut self, out: &mut Vec<Done<C>>) {
+        let mut completions = std::mem::take(&mut self.completions);
+        while self.live > 0 {
             let res = if self.backend.in_flight() > 0 {
                 self.backend.wait(1, &mut completions)
             } else {
                 self.backend.poll(&mut completions)
             };
             let progressed = !completions.is_empty();
-            self.complete(mem, &mut completions, done);
+            self.complete(&mut completions, out);
             if let Err(e) = res {
                 tracing::error!(error = %e, "block backend failed while draining");
-                self.fail_all(mem, done);
+                self.fail_all(out);
             } else if !progressed && self.backend.in_flight() == 0 {
-                // Nothing can complete any more: never hang the caller.
-                self.fail_all(mem, done);
+                self.fail_all(out);
             }
         }
         self.completions = completions;
     }
 
-    fn fail_all(&mut self, mem: &GuestMemoryMmap, done: &mut Vec<Done>) {
+    fn fail_all(&mut self, out: &mut Vec<Done<C>>) {
         for i in 0..self.slots.len() {
             if let Some(slot) = self.slots[i].as_mut() {
-                slot.status = Status::IoErr;
                 slot.remaining = 1;
-                self.part_done(mem, i, Status::IoErr, done);
+                slot.flush_after = false;
+                let err = journal::Error::RawIo(std::io::Error::from_raw_os_error(libc::EIO));
+                self.part_done(i, Err(err), out);
             }
         }
     }
 
-    fn complete(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        completions: &mut Vec<Completion>,
-        done: &mut Vec<Done>,
-    ) {
+    fn complete(&mut self, completions: &mut Vec<Completion>, out: &mut Vec<Done<C>>) {
         for c in completions.drain(..) {
             let Some(index) = usize::try_from(c.token)
                 .ok()
@@ -290,79 +396,91 @@ impl Executor {
                 tracing::warn!(token = c.token, "completion for an unknown request");
                 continue;
             };
-            let st = match (c.result, self.slots[index].as_mut()) {
-                (Err(e), _) => status::for_journal_error(&e),
-                (Ok(Some(buf)), Some(slot)) => match slot.read_into.as_ref() {
-                    Some(data) if buf.len() as u64 == data.len() => {
-                        match data.write_from(mem, buf.as_slice()) {
-                            Ok(()) => {
-                                slot.written = buf.len() as u32;
-                                Status::Ok
-                            }
-                            Err(e) => status::for_guest_memory_error(&e),
-                        }
-                    }
-                    _ => {
-                        tracing::error!(
-                            len = buf.len(),
-                            "read completion does not match its request"
-                        );
-                        Status::IoErr
-                    }
-                },
-                (Ok(None), Some(slot)) if slot.read_into.is_some() => {
-                    tracing::error!("read completed without data");
-                    Status::IoErr
-                }
-                (Ok(_), _) => Status::Ok,
-            };
-            self.part_done(mem, index, st, done);
+            self.part_done(index, c.result, out);
         }
     }
 
-    fn part_done(&mut self, mem: &GuestMemoryMmap, index: usize, st: Status, done: &mut Vec<Done>) {
+    fn part_done(
+        &mut self,
+        index: usize,
+        result: journal::Result<Option<AlignedBuf>>,
+        out: &mut Vec<Done<C>>,
+    ) {
         let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
-        slot.status = slot.status.and(st);
+        match (result, slot.read_len) {
+            (Err(e), _) => {
+                slot.err.get_or_insert(e);
+            }
+            (Ok(Some(buf)), Some(len)) if buf.len() as u64 == len && slot.data.is_none() => {
+                slot.data = Some(buf);
+            }
+            (Ok(None), None) => {}
+            (Ok(got), _) => {
+                tracing::error!(
+                    got = got.as_ref().map(AlignedBuf::len),
+                    "a completion does not match its request"
+                );
+                slot.err.get_or_insert(journal::Error::Invalid(
+                    "completion does not match its request".into(),
+                ));
+            }
+        }
         slot.remaining = slot.remaining.saturating_sub(1);
         if slot.remaining > 0 {
             return;
         }
-        let Some(slot) = self.slots[index].take() else {
+        if std::mem::take(&mut slot.flush_after) && slot.err.is_none() {
+            slot.remaining = 1;
+            if let Err(r) = self.backend.submit(index as u64, journal::Request::Flush) {
+                self.part_done(index, Err(r.error), out);
+            }
+            return;
+        }
+        self.finish(index, out);
+    }
+
+    fn finish(&mut self, index: usize, out: &mut Vec<Done<C>>) {
+        let Some(slot) = self.slots.get_mut(index).and_then(Option::take) else {
             return;
         };
         self.free.push(index);
-        self.buffer_bytes -= slot.buffer_bytes;
-        let written = if slot.status == Status::Ok {
-            slot.written
-        } else {
-            0
+        self.live -= 1;
+        let Slot {
+            ctx,
+            err,
+            read_len,
+            data,
+            held,
+            cancelled,
+            _admit,
+            ..
+        } = slot;
+        // The admission goes now: the request's effect is in the journal.
+        drop(_admit);
+        let result = match (err, read_len) {
+            (Some(e), _) => Err(e),
+            (None, Some(_)) => match data {
+                Some(d) => Ok(Some(d)),
+                None => Err(journal::Error::Invalid(
+                    "read completed without data".into(),
+                )),
+            },
+            (None, None) => Ok(None),
         };
-        write_status(mem, slot.status_addr, slot.status);
-        done.push(Done {
-            queue: slot.queue,
-            head: slot.head,
-            used_len: written.saturating_add(1),
-            started: true,
-        });
-    }
-}
-
-/// Journal requests one virtio request turns into.
-fn journal_parts(kind: &RequestKind) -> usize {
-    match kind {
-        RequestKind::Discard { ranges } | RequestKind::WriteZeroes { ranges } => ranges.len(),
-        RequestKind::GetId { .. } => 0,
-        _ => 1,
-    }
-}
-
-fn write_status(mem: &GuestMemoryMmap, addr: GuestAddress, st: Status) {
-    // The parser checked the address; it can only fail if guest memory changed under us, and
-    // then there is nobody left to tell.
-    if let Err(e) = mem.write_obj(st.byte(), addr) {
-        tracing::warn!(error = %e, addr = addr.0, "cannot write a request status");
+        let keep = match &result {
+            Ok(Some(_)) if !cancelled => held.min(read_len.unwrap_or(0)),
+            _ => 0,
+        };
+        self.budget.release(held - keep);
+        if !cancelled {
+            out.push(Done {
+                ctx,
+                result,
+                held: keep,
+            });
+        }
     }
 }
 

@@ -1,404 +1,312 @@
-//! Executor tests against a backend the test completes by hand.
+//! The shared executor against a backend the test completes by hand, and against io_uring.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use journal::{AlignedBuf, Completion};
-use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
+use journal::Request as J;
 
 use super::*;
-use crate::guest::Segment;
-use crate::request::Range;
 use crate::testutil::*;
 
-#[derive(Default)]
-struct Held {
-    submitted: Vec<(u64, journal::Request)>,
-    ready: Vec<Completion>,
-    /// Pretend the backend lost everything (in_flight reports 0).
-    lost: bool,
+fn executor(
+    depth: usize,
+    budget: u64,
+    gate: Option<Arc<TestGate>>,
+) -> (Executor<u32>, Arc<Mutex<Held>>) {
+    let (backend, state) = HeldBackend::new();
+    let gate = gate.map(|g| g as Arc<dyn RequestGate>);
+    let ex = Executor::new(
+        Box::new(backend),
+        depth,
+        Budget::local(budget).expect("budget"),
+        gate,
+    );
+    (ex, state)
 }
 
-struct HeldBackend {
-    state: Arc<Mutex<Held>>,
-    event: EventFd,
+fn start(ex: &mut Executor<u32>, ctx: u32, op: Op, out: &mut Vec<Done<u32>>) {
+    let t = ex
+        .admit(op.parts(), op.alloc_bytes())
+        .expect("must not have to wait");
+    ex.start(t, ctx, op, out);
 }
 
-impl Backend for HeldBackend {
-    fn submit(&mut self, token: u64, req: journal::Request) -> Result<(), journal::Rejected> {
-        self.state
-            .lock()
-            .expect("lock")
-            .submitted
-            .push((token, req));
-        Ok(())
-    }
-    fn poll(&mut self, out: &mut Vec<Completion>) -> journal::Result<()> {
-        out.append(&mut self.state.lock().expect("lock").ready);
-        Ok(())
-    }
-    fn wait(&mut self, _min: usize, out: &mut Vec<Completion>) -> journal::Result<()> {
-        self.poll(out)
-    }
-    fn in_flight(&self) -> usize {
-        let s = self.state.lock().expect("lock");
-        if s.lost {
-            0
-        } else {
-            s.submitted.len() + s.ready.len()
-        }
-    }
-    fn eventfd(&self) -> RawFd {
-        use std::os::fd::AsRawFd;
-        self.event.as_raw_fd()
-    }
+fn read(offset: u64, len: u64) -> Op {
+    Op::Read { offset, len }
 }
 
-fn executor(depth: usize, max_bytes: u64) -> (Executor, Arc<Mutex<Held>>) {
-    let state = Arc::new(Mutex::new(Held::default()));
-    let backend = HeldBackend {
-        state: state.clone(),
-        event: EventFd::new(0).expect("eventfd"),
-    };
-    (
-        Executor::new(
-            Box::new(backend),
-            *b"serial-0123456789abc",
-            depth,
-            max_bytes,
-        ),
-        state,
-    )
-}
-
-fn segs(addr: u64, len: u32) -> SegList {
-    let mut l = SegList::new();
-    l.push(Segment {
-        addr: GuestAddress(addr),
-        len,
-    });
-    l
-}
-
-fn write_req(head: u16, len: u32) -> Request {
-    Request {
-        head,
-        kind: RequestKind::Write {
-            offset: 0,
-            data: segs(DATA, len),
-        },
-        status: GuestAddress(STATUS + u64::from(head)),
-    }
-}
-
-/// Completes everything submitted so far with `ok` (reads get `fill` data).
-fn complete_all(state: &Mutex<Held>, ok: bool, fill: u8) {
-    let mut s = state.lock().expect("lock");
-    let subs = std::mem::take(&mut s.submitted);
-    for (token, req) in subs {
-        let result = match (ok, req) {
-            (false, _) => Err(journal::Error::Invalid("injected".into())),
-            (true, journal::Request::Read { len, .. }) => {
-                Ok(Some(AlignedBuf::from_slice(&vec![fill; len as usize])))
-            }
-            (true, _) => Ok(None),
-        };
-        s.ready.push(Completion { token, result });
+fn write(offset: u64, len: usize, fua: bool) -> Op {
+    Op::Write {
+        offset,
+        buf: AlignedBuf::new(len),
+        fua,
     }
 }
 
 #[test]
-fn buffer_budget_bounds_what_is_held() {
-    let m = mem();
-    let mb = 1u64 << 20;
-    let (mut ex, state) = executor(256, 4 * mb);
-    let mut done = Vec::new();
-    // One request always fits into an idle executor, even one larger than the budget.
-    let big = write_req(0, 8 << 20);
-    assert!(ex.has_room(&big));
-    ex.start(&m, 0, big, &mut done);
-    assert!(
-        !ex.has_room(&write_req(1, 512)),
-        "budget exhausted by the first request"
-    );
-    let flush = Request {
-        head: 2,
-        kind: RequestKind::Flush,
-        status: GuestAddress(STATUS + 2),
+fn depth_counts_journal_parts_and_one_request_always_fits() {
+    let (mut ex, state) = executor(4, u64::MAX, None);
+    let mut out = Vec::new();
+    let five = Op::Discard {
+        ranges: (0..5).map(|i| (i * 4096, 4096)).collect(),
+        fua: false,
     };
-    assert!(ex.has_room(&flush), "requests without buffers still fit");
+    assert_eq!(five.parts(), 5);
+    start(&mut ex, 1, five, &mut out);
+    assert_eq!(
+        state.lock().unwrap().submitted.len(),
+        5,
+        "an idle executor takes it whole"
+    );
+    assert_eq!(ex.admit(1, 0).err(), Some(Wait::Full));
     complete_all(&state, true, 0);
-    ex.reap(&m, &mut done).expect("reap");
-    assert_eq!(
-        done,
-        vec![Done {
-            queue: 0,
-            head: 0,
-            used_len: 1,
-            started: true
-        }]
-    );
-    assert_eq!(status_at(&m, STATUS), 0);
-    for head in 0..4u16 {
-        assert!(ex.has_room(&write_req(head, mb as u32)));
-        ex.start(&m, 0, write_req(head, mb as u32), &mut done);
+    ex.poll(&mut out).unwrap();
+    assert_eq!(out.len(), 1, "five parts, one completion");
+    assert!(out[0].result.is_ok());
+    for i in 0..4 {
+        start(&mut ex, i, Op::Flush, &mut out);
     }
-    assert!(!ex.has_room(&write_req(9, 512)));
-    assert_eq!(ex.in_flight(), 4);
+    assert_eq!(ex.admit(1, 0).err(), Some(Wait::Full), "depth 4");
 }
 
 #[test]
-fn depth_bounds_journal_requests() {
-    let m = mem();
-    let (mut ex, _state) = executor(4, u64::MAX);
-    let mut done = Vec::new();
-    for head in 0..4u16 {
-        let flush = Request {
-            head,
-            kind: RequestKind::Flush,
-            status: GuestAddress(STATUS + u64::from(head)),
-        };
-        assert!(ex.has_room(&flush));
-        ex.start(&m, 0, flush, &mut done);
-    }
-    let flush = Request {
-        head: 5,
-        kind: RequestKind::Flush,
-        status: GuestAddress(STATUS + 5),
-    };
-    assert!(!ex.has_room(&flush));
-}
-
-#[test]
-fn multi_range_requests_finish_once_with_the_first_failure() {
-    let m = mem();
-    let (mut ex, state) = executor(256, u64::MAX);
-    let mut done = Vec::new();
-    let ranges = vec![
-        Range {
-            offset: 0,
-            len: 4096,
-        },
-        Range {
-            offset: 8192,
-            len: 0,
-        },
-        Range {
-            offset: 65536,
-            len: 512,
-        },
-    ];
-    ex.start(
-        &m,
-        0,
-        Request {
-            head: 7,
-            kind: RequestKind::Discard { ranges },
-            status: GuestAddress(STATUS),
-        },
-        &mut done,
-    );
+fn the_budget_bounds_buffers_and_read_data_is_held_until_released() {
+    let (mut ex, state) = executor(64, 8192, None);
+    let mut out = Vec::new();
+    start(&mut ex, 1, read(0, 1 << 20), &mut out);
     assert_eq!(
-        state.lock().expect("lock").submitted.len(),
-        2,
-        "empty ranges are skipped"
+        ex.held(),
+        1 << 20,
+        "an idle executor takes one oversized read"
     );
-    // First part succeeds, second fails.
-    {
-        let mut s = state.lock().expect("lock");
-        let (t0, _) = s.submitted.remove(0);
-        s.ready.push(Completion {
-            token: t0,
-            result: Ok(None),
-        });
-    }
-    ex.reap(&m, &mut done).expect("reap");
-    assert!(done.is_empty(), "finished before all parts completed");
-    complete_all(&state, false, 0);
-    ex.reap(&m, &mut done).expect("reap");
-    assert_eq!(
-        done,
-        vec![Done {
-            queue: 0,
-            head: 7,
-            used_len: 1,
-            started: true
-        }]
-    );
-    assert_eq!(status_at(&m, STATUS), 1);
-    assert_eq!(ex.in_flight(), 0);
-}
-
-#[test]
-fn reads_land_in_guest_buffers() {
-    let m = mem();
-    let (mut ex, state) = executor(256, u64::MAX);
-    let mut done = Vec::new();
-    let mut data = segs(DATA, 512);
-    data.push(Segment {
-        addr: GuestAddress(DATA + 0x10000),
-        len: 1024,
-    });
-    ex.start(
-        &m,
-        3,
-        Request {
-            head: 1,
-            kind: RequestKind::Read { offset: 0, data },
-            status: GuestAddress(STATUS),
-        },
-        &mut done,
+    assert_eq!(ex.admit(1, 512).err(), Some(Wait::Full));
+    assert!(
+        ex.admit(1, 0).is_ok_and(|t| {
+            ex.abandon(t);
+            true
+        }),
+        "bufferless requests still fit"
     );
     complete_all(&state, true, 0x5a);
-    ex.reap(&m, &mut done).expect("reap");
+    ex.poll(&mut out).unwrap();
+    let d = out.pop().unwrap();
+    assert_eq!(d.held, 1 << 20);
     assert_eq!(
-        done,
-        vec![Done {
-            queue: 3,
-            head: 1,
-            used_len: 1536 + 1,
-            started: true
-        }]
+        d.result.unwrap().unwrap().as_slice(),
+        vec![0x5a; 1 << 20].as_slice()
     );
-    assert_eq!(read_bytes(&m, DATA, 512), vec![0x5a; 512]);
-    assert_eq!(read_bytes(&m, DATA + 0x10000, 1024), vec![0x5a; 1024]);
-    assert_eq!(status_at(&m, STATUS), 0);
-
-    // A completion whose buffer does not match the request is an I/O error.
-    ex.start(
-        &m,
-        0,
-        Request {
-            head: 2,
-            kind: RequestKind::Read {
-                offset: 0,
-                data: segs(DATA, 512),
-            },
-            status: GuestAddress(STATUS),
-        },
-        &mut done,
-    );
-    {
-        let mut s = state.lock().expect("lock");
-        let (t, _) = s.submitted.remove(0);
-        s.ready.push(Completion {
-            token: t,
-            result: Ok(Some(AlignedBuf::new(4096))),
-        });
-        s.ready.push(Completion {
-            token: 999,
-            result: Ok(None),
-        });
-    }
-    done.clear();
-    ex.reap(&m, &mut done).expect("reap");
     assert_eq!(
-        done,
-        vec![Done {
-            queue: 0,
-            head: 2,
-            used_len: 1,
-            started: true
-        }]
+        ex.held(),
+        1 << 20,
+        "read data stays charged until delivered"
     );
-    assert_eq!(status_at(&m, STATUS), 1);
+    ex.release(d.held);
+    assert_eq!(ex.held(), 0);
+    // A write's payload reserved by the front end travels with the request.
+    assert!(ex.reserve(4096));
+    let mut t = ex.admit(1, 0).unwrap();
+    t.carry(4096);
+    ex.start(t, 2, write(0, 4096, false), &mut out);
+    assert_eq!(ex.held(), 4096);
+    complete_all(&state, true, 0);
+    ex.poll(&mut out).unwrap();
+    assert_eq!(out.pop().unwrap().held, 0);
+    assert_eq!(ex.held(), 0, "a write's payload goes with its completion");
 }
 
 #[test]
-fn writes_copy_guest_data_and_get_id_needs_no_io() {
-    let m = mem();
-    let (mut ex, state) = executor(256, u64::MAX);
-    let mut done = Vec::new();
-    m.write_slice(&pattern(4, 2048), GuestAddress(DATA))
-        .expect("data");
-    ex.set_write_through(true);
-    ex.start(&m, 0, write_req(0, 2048), &mut done);
-    {
-        let s = state.lock().expect("lock");
-        match &s.submitted[0].1 {
-            journal::Request::Write { buf, fua, offset } => {
-                assert_eq!(buf.as_slice(), pattern(4, 2048).as_slice());
-                assert!(*fua, "write-through writes are FUA");
-                assert_eq!(*offset, 0);
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    ex.start(
-        &m,
-        0,
-        Request {
-            head: 9,
-            kind: RequestKind::GetId {
-                data: segs(DATA + 8192, 8),
-            },
-            status: GuestAddress(STATUS + 9),
+fn fua_reaches_the_journal_and_a_fua_discard_is_flushed_before_it_completes() {
+    let (mut ex, state) = executor(64, u64::MAX, None);
+    let mut out = Vec::new();
+    start(&mut ex, 1, write(0, 4096, true), &mut out);
+    start(
+        &mut ex,
+        2,
+        Op::WriteZeroes {
+            ranges: vec![(8192, 4096)],
+            fua: true,
         },
-        &mut done,
+        &mut out,
     );
+    {
+        let s = state.lock().unwrap();
+        assert!(matches!(s.submitted[0].1, J::Write { fua: true, .. }));
+        assert!(matches!(s.submitted[1].1, J::WriteZeroes { fua: true, .. }));
+    }
+    complete_all(&state, true, 0);
+    ex.poll(&mut out).unwrap();
+    assert_eq!(out.len(), 2);
+    out.clear();
+    start(
+        &mut ex,
+        3,
+        Op::Discard {
+            ranges: vec![(0, 4096), (65536, 4096)],
+            fua: true,
+        },
+        &mut out,
+    );
+    let kinds = |s: &Held| {
+        s.submitted
+            .iter()
+            .map(|(_, r)| format!("{r:?}"))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
-        done,
-        vec![Done {
-            queue: 0,
-            head: 9,
-            used_len: 9,
-            started: true
-        }]
+        state.lock().unwrap().submitted.len(),
+        2,
+        "no flush before the discards are done"
     );
-    assert_eq!(read_bytes(&m, DATA + 8192, 8), b"serial-0");
+    complete_all(&state, true, 0);
+    ex.poll(&mut out).unwrap();
+    assert!(out.is_empty(), "not done before its flush");
+    let s = kinds(&state.lock().unwrap());
+    assert_eq!(s, ["Flush"], "the flush follows the completed discards");
+    complete_all(&state, true, 0);
+    ex.poll(&mut out).unwrap();
+    assert_eq!(out.len(), 1);
+    assert!(out[0].result.is_ok());
+    // A failed discard is not flushed: its error is the answer.
+    out.clear();
+    start(
+        &mut ex,
+        4,
+        Op::Discard {
+            ranges: vec![(0, 4096)],
+            fua: true,
+        },
+        &mut out,
+    );
+    complete_all(&state, false, 0);
+    ex.poll(&mut out).unwrap();
+    assert_eq!(out.len(), 1);
+    assert!(out[0].result.is_err());
+    assert!(state.lock().unwrap().submitted.is_empty());
 }
 
 #[test]
-fn drain_never_hangs_on_a_lost_request() {
-    let m = mem();
-    let (mut ex, state) = executor(256, u64::MAX);
-    let mut done = Vec::new();
-    ex.start(&m, 0, write_req(0, 512), &mut done);
-    state.lock().expect("lock").lost = true;
-    ex.drain(&m, &mut done);
+fn a_closed_gate_holds_requests_and_completions_release_it() {
+    let gate = TestGate::new();
+    let (mut ex, state) = executor(64, u64::MAX, Some(gate.clone()));
+    let mut out = Vec::new();
+    start(&mut ex, 1, write(0, 4096, false), &mut out);
+    assert_eq!(gate.in_flight(), 1);
+    gate.close();
+    assert_eq!(ex.admit(1, 4096).err(), Some(Wait::Paused));
+    assert_eq!(ex.held(), 0, "a refused admission gives its budget back");
+    let tries = gate.tries.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(ex.admit(1, 0).err(), Some(Wait::Paused));
     assert_eq!(
-        done,
-        vec![Done {
-            queue: 0,
-            head: 0,
-            used_len: 1,
-            started: true
-        }]
+        gate.tries.load(std::sync::atomic::Ordering::SeqCst),
+        tries,
+        "no new attempt before the waker fires"
     );
-    assert_eq!(status_at(&m, STATUS), 1);
+    complete_all(&state, true, 0);
+    ex.poll(&mut out).unwrap();
+    assert_eq!(
+        gate.in_flight(),
+        0,
+        "the completion released its admission: a pause drains"
+    );
+    gate.open();
+    ex.gate_woken();
+    assert!(!ex.is_paused());
+    start(&mut ex, 2, Op::Flush, &mut out);
+    assert_eq!(gate.in_flight(), 1);
+}
+
+#[test]
+fn cancelled_requests_complete_unanswered_and_release_everything() {
+    let gate = TestGate::new();
+    let (mut ex, state) = executor(64, u64::MAX, Some(gate.clone()));
+    let mut out = Vec::new();
+    start(&mut ex, 1, read(0, 8192), &mut out);
+    start(&mut ex, 2, write(0, 4096, false), &mut out);
+    ex.cancel_all();
+    assert_eq!(ex.in_flight(), 2, "still in the backend");
+    assert_eq!(
+        gate.in_flight(),
+        2,
+        "and still admitted while the journal runs them"
+    );
+    complete_all(&state, true, 1);
+    ex.poll(&mut out).unwrap();
+    assert!(out.is_empty(), "nothing delivered");
     assert_eq!(ex.in_flight(), 0);
+    assert_eq!(ex.held(), 0, "read data of a cancelled read is given back");
+    assert_eq!(gate.in_flight(), 0);
 }
 
-fn write_at(head: u16, offset: u64, addr: u64, len: u32) -> Request {
-    Request {
-        head,
-        kind: RequestKind::Write {
-            offset,
-            data: segs(addr, len),
-        },
-        status: GuestAddress(STATUS + u64::from(head)),
-    }
-}
-
-/// On the real io_uring backend, with `io_uring_enter` failing for a while (the ring's
-/// descriptor number points at /dev/null): a request the engine took completes once, with its
-/// own status, and one it refused fails at once without ever finishing another request
-/// that later reuses its slot.
 #[test]
-fn a_refused_submit_never_finishes_another_request() {
+fn drain_fails_lost_requests_and_drop_releases_admissions() {
+    let gate = TestGate::new();
+    let (mut ex, state) = executor(64, u64::MAX, Some(gate.clone()));
+    let mut out = Vec::new();
+    start(&mut ex, 1, write(0, 4096, false), &mut out);
+    state.lock().unwrap().lost = true;
+    ex.drain(&mut out);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].result.is_err(), "a lost request fails, never hangs");
+    assert_eq!(gate.in_flight(), 0);
+    state.lock().unwrap().lost = false;
+    start(&mut ex, 2, write(0, 4096, false), &mut out);
+    assert_eq!(gate.in_flight(), 1);
+    drop(ex);
+    assert_eq!(
+        gate.in_flight(),
+        0,
+        "dropping the executor releases its admissions"
+    );
+}
+
+#[test]
+fn empty_range_lists_finish_at_once() {
+    let gate = TestGate::new();
+    let (mut ex, state) = executor(64, u64::MAX, Some(gate.clone()));
+    let mut out = Vec::new();
+    start(
+        &mut ex,
+        7,
+        Op::Discard {
+            ranges: vec![(0, 0)],
+            fua: true,
+        },
+        &mut out,
+    );
+    assert_eq!(out.len(), 1);
+    assert!(out[0].result.is_ok());
+    assert!(
+        state.lock().unwrap().submitted.is_empty(),
+        "no journal work, not even a flush"
+    );
+    assert_eq!(gate.in_flight(), 0);
+}
+
+/// On io_uring with a real journal: FLUSH, reads and writes all come back through the
+/// engine, and a refused submit fails only its own request.
+#[test]
+fn on_io_uring_every_request_completes_once() {
     use std::os::fd::AsRawFd;
-    let m = mem();
     let td = test_disk(16 << 20);
     let backend = crate::backend::UringBackend::new(td.volume.clone(), 8).expect("backend");
-    let ring_fd = backend.ring_fd();
-    let mut ex = Executor::new(Box::new(backend), *b"serial-0123456789abc", 8, u64::MAX);
-    m.write_slice(&[0xaa; 4096], GuestAddress(DATA)).unwrap();
-    m.write_slice(&[0xbb; 4096], GuestAddress(DATA + 0x10000))
-        .unwrap();
-    m.write_slice(&[0xcc; 4096], GuestAddress(DATA + 0x20000))
-        .unwrap();
-    let mut done = Vec::new();
-
+    let ring_fd = backend.ring_fd().expect("ring");
+    let mut ex: Executor<u32> =
+        Executor::new(Box::new(backend), 8, Budget::local(1 << 20).unwrap(), None);
+    let mut out = Vec::new();
+    let data = |b: u8| {
+        let mut buf = AlignedBuf::new(4096);
+        buf.as_mut_slice().fill(b);
+        buf
+    };
+    start(
+        &mut ex,
+        1,
+        Op::Write {
+            offset: 0,
+            buf: data(0xaa),
+            fua: false,
+        },
+        &mut out,
+    );
     let null = std::fs::File::open("/dev/null").unwrap();
     // SAFETY: dup/dup2 on descriptors this test owns; the ring lives on through its mappings
     // while its number points at /dev/null, and gets its number back below.
@@ -406,37 +314,56 @@ fn a_refused_submit_never_finishes_another_request() {
     assert!(saved >= 0);
     // SAFETY: as above.
     assert!(unsafe { libc::dup2(null.as_raw_fd(), ring_fd) } >= 0);
-    ex.start(&m, 0, write_at(1, 0, DATA, 4096), &mut done);
-    ex.start(&m, 0, write_at(2, 4096, DATA + 0x10000, 4096), &mut done);
+    // The first write is queued (its SQE waits for a working enter), the second refused.
+    start(
+        &mut ex,
+        2,
+        Op::Write {
+            offset: 4096,
+            buf: data(0xbb),
+            fua: false,
+        },
+        &mut out,
+    );
+    start(
+        &mut ex,
+        5,
+        Op::Write {
+            offset: 8192,
+            buf: data(0xcc),
+            fua: false,
+        },
+        &mut out,
+    );
+    assert_eq!(out.len(), 1, "only the refused write is done");
     // SAFETY: puts the ring back on its number and closes the copy.
     unsafe {
         assert!(libc::dup2(saved, ring_fd) >= 0);
         libc::close(saved);
     }
-    assert_eq!(
-        done,
-        vec![Done {
-            queue: 0,
-            head: 2,
-            used_len: 1,
-            started: true
-        }],
-        "only the refused request is finished"
-    );
-    assert_eq!(status_at(&m, STATUS + 2), Status::IoErr.byte());
-    ex.start(&m, 0, write_at(3, 8192, DATA + 0x20000, 4096), &mut done);
-    ex.drain(&m, &mut done);
-    let mut heads: Vec<u16> = done.iter().map(|d| d.head).collect();
-    heads.sort();
-    assert_eq!(heads, [1, 2, 3], "each request finishes exactly once");
-    assert_eq!(status_at(&m, STATUS + 1), Status::Ok.byte());
-    assert_eq!(status_at(&m, STATUS + 3), Status::Ok.byte());
-    let mut back = vec![0u8; 3 * 4096];
-    td.volume.read_at(&mut back, 0).unwrap();
-    assert!(back[..4096].iter().all(|&b| b == 0xaa));
-    assert!(
-        back[4096..8192].iter().all(|&b| b == 0),
-        "the refused write ran"
-    );
-    assert!(back[8192..].iter().all(|&b| b == 0xcc));
+    // Requests in flight are not ordered against each other: read once the writes are done.
+    ex.drain(&mut out);
+    start(&mut ex, 3, Op::Flush, &mut out);
+    start(&mut ex, 4, read(0, 12288), &mut out);
+    ex.drain(&mut out);
+    let mut ctxs: Vec<u32> = out.iter().map(|d| d.ctx).collect();
+    ctxs.sort();
+    assert_eq!(ctxs, [1, 2, 3, 4, 5], "each request finishes exactly once");
+    for d in out {
+        match d.ctx {
+            5 => assert!(d.result.is_err(), "the refused write failed"),
+            4 => {
+                let got = d.result.unwrap().unwrap();
+                assert!(got.as_slice()[..4096].iter().all(|&b| b == 0xaa));
+                assert!(got.as_slice()[4096..8192].iter().all(|&b| b == 0xbb));
+                assert!(
+                    got.as_slice()[8192..].iter().all(|&b| b == 0),
+                    "the refused write ran"
+                );
+                ex.release(d.held);
+            }
+            _ => assert!(d.result.is_ok()),
+        }
+    }
+    assert_eq!(ex.held(), 0);
 }

@@ -6,10 +6,12 @@
 //! queue's notify eventfd, the backend's completion eventfd, an optional [`RequestGate`]
 //! waker and its own stop eventfd. For each kick it pops every available chain;
 //! [`request::parse`] turns each chain into a validated [`request::Request`] without doing
-//! I/O; the [`executor::Executor`] copies guest data into [`journal::AlignedBuf`]s and submits
-//! journal requests on a [`backend::Backend`] (io_uring through [`journal::IoEngine`] by
-//! default, or blocking [`journal::Volume`] calls); completions copy read data back into guest
-//! memory and write the status byte chosen by [`status`]. All used entries of one loop
+//! I/O; [`virtio_exec::GuestExecutor`] copies guest data into [`journal::AlignedBuf`]s and
+//! hands front-end-neutral requests to the shared [`executor::Executor`] (the same one NBD
+//! connections use), which admits them through the gate and the buffer [`budget`] and runs
+//! them on a [`backend::Backend`] (io_uring through [`journal::IoEngine`] by default, or
+//! blocking [`journal::Volume`] calls); completions copy read data back into guest memory and
+//! write the status byte chosen by [`status`]. All used entries of one loop
 //! iteration are added before the driver is notified, once per queue, honouring
 //! `VRING_AVAIL_F_NO_INTERRUPT` or (with `VIRTIO_RING_F_EVENT_IDX`) the used event index.
 //!
@@ -36,6 +38,7 @@
 //! It blocks: the caller must not hold a lock that [`VirtioInterrupt`] needs.
 
 pub mod backend;
+pub mod budget;
 pub mod config;
 mod device;
 pub mod executor;
@@ -44,14 +47,17 @@ pub mod guest;
 pub mod request;
 pub mod status;
 pub mod virtio;
+pub mod virtio_exec;
 mod worker;
 
-#[cfg(test)]
-mod conformance;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod conformance;
 #[cfg(test)]
 mod fuzz_tests;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testutil;
 #[cfg(test)]
-mod testutil;
+mod virtio_conformance;
 
 pub use backend::BackendKind;
 pub use device::{VirtioBlock, VIRTIO_ID_BLOCK};

@@ -1,14 +1,16 @@
 //! Test helpers: guest memory, a driver-side queue, a real journal disk, an interrupt probe.
 #![allow(dead_code)]
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use journal::{Disk, OpenOptions, Volume};
+use journal::{Completion, Disk, OpenOptions, Volume};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config;
 use crate::request::Limits;
@@ -241,10 +243,24 @@ impl<'a> Harness<'a> {
         kind: crate::BackendKind,
         acked: Option<u64>,
     ) -> Self {
+        Self::start_gated(mem, volume, kind, acked, None)
+    }
+
+    /// Like [`Harness::start`], with the device's requests admitted through `gate`.
+    pub fn start_gated(
+        mem: &'a GuestMemoryMmap,
+        volume: Arc<Volume>,
+        kind: crate::BackendKind,
+        acked: Option<u64>,
+        gate: Option<Arc<dyn crate::RequestGate>>,
+    ) -> Self {
         use crate::virtio::{ActivateContext, VirtioDevice};
         let mut dev = crate::VirtioBlock::new(volume, "conformance".into())
             .expect("device")
             .with_backend(kind);
+        if let Some(g) = gate {
+            dev = dev.with_gate(g);
+        }
         let features = acked.unwrap_or_else(|| dev.avail_features());
         dev.set_acked_features(features);
         let drv = Driver::new(mem);
@@ -351,5 +367,138 @@ impl<'a> Harness<'a> {
     pub fn dwz(&mut self, ty: u32, segs: &[(u64, u32, u32)]) -> u8 {
         let n = write_segments(self.mem(), DATA, segs);
         self.request(ty, 0, &[desc(DATA, n, 0)])
+    }
+}
+
+/// A backend whose requests the test completes by hand.
+#[derive(Default)]
+pub struct Held {
+    pub submitted: Vec<(u64, journal::Request)>,
+    pub ready: Vec<Completion>,
+    /// Pretend the backend lost everything (in_flight reports 0).
+    pub lost: bool,
+}
+
+pub struct HeldBackend {
+    pub state: Arc<Mutex<Held>>,
+    pub event: EventFd,
+}
+
+impl HeldBackend {
+    /// A backend and the state the test completes its requests through.
+    pub fn new() -> (HeldBackend, Arc<Mutex<Held>>) {
+        let state = Arc::new(Mutex::new(Held::default()));
+        let backend = HeldBackend {
+            state: state.clone(),
+            event: EventFd::new(0).expect("eventfd"),
+        };
+        (backend, state)
+    }
+}
+
+/// Completes everything submitted so far with `ok` (reads get `fill` data).
+pub fn complete_all(state: &Mutex<Held>, ok: bool, fill: u8) {
+    let mut s = state.lock().expect("lock");
+    let subs = std::mem::take(&mut s.submitted);
+    for (token, req) in subs {
+        let result = match (ok, req) {
+            (false, _) => Err(journal::Error::Invalid("injected".into())),
+            (true, journal::Request::Read { len, .. }) => {
+                Ok(Some(journal::AlignedBuf::from_slice(&vec![
+                    fill;
+                    len as usize
+                ])))
+            }
+            (true, _) => Ok(None),
+        };
+        s.ready.push(Completion { token, result });
+    }
+}
+
+impl crate::backend::Backend for HeldBackend {
+    fn submit(&mut self, token: u64, req: journal::Request) -> Result<(), journal::Rejected> {
+        self.state
+            .lock()
+            .expect("lock")
+            .submitted
+            .push((token, req));
+        Ok(())
+    }
+    fn poll(&mut self, out: &mut Vec<Completion>) -> journal::Result<()> {
+        out.append(&mut self.state.lock().expect("lock").ready);
+        Ok(())
+    }
+    fn wait(&mut self, _min: usize, out: &mut Vec<Completion>) -> journal::Result<()> {
+        self.poll(out)
+    }
+    fn in_flight(&self) -> usize {
+        let s = self.state.lock().expect("lock");
+        if s.lost {
+            0
+        } else {
+            s.submitted.len() + s.ready.len()
+        }
+    }
+    fn eventfd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.event.as_raw_fd()
+    }
+}
+
+/// A quiesce gate for unit tests: counts admissions, refuses while closed, and fires its
+/// waker when reopened (engine's `quiesce::Gate` is the real controller; block cannot use it).
+pub struct TestGate {
+    pub admitted: AtomicU32,
+    pub closed: std::sync::atomic::AtomicBool,
+    pub tries: AtomicU32,
+    pub waker: EventFd,
+}
+
+impl TestGate {
+    pub fn new() -> Arc<TestGate> {
+        Arc::new(TestGate {
+            admitted: AtomicU32::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            tries: AtomicU32::new(0),
+            waker: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).expect("eventfd"),
+        })
+    }
+
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn open(&self) {
+        self.closed.store(false, Ordering::SeqCst);
+        let _ = self.waker.write(1);
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.admitted.load(Ordering::SeqCst)
+    }
+}
+
+impl crate::gate::RequestGate for TestGate {
+    fn try_admit(&self) -> bool {
+        self.tries.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.admitted.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    fn release(&self) {
+        let prev = self.admitted.fetch_sub(1, Ordering::SeqCst);
+        assert!(prev > 0, "release without admit");
+    }
+
+    fn waker(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.waker.as_raw_fd()
+    }
+
+    fn clear_waker(&self) {
+        let _ = self.waker.read();
     }
 }

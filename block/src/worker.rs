@@ -13,11 +13,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::executor::{Done, Executor};
-use crate::gate::RequestGate;
 use crate::request::{self, Limits, Request};
 use crate::status;
 use crate::virtio::VirtioInterrupt;
+use crate::virtio_exec::{Done, GuestExecutor};
 
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 const STOP_TOKEN: u64 = u64::MAX;
@@ -48,12 +47,11 @@ pub(crate) struct Worker {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     pub queues: Vec<(Queue, EventFd)>,
     pub limits: Limits,
-    pub executor: Executor,
+    /// Runs the requests, through the quiesce gate if the device has one.
+    pub executor: GuestExecutor,
     pub needs_reset: Arc<AtomicBool>,
     /// Written by `reset`: drain and exit.
     pub stop: EventFd,
-    /// Admission control for quiescing (checkpoints), if any.
-    pub gate: Option<Arc<dyn RequestGate>>,
     /// Requests for the queue state (VM checkpoints).
     pub snapshot: SnapshotLink,
 }
@@ -106,8 +104,8 @@ impl Worker {
         for (i, (_, evt)) in self.queues.iter().enumerate() {
             add(evt.as_raw_fd(), i as u64)?;
         }
-        if let Some(gate) = &self.gate {
-            add(gate.waker(), GATE_TOKEN)?;
+        if let Some(waker) = self.executor.gate_waker() {
+            add(waker, GATE_TOKEN)?;
         }
         add(self.snapshot.evt.as_raw_fd(), SNAPSHOT_TOKEN)?;
         let mut states = self.fresh_states();
@@ -145,11 +143,7 @@ impl Worker {
                 match ev.data() {
                     STOP_TOKEN => return Ok(()),
                     BACKEND_TOKEN => clear_eventfd(self.executor.eventfd()),
-                    GATE_TOKEN => {
-                        if let Some(gate) = &self.gate {
-                            gate.clear_waker();
-                        }
-                    }
+                    GATE_TOKEN => self.executor.gate_woken(),
                     SNAPSHOT_TOKEN => {
                         let _ = self.snapshot.evt.read();
                         snapshot_asked = true;
@@ -200,11 +194,10 @@ impl Worker {
 
     fn start_pending(&mut self, pending: &mut VecDeque<(u16, Request)>, done: &mut Vec<Done>) {
         while let Some((q, req)) = pending.pop_front() {
-            if !self.executor.has_room(&req) || !self.admit() {
+            if let Err(req) = self.executor.try_start(&self.mem, q, req, done) {
                 pending.push_front((q, req));
                 return;
             }
-            self.executor.start(&self.mem, q, req, done);
         }
     }
 
@@ -243,13 +236,12 @@ impl Worker {
             for chain in iter {
                 popped += 1;
                 match request::parse(chain, &self.mem, &self.limits) {
+                    Ok(req) if !pending.is_empty() => {
+                        pending.push_back((qi, req));
+                        break;
+                    }
                     Ok(req) => {
-                        if pending.is_empty()
-                            && self.executor.has_room(&req)
-                            && admit(self.gate.as_deref())
-                        {
-                            self.executor.start(&self.mem, qi, req, done);
-                        } else {
+                        if let Err(req) = self.executor.try_start(&self.mem, qi, req, done) {
                             pending.push_back((qi, req));
                             break;
                         }
@@ -269,7 +261,6 @@ impl Worker {
                                     queue: qi,
                                     head: rej.head,
                                     used_len: 0,
-                                    started: false,
                                 });
                                 flag_reset(&self.needs_reset, self.interrupt.as_ref());
                             }
@@ -314,19 +305,10 @@ impl Worker {
         }
     }
 
-    fn admit(&self) -> bool {
-        admit(self.gate.as_deref())
-    }
-
     /// Adds finished requests to their used rings, then (with `notify`) notifies each queue
     /// at most once.
     fn push_used(&mut self, states: &mut [QueueState], done: &mut Vec<Done>, notify: bool) {
         for d in done.drain(..) {
-            if d.started {
-                if let Some(gate) = &self.gate {
-                    gate.release();
-                }
-            }
             let Some((queue, _)) = self.queues.get_mut(usize::from(d.queue)) else {
                 continue;
             };
@@ -377,11 +359,6 @@ impl Worker {
     fn set_needs_reset(&self) {
         self.needs_reset_now();
     }
-}
-
-/// Takes one admission from the gate (always granted without a gate).
-fn admit(gate: Option<&dyn RequestGate>) -> bool {
-    gate.is_none_or(|g| g.try_admit())
 }
 
 /// Sets DEVICE_NEEDS_RESET (once) and tells the driver through a config-change interrupt.

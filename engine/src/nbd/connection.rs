@@ -1,6 +1,8 @@
-//! One NBD client: handshake, then the transmission phase on its own thread and its own
-//! [`IoEngine`]. Requests are read without blocking, submitted as soon as they are complete
-//! (many in flight), and answered with simple replies in completion order.
+//! One NBD client: handshake, then the transmission phase on its own thread, a thin protocol
+//! layer over its own [`block::executor::Executor`] (the one virtio-blk uses too, on its own
+//! [`journal::IoEngine`]). Requests are read without blocking, decided by
+//! [`super::protocol::decide`], started as soon as they are complete (many in flight), and
+//! answered with simple replies in completion order.
 //!
 //! Memory per connection is bounded: at most [`DEPTH`] requests in flight, at most
 //! [`ServerLimits::client_buffer`] bytes of payload held (write data received, read data not
@@ -11,9 +13,11 @@
 //! waiting for the server's budget or gate) for [`ServerLimits::idle_timeout`] is disconnected:
 //! idle, stuck in the middle of a request, or not reading its replies.
 //!
-//! Ownership: a request owns a slot, its quiesce-gate [`Admission`] and its budget from the
-//! moment the engine takes it until its reply is queued; the engine is dropped (and waits for
-//! the kernel) before the slots, so an early return releases everything in order.
+//! Ownership: the executor owns a started request, its quiesce-gate admission and its budget
+//! until it completes; read data stays charged to the budget until its reply is sent. The
+//! executor drops its engine (which waits for the kernel) before its requests, so an early
+//! return releases everything in order. A client that goes away has its requests in flight
+//! cancelled: they complete in the journal and release what they hold, unanswered.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
@@ -21,13 +25,15 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use journal::{AlignedBuf, Completion, IoEngine, Request, Volume};
+use block::backend::UringBackend;
+use block::budget::{Budget, MemoryBudget};
+use block::executor::{Done, Executor, Op};
+use journal::{AlignedBuf, Volume};
 
-use super::budget::{ClientBudget, MemoryBudget};
 use super::handshake::{negotiate, Outcome};
 use super::protocol::*;
 use super::stream::Stream;
-use crate::quiesce::{Admission, Gate};
+use crate::quiesce::{Gate, Member};
 use crate::sys::{Epoll, EventFd};
 use crate::{Error, Result};
 
@@ -116,19 +122,6 @@ pub fn serve(mut stream: Stream, export: &Export) -> Result<()> {
     }
 }
 
-/// A request taken by the engine.
-struct Slot {
-    cookie: u64,
-    /// Read length expected back, for reads.
-    read_len: Option<usize>,
-    /// Payload bytes this request holds against the connection's budget.
-    reserved: usize,
-    /// Keeps a live checkpoint waiting until the request is done.
-    _admission: Admission,
-    /// Make a completed TRIM durable before replying (TRIM with FUA).
-    flush_after: bool,
-}
-
 /// A reply being sent.
 struct Out {
     head: [u8; REPLY_LEN],
@@ -188,23 +181,19 @@ enum Fill {
 }
 
 struct Transmission<'a> {
-    /// Dropped first: waits for the kernel to finish every request in flight, before the
-    /// slots (and their admissions) and buffers go.
-    engine: IoEngine,
+    /// Dropped first: waits for the kernel to finish every request in flight, before their
+    /// admissions and buffers go. A request's context is its cookie.
+    exec: Executor<u64>,
     sock: Stream,
     export: &'a Export,
     epoll: Epoll,
-    waker: Arc<EventFd>,
     rbuf: Vec<u8>,
     rstart: usize,
     rend: usize,
     hdr: [u8; REQUEST_LEN],
     hdr_fill: usize,
     input: Input,
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
     out: VecDeque<Out>,
-    budget: ClientBudget,
     /// Last time a byte moved either way or a request completed.
     last_progress: Instant,
     /// The client closed its sending side (or the socket hung up).
@@ -217,51 +206,46 @@ struct Transmission<'a> {
     hup: bool,
     /// Set when the server began shutting down.
     shutdown_deadline: Option<Instant>,
-    /// The gate refused the pending request; wait for the waker.
-    paused: bool,
     interest: u32,
 }
 
 impl<'a> Transmission<'a> {
     fn new(sock: Stream, export: &'a Export) -> Result<Transmission<'a>> {
-        let engine = IoEngine::new(export.volume.clone(), DEPTH as u32)?;
+        let backend = Box::new(UringBackend::new(export.volume.clone(), DEPTH as u32)?);
+        let budget = Budget::shared(&export.budget, export.serve.client_buffer)
+            .map_err(|e| Error::io("creating an eventfd", e))?;
+        let gate: Arc<dyn block::RequestGate> = Arc::new(Member::new(&export.gate)?);
+        let exec = Executor::new(backend, DEPTH, budget, Some(gate));
         let epoll = Epoll::new().map_err(|e| Error::io("creating epoll", e))?;
-        let waker = export.gate.subscribe()?;
-        let budget = ClientBudget::new(&export.budget, export.serve.client_buffer)?;
         let ctx = |e| Error::io("registering with epoll", e);
         let ein = libc::EPOLLIN as u32;
         epoll.add(sock.as_raw_fd(), ein, T_SOCK).map_err(ctx)?;
-        epoll.add(engine.eventfd(), ein, T_ENGINE).map_err(ctx)?;
-        epoll.add(waker.as_raw_fd(), ein, T_WAKER).map_err(ctx)?;
-        epoll
-            .add(budget.waker().as_raw_fd(), ein, T_BUDGET)
-            .map_err(ctx)?;
+        epoll.add(exec.eventfd(), ein, T_ENGINE).map_err(ctx)?;
+        if let Some(waker) = exec.gate_waker() {
+            epoll.add(waker, ein, T_WAKER).map_err(ctx)?;
+        }
+        epoll.add(exec.budget_waker(), ein, T_BUDGET).map_err(ctx)?;
         epoll
             .add(export.shutdown.as_raw_fd(), ein, T_SHUTDOWN)
             .map_err(ctx)?;
         Ok(Transmission {
-            engine,
+            exec,
             sock,
             export,
             epoll,
-            waker,
             rbuf: vec![0u8; READ_BUF],
             rstart: 0,
             rend: 0,
             hdr: [0u8; REQUEST_LEN],
             hdr_fill: 0,
             input: Input::Header,
-            slots: (0..DEPTH).map(|_| None).collect(),
-            free: (0..DEPTH).rev().collect(),
             out: VecDeque::new(),
-            budget,
             last_progress: Instant::now(),
             eof: false,
             closing: false,
             peer_gone: false,
             hup: false,
             shutdown_deadline: None,
-            paused: false,
             interest: ein,
         })
     }
@@ -276,7 +260,7 @@ impl<'a> Transmission<'a> {
                 self.pump_input()?;
                 // Some requests finish inside `submit` (errors, flushes, reads of unwritten
                 // blocks) without signalling the eventfd: collect them here.
-                self.engine.poll(&mut done)?;
+                self.exec.poll(&mut done)?;
                 let completed = !done.is_empty();
                 self.complete(&mut done);
                 let sent = self.flush_output();
@@ -302,7 +286,7 @@ impl<'a> Transmission<'a> {
             if let Some(left) = idle_left {
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));
             }
-            if self.engine.in_flight() > 0 {
+            if self.exec.in_flight() > 0 {
                 // A write deferred behind another connection's range lock is retried only when
                 // the engine is polled; nothing signals its eventfd when that lock is freed.
                 timeout = Some(timeout.map_or(DEFERRED_RETRY, |t| t.min(DEFERRED_RETRY)));
@@ -317,14 +301,11 @@ impl<'a> Transmission<'a> {
                     }
                     T_ENGINE => {
                         self.clear_engine_fd();
-                        self.engine.poll(&mut done)?;
+                        self.exec.poll(&mut done)?;
                         self.complete(&mut done);
                     }
-                    T_WAKER => {
-                        self.waker.clear();
-                        self.paused = false;
-                    }
-                    T_BUDGET => self.budget.waker().clear(),
+                    T_WAKER => self.exec.gate_woken(),
+                    T_BUDGET => self.exec.budget_woken(),
                     T_SHUTDOWN if self.shutdown_deadline.is_none() => {
                         self.shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
                         // Level-triggered and never cleared: stop watching it.
@@ -345,7 +326,7 @@ impl<'a> Transmission<'a> {
         let waiting_for_server =
             matches!(self.input, Input::Ready { .. } | Input::NeedPayload { .. })
                 && self.out.is_empty();
-        if self.engine.in_flight() > 0 || self.paused || waiting_for_server {
+        if self.exec.in_flight() > 0 || self.exec.is_paused() || waiting_for_server {
             return None;
         }
         Some(limit.saturating_sub(self.last_progress.elapsed()))
@@ -354,8 +335,8 @@ impl<'a> Transmission<'a> {
     fn clear_engine_fd(&self) {
         let mut v = 0u64;
         // SAFETY: reads 8 bytes into a live u64 from the engine's eventfd, which stays open
-        // while `self.engine` lives; EAGAIN (already clear) is harmless.
-        let _ = unsafe { libc::read(self.engine.eventfd(), (&mut v as *mut u64).cast(), 8) };
+        // while `self.exec` lives; EAGAIN (already clear) is harmless.
+        let _ = unsafe { libc::read(self.exec.eventfd(), (&mut v as *mut u64).cast(), 8) };
     }
 
     fn on_hangup(&mut self) -> Result<()> {
@@ -378,7 +359,7 @@ impl<'a> Transmission<'a> {
             matches!(self.input, Input::Ready { .. }) && !shutting && !self.peer_gone;
         let grace_over = self.shutdown_deadline.is_some_and(|d| Instant::now() >= d);
         let output_done = self.out.is_empty() || self.peer_gone || grace_over;
-        no_more_input && !pending_request && self.engine.in_flight() == 0 && output_done
+        no_more_input && !pending_request && self.exec.in_flight() == 0 && output_done
     }
 
     fn may_read(&self) -> bool {
@@ -436,7 +417,7 @@ impl<'a> Transmission<'a> {
                 Err(e) => {
                     tracing::debug!("nbd client read failed: {e}");
                     self.eof = true;
-                    self.peer_gone = true;
+                    self.lose_peer();
                     return Fill::Eof;
                 }
             }
@@ -461,8 +442,7 @@ impl<'a> Transmission<'a> {
                     payload,
                 } => {
                     if self.peer_gone || self.shutdown_deadline.is_some() {
-                        self.budget
-                            .release(payload.as_ref().map_or(0, AlignedBuf::len));
+                        self.release(payload.as_ref().map_or(0, AlignedBuf::len));
                         return Ok(());
                     }
                     if let Some(back) = self.try_submit(cookie, cmd, payload)? {
@@ -490,7 +470,7 @@ impl<'a> Transmission<'a> {
                     self.input = self.parse_header();
                 }
                 Input::NeedPayload { cookie, cmd, len } => {
-                    if !self.budget.try_reserve(len) {
+                    if !self.exec.reserve(len as u64) {
                         self.input = Input::NeedPayload { cookie, cmd, len };
                         return Ok(());
                     }
@@ -520,12 +500,15 @@ impl<'a> Transmission<'a> {
                             }
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(_) => (self.eof, self.peer_gone) = (true, true),
+                            Err(_) => {
+                                self.eof = true;
+                                self.lose_peer();
+                            }
                         }
                     }
                     if filled < buf.len() {
                         if self.eof || self.peer_gone || self.shutdown_deadline.is_some() {
-                            self.budget.release(buf.len()); // disconnected mid-request
+                            self.release(buf.len()); // disconnected mid-request
                         } else {
                             self.input = Input::Payload {
                                 cookie,
@@ -605,7 +588,7 @@ impl<'a> Transmission<'a> {
         }
     }
 
-    /// Submits a complete request. Returns it back when it cannot start yet.
+    /// Starts a complete request. Returns it back when it cannot start yet.
     fn try_submit(
         &mut self,
         cookie: u64,
@@ -613,142 +596,90 @@ impl<'a> Transmission<'a> {
         payload: Option<AlignedBuf>,
     ) -> Result<Option<Input>> {
         let held = payload.as_ref().map_or(0, AlignedBuf::len);
-        // Requests that need no journal work.
-        let trivial = match cmd {
-            Command::Flush => self.export.limits.read_only,
-            Command::Read { len, .. } | Command::Write { len, .. } => len == 0,
-            Command::Trim { len, .. } | Command::WriteZeroes { len, .. } => len == 0,
-            Command::Disconnect => true,
-        };
-        if trivial {
-            self.budget.release(held);
-            self.reply(cookie, 0, None, 0);
-            return Ok(None);
-        }
-        let read_len = match cmd {
-            Command::Read { len, .. } => Some(len as usize),
-            _ => None,
-        };
-        let need = read_len.unwrap_or(0);
-        let back = |payload| {
-            Ok(Some(Input::Ready {
-                cookie,
-                cmd,
-                payload,
-            }))
-        };
-        if self.free.is_empty() || self.paused {
-            return back(payload);
-        }
-        let Some(admission) = self.export.gate.admit() else {
-            self.paused = true;
-            return back(payload);
-        };
-        if need > 0 && !self.budget.try_reserve(need) {
-            return back(payload);
-        }
-        let (req, flush_after) = match (cmd, payload) {
-            (Command::Read { offset, len }, _) => (
-                Request::Read {
-                    offset,
-                    len: u64::from(len),
-                },
-                false,
-            ),
-            (Command::Write { offset, fua, .. }, Some(buf)) => {
-                (Request::Write { offset, buf, fua }, false)
-            }
-            (Command::Flush, _) => (Request::Flush, false),
-            (Command::Trim { offset, len, fua }, _) => (
-                Request::Discard {
-                    offset,
-                    len: u64::from(len),
-                },
+        let op = match (cmd, payload) {
+            // Requests that need no journal work.
+            (Command::Flush, _) if self.export.limits.read_only => None,
+            (Command::Read { len: 0, .. } | Command::Write { len: 0, .. }, _) => None,
+            (Command::Trim { len: 0, .. } | Command::WriteZeroes { len: 0, .. }, _) => None,
+            (Command::Disconnect, _) => None,
+            (Command::Read { offset, len }, _) => Some(Op::Read {
+                offset,
+                len: u64::from(len),
+            }),
+            (Command::Write { offset, fua, .. }, Some(buf)) => Some(Op::Write { offset, buf, fua }),
+            (Command::Flush, _) => Some(Op::Flush),
+            (Command::Trim { offset, len, fua }, _) => Some(Op::Discard {
+                ranges: vec![(offset, u64::from(len))],
                 fua,
-            ),
-            (Command::WriteZeroes { offset, len, fua }, _) => (
-                Request::WriteZeroes {
-                    offset,
-                    len: u64::from(len),
-                    fua,
-                },
-                false,
-            ),
-            // A write always carries its payload and Disconnect is trivial.
-            (Command::Write { .. } | Command::Disconnect, _) => {
-                self.budget.release(held + need);
+            }),
+            (Command::WriteZeroes { offset, len, fua }, _) => Some(Op::WriteZeroes {
+                ranges: vec![(offset, u64::from(len))],
+                fua,
+            }),
+            // A write always carries its payload.
+            (Command::Write { .. }, None) => {
                 self.reply(cookie, EINVAL, None, 0);
                 return Ok(None);
             }
         };
-        let Some(idx) = self.free.pop() else {
-            return Err(Error::Protocol("internal: no free request slot".into()));
+        let Some(op) = op else {
+            self.release(held);
+            self.reply(cookie, 0, None, 0);
+            return Ok(None);
         };
-        match self.engine.submit(idx as u64, req) {
-            Ok(()) => {
-                self.slots[idx] = Some(Slot {
+        let mut ticket = match self.exec.admit(op.parts(), op.alloc_bytes()) {
+            Ok(t) => t,
+            Err(_) => {
+                let payload = match op {
+                    Op::Write { buf, .. } => Some(buf),
+                    _ => None,
+                };
+                return Ok(Some(Input::Ready {
                     cookie,
-                    read_len,
-                    reserved: need + held,
-                    _admission: admission,
-                    flush_after,
-                });
+                    cmd,
+                    payload,
+                }));
             }
-            Err(rejected) => {
-                // Nothing was queued: the slot, admission and budget are free again.
-                tracing::debug!("nbd: request not started: {}", rejected.error);
-                self.free.push(idx);
-                drop(admission);
-                self.budget.release(need + held);
-                self.reply(cookie, errno_of(&rejected.error), None, 0);
-            }
-        }
+        };
+        ticket.carry(held as u64);
+        let mut done = Vec::new();
+        self.exec.start(ticket, cookie, op, &mut done);
+        self.complete(&mut done);
         Ok(None)
     }
 
-    /// Turns engine completions into replies.
-    fn complete(&mut self, done: &mut Vec<Completion>) {
+    /// Turns finished requests into replies.
+    fn complete(&mut self, done: &mut Vec<Done<u64>>) {
         if !done.is_empty() {
             self.last_progress = Instant::now();
         }
-        for c in done.drain(..) {
-            let idx = usize::try_from(c.token).unwrap_or(usize::MAX);
-            let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) else {
-                tracing::warn!("nbd: completion with unknown token {}", c.token);
-                continue;
-            };
-            self.free.push(idx);
-            // A TRIM with FUA: durable before it is acknowledged.
-            let result = match c.result {
-                Ok(v) if slot.flush_after => self.export.volume.flush().map(|()| v),
-                r => r,
-            };
-            match (result, slot.read_len) {
-                (Ok(Some(buf)), Some(len)) if buf.len() == len => {
-                    self.reply(slot.cookie, 0, Some(buf), slot.reserved);
-                }
-                (Ok(_), Some(_)) => {
-                    tracing::error!("nbd: read completed without the expected data");
-                    self.budget.release(slot.reserved);
-                    self.reply(slot.cookie, EIO, None, 0);
-                }
-                (Ok(_), None) => {
-                    self.budget.release(slot.reserved);
-                    self.reply(slot.cookie, 0, None, 0);
-                }
-                (Err(e), _) => {
+        for d in done.drain(..) {
+            let held = usize::try_from(d.held).unwrap_or(usize::MAX);
+            match d.result {
+                Ok(data) => self.reply(d.ctx, 0, data, held),
+                Err(e) => {
                     tracing::debug!("nbd: request failed: {e}");
-                    self.budget.release(slot.reserved);
-                    self.reply(slot.cookie, errno_of(&e), None, 0);
+                    self.reply(d.ctx, errno_of(&e), None, held);
                 }
             }
         }
+    }
+
+    /// Gives back `n` bytes of budget.
+    fn release(&mut self, n: usize) {
+        self.exec.release(n as u64);
+    }
+
+    /// The client cannot be answered any more: requests in flight finish unanswered.
+    fn lose_peer(&mut self) {
+        self.peer_gone = true;
+        self.exec.cancel_all();
     }
 
     /// Queues a reply; `reserved` bytes of budget are released once it is sent.
     fn reply(&mut self, cookie: u64, errno: u32, data: Option<AlignedBuf>, reserved: usize) {
         if self.peer_gone {
-            self.budget.release(reserved);
+            self.release(reserved);
             return;
         }
         self.out.push_back(Out {
@@ -785,9 +716,9 @@ impl<'a> Transmission<'a> {
                 Err(e) => e,
             };
             tracing::debug!("nbd client write failed: {err}");
-            self.peer_gone = true;
+            self.lose_peer();
             for m in std::mem::take(&mut self.out) {
-                self.budget.release(m.reserved);
+                self.release(m.reserved);
             }
             return true;
         }
@@ -807,11 +738,14 @@ impl<'a> Transmission<'a> {
             n -= left;
             let reserved = front.reserved;
             self.out.pop_front();
-            self.budget.release(reserved);
+            self.release(reserved);
         }
     }
 }
 
+#[cfg(test)]
+#[path = "conformance_tests.rs"]
+mod conformance_tests;
 #[cfg(test)]
 #[path = "connection_tests.rs"]
 mod tests;

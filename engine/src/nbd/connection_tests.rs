@@ -10,10 +10,10 @@ use journal::{Disk, OpenOptions};
 
 use super::*;
 
-struct Fixture {
+pub(super) struct Fixture {
     _dir: tempfile::TempDir,
-    disk: Disk,
-    export: Arc<Export>,
+    pub(super) disk: Disk,
+    pub(super) export: Arc<Export>,
 }
 
 fn fixture(read_only: bool) -> Fixture {
@@ -21,9 +21,13 @@ fn fixture(read_only: bool) -> Fixture {
 }
 
 fn fixture_with(read_only: bool, serve: ServerLimits) -> Fixture {
+    fixture_sized(4 << 20, read_only, serve)
+}
+
+pub(super) fn fixture_sized(size: u64, read_only: bool, serve: ServerLimits) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d");
-    Disk::create(&path, 4 << 20, None).unwrap();
+    Disk::create(&path, size, None).unwrap();
     let disk = Disk::open(&path, OpenOptions::default()).unwrap();
     let volume = disk.now();
     let export = Arc::new(Export {
@@ -45,7 +49,7 @@ fn fixture_with(read_only: bool, serve: ServerLimits) -> Fixture {
 }
 
 /// Starts serving one end of a socket pair; returns the client end past NBD_OPT_GO.
-fn connect(export: &Arc<Export>) -> (UnixStream, std::thread::JoinHandle<Result<()>>) {
+pub(super) fn connect(export: &Arc<Export>) -> (UnixStream, std::thread::JoinHandle<Result<()>>) {
     let (server, mut client) = UnixStream::pair().unwrap();
     let export = export.clone();
     let t = std::thread::spawn(move || serve(Stream::Unix(server), &export));
@@ -192,7 +196,7 @@ fn an_engine_failure_releases_gate_admissions() {
     let null = std::fs::File::open("/dev/null").unwrap();
     // SAFETY: replaces the ring's descriptor number with /dev/null; the ring lives on
     // through its mappings until the engine is dropped.
-    assert!(unsafe { libc::dup2(null.as_raw_fd(), tr.engine.ring_fd()) } >= 0);
+    assert!(unsafe { libc::dup2(null.as_raw_fd(), tr.exec.ring_fd().unwrap()) } >= 0);
     send(&mut client, CMD_READ, 1, 0, 4096, &[]);
     assert!(tr.run().is_err());
     assert_eq!(f.export.gate.in_flight(), 0, "an admission leaked");

@@ -6,7 +6,7 @@
 //! handles signals. Live checkpoints go through the control socket ([`crate::control`]) and
 //! the I/O gate ([`crate::quiesce`]).
 
-pub mod budget;
+pub use block::budget;
 pub mod connection;
 pub mod handshake;
 pub mod protocol;

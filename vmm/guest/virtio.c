@@ -262,6 +262,26 @@ int vblk_next_used(struct vblk *d, u32 *head)
     return 1;
 }
 
+static inline u32 inl(u16 port)
+{
+    u32 v;
+    __asm__ __volatile__("inl %1, %0" : "=a"(v) : "Nd"(port) : "memory");
+    return v;
+}
+
+u32 vblk_wait(struct vblk *d)
+{
+    u32 bits = 0;
+    *(volatile u16 *)&vq_avail.flags = 0;
+    /* The flags store before the used idx load; the device adds used entries and then loads the
+     * flags, so one of the two sides sees the other. */
+    __asm__ __volatile__("mfence" ::: "memory");
+    if (*(volatile u16 *)&vq_used.idx == d->used_seen)
+        bits = inl(WAIT_PORT);
+    *(volatile u16 *)&vq_avail.flags = VRING_AVAIL_F_NO_INTERRUPT;
+    return bits;
+}
+
 int vblk_broken(void)
 {
     return (rd(R_STATUS) & (S_NEEDS_RESET | S_FAILED)) != 0;

@@ -37,6 +37,12 @@ int vblk_slot_of(const struct vblk *d, u32 head);
 void vblk_kick(struct vblk *d);
 /* Returns 1 and the head id of the next used element, or 0 if none is ready. */
 int vblk_next_used(struct vblk *d, u32 *head);
+/* Sleeps until the device interrupts: turns interrupts on (VRING_AVAIL_F_NO_INTERRUPT clear),
+ * looks at the used ring once more and, if nothing arrived, reads the VMM's wait port (one exit;
+ * the vCPU thread sleeps in the VMM until the device signals its used queue, a pause, or 100 ms
+ * pass); then turns interrupts off again. Returns the InterruptStatus bits the wait acknowledged
+ * (0: nothing was signalled, or the ring had moved already). */
+u32 vblk_wait(struct vblk *d);
 /* Device status register has DEVICE_NEEDS_RESET or FAILED set. */
 int vblk_broken(void);
 

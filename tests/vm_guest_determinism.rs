@@ -60,7 +60,7 @@ fn untimed(console: &str) -> String {
         .map(|l| {
             l.split(' ')
                 .filter(|kv| {
-                    !["cycles=", "iops=", "max_stall_us="]
+                    !["cycles=", "iops=", "max_stall_us=", "kicks=", "waits="]
                         .iter()
                         .any(|k| kv.starts_with(k))
                 })

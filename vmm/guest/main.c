@@ -161,6 +161,8 @@ static __attribute__((noreturn)) void finish(u32 status)
     l_kv("dirtied", dirty_ready ? LEDGER->dirty_written : 0);
     l_hex("ledger", ledger);
     l_hex("mem", mem);
+    l_kv("kicks", vblk_kicks);
+    l_kv("waits", vblk_waits);
     l_end();
     if (ledger_ready)
         LEDGER->state = STATE_DONE;

@@ -57,6 +57,8 @@ static struct virtq_desc vq_indirect[VIRTQ_MAX][3] __attribute__((aligned(16)));
 
 #define barrier() __asm__ __volatile__("" ::: "memory")
 
+u64 vblk_kicks, vblk_waits;
+
 static u32 rd(u32 off)
 {
     return *(volatile u32 *)(usize)(MMIO_BASE + off);
@@ -247,8 +249,10 @@ void vblk_kick(struct vblk *d)
     *(volatile u16 *)&vq_avail.idx = d->avail_idx;
     d->pending = 0;
     __asm__ __volatile__("mfence" ::: "memory"); /* idx store before the used flags load */
-    if (!(*(volatile u16 *)&vq_used.flags & VRING_USED_F_NO_NOTIFY))
+    if (!(*(volatile u16 *)&vq_used.flags & VRING_USED_F_NO_NOTIFY)) {
         wr(R_QUEUE_NOTIFY, 0);
+        vblk_kicks++;
+    }
 }
 
 int vblk_next_used(struct vblk *d, u32 *head)
@@ -276,8 +280,10 @@ u32 vblk_wait(struct vblk *d)
     /* The flags store before the used idx load; the device adds used entries and then loads the
      * flags, so one of the two sides sees the other. */
     __asm__ __volatile__("mfence" ::: "memory");
-    if (*(volatile u16 *)&vq_used.idx == d->used_seen)
+    if (*(volatile u16 *)&vq_used.idx == d->used_seen) {
         bits = inl(WAIT_PORT);
+        vblk_waits++;
+    }
     *(volatile u16 *)&vq_avail.flags = VRING_AVAIL_F_NO_INTERRUPT;
     return bits;
 }

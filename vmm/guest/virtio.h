@@ -25,6 +25,10 @@ struct vblk {
     u32 pending;       /* chains added to the avail ring since the last publish */
 };
 
+/* Exits the data path caused: QueueNotify writes and wait-port reads (the done line's kicks=
+ * and waits=). */
+extern u64 vblk_kicks, vblk_waits;
+
 /* Probes and initialises the device at MMIO_BASE. Returns 0, or -1 with a message in err. */
 int vblk_init(struct vblk *d, char *err, usize errlen);
 /* Builds request `slot`'s chain (header, data unless data_len is 0 (a flush), status byte) and

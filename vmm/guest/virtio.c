@@ -1,6 +1,7 @@
 /* Modern virtio-mmio virtio-blk driver (virtio 1.2 sections 2.7, 4.2.2, 5.2). Every register
  * access is one MMIO exit (~66 us on this host's nested KVM): set-up uses ~30, the data path one
- * QueueNotify write per batch. */
+ * QueueNotify write per batch (none while the device says NO_NOTIFY) and, when it sleeps, one
+ * wait-port read. */
 #include "virtio.h"
 #include "layout.h"
 

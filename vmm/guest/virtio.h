@@ -1,4 +1,5 @@
-/* Minimal modern (version 2) virtio-mmio virtio-blk driver with one split virtqueue, polled. */
+/* Minimal modern (version 2) virtio-mmio virtio-blk driver with one split virtqueue, polled or
+ * slept on through the VMM's wait port. */
 #ifndef STRATA_GUEST_VIRTIO_H
 #define STRATA_GUEST_VIRTIO_H
 #include "logic.h"

@@ -1,7 +1,10 @@
 //! `strata bench guest`: the built-in test guest's 4 KiB random write and read IOPS through
 //! virtio-blk (queue depth 1 and 32), beside the journal driven directly through its io_uring
 //! engine with the same workload shape in the same run, and the time from `strata run` start
-//! to the guest's first completed I/O.
+//! to the guest's first completed I/O. The guest runs in both of its wait modes: sleeping on
+//! the device interrupt (`irq=1`, the default) and spinning on its used ring (`irq=0`); each
+//! guest cell also reports the exits per request the guest caused (`kicks` + `waits` of its
+//! done line).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -42,7 +45,13 @@ pub struct Cell {
     pub workload: &'static str,
     pub qd: u32,
     pub iops: f64,
+    /// Data-path exits per request the guest caused (guest targets only; of the best run).
+    pub exits_per_request: Option<f64>,
 }
+
+/// The guest targets and the workload suffix that selects each wait mode.
+const GUEST_MODES: [(&str, &str); 2] =
+    [("guest-virtio", ",irq=1"), ("guest-virtio-spin", ",irq=0")];
 
 fn strata_exe() -> Result<PathBuf> {
     std::env::current_exe().map_err(|e| Error::io("locating the strata binary", e))
@@ -169,26 +178,39 @@ pub fn run(args: GuestArgs) -> Result<ExitCode> {
 
 fn measure(args: &GuestArgs, region: u64, work: &Path) -> Result<(Vec<Cell>, Duration)> {
     let mut cells: Vec<Cell> = Vec::new();
-    let mut best = |target: &'static str, workload: &'static str, qd: u32, iops: f64| match cells
-        .iter_mut()
-        .find(|c| c.target == target && c.workload == workload && c.qd == qd)
-    {
-        Some(c) => c.iops = c.iops.max(iops),
-        None => cells.push(Cell {
-            target,
-            workload,
-            qd,
-            iops,
-        }),
-    };
+    let mut best =
+        |target: &'static str, workload: &'static str, qd: u32, iops: f64, exits: Option<f64>| {
+            match cells
+                .iter_mut()
+                .find(|c| c.target == target && c.workload == workload && c.qd == qd)
+            {
+                Some(c) if iops > c.iops => {
+                    c.iops = iops;
+                    c.exits_per_request = exits;
+                }
+                Some(_) => {}
+                None => cells.push(Cell {
+                    target,
+                    workload,
+                    qd,
+                    iops,
+                    exits_per_request: exits,
+                }),
+            }
+        };
     let mut first_io = Duration::MAX;
     for rep in 0..args.repeat.max(1) {
         for qd in [1u32, 32] {
-            // Writes first (fresh disk), then reads of the region they filled.
-            let guest_disk = work.join(format!("guest-{rep}-{qd}"));
+            // Writes first (fresh disks), then reads of the region they filled. Each mode of
+            // the guest has its own disk, so every write run allocates as the direct one does.
             let direct_disk = work.join(format!("direct-{rep}-{qd}"));
-            Disk::create(&guest_disk, 1 << 30, None)?;
             Disk::create(&direct_disk, 1 << 30, None)?;
+            let guest_disks: Vec<PathBuf> = (0..GUEST_MODES.len())
+                .map(|m| work.join(format!("guest-{rep}-{qd}-{m}")))
+                .collect();
+            for d in &guest_disks {
+                Disk::create(d, 1 << 30, None)?;
+            }
             for (workload, read) in [("randwrite-4k", false), ("randread-4k", true)] {
                 let spec = format!(
                     "seed={},ops={},read={},bs=4k,region=0:{region},qd={qd},flush=0,verify=1",
@@ -198,18 +220,25 @@ fn measure(args: &GuestArgs, region: u64, work: &Path) -> Result<(Vec<Cell>, Dur
                 );
                 // The guest only verifies blocks it wrote in this run, so its read run also
                 // writes nothing and checks nothing on its own: give it the write run's
-                // region content by reusing the disk.
-                let (summary, _) = run_guest(&guest_disk, &spec)?;
-                best("guest-virtio", workload, qd, summary.iops as f64);
+                // region content by reusing the disk. The modes and the direct run take
+                // turns, so load on the host falls on all of them alike.
+                let mut line = format!("guest bench: {workload} qd{qd}:");
+                for ((target, mode), disk) in GUEST_MODES.iter().zip(&guest_disks) {
+                    let (summary, _) = run_guest(disk, &format!("{spec}{mode}"))?;
+                    let exits = (summary.kicks + summary.waits) as f64 / summary.ops.max(1) as f64;
+                    best(target, workload, qd, summary.iops as f64, Some(exits));
+                    line.push_str(&format!(
+                        " {target} {} IOPS ({exits:.3} exits/request),",
+                        summary.iops
+                    ));
+                }
                 let direct = run_direct(&direct_disk, region, args.ops, qd, read)?;
-                best("journal-direct", workload, qd, direct);
-                eprintln!(
-                    "guest bench: {workload} qd{qd}: guest {} IOPS, direct {direct:.0} IOPS",
-                    summary.iops
-                );
+                best("journal-direct", workload, qd, direct, None);
+                eprintln!("{line} direct {direct:.0} IOPS");
             }
-            let _ = std::fs::remove_dir_all(&guest_disk);
-            let _ = std::fs::remove_dir_all(&direct_disk);
+            for d in guest_disks.iter().chain([&direct_disk]) {
+                let _ = std::fs::remove_dir_all(d);
+            }
         }
         let first_disk = work.join(format!("first-{rep}"));
         let (_, t) = run_guest(&first_disk, "seed=1,ops=1,read=0,bs=4k,qd=1,flush=0")?;
@@ -220,29 +249,42 @@ fn measure(args: &GuestArgs, region: u64, work: &Path) -> Result<(Vec<Cell>, Dur
 }
 
 fn write_report(out: &Path, cells: &[Cell], first_io: Duration) -> Result<()> {
-    let mut csv = String::from("target,workload,qd,iops\n");
+    let mut csv = String::from("target,workload,qd,iops,exits_per_request\n");
     for c in cells {
+        let exits = c
+            .exits_per_request
+            .map(|e| format!("{e:.4}"))
+            .unwrap_or_default();
         csv.push_str(&format!(
-            "{},{},{},{:.0}\n",
+            "{},{},{},{:.0},{exits}\n",
             c.target, c.workload, c.qd, c.iops
         ));
     }
     csv.push_str(&format!(
-        "first-io,strata-run-start-to-first-completed-io-ms,1,{:.1}\n",
+        "first-io,strata-run-start-to-first-completed-io-ms,1,{:.1},\n",
         first_io.as_secs_f64() * 1e3
     ));
-    let mut md = String::from("| workload | qd | guest via virtio-blk (IOPS) | journal direct (IOPS) | ratio |\n| --- | --- | --- | --- | --- |\n");
-    for c in cells.iter().filter(|c| c.target == "guest-virtio") {
-        let direct = cells
+    let mut md = String::from(
+        "| workload | qd | guest, irq (IOPS) | exits/req | ratio | guest, spinning (IOPS) | \
+         exits/req | ratio | journal direct (IOPS) |\n| --- | --- | --- | --- | --- | --- | --- \
+         | --- | --- |\n",
+    );
+    let find = |target: &str, c: &Cell| {
+        cells
             .iter()
-            .find(|d| d.target == "journal-direct" && d.workload == c.workload && d.qd == c.qd)
-            .map(|d| d.iops)
-            .unwrap_or(0.0);
-        let ratio = if direct > 0.0 { c.iops / direct } else { 0.0 };
-        md.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.2}x |\n",
-            c.workload, c.qd, c.iops, direct, ratio
-        ));
+            .find(|d| d.target == target && d.workload == c.workload && d.qd == c.qd)
+    };
+    for c in cells.iter().filter(|c| c.target == "journal-direct") {
+        let direct = c.iops;
+        md.push_str(&format!("| {} | {} |", c.workload, c.qd));
+        for (target, _) in GUEST_MODES {
+            let (iops, exits) = find(target, c)
+                .map(|g| (g.iops, g.exits_per_request.unwrap_or(0.0)))
+                .unwrap_or((0.0, 0.0));
+            let ratio = if direct > 0.0 { iops / direct } else { 0.0 };
+            md.push_str(&format!(" {iops:.0} | {exits:.3} | {ratio:.2}x |"));
+        }
+        md.push_str(&format!(" {direct:.0} |\n"));
     }
     md.push_str(&format!(
         "\nTime from `strata run` start to the guest's first completed I/O (process spawn to the `done` line of a 1-op run): {:.1} ms\n",

@@ -84,11 +84,12 @@ tss:                            /* 64-bit TSS with an I/O permission bitmap */
 iomap:
     /* This host's nested KVM drops IOPL on the iretq to CPL3 (RFLAGS arrives with IOPL=0), so
      * CPL3 in/out are allowed by this bitmap instead (bit clear = allowed), ports 0..0x3ff:
-     * 0xf4-0xf7 (exit port) and 0x3f8-0x3ff (COM1). Ports above 0x3ff lie beyond the TSS limit
-     * and fault. */
+     * 0xf4-0xf7 (exit port), 0xf8-0xfb (wait port) and 0x3f8-0x3ff (COM1). Ports above 0x3ff
+     * lie beyond the TSS limit and fault. */
     .fill 30, 1, 0xff
     .byte 0x0f                  /* ports 0xf0-0xf7: 0xf4-0xf7 allowed */
-    .fill 96, 1, 0xff
+    .byte 0xf0                  /* ports 0xf8-0xff: 0xf8-0xfb allowed */
+    .fill 95, 1, 0xff
     .byte 0x00                  /* ports 0x3f8-0x3ff */
     .byte 0xff                  /* required terminator */
 tss_end:

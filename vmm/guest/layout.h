@@ -11,6 +11,7 @@
 #define MMIO_BASE        0xD0000000ULL
 #define SERIAL_PORT      0x3F8
 #define EXIT_PORT        0xF4
+#define WAIT_PORT        0xF8             /* 32-bit in: sleep until the device interrupts */
 
 #define EXIT_PASSED      0
 #define EXIT_VERIFY      1

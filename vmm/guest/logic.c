@@ -129,9 +129,10 @@ static int is_space(char c)
 }
 
 enum { K_SEED, K_OPS, K_READ, K_BS, K_REGION, K_QD, K_FLUSH, K_VERIFY, K_DIRTY, K_DIRTY_RATE,
-       K_COUNT };
+       K_IRQ, K_POLL, K_COUNT };
 static const char *const key_names[K_COUNT] = {
-    "seed", "ops", "read", "bs", "region", "qd", "flush", "verify", "dirty", "dirty_rate"
+    "seed", "ops", "read", "bs", "region", "qd", "flush", "verify", "dirty", "dirty_rate", "irq",
+    "poll"
 };
 
 static int parse_value(int key, const char *v, const char *ve, struct workload *w)
@@ -201,6 +202,16 @@ static int parse_value(int key, const char *v, const char *ve, struct workload *
             return -1;
         w->dirty_rate = (u32)a;
         return 0;
+    case K_IRQ:
+        if (parse_num(v, ve, 0, &a) || a > 1)
+            return -1;
+        w->irq = (u32)a;
+        return 0;
+    case K_POLL:
+        if (parse_num(v, ve, 0, &a) || a > MAX_POLL_US)
+            return -1;
+        w->poll_us = (u32)a;
+        return 0;
     default:
         return -1;
     }
@@ -217,6 +228,8 @@ static const char *const value_help[K_COUNT] = {
     "0 or 1",
     "a size (0 = off, 64m), a multiple of 4k, at most 3g",
     "a number of pages 1..=4096",
+    "0 or 1",
+    "microseconds 0..=1000000",
 };
 
 int workload_parse(const char *text, usize len, struct workload *w, char *err, usize errlen)
@@ -235,6 +248,8 @@ int workload_parse(const char *text, usize len, struct workload *w, char *err, u
     w->verify = 1;
     w->dirty = 0;
     w->dirty_rate = 1;
+    w->irq = 1;
+    w->poll_us = DEFAULT_POLL_US;
 
     while (p < end && is_space(*p))
         p++;
@@ -260,7 +275,7 @@ int workload_parse(const char *text, usize len, struct workload *w, char *err, u
         if (key < 0) {
             set_err(err, errlen, "unknown key '", what,
                     "' (known: seed, ops, read, bs, region, qd, flush, verify, dirty, "
-                    "dirty_rate)");
+                    "dirty_rate, irq, poll)");
             return -1;
         }
         if (seen[key]) {
@@ -330,6 +345,12 @@ usize workload_format(const struct workload *w, char *out, usize cap)
     if (w->dirty_rate != 1) {
         fmt_u64(v, sizeof v, w->dirty_rate);
         at = put_kv(out, cap, at, "dirty_rate", v);
+    }
+    if (!w->irq)
+        at = put_kv(out, cap, at, "irq", "0");
+    if (w->poll_us != DEFAULT_POLL_US) {
+        fmt_u64(v, sizeof v, w->poll_us);
+        at = put_kv(out, cap, at, "poll", v);
     }
     return at;
 }

@@ -20,6 +20,8 @@ typedef unsigned long usize;
 #define MAX_DIRTY (3ULL << 30)      /* dirty=SIZE at most 3 GiB (the guest's RAM below the hole) */
 #define MAX_DIRTY_RATE 4096U        /* dirty_rate=N at most 4096 pages (16 MiB) per request */
 #define RAM_TOP_MAX 0xC0000000ULL   /* only RAM below the MMIO hole is contiguous from 0 */
+#define MAX_POLL_US 1000000U        /* poll=US at most one second */
+#define DEFAULT_POLL_US 0U          /* poll= default (vmm/src/test_guest/workload.rs agrees) */
 
 struct workload {
     u64 seed;
@@ -33,6 +35,8 @@ struct workload {
     u32 verify;             /* 0 or 1 */
     u64 dirty;              /* bytes of RAM rewritten round-robin, a multiple of 4096, 0 = off */
     u32 dirty_rate;         /* pages of it rewritten per completed request, 1..=MAX_DIRTY_RATE */
+    u32 irq;                /* 1: sleep on the device interrupt (wait port) when idle; 0: spin */
+    u32 poll_us;            /* with irq: microseconds without a completion before sleeping */
 };
 
 /* Parses the workload text (see GUEST-CONTRACT.md). Returns 0 on success; otherwise -1 and

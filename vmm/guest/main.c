@@ -161,6 +161,8 @@ static __attribute__((noreturn)) void finish(u32 status)
     l_kv("dirtied", dirty_ready ? LEDGER->dirty_written : 0);
     l_hex("ledger", ledger);
     l_hex("mem", mem);
+    l_kv("kicks", vblk_kicks);
+    l_kv("waits", vblk_waits);
     l_end();
     if (ledger_ready)
         LEDGER->state = STATE_DONE;
@@ -401,6 +403,7 @@ static void run(struct vblk *d, const struct workload *w, u64 region_sector, u64
     u64 progress_every = w->ops >= 10 ? w->ops / 10 : 0, next_progress = progress_every;
     u64 khz = tsc_khz ? tsc_khz : 1000000; /* assume 1 GHz if unknown, only for the timeout */
     u64 waited = 0;
+    u64 poll_cycles = (u64)w->poll_us * khz / 1000;
     u64 dirty_rate = dirty_ready ? lg->dirty_rate : 0;
 
     for (u32 i = w->qd; i > 0; i--)
@@ -490,7 +493,10 @@ static void run(struct vblk *d, const struct workload *w, u64 region_sector, u64
                 error_line("device timeout: no request completed for 30 s", "");
                 finish(EXIT_DEVICE);
             }
-            __asm__ __volatile__("pause");
+            if (w->irq && inflight && waited >= poll_cycles)
+                vblk_wait(d); /* a config-change bit is seen by the once-a-second check */
+            else
+                __asm__ __volatile__("pause");
         }
     }
     tick();

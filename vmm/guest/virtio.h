@@ -1,4 +1,5 @@
-/* Minimal modern (version 2) virtio-mmio virtio-blk driver with one split virtqueue, polled. */
+/* Minimal modern (version 2) virtio-mmio virtio-blk driver with one split virtqueue, polled or
+ * slept on through the VMM's wait port. */
 #ifndef STRATA_GUEST_VIRTIO_H
 #define STRATA_GUEST_VIRTIO_H
 #include "logic.h"
@@ -25,6 +26,10 @@ struct vblk {
     u32 pending;       /* chains added to the avail ring since the last publish */
 };
 
+/* Exits the data path caused: QueueNotify writes and wait-port reads (the done line's kicks=
+ * and waits=). */
+extern u64 vblk_kicks, vblk_waits;
+
 /* Probes and initialises the device at MMIO_BASE. Returns 0, or -1 with a message in err. */
 int vblk_init(struct vblk *d, char *err, usize errlen);
 /* Builds request `slot`'s chain (header, data unless data_len is 0 (a flush), status byte) and
@@ -37,6 +42,12 @@ int vblk_slot_of(const struct vblk *d, u32 head);
 void vblk_kick(struct vblk *d);
 /* Returns 1 and the head id of the next used element, or 0 if none is ready. */
 int vblk_next_used(struct vblk *d, u32 *head);
+/* Sleeps until the device interrupts: turns interrupts on (VRING_AVAIL_F_NO_INTERRUPT clear),
+ * looks at the used ring once more and, if nothing arrived, reads the VMM's wait port (one exit;
+ * the vCPU thread sleeps in the VMM until the device signals its used queue, a pause, or 100 ms
+ * pass); then turns interrupts off again. Returns the InterruptStatus bits the wait acknowledged
+ * (0: nothing was signalled, or the ring had moved already). */
+u32 vblk_wait(struct vblk *d);
 /* Device status register has DEVICE_NEEDS_RESET or FAILED set. */
 int vblk_broken(void);
 

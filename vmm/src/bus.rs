@@ -65,6 +65,13 @@ impl Bus {
         }
     }
 
+    /// The virtio-mmio device's interrupt state, if the VM has the device.
+    pub fn virtio_interrupt(&self) -> Option<Arc<crate::mmio::MmioInterrupt>> {
+        self.virtio
+            .as_ref()
+            .map(|v| Arc::clone(lock(v).interrupt()))
+    }
+
     /// Handles an MMIO read. Addresses without a device read as all ones.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         match (&self.virtio, addr.checked_sub(MMIO_BASE)) {

@@ -21,6 +21,7 @@ pub mod snapshot;
 pub mod test_guest;
 pub mod vcpu;
 pub mod vm;
+pub mod wait_port;
 
 pub use error::{Error, Result};
 pub use outcome::{ExitLatch, Outcome};

@@ -15,8 +15,9 @@ mod workload;
 
 pub use summary::{error_lines, Summary, DONE_PREFIX, LINE_PREFIX};
 pub use workload::{
-    ledger_capacity_sectors, BlockSize, MemoryPlan, Region, WorkloadSpec, MAX_BLOCK_SIZE,
-    MAX_DIRTY, MAX_DIRTY_RATE, MAX_OPS, MAX_QUEUE_DEPTH, PAGE_SIZE, SECTOR_SIZE,
+    ledger_capacity_sectors, BlockSize, MemoryPlan, Region, WorkloadSpec, DEFAULT_POLL_US,
+    MAX_BLOCK_SIZE, MAX_DIRTY, MAX_DIRTY_RATE, MAX_OPS, MAX_POLL_US, MAX_QUEUE_DEPTH, PAGE_SIZE,
+    SECTOR_SIZE,
 };
 
 /// The flat guest image; load it at [`LOAD_ADDR`], its first byte is the entry point.
@@ -32,10 +33,14 @@ pub const ENTRY_STACK: u64 = 0x8000;
 pub const MMIO_BASE: u64 = 0xD000_0000;
 /// Size of the virtio-mmio window.
 pub const MMIO_SIZE: u64 = 0x1000;
-/// GSI of the virtio-mmio device (the guest polls and never enables it).
+/// GSI of the virtio-mmio device (the guest never takes it as an x86 interrupt: it sleeps on
+/// [`WAIT_PORT`], which returns when the device raises it).
 pub const MMIO_IRQ: u32 = 5;
 /// A 32-bit `out` to this port ends the VM; the value is the exit status.
 pub const EXIT_PORT: u16 = 0xF4;
+/// A 32-bit `in` from this port sleeps until the virtio-mmio device interrupts (see
+/// [`crate::wait_port`]); the value read is the InterruptStatus bits acknowledged.
+pub const WAIT_PORT: u16 = 0xF8;
 /// COM1: the guest writes its console lines to THR here.
 pub const SERIAL_PORT: u16 = 0x3F8;
 /// The guest's largest split virtqueue. It uses one descriptor per request when the device offers

@@ -12,8 +12,10 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::boot::{cpuid, msr};
 use crate::bus::Bus;
 use crate::control::{Command, Control};
+use crate::mmio::MmioInterrupt;
 use crate::outcome::{ExitLatch, Outcome};
 use crate::snapshot::{CpuContext, VcpuState};
+use crate::wait_port::{self, WAIT_PORT};
 use crate::{emulate, fault};
 use crate::{Error, Result};
 
@@ -111,6 +113,8 @@ pub fn install_kick_handler() -> Result<()> {
 pub struct Vcpu {
     id: usize,
     fd: VcpuFd,
+    /// The virtio device's interrupt, for the wait port (set when the thread starts).
+    waiter: Option<Arc<MmioInterrupt>>,
 }
 
 /// What a vCPU thread shares with the rest of the VM.
@@ -145,6 +149,7 @@ impl Vcpu {
         Ok(Self {
             id: usize::from(id),
             fd,
+            waiter: None,
         })
     }
 
@@ -163,6 +168,7 @@ impl Vcpu {
     /// thread parks (see [`crate::control`]).
     pub fn run(mut self, shared: VcpuShared) {
         let _kick = KickTarget::install(&mut self.fd);
+        self.waiter = shared.bus.virtio_interrupt();
         shared.control.register(self.id);
         let _registration = Registration {
             control: &shared.control,
@@ -221,6 +227,15 @@ impl Vcpu {
     fn run_once(&mut self, shared: &VcpuShared) -> Step {
         let bus = &shared.bus;
         let what = match self.fd.run() {
+            Ok(VcpuExit::IoIn(WAIT_PORT, data)) if data.len() == 4 && self.waiter.is_some() => {
+                if let Some(irq) = &self.waiter {
+                    let bits = wait_port::wait(irq, kick_signal(), || {
+                        shared.control.pause_requested() || shared.stop.load(Ordering::Acquire)
+                    });
+                    data.copy_from_slice(&bits.to_le_bytes());
+                }
+                return Step::Continue;
+            }
             Ok(VcpuExit::IoIn(port, data)) => {
                 bus.pio_read(port, data);
                 return Step::Continue;

@@ -409,10 +409,13 @@ fn assemble(
             let irq = new_eventfd()?;
             vm.register_irqfd(&irq, MMIO_IRQ)
                 .map_err(Error::kvm("KVM_IRQFD (virtio)"))?;
-            let interrupt = Arc::new(MmioInterrupt::new(
-                irq.try_clone()
-                    .map_err(Error::io("cloning the virtio irqfd"))?,
-            ));
+            let interrupt = Arc::new(
+                MmioInterrupt::new(
+                    irq.try_clone()
+                        .map_err(Error::io("cloning the virtio irqfd"))?,
+                )
+                .map_err(Error::io("creating the virtio waker"))?,
+            );
             parts.virtio_irq = Some(irq);
             let transport = MmioTransport::new(device, mem.clone(), interrupt)?;
             for (i, evt) in transport.queue_events().iter().enumerate() {

@@ -84,9 +84,7 @@ fn harness(fail_activate: bool) -> Harness {
         ctx: None,
     };
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    let irq = Arc::new(MmioInterrupt::new(
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-    ));
+    let irq = Arc::new(MmioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap());
     let t = MmioTransport::new(Box::new(dev), mem, irq).unwrap();
     Harness {
         t,

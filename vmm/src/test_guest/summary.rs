@@ -12,7 +12,7 @@ const ERROR_PREFIX: &str = "strata-guest: error ";
 
 /// The counters of the guest's final line
 /// `strata-guest: done ops=N reads=N writes=N flushes=N errors=N bytes=N cycles=N iops=N
-/// max_stall_us=N dirtied=N ledger=X mem=X` (X: 16 lowercase hex digits).
+/// max_stall_us=N dirtied=N ledger=X mem=X kicks=N waits=N` (X: 16 lowercase hex digits).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Summary {
     /// Reads plus writes completed.
@@ -40,9 +40,14 @@ pub struct Summary {
     pub ledger: u64,
     /// FNV-1a 64 of the dirty region's bytes (of nothing without `dirty=`).
     pub mem: u64,
+    /// QueueNotify writes the guest made (each an exit, handled in KVM by the ioeventfd).
+    pub kicks: u64,
+    /// Wait-port reads the guest made (each an exit to the VMM, which sleeps until the device
+    /// interrupts).
+    pub waits: u64,
 }
 
-const KEYS: [&str; 12] = [
+const KEYS: [&str; 14] = [
     "ops",
     "reads",
     "writes",
@@ -55,6 +60,8 @@ const KEYS: [&str; 12] = [
     "dirtied",
     "ledger",
     "mem",
+    "kicks",
+    "waits",
 ];
 /// Keys whose value is 16 hex digits rather than decimal.
 const HEX_KEYS: [&str; 2] = ["ledger", "mem"];
@@ -66,7 +73,7 @@ impl Summary {
         let rest = line
             .strip_prefix(DONE_PREFIX)
             .ok_or_else(|| Error::Summary(format!("not a done line: {line:?}")))?;
-        let mut values: [Option<u64>; 12] = [None; 12];
+        let mut values: [Option<u64>; 14] = [None; 14];
         for item in rest.split(' ') {
             let (key, value) = item
                 .split_once('=')
@@ -108,6 +115,8 @@ impl Summary {
             dirtied: get(9)?,
             ledger: get(10)?,
             mem: get(11)?,
+            kicks: get(12)?,
+            waits: get(13)?,
         })
     }
 
@@ -140,7 +149,7 @@ impl fmt::Display for Summary {
         write!(
             f,
             "{DONE_PREFIX}ops={} reads={} writes={} flushes={} errors={} bytes={} cycles={} iops={} \
-             max_stall_us={} dirtied={} ledger={:016x} mem={:016x}",
+             max_stall_us={} dirtied={} ledger={:016x} mem={:016x} kicks={} waits={}",
             self.ops,
             self.reads,
             self.writes,
@@ -152,7 +161,9 @@ impl fmt::Display for Summary {
             self.max_stall_us,
             self.dirtied,
             self.ledger,
-            self.mem
+            self.mem,
+            self.kicks,
+            self.waits
         )
     }
 }
@@ -163,7 +174,8 @@ mod tests {
 
     const LINE: &str = "strata-guest: done ops=20000 reads=10038 writes=9962 flushes=155 \
                         errors=0 bytes=81920000 cycles=705084030 iops=69364 max_stall_us=812 \
-                        dirtied=40000 ledger=00f1e2d3c4b5a697 mem=cbf29ce484222325";
+                        dirtied=40000 ledger=00f1e2d3c4b5a697 mem=cbf29ce484222325 kicks=17 \
+                        waits=1234";
 
     #[test]
     fn parses_a_done_line() {
@@ -183,6 +195,8 @@ mod tests {
                 dirtied: 40000,
                 ledger: 0x00f1_e2d3_c4b5_a697,
                 mem: 0xcbf2_9ce4_8422_2325,
+                kicks: 17,
+                waits: 1234,
             }
         );
         assert_eq!(s.to_string(), LINE);
@@ -206,6 +220,8 @@ mod tests {
             &LINE.replace("mem=cbf29ce484222325", "mem=+bf29ce484222325"),
             &LINE.replace("ledger=00f1e2d3c4b5a697", "ledger=16"),
             &LINE.replace("max_stall_us=812", "max_stall_us=ff"),
+            &LINE.replace(" waits=1234", ""),
+            &LINE.replace("kicks=17", "kicks=-1"),
         ];
         for line in bad {
             assert!(

@@ -6,10 +6,13 @@
 //! multiples of 512, 512..=256k), `region` (`OFFSET:LEN` in bytes, multiples of 512), `qd`
 //! (1..=128), `flush` (a FLUSH after every N writes, 0 = never), `verify` (0/1), `dirty` (bytes
 //! of guest RAM the guest also rewrites round-robin, a multiple of 4k, at most 3g, 0 = off),
-//! `dirty_rate` (pages of that region rewritten per completed request, 1..=4096). Sizes take a
-//! `k`/`m`/`g` suffix (powers of 1024). Defaults: `seed=1,ops=10000,read=50,bs=4k,qd=32,flush=0,
-//! verify=1,dirty=0,dirty_rate=1`, region = whole disk capped by the ledger's room in guest RAM.
-//! The normalised form leaves `dirty` and `dirty_rate` out when they have their defaults.
+//! `dirty_rate` (pages of that region rewritten per completed request, 1..=4096), `irq` (0/1:
+//! with 1 the guest, once nothing has completed for `poll` microseconds, sleeps on the device
+//! interrupt through the wait port instead of spinning; 0 = spin), `poll` (microseconds,
+//! 0..=1000000). Sizes take a `k`/`m`/`g` suffix (powers of 1024). Defaults: `seed=1,ops=10000,
+//! read=50,bs=4k,qd=32,flush=0,verify=1,dirty=0,dirty_rate=1,irq=1,poll=DEFAULT_POLL_US`, region =
+//! whole disk capped by the ledger's room in guest RAM. The normalised form leaves `dirty`,
+//! `dirty_rate`, `irq` and `poll` out when they have their defaults.
 //!
 //! With `dirty=SIZE` the region is the last SIZE bytes of RAM below 3 GiB (see
 //! [`MemoryPlan`]); the ledger tags get the RAM between `LEDGER_TAGS_ADDR` and it. The guest
@@ -40,7 +43,12 @@ pub const MAX_DIRTY: u64 = MAX_MEM_SIZE;
 /// Largest `dirty_rate=` (pages per completed request).
 pub const MAX_DIRTY_RATE: u32 = 4096;
 
-const KEYS: &str = "seed, ops, read, bs, region, qd, flush, verify, dirty, dirty_rate";
+/// Longest `poll=` (microseconds).
+pub const MAX_POLL_US: u32 = 1_000_000;
+/// Default `poll=`: how long the guest spins on its used ring before it sleeps.
+pub const DEFAULT_POLL_US: u32 = 0;
+
+const KEYS: &str = "seed, ops, read, bs, region, qd, flush, verify, dirty, dirty_rate, irq, poll";
 
 /// Request sizes: each request is `min..=max` bytes (a multiple of 512, uniformly chosen) at an
 /// offset aligned to `min`.
@@ -75,6 +83,10 @@ pub struct WorkloadSpec {
     pub dirty: u64,
     /// Pages of the dirty region rewritten per completed request.
     pub dirty_rate: u32,
+    /// Sleep on the device interrupt (the wait port) when idle, instead of spinning.
+    pub irq: bool,
+    /// Microseconds without a completion before the guest sleeps (with `irq`).
+    pub poll_us: u32,
 }
 
 /// Where the guest puts its ledger tags and dirty region in its RAM, by the guest's rules
@@ -106,6 +118,8 @@ impl Default for WorkloadSpec {
             verify: true,
             dirty: 0,
             dirty_rate: 1,
+            irq: true,
+            poll_us: DEFAULT_POLL_US,
         }
     }
 }
@@ -140,6 +154,7 @@ fn help(key: &str) -> &'static str {
         "flush" => "a decimal number 0..=4294967295",
         "dirty" => "a size (0 = off, 64m), a multiple of 4k, at most 3g",
         "dirty_rate" => "a number of pages 1..=4096",
+        "poll" => "microseconds 0..=1000000",
         _ => "0 or 1",
     }
 }
@@ -246,6 +261,10 @@ impl WorkloadSpec {
                 self.dirty_rate = parse_num(v, false)
                     .filter(|&n| (1..=u64::from(MAX_DIRTY_RATE)).contains(&n))?
                     as u32
+            }
+            "irq" => self.irq = parse_num(v, false).filter(|&n| n <= 1)? == 1,
+            "poll" => {
+                self.poll_us = parse_num(v, false).filter(|&n| n <= u64::from(MAX_POLL_US))? as u32
             }
             _ => self.verify = parse_num(v, false).filter(|&n| n <= 1)? == 1,
         }
@@ -390,6 +409,12 @@ impl fmt::Display for WorkloadSpec {
         if self.dirty_rate != 1 {
             write!(f, ",dirty_rate={}", self.dirty_rate)?;
         }
+        if !self.irq {
+            write!(f, ",irq=0")?;
+        }
+        if self.poll_us != DEFAULT_POLL_US {
+            write!(f, ",poll={}", self.poll_us)?;
+        }
         Ok(())
     }
 }
@@ -451,6 +476,9 @@ mod tests {
             "dirty=64m",
             "dirty=4k,dirty_rate=4096",
             "dirty_rate=3",
+            "irq=0",
+            "irq=0,poll=1000000",
+            "poll=7",
         ] {
             let w = WorkloadSpec::parse(text).unwrap();
             assert_eq!(WorkloadSpec::parse(&w.to_string()).unwrap(), w, "{text}");
@@ -468,7 +496,7 @@ mod tests {
         assert_eq!(
             err("seed=1,colour=red"),
             "unknown key 'colour' (known: seed, ops, read, bs, region, qd, flush, verify, dirty, \
-             dirty_rate)"
+             dirty_rate, irq, poll)"
         );
         assert_eq!(err("seed=1,"), "expected key=value, got ''");
         assert_eq!(err("verify"), "expected key=value, got 'verify'");
@@ -520,6 +548,12 @@ mod tests {
             );
         }
         assert!(err("dirty_rate=0").starts_with("dirty_rate: bad value"));
+        assert_eq!(err("irq=2"), "irq: bad value, expected 0 or 1");
+        assert_eq!(
+            err("poll=1000001"),
+            "poll: bad value, expected microseconds 0..=1000000"
+        );
+        assert!(err("poll=1k").starts_with("poll: bad value"));
         assert!(err("dirty_rate=4097").starts_with("dirty_rate: bad value"));
         assert_eq!(
             WorkloadSpec::parse("seed=\u{e9}"),

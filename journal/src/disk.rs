@@ -985,13 +985,11 @@ impl Disk {
         if own > n || own == 0 {
             return;
         }
-        let mut from = n - own;
-        for i in from..n - 1 {
-            let id = st.layers[i].id;
-            if busy.contains(&id) || self.not_own.contains(&id) {
-                from = i + 1;
-            }
-        }
+        let natural = n - own;
+        let from = st.layers[natural..n - 1]
+            .iter()
+            .rposition(|l| busy.contains(&l.id) || self.not_own.contains(&l.id))
+            .map_or(natural, |i| natural + i + 1);
         st.own_from = from;
     }
 

@@ -573,6 +573,16 @@ impl Disk {
             },
         )
         .layers;
+        // The old parent may be a hidden node left with one child (or none): join it to its
+        // child (or drop it) now. Only the tree changes; no block is freed here.
+        let mut dropped = Vec::new();
+        collapse_from(
+            &mut tree,
+            self.tree.now.parent,
+            &mut dropped,
+            &mut Vec::new(),
+            &mut DeleteReport::default(),
+        );
         let lineage = tree.lineage_layers(None)?;
         let state = match build_state(
             self.files(),
@@ -594,7 +604,7 @@ impl Disk {
         }
         *st = state;
         drop(st);
-        for l in old_layers {
+        for l in old_layers.into_iter().chain(dropped) {
             self.remove_layer_files(l);
         }
         Ok(())
@@ -1494,6 +1504,7 @@ fn collapse_from(
     merges: &mut Vec<Merge>,
     report: &mut DeleteReport,
 ) {
+    let mut first = true;
     while let Some(cur) = id {
         let Some(node) = tree.node(cur).cloned() else {
             return;
@@ -1537,10 +1548,16 @@ fn collapse_from(
                 }
                 tree.nodes.retain(|n| n.id != cur);
                 report.merged += 1;
-                return;
+                // The parent may have been left with a single child by an earlier `apply`
+                // (which moved Now away): look at it too, so no hidden node keeps a single
+                // child (the layer-file bound counts on it).
+                id = node.parent;
+                first = false;
             }
             _ => {
-                report.hidden += 1;
+                if first {
+                    report.hidden += 1;
+                }
                 return;
             }
         }

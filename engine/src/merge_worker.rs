@@ -221,6 +221,7 @@ impl MergeWorker {
             }
         }
         let paused = self.shared.gate.pause(drain_timeout)?;
+        let drained = start.elapsed();
         let (report, jobs) = {
             let mut disk = lock_disk(&self.shared.disk)?;
             tree_change(&mut disk, opts)?
@@ -229,7 +230,7 @@ impl MergeWorker {
         let gone_us = start.elapsed().as_micros() as u64;
         let ids = self.enqueue(jobs);
         tracing::info!(
-            "delete {name:?}: gone from the tree after {gone_us} us, {} merges queued",
+            "delete {name:?}: gone from the tree after {gone_us} us (I/O drained at {drained:?}), {} merges queued",
             ids.len()
         );
         Ok(Deleted {

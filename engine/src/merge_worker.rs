@@ -327,7 +327,11 @@ impl Waiter {
             .filter(|f| ids.contains(&f.status.id))
             .cloned()
             .collect();
-        if st.stopping && ended.len() < ids.len() {
+        let really_ended = ended
+            .iter()
+            .filter(|f| !f.status.state.starts_with("stopped"))
+            .count();
+        if st.stopping && really_ended < ids.len() {
             return Err(Error::Usage(
                 "the server is stopping; the unfinished merges continue when the disk is next opened"
                     .into(),
@@ -505,9 +509,15 @@ impl Shared {
         let mut st = lock(&self.state);
         st.running = None;
         st.pending.remove(&id);
-        if let Some(result) = ended {
-            let mut status = progress.status();
-            let report = match result {
+        let mut status = progress.status();
+        let report = match ended {
+            // Left unfinished by a stop: shown with where the copy stood ("paused:
+            // cancelled" when the stop interrupted it).
+            None => {
+                status.state = format!("stopped ({}): continues at the next open", status.state);
+                None
+            }
+            Some(result) => match result {
                 Ok(r) => {
                     status.state = if r.discarded {
                         "discarded (the tree changed meanwhile)".into()
@@ -520,11 +530,11 @@ impl Shared {
                     status.state = format!("failed: {why}");
                     None
                 }
-            };
-            st.finished.push_back(Finished { status, report });
-            while st.finished.len() > KEEP_FINISHED {
-                st.finished.pop_front();
-            }
+            },
+        };
+        st.finished.push_back(Finished { status, report });
+        while st.finished.len() > KEEP_FINISHED {
+            st.finished.pop_front();
         }
         self.changed.notify_all();
     }
@@ -769,10 +779,26 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         let waiter = w.waiter();
-        let waiting = std::thread::spawn(move || waiter.wait(&d.jobs));
+        let jobs = d.jobs.clone();
+        let waiting = {
+            let waiter = waiter.clone();
+            std::thread::spawn(move || waiter.wait(&jobs))
+        };
         w.stop();
         let e = waiting.join().unwrap().unwrap_err();
         assert!(e.to_string().contains("stopping"), "{e}");
+        // The stop interrupted the copy (it would have taken about a minute).
+        let s = waiter.status();
+        drop(waiter);
+        let stopped = s
+            .finished
+            .iter()
+            .find(|e| e.status.id == d.jobs[0])
+            .unwrap();
+        assert_eq!(
+            stopped.status.state, "stopped (paused: cancelled): continues at the next open",
+            "{s:?}"
+        );
         // The process "exits": a new open resumes or redoes the merge.
         let Fixture {
             disk, dir, now, b, ..

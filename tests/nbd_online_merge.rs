@@ -540,11 +540,9 @@ fn sigkill_during_online_merges_loses_nothing() {
         r.run_load(200);
         r.checkpoint(&format!("k{i}"));
     }
-    let mut next = 3;
     for (round, strategy) in strategies.iter().enumerate() {
         r.run_load(200);
-        r.checkpoint(&format!("k{next}"));
-        next += 1;
+        r.checkpoint(&format!("k{}", round + 3));
         r.run_load(200);
         let names: Vec<String> = r.checkpoints.keys().cloned().collect();
         let victim = names[rng.gen_range(0..names.len())].clone();

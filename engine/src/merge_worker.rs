@@ -496,7 +496,7 @@ impl Shared {
                 Finish::Retry(j, e) => {
                     let why = crate::cli::error_chain(&e);
                     tracing::warn!("merge {id}: {why}; retrying in {backoff:?}");
-                    job = j;
+                    job = *j;
                     self.backoff(&mut backoff, why);
                 }
                 Finish::Failed(e) => {
@@ -559,12 +559,12 @@ impl Shared {
         let start = Instant::now();
         let paused = match self.gate.pause(DRAIN_TIMEOUT) {
             Ok(p) => p,
-            Err(e) => return Finish::Retry(job, e),
+            Err(e) => return Finish::Retry(Box::new(job), e),
         };
         let drained = start.elapsed();
         let r = match lock_disk(&self.disk) {
             Ok(mut disk) => disk.try_finish_merge(job),
-            Err(e) => return Finish::Retry(job, e),
+            Err(e) => return Finish::Retry(Box::new(job), e),
         };
         drop(paused);
         tracing::info!(
@@ -575,7 +575,7 @@ impl Shared {
             Ok(report) => Finish::Done(report),
             // Busy (a write slipped in) or a full disk while committing: the job is intact.
             Err((job, e)) if matches!(e, journal::Error::Busy) || is_no_space(&e) => {
-                Finish::Retry(*job, e.into())
+                Finish::Retry(job, e.into())
             }
             Err((job, e)) => {
                 match lock_disk(&self.disk) {
@@ -592,7 +592,7 @@ impl Shared {
 enum Finish {
     Done(MergeReport),
     /// I/O did not drain in time: the job is handed back to be tried again.
-    Retry(MergeJob, Error),
+    Retry(Box<MergeJob>, Error),
     Failed(Error),
 }
 

@@ -354,6 +354,9 @@ impl Shared {
             let mut s = p.status();
             if let Some(why) = paused {
                 s.state = format!("paused: {why}");
+            } else if s.state == "queued" {
+                // Taken by the thread, which has not reached the copy yet.
+                s.state = "starting".into();
             }
             merges.push(s);
         }
@@ -748,7 +751,14 @@ mod tests {
             assert_eq!(d.jobs.len(), 1, "{victim}: {d:?}");
             all.extend(d.jobs);
         }
-        let s = w.status();
+        // The worker takes the first job at once; the others wait behind it.
+        let s = loop {
+            let s = w.status();
+            if s.merges.first().is_some_and(|m| m.state != "queued") {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
         let ids: Vec<u64> = s.merges.iter().map(|m| m.id).collect();
         assert_eq!(ids, all, "{s:?}");
         assert_ne!(s.merges[0].state, "queued", "{s:?}");

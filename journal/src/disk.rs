@@ -4,14 +4,19 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::base::BaseImage;
-use crate::format::{RecordKind, LOG_HEADER_SIZE};
+use crate::format::{RecordKind, LOG_HEADER_SIZE, ZERO_BLOCK};
 use crate::layer::{self, LayerFiles, LAYERS_DIR};
 use crate::locking::{self, lock_reader, lock_writer, LOCK_FILE};
+use crate::merge::{
+    maintenance_moves, DeleteOptions, JobSetup, LayerStat, MergeJob, MergeReport, Move, Placement,
+    Registry, Situation, StackRef, StackStat, Target,
+};
 use crate::tree::{sync_dir, unix_now, Node, NowNode, Tree, TREE_FILE, TREE_FORMAT};
 use crate::view::{build_state, build_view, DiskFiles, Tail};
 use crate::volume::{ActiveLayer, ViewState, Volume};
@@ -102,6 +107,10 @@ pub struct DeleteReport {
     pub bytes_freed: u64,
     /// Merged layers a concurrent reader pinned: their overwritten blocks stay allocated.
     pub kept_for_readers: usize,
+    /// Merge jobs run to the end by [`Disk::delete`] (0 for `delete_online`), and the bytes
+    /// they copied.
+    pub merge_jobs: usize,
+    pub bytes_copied: u64,
 }
 
 /// How many times a reader without the lock rebuilds a view that changed while it was
@@ -123,6 +132,10 @@ pub struct Disk {
     /// Why the base image cannot be used (read-only opens only).
     base_error: Option<String>,
     now: Arc<Volume>,
+    /// Layers merge jobs read (never punched, never Now's own while a job lives).
+    registry: Arc<Registry>,
+    /// Layers a reader pinned when they joined Now's stack: never Now's own.
+    not_own: HashSet<u64>,
 }
 
 /// The text of a base image error with its causes ("base image P: why", "I/O error on P: ...").
@@ -296,6 +309,8 @@ impl Disk {
             base,
             now: Arc::new(now),
             base_error,
+            registry: Arc::new(Registry::default()),
+            not_own: HashSet::new(),
         })
     }
 
@@ -585,13 +600,56 @@ impl Disk {
         Ok(())
     }
 
-    /// Deletes checkpoint `name` (and its descendants with `subtree`). Every other checkpoint
-    /// and Now read exactly as before. A checkpoint with one child is merged into it (its
-    /// layers join the child's stack; blocks the child overwrote are freed); one with
-    /// several children stays as a hidden node until it has at most one.
+    /// Deletes checkpoint `name` (and its descendants with `subtree`) and runs the merges
+    /// the default strategy (`auto`) and the layer-file bound want, to the end: the
+    /// offline form of [`Disk::delete_online`]. Every other checkpoint and Now read exactly
+    /// as before.
     pub fn delete(&mut self, name: &str, subtree: bool) -> Result<DeleteReport> {
+        self.delete_with(
+            name,
+            &DeleteOptions {
+                subtree,
+                ..DeleteOptions::default()
+            },
+        )
+    }
+
+    /// [`Disk::delete`] with options: delete_online, then every job run and finished, then
+    /// the maintenance merges.
+    pub fn delete_with(&mut self, name: &str, opts: &DeleteOptions) -> Result<DeleteReport> {
+        let (mut report, jobs) = self.delete_online(name, opts)?;
+        self.run_to_end(jobs, &mut report)?;
+        let jobs = self.maintenance_merges(opts)?;
+        self.run_to_end(jobs, &mut report)?;
+        Ok(report)
+    }
+
+    fn run_to_end(&mut self, jobs: Vec<MergeJob>, report: &mut DeleteReport) -> Result<()> {
+        let never = AtomicBool::new(false);
+        for mut job in jobs {
+            job.run(&never)?;
+            let r = self.finish_merge(job)?;
+            report.merge_jobs += 1;
+            report.bytes_copied += r.bytes_copied;
+            report.bytes_freed += r.bytes_freed;
+        }
+        Ok(())
+    }
+
+    /// Deletes checkpoint `name` in one tree commit (the relink: a checkpoint with one child
+    /// has its layers joined to the child's stack; one with several children stays as a
+    /// hidden node until it has at most one). When this returns the checkpoint is gone from
+    /// `list()` and from the tree on disk; every other checkpoint and Now read as before.
+    /// Returns the data movements the strategy wants (see [`MergeJob`]); dropping a job
+    /// without running it is safe.
+    pub fn delete_online(
+        &mut self,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> Result<(DeleteReport, Vec<MergeJob>)> {
         self.writable()?;
         let id = self.tree.by_name(name)?.id;
+        let subtree = opts.subtree;
         if self.now.writes_in_flight() > 0 {
             return Err(Error::Busy);
         }
@@ -642,14 +700,30 @@ impl Disk {
                 &mut report,
             );
         }
+        // The strategy looks at the relinked tree; the ids of its outputs are reserved in
+        // the same commit.
+        let strategy = opts.strategy_impl();
+        let target = merges.first().map(|m| m.child);
+        let moved: HashSet<u64> = merges
+            .iter()
+            .flat_map(|m| m.parent_layers.iter().copied())
+            .collect();
+        let measure: Vec<StackRef> = target.into_iter().collect();
+        let situation = self.situation(&tree, name, target, &moved, &measure)?;
+        let moves = validate_moves(strategy.name(), &situation, strategy.plan(&situation))?;
+        let mut ids = Vec::with_capacity(moves.len());
+        for _ in &moves {
+            ids.push(tree.alloc_id()?);
+        }
         let old_own = self.tree.now.layers.len();
         self.commit_tree(tree)?;
+        let jobs = self.build_jobs(&moves, &ids, name, strategy.name(), opts);
         // The tree is durable: now free space. A crash from here on only leaves garbage that
         // the next open removes (whole layer files) or that stays allocated (shadowed blocks).
         // Merged layers are punched only while no reader (another process reading a
-        // checkpoint without the lock) pins them; the claims are held until the punching is
-        // done. A reader pinning later finds the merged node changed in the tree and does not
-        // use the layers.
+        // checkpoint without the lock) pins them and no merge job reads them; the claims are
+        // held until the punching is done. A reader pinning later finds the merged node
+        // changed in the tree and does not use the layers.
         let new_own = self.tree.now.layers.len();
         // Layers that become Now's own: their overwritten blocks get punched from now on.
         let becoming_own: Vec<u64> = if new_own != old_own {
@@ -687,21 +761,351 @@ impl Disk {
             }
         }
         report.kept_for_readers = pinned.len();
-        if new_own != old_own && !becoming_own.iter().any(|l| pinned.contains(l)) {
-            let mut st = self.now.state_mut();
-            st.own_from = st.layers.len() - new_own;
+        for l in &becoming_own {
+            if pinned.contains(l) {
+                self.not_own.insert(*l);
+            }
         }
+        self.refresh_own_from();
         for l in drop_layers {
             report.bytes_freed += self.remove_layer_files(l);
         }
-        if merges.iter().any(|m| m.into_now) {
+        if merges.iter().any(|m| m.child == StackRef::Now) || jobs_touch_now(&self.tree, &jobs) {
+            // Also frees, before any job reads, the blocks Now's writes superseded in layers
+            // that are no longer Now's own.
             self.now.sync_log(true)?;
         }
+        let busy = self.registry.busy_layers();
+        let skip: HashSet<u64> = pinned.union(&busy).copied().collect();
         for m in merges {
-            report.bytes_freed += self.free_shadowed(&m, &pinned)?;
+            report.bytes_freed += self.free_shadowed(&m, &skip)?;
         }
         drop(claims);
+        Ok((report, jobs))
+    }
+
+    /// Merges the layer-file bound wants now even without a delete: every lineage whose
+    /// stacks hold more than [`crate::LINEAGE_SLACK`] layers beyond one per node (and Now's
+    /// active layer) has its deepest stacks compacted, which also picks up merges a crash
+    /// interrupted. Placement as `auto` chooses it.
+    pub fn maintenance_merges(&mut self, opts: &DeleteOptions) -> Result<Vec<MergeJob>> {
+        self.writable()?;
+        let paths = self.tree.view_paths()?;
+        let measure: Vec<StackRef> = self
+            .tree
+            .stacks()
+            .into_iter()
+            .filter(|&a| self.tree.stack(a).is_some_and(|l| l.len() >= 2))
+            .collect();
+        let situation = self.situation(&self.tree, "", None, &HashSet::new(), &measure)?;
+        let moves = maintenance_moves(&situation, &paths);
+        if moves.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tree = self.tree.clone();
+        let mut ids = Vec::with_capacity(moves.len());
+        for _ in &moves {
+            ids.push(tree.alloc_id()?);
+        }
+        self.commit_tree(tree)?;
+        let jobs = self.build_jobs(&moves, &ids, "", "maintenance", opts);
+        self.refresh_own_from();
+        if jobs_touch_now(&self.tree, &jobs) {
+            self.now.sync_log(true)?;
+        }
+        Ok(jobs)
+    }
+
+    /// The tree as a strategy sees it. Stacks in `measure` get their live blocks counted
+    /// (their logs are scanned).
+    fn situation(
+        &self,
+        tree: &Tree,
+        deleted: &str,
+        target: Option<StackRef>,
+        moved: &HashSet<u64>,
+        measure: &[StackRef],
+    ) -> Result<Situation> {
+        let busy = self.registry.busy_layers();
+        let mut stacks = Vec::new();
+        for at in tree.stacks() {
+            let layers = tree.stack(at).unwrap_or(&[]);
+            let sealed = match at {
+                StackRef::Now => layers.len().saturating_sub(1),
+                StackRef::Node(_) => layers.len(),
+            };
+            let live = if measure.contains(&at) {
+                self.live_counts(&layers[..sealed])?
+            } else {
+                Vec::new()
+            };
+            let stats = layers
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| {
+                    let log_len = fs::metadata(layer::log_path(&self.dir, id))
+                        .map(|m| m.len())
+                        .unwrap_or(LOG_HEADER_SIZE);
+                    LayerStat {
+                        id,
+                        records: log_len.saturating_sub(LOG_HEADER_SIZE)
+                            / crate::format::RECORD_SIZE as u64,
+                        live: live.get(i).copied(),
+                        allocated_bytes: self.layer_bytes(id),
+                        from_deleted: moved.contains(&id),
+                    }
+                })
+                .collect();
+            let visible = match at {
+                StackRef::Now => true,
+                StackRef::Node(id) => tree.node(id).is_some_and(|n| n.name.is_some()),
+            };
+            stacks.push(StackStat {
+                at,
+                visible,
+                layers: stats,
+                sealed,
+                busy: layers.iter().any(|l| busy.contains(l)),
+            });
+        }
+        Ok(Situation {
+            deleted: deleted.to_string(),
+            target,
+            stacks,
+            visible_checkpoints: tree.nodes.iter().filter(|n| n.name.is_some()).count(),
+        })
+    }
+
+    /// For each of `layers` (one stack, oldest first), the blocks it holds the newest
+    /// version of within the stack.
+    fn live_counts(&self, layers: &[u64]) -> Result<Vec<u64>> {
+        let mut newest: HashMap<u64, usize> = HashMap::new();
+        for (i, &l) in layers.iter().enumerate() {
+            let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, false)?;
+            for r in lf.scan_log(self.disk_blocks())?.records {
+                newest.insert(r.disk_block, i);
+            }
+        }
+        let mut counts = vec![0u64; layers.len()];
+        for i in newest.into_values() {
+            counts[i] += 1;
+        }
+        Ok(counts)
+    }
+
+    /// Opens the files of each move's run and makes its job (ids reserved in the tree).
+    fn build_jobs(
+        &self,
+        moves: &[Move],
+        ids: &[u64],
+        checkpoint: &str,
+        strategy: &str,
+        opts: &DeleteOptions,
+    ) -> Vec<MergeJob> {
+        let mut jobs = Vec::new();
+        for (mv, &id) in moves.iter().zip(ids) {
+            let made = (|| -> Result<MergeJob> {
+                let stack = self.tree.stack(mv.stack).unwrap_or(&[]);
+                let run_ids = stack
+                    .get(mv.first..mv.first + mv.len)
+                    .ok_or_else(|| Error::Invalid("merge run out of range".into()))?;
+                let mut below_ids = self.tree.below_stack(mv.stack)?;
+                below_ids.extend_from_slice(&stack[..mv.first]);
+                let open = |l: &u64| -> Result<Arc<LayerFiles>> {
+                    LayerFiles::open(&self.dir, self.uuid, *l, self.opts.cache, false).map(Arc::new)
+                };
+                let run = run_ids.iter().map(open).collect::<Result<Vec<_>>>()?;
+                let below = below_ids.iter().map(open).collect::<Result<Vec<_>>>()?;
+                Ok(MergeJob::new(JobSetup {
+                    id,
+                    checkpoint: checkpoint.to_string(),
+                    strategy: strategy.to_string(),
+                    dir: self.dir.clone(),
+                    uuid: self.uuid,
+                    cache: self.opts.cache,
+                    disk_blocks: self.disk_blocks(),
+                    base_blocks: self
+                        .tree
+                        .base
+                        .as_ref()
+                        .map_or(0, |b| b.size.div_ceil(BLOCK_SIZE)),
+                    run,
+                    below,
+                    target: match mv.placement {
+                        Placement::NewLayer => Target::New,
+                        Placement::Absorb(i) => Target::Absorb(i),
+                    },
+                    rate_limit: opts.rate_limit,
+                    queue_depth: opts.queue_depth,
+                    registry: self.registry.clone(),
+                }))
+            })();
+            match made {
+                Ok(j) => jobs.push(j),
+                Err(e) => tracing::warn!("merge of {:?} not started: {e}", mv),
+            }
+        }
+        jobs
+    }
+
+    /// Sets Now's `own_from`: Now's own layers are those of its stack, except (and below)
+    /// any a merge job reads or a reader pinned when it joined Now.
+    fn refresh_own_from(&self) {
+        let busy = self.registry.busy_layers();
+        let mut st = self.now.state_mut();
+        if st.unreadable.is_some() || st.active.is_none() {
+            return;
+        }
+        let n = st.layers.len();
+        let own = self.tree.now.layers.len();
+        if own > n || own == 0 {
+            return;
+        }
+        let mut from = n - own;
+        for i in from..n - 1 {
+            let id = st.layers[i].id;
+            if busy.contains(&id) || self.not_own.contains(&id) {
+                from = i + 1;
+            }
+        }
+        st.own_from = from;
+    }
+
+    /// Swaps a job that ran to completion into the tree (one atomic tree commit) and into
+    /// Now's open view, then deletes the replaced files. Requires no write in flight on Now
+    /// ([`Error::Busy`] otherwise; use [`Disk::try_finish_merge`] to keep the job). If the
+    /// job's layers are gone from the tree, its output is discarded (`discarded` in the
+    /// report).
+    pub fn finish_merge(&mut self, job: MergeJob) -> Result<MergeReport> {
+        self.try_finish_merge(job).map_err(|(_, e)| e)
+    }
+
+    /// [`Disk::finish_merge`] that hands the job back on failure (e.g. [`Error::Busy`]).
+    pub fn try_finish_merge(
+        &mut self,
+        mut job: MergeJob,
+    ) -> std::result::Result<MergeReport, (Box<MergeJob>, Error)> {
+        if let Err(e) = self.writable() {
+            return Err((Box::new(job), e));
+        }
+        if !job.copied {
+            let e = Error::Invalid(format!(
+                "merge {} has not finished copying (run it first)",
+                job.id()
+            ));
+            return Err((Box::new(job), e));
+        }
+        let run = job.run_layers();
+        let progress = job.progress();
+        let mut report = MergeReport {
+            id: job.id(),
+            checkpoint: job.checkpoint().to_string(),
+            strategy: job.strategy().to_string(),
+            bytes_copied: job.comp.as_ref().map_or(0, |c| c.copies.len() as u64) * BLOCK_SIZE,
+            peak_extra_bytes: job.peak_extra,
+            copy_seconds: progress.copy_seconds(),
+            ..MergeReport::default()
+        };
+        let Some((at, pos)) = self.tree.find_run(&run) else {
+            job.discard_output();
+            report.discarded = true;
+            return Ok(report);
+        };
+        let lineage_len = |t: &Tree| {
+            t.below_stack(at).map_or(0, |b| b.len()) + t.stack(at).map_or(0, |s| s.len())
+        };
+        report.layers_before = lineage_len(&self.tree);
+        let out_id = job.output_layer();
+        let (Some(out), Some(comp)) = (job.out.clone(), job.comp.take()) else {
+            let e = Error::Invalid(format!("merge {} lost its output", job.id()));
+            return Err((Box::new(job), e));
+        };
+        let mut tree = self.tree.clone();
+        tree.replace_run(at, pos, run.len(), out_id);
+        let now = self.now.clone();
+        let mut st = now.state_mut();
+        if now.writes_in_flight() > 0 {
+            drop(st);
+            job.comp = Some(comp);
+            return Err((Box::new(job), Error::Busy));
+        }
+        let now_pos = st.find_run(&run);
+        let locate = |b: u64| comp.locate(b);
+        if let Some(p) = now_pos {
+            if let Err(e) = st.check_merged_run(p, run.len(), locate) {
+                drop(st);
+                job.comp = Some(comp);
+                return Err((Box::new(job), e));
+            }
+        }
+        if let Err(e) = self.commit_tree(tree) {
+            drop(st);
+            job.comp = Some(comp);
+            return Err((Box::new(job), e));
+        }
+        job.adopted = true;
+        // Blocks of the merged layer nobody reads: the absorbing layer's shadowed ones, and
+        // (when the layer is Now's alone) those Now superseded above it.
+        let mut dead: Vec<u64> = comp.unreferenced.clone();
+        if let Some(p) = now_pos {
+            st.swap_merged_run(p, run.len(), out.clone(), locate);
+            if at == StackRef::Now {
+                for &(b, d, _) in &comp.map {
+                    if d == ZERO_BLOCK {
+                        continue;
+                    }
+                    let here = st
+                        .index
+                        .get(b)
+                        .is_some_and(|l| usize::from(l.ordinal) == p && l.data_block == d);
+                    if !here {
+                        dead.push(d);
+                    }
+                }
+            }
+        }
+        drop(st);
+        self.registry.release(job.id());
+        self.refresh_own_from();
+        for &l in &run {
+            if l != out_id {
+                report.bytes_freed += self.remove_layer_files(l);
+            }
+        }
+        if !dead.is_empty() && !self.registry.busy_layers().contains(&out_id) {
+            // The absorbing layer may be pinned by a reader of an older view.
+            let (punch_ok, _claim) = if out_id == job.id() {
+                (true, None)
+            } else {
+                match locking::claim(&out.log_path) {
+                    Ok(Some(f)) => (true, Some(f)),
+                    _ => (false, None),
+                }
+            };
+            if punch_ok {
+                let before = layer::allocated(&out.data_path);
+                if let Err(e) = out.punch(&mut dead) {
+                    tracing::warn!("could not free blocks of layer {out_id}: {e}");
+                }
+                report.bytes_freed += before.saturating_sub(layer::allocated(&out.data_path));
+            } else {
+                tracing::info!(
+                    "layer {out_id} is pinned by a reader: its unreferenced blocks stay allocated"
+                );
+            }
+        }
+        report.layers_after = lineage_len(&self.tree);
+        progress.done();
         Ok(report)
+    }
+
+    /// Gives up a job (deletes its partial output).
+    pub fn abandon_merge(&mut self, mut job: MergeJob) {
+        job.discard_output();
+        let id = job.id();
+        drop(job);
+        self.registry.release(id);
+        self.refresh_own_from();
     }
 
     /// Frees the blocks of a merged parent's layers that the child's layers overwrite.
@@ -1051,6 +1455,8 @@ impl Drop for Disk {
 /// A parent merged into its only child: which blocks to free afterwards.
 struct Merge {
     parent_layers: Vec<u64>,
+    /// The stack that received them.
+    child: StackRef,
     child_layer_ids: Vec<u64>,
     child_layers: usize,
     into_now: bool,
@@ -1084,6 +1490,7 @@ fn collapse_from(
                 if now_child {
                     merges.push(Merge {
                         parent_layers: node.layers.clone(),
+                        child: StackRef::Now,
                         child_layer_ids: tree.now.layers.clone(),
                         child_layers: tree.now.layers.len(),
                         into_now: true,
@@ -1095,6 +1502,7 @@ fn collapse_from(
                 } else if let Some(child) = tree.nodes.iter_mut().find(|n| n.id == kids[0]) {
                     merges.push(Merge {
                         parent_layers: node.layers.clone(),
+                        child: StackRef::Node(child.id),
                         child_layer_ids: child.layers.clone(),
                         child_layers: child.layers.len(),
                         into_now: false,
@@ -1114,6 +1522,55 @@ fn collapse_from(
             }
         }
     }
+}
+
+/// True when some job's run lies in Now's stack.
+fn jobs_touch_now(tree: &Tree, jobs: &[MergeJob]) -> bool {
+    jobs.iter().any(|j| {
+        tree.find_run(&j.run_layers())
+            .is_some_and(|(at, _)| at == StackRef::Now)
+    })
+}
+
+/// Checks a strategy's moves against the situation: in range, sealed, not overlapping.
+/// Moves on a stack a running job already works on are skipped.
+fn validate_moves(strategy: &str, s: &Situation, moves: Vec<Move>) -> Result<Vec<Move>> {
+    let bad = |why: String| Error::Invalid(format!("merge strategy {strategy:?}: {why}"));
+    let mut out: Vec<Move> = Vec::new();
+    for m in moves {
+        let st = s
+            .stack(m.stack)
+            .ok_or_else(|| bad(format!("{:?} is not a stack of the tree", m.stack)))?;
+        if m.len == 0 || m.first.checked_add(m.len).is_none_or(|e| e > st.sealed) {
+            return Err(bad(format!(
+                "layers {}..{} of {:?} are not sealed layers of it ({} sealed)",
+                m.first,
+                m.first.saturating_add(m.len),
+                m.stack,
+                st.sealed
+            )));
+        }
+        if let Placement::Absorb(i) = m.placement {
+            if i >= m.len {
+                return Err(bad(format!("absorbing layer {i} is outside its run")));
+            }
+        }
+        if out
+            .iter()
+            .any(|o| o.stack == m.stack && o.first < m.first + m.len && m.first < o.first + o.len)
+        {
+            return Err(bad(format!("two moves overlap in {:?}", m.stack)));
+        }
+        if st.busy {
+            tracing::info!(
+                "{strategy}: {:?} already has a merge running; skipped",
+                m.stack
+            );
+            continue;
+        }
+        out.push(m);
+    }
+    Ok(out)
 }
 
 /// Removes layer files that the tree does not reference (left by a crash between writing

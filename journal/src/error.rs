@@ -55,6 +55,14 @@ pub enum Error {
     TooLarge { path: PathBuf, limit: u64 },
     #[error("the disk's id counter is exhausted (next_id {0}); no more checkpoints or layers can be created")]
     IdsExhausted(u64),
+    #[error("merge {job} of disk {disk}: no space left on the device (about {needed} more bytes needed); free space and run it again, or abandon it")]
+    NoSpace {
+        disk: PathBuf,
+        job: u64,
+        needed: u64,
+    },
+    #[error("merge {0} was cancelled (run it again to continue)")]
+    MergeCancelled(u64),
     #[error("{view} cannot be read: {why}")]
     Unreadable { view: String, why: String },
 }
@@ -75,12 +83,23 @@ impl Error {
                 source.raw_os_error().unwrap_or(libc::EIO)
             }
             Error::Unaligned { .. } | Error::BadSize(_) | Error::Invalid(_) => libc::EINVAL,
-            Error::OutOfRange { .. } => libc::ENOSPC,
+            Error::OutOfRange { .. } | Error::NoSpace { .. } => libc::ENOSPC,
             Error::ReadOnly => libc::EPERM,
             Error::Corrupt { .. } => libc::EIO,
             _ => libc::EIO,
         }
     }
+}
+
+/// An error with its causes, on one line ("a: b: c").
+pub fn chain(e: &Error) -> String {
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        text.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    text
 }
 
 /// The journal's result type.

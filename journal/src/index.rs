@@ -74,6 +74,13 @@ impl Index {
         self.map.iter().map(|(k, v)| (*k, *v))
     }
 
+    /// Rewrites every location in place (a merge renumbering ordinals).
+    pub fn remap(&mut self, mut f: impl FnMut(u64, &mut Loc)) {
+        for (k, v) in self.map.iter_mut() {
+            f(*k, v);
+        }
+    }
+
     /// Bytes of heap memory used by the table.
     pub fn heap_bytes(&self) -> usize {
         self.map.capacity() * (std::mem::size_of::<(u64, Loc)>() + 1)

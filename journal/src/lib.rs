@@ -17,6 +17,7 @@ mod format;
 mod index;
 mod layer;
 mod locking;
+mod merge;
 mod rangelock;
 mod safe_open;
 mod tree;
@@ -27,6 +28,10 @@ mod volume;
 pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use disk::{CacheMode, CheckReport, CheckpointInfo, DeleteReport, Disk, DiskInfo, OpenOptions};
 pub use error::{Error, Result};
+pub use merge::{
+    DeleteOptions, LayerStat, MergeJob, MergeProgress, MergeReport, MergeStatus, Move, Placement,
+    Situation, StackRef, StackStat, Strategy, StrategyKind, LINEAGE_SLACK,
+};
 pub use tree::validate_name;
 pub use uring::{Completion, IoEngine, Rejected, Request};
 pub use volume::Volume;

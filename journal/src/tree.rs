@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::merge::StackRef;
 use crate::safe_open::{open_regular, read_capped, Links};
 use crate::{Error, Result};
 
@@ -202,6 +203,94 @@ impl Tree {
         v
     }
 
+    /// The layers of stack `at`.
+    pub fn stack(&self, at: StackRef) -> Option<&[u64]> {
+        match at {
+            StackRef::Now => Some(&self.now.layers),
+            StackRef::Node(id) => self.node(id).map(|n| n.layers.as_slice()),
+        }
+    }
+
+    fn stack_mut(&mut self, at: StackRef) -> Option<&mut Vec<u64>> {
+        match at {
+            StackRef::Now => Some(&mut self.now.layers),
+            StackRef::Node(id) => self
+                .nodes
+                .iter_mut()
+                .find(|n| n.id == id)
+                .map(|n| &mut n.layers),
+        }
+    }
+
+    /// Every stack: each node's, then Now's.
+    pub fn stacks(&self) -> Vec<StackRef> {
+        let mut v: Vec<StackRef> = self.nodes.iter().map(|n| StackRef::Node(n.id)).collect();
+        v.push(StackRef::Now);
+        v
+    }
+
+    /// The layers below stack `at` in its lineage, oldest first.
+    pub fn below_stack(&self, at: StackRef) -> Result<Vec<u64>> {
+        let parent = match at {
+            StackRef::Now => self.now.parent,
+            StackRef::Node(id) => self.node(id).and_then(|n| n.parent),
+        };
+        match parent {
+            Some(p) => self.lineage_layers(Some(p)),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Where the layers `run` sit, consecutively and sealed, in one stack: (stack, index of
+    /// the first). Now's active (last) layer is never part of a run.
+    pub fn find_run(&self, run: &[u64]) -> Option<(StackRef, usize)> {
+        let first = *run.first()?;
+        for at in self.stacks() {
+            let layers = self.stack(at)?;
+            let sealed = match at {
+                StackRef::Now => layers.len().saturating_sub(1),
+                StackRef::Node(_) => layers.len(),
+            };
+            if let Some(pos) = layers[..sealed].iter().position(|&l| l == first) {
+                return (pos + run.len() <= sealed && layers[pos..pos + run.len()] == *run)
+                    .then_some((at, pos));
+            }
+        }
+        None
+    }
+
+    /// Replaces layers `pos..pos+len` of stack `at` by the single layer `with`.
+    pub fn replace_run(&mut self, at: StackRef, pos: usize, len: usize, with: u64) -> bool {
+        match self.stack_mut(at) {
+            Some(layers) if pos + len <= layers.len() && len > 0 => {
+                layers.splice(pos..pos + len, [with]);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The stacks on the path from a root to each visible checkpoint and to Now.
+    pub fn view_paths(&self) -> Result<Vec<Vec<StackRef>>> {
+        let mut out = Vec::new();
+        for n in self.nodes.iter().filter(|n| n.name.is_some()) {
+            out.push(
+                self.path_to(Some(n.id))?
+                    .into_iter()
+                    .map(StackRef::Node)
+                    .collect(),
+            );
+        }
+        let mut now: Vec<StackRef> = self
+            .path_to(self.now.parent)?
+            .into_iter()
+            .map(StackRef::Node)
+            .collect();
+        now.push(StackRef::Now);
+        out.push(now);
+        Ok(out)
+    }
+
     /// Validates internal consistency after loading.
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Error::Corrupt {
@@ -391,6 +480,19 @@ mod tests {
         t.now.parent = Some(first);
         let e = t.validate().unwrap_err().to_string();
         assert!(e.contains("share an id"), "{e}");
+    }
+
+    #[test]
+    fn runs_are_found_only_whole_and_sealed() {
+        let mut t = tree();
+        assert_eq!(t.find_run(&[4, 5]), Some((StackRef::Node(3), 0)));
+        assert_eq!(t.find_run(&[5]), Some((StackRef::Node(3), 1)));
+        assert_eq!(t.find_run(&[2, 4]), None, "two stacks");
+        assert_eq!(t.find_run(&[6]), None, "the active layer");
+        assert_eq!(t.below_stack(StackRef::Now).unwrap(), vec![2, 4, 5]);
+        assert!(t.replace_run(StackRef::Node(3), 0, 2, 9));
+        assert_eq!(t.lineage_layers(None).unwrap(), vec![2, 9, 6]);
+        assert_eq!(t.view_paths().unwrap().len(), 3);
     }
 
     #[test]

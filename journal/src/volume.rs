@@ -227,6 +227,87 @@ impl ViewState {
         }
     }
 
+    /// Where the layers `run` sit consecutively in this view, if they do.
+    pub fn find_run(&self, run: &[u64]) -> Option<usize> {
+        if run.is_empty() || self.unreadable.is_some() {
+            return None;
+        }
+        self.layers
+            .windows(run.len())
+            .position(|w| w.iter().map(|l| l.id).eq(run.iter().copied()))
+    }
+
+    /// Checks that a merged run can replace layers `first..first+len`: every data block the
+    /// index reads from them is in the merged layer (`locate`).
+    pub fn check_merged_run(
+        &self,
+        first: usize,
+        len: usize,
+        locate: impl Fn(u64) -> Option<(u64, u32)>,
+    ) -> Result<()> {
+        let end = first + len;
+        for (block, loc) in self.index.iter() {
+            let o = usize::from(loc.ordinal);
+            if o >= first && o < end && loc.data_block != ZERO_BLOCK {
+                match locate(block) {
+                    Some((d, crc)) if d != ZERO_BLOCK && crc == loc.crc => {}
+                    _ => {
+                        return Err(Error::Invalid(format!(
+                            "merged layer does not hold block {block} as the view reads it"
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Swaps a merged layer into the view in place of layers `first..first+len` (call with
+    /// the state locked, no write in flight, after [`ViewState::check_merged_run`]): index
+    /// entries of those ordinals move to `merged` at the data block `locate` gives (a zero
+    /// stays a zero), higher ordinals shift down by `len - 1`. Blocks superseded above the
+    /// run keep pointing above it, so they are never served from the merged layer.
+    pub fn swap_merged_run(
+        &mut self,
+        first: usize,
+        len: usize,
+        merged: Arc<LayerFiles>,
+        locate: impl Fn(u64) -> Option<(u64, u32)>,
+    ) {
+        let end = first + len;
+        let shift = (len - 1) as u16;
+        let ord = first as u16;
+        self.index.remap(|block, loc| {
+            let o = usize::from(loc.ordinal);
+            if o >= end {
+                loc.ordinal -= shift;
+            } else if o >= first {
+                loc.ordinal = ord;
+                if loc.data_block != ZERO_BLOCK {
+                    if let Some((d, _)) = locate(block) {
+                        loc.data_block = d;
+                    }
+                }
+            }
+        });
+        self.layers.splice(first..end, [merged]);
+        self.damaged_upto = self.damaged_upto.map(|d| {
+            let o = usize::from(d);
+            if o >= end {
+                d - shift
+            } else if o >= first {
+                ord
+            } else {
+                d
+            }
+        });
+        if self.own_from >= end {
+            self.own_from -= len - 1;
+        } else if self.own_from > first {
+            self.own_from = first + 1;
+        }
+    }
+
     fn check_readable(&self) -> Result<()> {
         match &self.unreadable {
             Some(why) => Err(Error::Unreadable {

@@ -1,0 +1,271 @@
+//! The bulk copy of a merge on its own io_uring: chunks of up to [`CHUNK_BLOCKS`] output
+//! blocks, each read (one SQE per run of consecutive source blocks), checksum-verified and
+//! written (one SQE), with up to `depth` chunks in flight.
+//!
+//! Ownership: a chunk's [`AlignedBuf`] lives in its slot from the first SQE until its last
+//! completion is reaped; [`Copier::copy`] returns only once no SQE of it is in the kernel
+//! (or, if the ring itself fails, leaks the buffers the kernel might still write).
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+
+use crate::layer::LayerFiles;
+use crate::{AlignedBuf, Error, Result, BLOCK_SIZE};
+
+/// Output blocks per chunk (128 KiB).
+pub(crate) const CHUNK_BLOCKS: usize = 32;
+
+/// One block to copy.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CopyItem {
+    /// Index of the source layer in the run.
+    pub src: u32,
+    pub src_block: u64,
+    pub crc: u32,
+}
+
+struct Chunk {
+    /// First item of the chunk.
+    first: usize,
+    n: usize,
+    buf: AlignedBuf,
+    /// SQEs of the chunk still in the kernel.
+    pending: usize,
+    writing: bool,
+    err: Option<Error>,
+}
+
+/// A merge's ring and its buffer pool.
+pub(crate) struct Copier {
+    ring: IoUring,
+    depth: usize,
+    pool: Vec<AlignedBuf>,
+}
+
+const WRITE_BIT: u64 = 1 << 31;
+
+fn user_data(slot: usize, write: bool, blocks: usize) -> u64 {
+    ((slot as u64) << 32) | if write { WRITE_BIT } else { 0 } | blocks as u64
+}
+
+impl Copier {
+    /// A ring for `depth` chunks in flight.
+    pub fn new(depth: u32) -> Result<Copier> {
+        let depth = depth.clamp(1, 256) as usize;
+        let entries = (depth * (CHUNK_BLOCKS + 1)).next_power_of_two() as u32;
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 2)
+            .build(entries)?;
+        Ok(Copier {
+            ring,
+            depth,
+            pool: Vec::new(),
+        })
+    }
+
+    fn push(&mut self, entry: io_uring::squeue::Entry) -> Result<()> {
+        loop {
+            // SAFETY: every buffer an SQE points into belongs to a chunk held in `slots` of
+            // `copy` until its completion is reaped (the heap allocation of an AlignedBuf
+            // never moves), and every fd belongs to an `Arc<LayerFiles>` the caller holds
+            // for the whole call.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    /// Copies `items[range]` from `sources` to `out`, item `i` to data block `out_first + i`.
+    /// Returns once every chunk is written (Ok) or the first error once nothing is in flight.
+    pub fn copy(
+        &mut self,
+        sources: &[Arc<LayerFiles>],
+        items: &[crate::merge::copy::CopyItem],
+        range: std::ops::Range<usize>,
+        out: &LayerFiles,
+        out_first: u64,
+    ) -> Result<()> {
+        let mut slots: Vec<Option<Chunk>> = (0..self.depth).map(|_| None).collect();
+        let mut next = range.start;
+        let mut first_err: Option<Error> = None;
+        let bs = BLOCK_SIZE as usize;
+        loop {
+            // Start chunks into free slots.
+            while first_err.is_none() && next < range.end {
+                let Some(s) = slots.iter().position(Option::is_none) else {
+                    break;
+                };
+                let n = CHUNK_BLOCKS.min(range.end - next);
+                let mut buf = self
+                    .pool
+                    .pop()
+                    .unwrap_or_else(|| AlignedBuf::new(CHUNK_BLOCKS * bs));
+                let base = buf.as_mut_ptr();
+                let mut reads = Vec::new();
+                let mut i = next;
+                while i < next + n {
+                    let mut j = i + 1;
+                    while j < next + n
+                        && items[j].src == items[i].src
+                        && items[j].src_block == items[j - 1].src_block + 1
+                    {
+                        j += 1;
+                    }
+                    let src = sources
+                        .get(items[i].src as usize)
+                        .ok_or_else(|| Error::Invalid("merge source out of range".into()))?;
+                    let off = items[i].src_block.checked_mul(BLOCK_SIZE).ok_or_else(|| {
+                        Error::Corrupt {
+                            what: src.data_path.display().to_string(),
+                            why: format!("data block {} is out of range", items[i].src_block),
+                        }
+                    })?;
+                    // SAFETY: (i - next + (j - i)) * bs <= n * bs <= the buffer's length.
+                    let ptr = unsafe { base.add((i - next) * bs) };
+                    reads.push(
+                        opcode::Read::new(
+                            types::Fd(src.data.as_raw_fd()),
+                            ptr,
+                            ((j - i) * bs) as u32,
+                        )
+                        .offset(off)
+                        .build()
+                        .user_data(user_data(s, false, j - i)),
+                    );
+                    i = j;
+                }
+                slots[s] = Some(Chunk {
+                    first: next,
+                    n,
+                    buf,
+                    pending: reads.len(),
+                    writing: false,
+                    err: None,
+                });
+                next += n;
+                for e in reads {
+                    if let Err(e) = self.push(e) {
+                        return Err(self.abandon(slots, e));
+                    }
+                }
+            }
+            if slots.iter().all(Option::is_none) {
+                break;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => return Err(self.abandon(slots, Error::RawIo(e))),
+            }
+            let cqes: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (ud, res) in cqes {
+                let s = (ud >> 32) as usize;
+                let write = ud & WRITE_BIT != 0;
+                let blocks = (ud & 0xffff) as usize;
+                let Some(chunk) = slots.get_mut(s).and_then(Option::as_mut) else {
+                    continue;
+                };
+                chunk.pending -= 1;
+                let expect = (blocks * bs) as i32;
+                if res < 0 {
+                    let path = if write {
+                        out.data_path.clone()
+                    } else {
+                        sources[items[chunk.first].src as usize].data_path.clone()
+                    };
+                    chunk
+                        .err
+                        .get_or_insert(Error::io(path, std::io::Error::from_raw_os_error(-res)));
+                } else if res != expect {
+                    let e = if write {
+                        Error::io(
+                            &out.data_path,
+                            std::io::Error::from_raw_os_error(libc::ENOSPC),
+                        )
+                    } else {
+                        Error::Corrupt {
+                            what: "a merge source layer".into(),
+                            why: format!("short read ({res} of {expect} bytes)"),
+                        }
+                    };
+                    chunk.err.get_or_insert(e);
+                }
+                if chunk.pending > 0 {
+                    continue;
+                }
+                if chunk.err.is_none() && !chunk.writing {
+                    // Every read of the chunk is in: verify, then write it out.
+                    for k in 0..chunk.n {
+                        let it = items[chunk.first + k];
+                        let got = crc32c::crc32c(&chunk.buf.as_slice()[k * bs..(k + 1) * bs]);
+                        if got != it.crc {
+                            let src = &sources[it.src as usize];
+                            chunk.err = Some(Error::Corrupt {
+                                what: format!(
+                                    "{} data block {}",
+                                    src.data_path.display(),
+                                    it.src_block
+                                ),
+                                why: format!(
+                                    "checksum {got:08x}, expected {:08x}; the merge stops",
+                                    it.crc
+                                ),
+                            });
+                            break;
+                        }
+                    }
+                    if chunk.err.is_none() {
+                        chunk.writing = true;
+                        chunk.pending = 1;
+                        let off = (out_first + chunk.first as u64) * BLOCK_SIZE;
+                        let entry = opcode::Write::new(
+                            types::Fd(out.data.as_raw_fd()),
+                            chunk.buf.as_mut_ptr(),
+                            (chunk.n * bs) as u32,
+                        )
+                        .offset(off)
+                        .build()
+                        .user_data(user_data(s, true, chunk.n));
+                        if let Err(e) = self.push(entry) {
+                            return Err(self.abandon(slots, e));
+                        }
+                        continue;
+                    }
+                }
+                // Done (written) or failed with nothing in flight: free the slot.
+                if let Some(c) = slots[s].take() {
+                    if let Some(e) = c.err {
+                        first_err.get_or_insert(e);
+                    }
+                    self.pool.push(c.buf);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The ring failed with SQEs possibly in the kernel: their buffers are leaked rather
+    /// than freed under it.
+    fn abandon(&mut self, slots: Vec<Option<Chunk>>, e: Error) -> Error {
+        let left = slots.iter().filter(|s| s.is_some()).count();
+        if left > 0 {
+            tracing::error!(
+                "merge copy ring failed with {left} chunks in flight ({e}); leaking their buffers"
+            );
+        }
+        for s in slots.into_iter().flatten() {
+            std::mem::forget(s.buf);
+        }
+        e
+    }
+}

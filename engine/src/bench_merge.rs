@@ -26,16 +26,10 @@ use crate::bench::pattern::fill_raw;
 use crate::bench::{fail, merge_run, procs, qcow2_commit, ringcopy};
 use crate::{Error, Result};
 
-/// Every built-in strategy, in the order they are measured.
-pub const STRATEGIES: [&str; 5] = [
-    "relink",
-    "compact-into-child",
-    "compact-into-parent",
-    "threshold",
-    "auto",
-];
 /// The strategy a delete uses when none is given.
-pub const DEFAULT_STRATEGY: &str = "auto";
+pub fn default_strategy() -> &'static str {
+    journal::StrategyKind::default().name()
+}
 
 /// Options of `strata bench merge`.
 #[derive(Args, Debug, Clone)]
@@ -138,12 +132,8 @@ impl Config {
             })?);
         }
         for s in &a.strategies {
-            if !STRATEGIES.contains(&s.as_str()) {
-                return Err(Error::Usage(format!(
-                    "--strategies {s}: expected one of {}",
-                    STRATEGIES.join(", ")
-                )));
-            }
+            s.parse::<journal::StrategyKind>()
+                .map_err(|e| Error::Usage(format!("--strategies: {e}")))?;
         }
         let mut idle = false;
         let mut fio = false;
@@ -275,7 +265,8 @@ pub fn run(args: MergeArgs) -> Result<ExitCode> {
                     merge_run::copy_template(&template, &cell)?;
                     let mut r = MergeRow::new(mib, pattern.name(), strategy, load);
                     if *load == LOAD_IDLE {
-                        merge_run::idle_delete(&cell, &layout, strategy, cfg.queue_depth, &mut r)?;
+                        let opts = merge_run::delete_options(strategy, cfg.queue_depth)?;
+                        merge_run::idle_delete(&cell, &layout, &opts, &mut r)?;
                     } else {
                         return Err(fail("bench merge", "the fio load needs online deletes"));
                     }
@@ -295,7 +286,7 @@ pub fn run(args: MergeArgs) -> Result<ExitCode> {
         }
     }
     let preamble = preamble(&cfg, &fio_version, &qemu_version, &load_before);
-    let md = merge_report::markdown(&rows, &preamble, DEFAULT_STRATEGY);
+    let md = merge_report::markdown(&rows, &preamble, default_strategy());
     let title = format!(
         "strata bench merge: delete the middle checkpoint of a chain of {}",
         cfg.depth

@@ -4,7 +4,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use journal::{CacheMode, Disk, OpenOptions};
+use std::sync::atomic::AtomicBool;
+
+use journal::{
+    CacheMode, DeleteOptions, DeleteReport, Disk, MergeReport, OpenOptions, StrategyKind,
+};
 
 use super::merge_layout::{checkpoint_name, Layout, Pattern};
 use super::merge_report::MergeRow;
@@ -94,22 +98,28 @@ pub fn copy_template(template: &Path, cell: &Path) -> Result<()> {
     procs::evict_page_cache(&[cell, &cell.join("layers")])
 }
 
-/// Deletes the target of an idle disk in-process through the journal API with `strategy`,
-/// runs every merge job it returns, then the maintenance merges the policy wants.
+/// Maintenance passes after a delete (each returning jobs) before the bench stops asking,
+/// like the engine's merge worker.
+const MAX_MAINTENANCE_ROUNDS: usize = 8;
+
+/// The options of a delete with `strategy` (a built-in name).
+pub fn delete_options(strategy: &str, qd: u32) -> Result<DeleteOptions> {
+    let kind: StrategyKind = strategy.parse()?;
+    Ok(DeleteOptions {
+        queue_depth: qd,
+        ..DeleteOptions::with(kind)
+    })
+}
+
+/// Deletes the target of an idle disk in-process through the journal API (`delete_online`,
+/// then every job run and swapped in, then the maintenance merges the policy asks for, as
+/// the engine's merge worker does), measuring time, bytes and space.
 pub fn idle_delete(
     cell: &Path,
     layout: &Layout,
-    strategy: &str,
-    qd: u32,
+    opts: &DeleteOptions,
     row: &mut MergeRow,
 ) -> Result<()> {
-    let _ = qd;
-    if strategy != "relink" {
-        return Err(fail(
-            "bench merge",
-            format!("strategy {strategy} needs the online-merge API"),
-        ));
-    }
     let mut disk = Disk::open(
         cell,
         OpenOptions {
@@ -119,17 +129,71 @@ pub fn idle_delete(
     )?;
     let before = allocated(cell);
     let sampler = PeakSampler::start(cell, Duration::from_millis(5));
+    let cancel = AtomicBool::new(false);
+    let name = layout.target_name();
     let start = Instant::now();
-    let rep = disk.delete(&layout.target_name(), false)?;
+    let (rep, mut jobs) = disk.delete_online(&name, opts)?;
     row.gone_ms = start.elapsed().as_secs_f64() * 1000.0;
-    row.merge_ms = row.gone_ms;
+    if disk.list().iter().any(|c| c.name == name) {
+        return Err(fail(
+            "bench merge",
+            format!("{name} is still listed after delete_online"),
+        ));
+    }
+    let mut reports: Vec<MergeReport> = Vec::new();
+    let mut rounds = 0;
+    loop {
+        for mut job in jobs.drain(..) {
+            job.run(&cancel)?;
+            reports.push(disk.finish_merge(job)?);
+        }
+        rounds += 1;
+        if rounds > MAX_MAINTENANCE_ROUNDS {
+            break;
+        }
+        jobs = disk.maintenance_merges(opts)?;
+        if jobs.is_empty() {
+            break;
+        }
+    }
+    row.merge_ms = start.elapsed().as_secs_f64() * 1000.0;
     let peak = sampler.finish();
     drop(disk);
-    row.picked = "relink".into();
-    row.bytes_copied = 0.0;
-    row.mb_per_s = 0.0;
-    row.bytes_freed = rep.bytes_freed as f64;
+    fill_from_reports(row, &rep, &reports, opts);
     row.reclaimed_bytes = before as f64 - allocated(cell) as f64;
     row.peak_extra_sampled = peak.saturating_sub(before) as f64;
     Ok(())
+}
+
+/// The columns that come from the journal's own reports.
+pub fn fill_from_reports(
+    row: &mut MergeRow,
+    rep: &DeleteReport,
+    reports: &[MergeReport],
+    opts: &DeleteOptions,
+) {
+    let mut picked: Vec<&str> = Vec::new();
+    for r in reports.iter().filter(|r| !r.discarded) {
+        if !picked.contains(&r.strategy.as_str()) {
+            picked.push(&r.strategy);
+        }
+    }
+    row.picked = if picked.is_empty() {
+        format!("{} (relink only)", opts.strategy)
+    } else {
+        picked.join("+")
+    };
+    let copied: u64 = reports.iter().map(|r| r.bytes_copied).sum();
+    row.bytes_copied = copied as f64;
+    row.mb_per_s = if row.merge_ms > 0.0 {
+        copied as f64 / (row.merge_ms / 1000.0) / 1e6
+    } else {
+        0.0
+    };
+    row.bytes_freed = (rep.bytes_freed + reports.iter().map(|r| r.bytes_freed).sum::<u64>()) as f64;
+    row.peak_extra_bytes = reports
+        .iter()
+        .map(|r| r.peak_extra_bytes)
+        .max()
+        .unwrap_or(0) as f64;
 }

@@ -10,10 +10,14 @@ use serde_json::Value;
 use crate::cli::{CheckpointCommand, VmCreateArgs, Where};
 use crate::control::client::{call, utc};
 use crate::control::{to_json, Request};
+use crate::merge_progress::{format_status, Display, MergeView};
 use crate::size::parse_size;
 use crate::vm_ops;
 use crate::vmdir::{CacheSpec, CreateOptions, NewGuest, VmDir};
 use crate::{Error, Result};
+
+/// How often `checkpoint delete --wait` asks the server how its merges are going.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Default disk size of `strata vm create`.
 const DEFAULT_DISK_SIZE: u64 = 1 << 30;
@@ -169,27 +173,81 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
                 _ => println!("applied {name:?}: its disk; the VM boots from it"),
             }
         }
-        CheckpointCommand::Delete { at, name, subtree } => {
-            let v = match route(&at)? {
-                Route::Api(api) => call(
-                    &api,
-                    &Request::CheckpointDelete {
-                        name: name.clone(),
-                        subtree,
-                    },
-                )?["deleted"]
-                    .take(),
+        CheckpointCommand::Delete {
+            at,
+            name,
+            subtree,
+            merge,
+            wait,
+        } => {
+            let opts = crate::merge_worker::delete_options(
+                subtree,
+                merge.strategy.as_deref(),
+                merge.rate,
+            )?;
+            match route(&at)? {
+                Route::Api(api) => {
+                    let v = call(
+                        &api,
+                        &Request::CheckpointDelete {
+                            name: name.clone(),
+                            subtree,
+                            strategy: merge.strategy.clone(),
+                            rate: merge.rate,
+                            wait: false,
+                        },
+                    )?["deleted"]
+                        .take();
+                    let jobs = crate::control::job_ids(&v);
+                    println!(
+                        "deleted {} ({} merges queued{})",
+                        deleted_names(&v),
+                        jobs.len(),
+                        match v["gone_us"].as_u64() {
+                            Some(us) =>
+                                format!(", gone from the tree in {:.1} ms", us as f64 / 1000.0),
+                            None => String::new(),
+                        }
+                    );
+                    if wait {
+                        wait_for_merges(&api, &jobs)?;
+                    }
+                }
                 Route::Offline(dir) => {
                     let vm = VmDir::open(dir)?;
                     let mut disk = vm.open_disk()?;
-                    vm_ops::delete(&vm, &mut disk, &name, subtree)?
+                    let doomed = vm_ops::prepare_delete(&vm, &disk, &name, subtree)?;
+                    let (r, jobs) = disk.delete_online(&name, &opts)?;
+                    vm_ops::forget_deleted(&vm, &doomed)?;
+                    println!(
+                        "deleted {} ({} merges to run)",
+                        deleted_names(&to_json(&r)?),
+                        jobs.len()
+                    );
+                    let mut display = crate::merge_progress::Display::new();
+                    crate::merge_progress::run_offline(&mut disk, jobs, &opts, &mut display)?;
                 }
+            }
+        }
+        CheckpointCommand::Status { at, json } => {
+            let v = match route(&at)? {
+                Route::Api(api) => call(&api, &Request::CheckpointStatus)?,
+                Route::Offline(_) => serde_json::json!({ "merges": [], "finished": [] }),
             };
-            let names: Vec<&str> = v["deleted"]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            println!("deleted {}", names.join(", "));
+            if json {
+                let out = serde_json::json!({ "merges": v["merges"], "finished": v["finished"] });
+                let text = serde_json::to_string_pretty(&out)
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                println!("{text}");
+            } else {
+                print!(
+                    "{}",
+                    format_status(
+                        &MergeView::list(&v["merges"]),
+                        &MergeView::list(&v["finished"])
+                    )
+                );
+            }
         }
         CheckpointCommand::Rename { at, name, new_name } => {
             match route(&at)? {
@@ -247,6 +305,62 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The names in a delete report, comma-separated.
+fn deleted_names(v: &Value) -> String {
+    v["deleted"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .join(", ")
+}
+
+/// `checkpoint delete --wait`: polls the server's merges until `jobs` have ended, showing
+/// their progress; fails if one of them failed.
+fn wait_for_merges(api: &Path, jobs: &[u64]) -> Result<()> {
+    let mut display = Display::new();
+    let mut shown_end: Vec<u64> = Vec::new();
+    loop {
+        let v = call(api, &Request::CheckpointStatus)?;
+        let running: Vec<MergeView> = MergeView::list(&v["merges"])
+            .into_iter()
+            .filter(|m| jobs.contains(&m.id))
+            .collect();
+        display.update(&running);
+        let empty = Vec::new();
+        let mut failed = Vec::new();
+        for f in v["finished"].as_array().unwrap_or(&empty) {
+            let Some(m) = MergeView::list(&Value::Array(vec![f.clone()])).pop() else {
+                continue;
+            };
+            if !jobs.contains(&m.id) || shown_end.contains(&m.id) {
+                continue;
+            }
+            display.ended(&m, None);
+            if let Some(r) = f.get("report").filter(|r| !r.is_null()) {
+                println!(
+                    "merge {}: {} bytes copied, {} bytes freed, {:.1} s",
+                    m.id,
+                    r["bytes_copied"].as_u64().unwrap_or(0),
+                    r["bytes_freed"].as_u64().unwrap_or(0),
+                    r["copy_seconds"].as_f64().unwrap_or(0.0)
+                );
+            }
+            if m.state.starts_with("failed") {
+                failed.push(m.line());
+            }
+            shown_end.push(m.id);
+        }
+        if !failed.is_empty() {
+            return Err(Error::Vm(failed.join("; ")));
+        }
+        if running.is_empty() {
+            // Ended but no longer remembered (many merges ended meanwhile) counts as ended.
+            return Ok(());
+        }
+        std::thread::sleep(WAIT_POLL);
+    }
 }
 
 /// The tree as text: one line per checkpoint, indented under its parent, Now marked.

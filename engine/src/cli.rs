@@ -84,13 +84,16 @@ pub enum DiskCommand {
         #[arg(long = "save-current")]
         save_current: Option<String>,
     },
-    /// Delete a checkpoint; everything else reads exactly as before.
+    /// Delete a checkpoint; everything else reads exactly as before. The checkpoint leaves
+    /// the tree at once; then the merges run to completion with a progress display.
     Delete {
         disk: PathBuf,
         name: String,
         /// Also delete every descendant checkpoint (refused if Now descends from it).
         #[arg(long)]
         subtree: bool,
+        #[command(flatten)]
+        merge: MergeArgs,
     },
     /// Rename a checkpoint.
     Rename {
@@ -215,6 +218,17 @@ impl From<CacheArg> for journal::CacheMode {
     }
 }
 
+/// How a delete's data is merged.
+#[derive(Args, Debug, Clone, Default)]
+pub struct MergeArgs {
+    /// Merge strategy: relink, compact-into-child, compact-into-parent, threshold, auto.
+    #[arg(long, value_name = "S")]
+    pub strategy: Option<String>,
+    /// Bulk-copy rate limit in MB/s (10^6 bytes per second; fractions allowed).
+    #[arg(long, value_name = "MB/s")]
+    pub rate: Option<f64>,
+}
+
 /// Which VM or server a checkpoint verb acts on.
 #[derive(Args, Debug, Clone)]
 #[group(required = true, multiple = false)]
@@ -257,6 +271,8 @@ pub enum CheckpointCommand {
         save_current: Option<String>,
     },
     /// Delete a checkpoint (Remove-VMSnapshot); everything else restores exactly as before.
+    /// On a running VM or server the checkpoint leaves the tree at once and its data is
+    /// merged in the background (see `checkpoint status`).
     Delete {
         #[command(flatten)]
         at: Where,
@@ -264,6 +280,18 @@ pub enum CheckpointCommand {
         /// Also delete every descendant checkpoint.
         #[arg(long)]
         subtree: bool,
+        #[command(flatten)]
+        merge: MergeArgs,
+        /// Return only once the merges have finished, showing their progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show the background merges of a running VM or server: bytes done / total, rate, ETA.
+    Status {
+        #[command(flatten)]
+        at: Where,
+        #[arg(long)]
+        json: bool,
     },
     /// Rename a checkpoint.
     Rename {

@@ -25,7 +25,8 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
-fn human(bytes: u64) -> String {
+/// Bytes as B, KiB, MiB, GiB or TiB with one decimal.
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -116,9 +117,17 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
             disk,
             name,
             subtree,
+            merge,
         } => {
+            let opts = crate::merge_worker::delete_options(
+                subtree,
+                merge.strategy.as_deref(),
+                merge.rate,
+            )?;
             let mut d = open(&disk, false)?;
-            let r = d.delete(&name, subtree)?;
+            let start = std::time::Instant::now();
+            let (r, jobs) = d.delete_online(&name, &opts)?;
+            let gone = start.elapsed();
             if r.kept_for_readers > 0 {
                 println!(
                     "{} merged layers are in use by a reader: their overwritten blocks stay allocated",
@@ -126,16 +135,31 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
                 );
             }
             println!(
-                "deleted {} ({} merged, {} kept hidden for their children, {} freed)",
+                "deleted {} in {:.1} ms ({} merged, {} kept hidden for their children, {} freed); {} merges to run",
                 r.deleted
                     .iter()
                     .map(|n| format!("{n:?}"))
                     .collect::<Vec<_>>()
                     .join(", "),
+                gone.as_secs_f64() * 1000.0,
                 r.merged,
                 r.hidden,
-                human(r.bytes_freed)
+                human(r.bytes_freed),
+                jobs.len()
             );
+            let mut display = crate::merge_progress::Display::new();
+            let reports = crate::merge_progress::run_offline(&mut d, jobs, &opts, &mut display)?;
+            if !reports.is_empty() {
+                let copied: u64 = reports.iter().map(|r| r.bytes_copied).sum();
+                let freed: u64 = reports.iter().map(|r| r.bytes_freed).sum();
+                println!(
+                    "merged: {} merges, {} copied, {} freed, {:.1} s in all",
+                    reports.len(),
+                    human(copied),
+                    human(freed),
+                    start.elapsed().as_secs_f64()
+                );
+            }
         }
         DiskCommand::Rename {
             disk,

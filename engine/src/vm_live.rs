@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use journal::Disk;
 use serde_json::{json, Value};
 
-use crate::control::{to_json, Target};
+use crate::control::{to_json, DeleteArgs, Target};
 use crate::machine::{self, MemoryBase};
+use crate::merge_worker::{MergeWorker, Waiter};
 use crate::quiesce::Gate;
 use crate::vm_ops;
 use crate::vmdir::{store, MachineMeta, MemoryMode, StateMeta, VmDir};
@@ -50,6 +51,8 @@ pub struct Live {
     /// The run loop's report of the last start: Ok(instant the guest ran) or the error text.
     started: Mutex<Option<std::result::Result<Instant, String>>>,
     started_cv: Condvar,
+    /// The disk's background merges (online deletes), or why its thread did not start.
+    merges: std::result::Result<MergeWorker, String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -58,7 +61,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Live {
     pub fn new(vm: VmDir, disk: Arc<Mutex<Disk>>, gate: Arc<Gate>) -> Arc<Live> {
+        let merges = MergeWorker::start(disk.clone(), gate.clone()).map_err(|e| {
+            let why = crate::cli::error_chain(&e);
+            tracing::error!("no online merges on this VM: {why}");
+            why
+        });
         Arc::new(Live {
+            merges,
             vm: Mutex::new(vm),
             disk,
             gate,
@@ -97,6 +106,14 @@ impl Live {
         if let Some(m) = lock(&self.machine).as_ref() {
             m.finish(outcome);
         }
+    }
+
+    fn worker(&self) -> Result<&MergeWorker> {
+        self.merges.as_ref().map_err(|why| {
+            Error::Usage(format!(
+                "online deletes are not available: the merge worker did not start ({why})"
+            ))
+        })
     }
 
     fn disk(&self) -> Result<MutexGuard<'_, Disk>> {
@@ -309,26 +326,37 @@ impl Target for Live {
         self.apply(name, save_current)
     }
 
-    fn checkpoint_delete(&self, name: &str, subtree: bool) -> Result<Value> {
+    fn checkpoint_delete(&self, name: &str, args: &DeleteArgs) -> Result<Value> {
+        let opts = args.options()?;
+        let worker = self.worker()?;
         let _op = lock(&self.ops);
         let vm = lock(&self.vm);
-        let mut disk = self.disk()?;
-        let id = disk
-            .list()
-            .into_iter()
-            .find(|c| c.name == name)
-            .map(|c| c.id)
-            .ok_or_else(|| journal::Error::UnknownCheckpoint(name.into()))?;
-        // The disk's tree changes only with no I/O in flight; the guest keeps running.
-        let io = self.gate.pause(PAUSE_TIMEOUT)?;
-        let r = vm_ops::delete(&vm, &mut disk, name, subtree);
-        drop(io);
-        if r.is_ok() {
-            if let Some(m) = lock(&self.machine).as_ref() {
-                m.forget_memory_base(id);
-            }
+        let (id, doomed) = {
+            let disk = self.disk()?;
+            let id = disk
+                .list()
+                .into_iter()
+                .find(|c| c.name == name)
+                .map(|c| c.id)
+                .ok_or_else(|| journal::Error::UnknownCheckpoint(name.into()))?;
+            // Memory images are folded while the guest runs and its I/O flows.
+            (id, vm_ops::prepare_delete(&vm, &disk, name, args.subtree)?)
+        };
+        // The disk's tree changes with no I/O in flight (a few ms); the data moves later.
+        let deleted = worker.delete(name, &opts, PAUSE_TIMEOUT)?;
+        if let Some(m) = lock(&self.machine).as_ref() {
+            m.forget_memory_base(id);
         }
-        r
+        vm_ops::forget_deleted(&vm, &doomed)?;
+        to_json(&deleted)
+    }
+
+    fn checkpoint_status(&self) -> Result<Value> {
+        to_json(&self.worker()?.status())
+    }
+
+    fn merge_waiter(&self) -> Option<Waiter> {
+        self.worker().ok().map(MergeWorker::waiter)
     }
 
     fn checkpoint_rename(&self, name: &str, new_name: &str) -> Result<Value> {

@@ -135,6 +135,17 @@ pub fn apply_stopped(
 /// over a deleted checkpoint's image first absorb its pages, so every remaining checkpoint
 /// restores exactly as before.
 pub fn delete(vm: &VmDir, disk: &mut Disk, name: &str, subtree: bool) -> Result<Value> {
+    let doomed = prepare_delete(vm, disk, name, subtree)?;
+    let report = disk.delete(name, subtree)?;
+    forget_deleted(vm, &doomed)?;
+    to_json(&report)
+}
+
+/// The memory half of a delete, done before the disk's tree changes: folds every surviving
+/// memory image that is an increment over a doomed checkpoint's image. Returns the ids of
+/// the doomed checkpoints. A fold is valid on its own (the child's image then holds the
+/// union), so a delete that fails after it leaves every checkpoint restorable.
+pub fn prepare_delete(vm: &VmDir, disk: &Disk, name: &str, subtree: bool) -> Result<Vec<u64>> {
     let target = find(disk, name)?;
     let all = disk.list();
     let mut doomed = vec![target.id];
@@ -168,8 +179,13 @@ pub fn delete(vm: &VmDir, disk: &mut Disk, name: &str, subtree: bool) -> Result<
             break;
         }
     }
-    let report = disk.delete(name, subtree)?;
-    for d in &doomed {
+    Ok(doomed)
+}
+
+/// The state half of a delete, once the disk's tree no longer has the checkpoints: removes
+/// their saved state and forgets a resume point among them.
+pub fn forget_deleted(vm: &VmDir, doomed: &[u64]) -> Result<()> {
+    for d in doomed {
         vm.store.remove(*d)?;
     }
     if let Some(r) = vm.store.resume()? {
@@ -177,7 +193,7 @@ pub fn delete(vm: &VmDir, disk: &mut Disk, name: &str, subtree: bool) -> Result<
             vm.store.set_resume(None)?;
         }
     }
-    to_json(&report)
+    Ok(())
 }
 
 /// Folds checkpoint `parent`'s memory image into `child`'s increment: the child's image then

@@ -15,6 +15,7 @@ use journal::Disk;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::merge_worker::{self, MergeWorker, Waiter};
 use crate::quiesce::Gate;
 use crate::{Error, Result};
 
@@ -24,7 +25,7 @@ pub use server::ControlServer;
 pub const MAX_LINE: usize = 64 << 10;
 
 /// One control request.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// Take a live checkpoint of Now (of the whole machine, on a VM).
@@ -42,12 +43,25 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         save_current: Option<String>,
     },
-    /// Delete a checkpoint (and its descendants with `subtree`).
+    /// Delete a checkpoint (and its descendants with `subtree`): it leaves the tree at once,
+    /// the data other checkpoints and Now still need is merged in the background.
     CheckpointDelete {
         name: String,
         #[serde(default)]
         subtree: bool,
+        /// Merge strategy (`relink`, `compact-into-child`, `compact-into-parent`,
+        /// `threshold`, `auto`); the journal's default when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        strategy: Option<String>,
+        /// Bulk-copy rate limit in MB/s (10^6 bytes); unlimited when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rate: Option<f64>,
+        /// Reply only once this delete's merges have ended.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        wait: bool,
     },
+    /// The merges running, queued and recently finished.
+    CheckpointStatus,
     /// Rename a checkpoint.
     CheckpointRename { name: String, new_name: String },
     /// Write a checkpoint as a standalone VM directory.
@@ -66,8 +80,17 @@ pub trait Target: Send + Sync {
     fn checkpoint_apply(&self, _name: &str, _save_current: Option<&str>) -> Result<Value> {
         Err(unsupported("apply"))
     }
-    fn checkpoint_delete(&self, _name: &str, _subtree: bool) -> Result<Value> {
+    /// Takes the checkpoint out of the tree; the reply's `jobs` lists the merges queued.
+    fn checkpoint_delete(&self, _name: &str, _args: &DeleteArgs) -> Result<Value> {
         Err(unsupported("delete"))
+    }
+    /// The merge worker's status (`{"merges":[...],"finished":[...]}`).
+    fn checkpoint_status(&self) -> Result<Value> {
+        Err(unsupported("status"))
+    }
+    /// Waits for merges: what a delete with `wait` uses after it replied with its jobs.
+    fn merge_waiter(&self) -> Option<Waiter> {
+        None
     }
     fn checkpoint_rename(&self, _name: &str, _new_name: &str) -> Result<Value> {
         Err(unsupported("rename"))
@@ -77,35 +100,45 @@ pub trait Target: Send + Sync {
     }
 }
 
+/// The options of a delete request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeleteArgs {
+    pub subtree: bool,
+    pub strategy: Option<String>,
+    /// MB/s.
+    pub rate: Option<f64>,
+}
+
+impl DeleteArgs {
+    /// The journal's options for these arguments (a clear error for a bad strategy or rate).
+    pub fn options(&self) -> Result<journal::DeleteOptions> {
+        merge_worker::delete_options(self.subtree, self.strategy.as_deref(), self.rate)
+    }
+}
+
 fn unsupported(verb: &str) -> Error {
     Error::Usage(format!(
         "checkpoint {verb} is not available on a disk server's control socket; use `strata disk {verb}` on the stopped disk, or a VM's socket"
     ))
 }
 
-/// Answers one request line with one JSON reply (without the newline).
+/// The answer to one request: ready now, or computed later (a delete that waits for its
+/// merges) on a thread of its own so the socket keeps serving other clients.
+pub enum Answer {
+    Now(String),
+    Later(Box<dyn FnOnce() -> String + Send>),
+}
+
+/// Answers one request line with one JSON reply (without the newline), waiting for it if it
+/// takes a while.
 pub fn handle_line(target: &dyn Target, line: &[u8]) -> String {
-    let result = match serde_json::from_slice::<Request>(line) {
-        Err(e) => return json!({ "ok": false, "error": format!("bad request: {e}") }).to_string(),
-        Ok(Request::CheckpointCreate { name, memory }) => target
-            .checkpoint_create(&name, memory.as_deref())
-            .map(|c| json!({ "checkpoint": c })),
-        Ok(Request::CheckpointList) => target
-            .checkpoint_list()
-            .map(|l| json!({ "checkpoints": l })),
-        Ok(Request::CheckpointApply { name, save_current }) => target
-            .checkpoint_apply(&name, save_current.as_deref())
-            .map(|r| json!({ "applied": r })),
-        Ok(Request::CheckpointDelete { name, subtree }) => target
-            .checkpoint_delete(&name, subtree)
-            .map(|r| json!({ "deleted": r })),
-        Ok(Request::CheckpointRename { name, new_name }) => target
-            .checkpoint_rename(&name, &new_name)
-            .map(|r| json!({ "renamed": r })),
-        Ok(Request::CheckpointExport { name, output }) => target
-            .checkpoint_export(&name, &output)
-            .map(|r| json!({ "exported": r })),
-    };
+    match handle_request(target, line) {
+        Answer::Now(s) => s,
+        Answer::Later(f) => f(),
+    }
+}
+
+fn reply(result: Result<Value>) -> String {
     let reply = match result {
         Ok(mut v) => {
             v["ok"] = Value::Bool(true);
@@ -116,6 +149,70 @@ pub fn handle_line(target: &dyn Target, line: &[u8]) -> String {
     reply.to_string()
 }
 
+/// Answers one request line.
+pub fn handle_request(target: &dyn Target, line: &[u8]) -> Answer {
+    let result = match serde_json::from_slice::<Request>(line) {
+        Err(e) => {
+            return Answer::Now(
+                json!({ "ok": false, "error": format!("bad request: {e}") }).to_string(),
+            )
+        }
+        Ok(Request::CheckpointCreate { name, memory }) => target
+            .checkpoint_create(&name, memory.as_deref())
+            .map(|c| json!({ "checkpoint": c })),
+        Ok(Request::CheckpointList) => target
+            .checkpoint_list()
+            .map(|l| json!({ "checkpoints": l })),
+        Ok(Request::CheckpointApply { name, save_current }) => target
+            .checkpoint_apply(&name, save_current.as_deref())
+            .map(|r| json!({ "applied": r })),
+        Ok(Request::CheckpointDelete {
+            name,
+            subtree,
+            strategy,
+            rate,
+            wait,
+        }) => {
+            let args = DeleteArgs {
+                subtree,
+                strategy,
+                rate,
+            };
+            let waiter = if wait { target.merge_waiter() } else { None };
+            let r = args
+                .options()
+                .and_then(|_| target.checkpoint_delete(&name, &args));
+            match (r, waiter) {
+                (Ok(deleted), Some(waiter)) => {
+                    return Answer::Later(Box::new(move || {
+                        let ids = job_ids(&deleted);
+                        reply(waiter.wait(&ids).and_then(|done| {
+                            Ok(json!({ "deleted": deleted, "merges": to_json(&done)? }))
+                        }))
+                    }))
+                }
+                (r, _) => r.map(|r| json!({ "deleted": r })),
+            }
+        }
+        Ok(Request::CheckpointStatus) => target.checkpoint_status(),
+        Ok(Request::CheckpointRename { name, new_name }) => target
+            .checkpoint_rename(&name, &new_name)
+            .map(|r| json!({ "renamed": r })),
+        Ok(Request::CheckpointExport { name, output }) => target
+            .checkpoint_export(&name, &output)
+            .map(|r| json!({ "exported": r })),
+    };
+    Answer::Now(reply(result))
+}
+
+/// The merge ids in a delete reply.
+pub fn job_ids(deleted: &Value) -> Vec<u64> {
+    deleted["jobs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
+}
+
 /// Live checkpoints of a disk whose writers all pass through `gate`.
 pub struct DiskTarget {
     disk: Arc<Mutex<Disk>>,
@@ -123,18 +220,43 @@ pub struct DiskTarget {
     /// False when serving a read-only view: there is no live Now to checkpoint.
     writable: bool,
     drain_timeout: Duration,
+    /// The background merges of online deletes (writable disks only), or why its thread
+    /// could not start (the disk is still served; deletes report the reason).
+    merges: Option<std::result::Result<MergeWorker, String>>,
 }
 
 impl DiskTarget {
     /// How long a checkpoint waits for in-flight I/O before giving up.
     pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+    /// A target for `disk`; a writable one starts the disk's merge worker, which resumes
+    /// merges an earlier run left unfinished.
     pub fn new(disk: Arc<Mutex<Disk>>, gate: Arc<Gate>, writable: bool) -> DiskTarget {
+        let merges = writable.then(|| {
+            MergeWorker::start(disk.clone(), gate.clone()).map_err(|e| {
+                let why = crate::cli::error_chain(&e);
+                tracing::error!("no online merges on this server: {why}");
+                why
+            })
+        });
         DiskTarget {
             disk,
             gate,
             writable,
             drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
+            merges,
+        }
+    }
+
+    fn worker(&self, verb: &str) -> Result<&MergeWorker> {
+        match &self.merges {
+            Some(Ok(w)) => Ok(w),
+            Some(Err(why)) => Err(Error::Usage(format!(
+                "the merge worker did not start ({why}); use `strata disk {verb}` on the stopped disk"
+            ))),
+            None => Err(Error::Usage(format!(
+                "this server exports a read-only view; checkpoint {verb} needs the server of Now (or `strata disk {verb}` on the stopped disk)"
+            ))),
         }
     }
 
@@ -183,6 +305,23 @@ impl Target for DiskTarget {
         }
         self.lock()?.rename(name, new_name)?;
         Ok(json!({ "name": name, "new_name": new_name }))
+    }
+
+    fn checkpoint_delete(&self, name: &str, args: &DeleteArgs) -> Result<Value> {
+        let worker = self.worker("delete")?;
+        let opts = args.options()?;
+        to_json(&worker.delete(name, &opts, self.drain_timeout)?)
+    }
+
+    fn checkpoint_status(&self) -> Result<Value> {
+        match &self.merges {
+            None => to_json(&merge_worker::WorkerStatus::default()),
+            Some(_) => to_json(&self.worker("status")?.status()),
+        }
+    }
+
+    fn merge_waiter(&self) -> Option<Waiter> {
+        self.worker("delete").ok().map(MergeWorker::waiter)
     }
 }
 

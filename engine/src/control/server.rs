@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{handle_line, Target, MAX_LINE};
+use std::sync::mpsc;
+
+use super::{handle_request, Answer, Target, MAX_LINE};
 use crate::sys::{self, Epoll, EventFd};
 use crate::{Error, Result};
 
@@ -38,8 +40,10 @@ impl Default for ControlLimits {
 
 const T_LISTEN: u64 = 0;
 const T_STOP: u64 = 1;
+/// A deferred answer is ready.
+const T_ANSWER: u64 = 2;
 /// Client tokens start here.
-const T_CLIENT: u64 = 2;
+const T_CLIENT: u64 = 3;
 
 /// A running control socket.
 pub struct ControlServer {
@@ -70,6 +74,11 @@ impl ControlServer {
             .add(listener.as_raw_fd(), ein, T_LISTEN)
             .map_err(ctx)?;
         epoll.add(stop.as_raw_fd(), ein, T_STOP).map_err(ctx)?;
+        let answer_ready = Arc::new(EventFd::new().map_err(ctx)?);
+        epoll
+            .add(answer_ready.as_raw_fd(), ein, T_ANSWER)
+            .map_err(ctx)?;
+        let (answers_tx, answers) = mpsc::channel();
         let mut lp = Loop {
             listener,
             epoll,
@@ -77,6 +86,9 @@ impl ControlServer {
             limits,
             clients: HashMap::new(),
             next_token: T_CLIENT,
+            answers,
+            answers_tx,
+            answer_ready,
         };
         let thread = std::thread::Builder::new()
             .name("control".into())
@@ -124,6 +136,8 @@ struct Client {
     /// Close once the output is written.
     closing: bool,
     interest: u32,
+    /// A deferred answer is being computed: nothing else is read or answered until it is in.
+    waiting: bool,
 }
 
 struct Loop {
@@ -133,6 +147,10 @@ struct Loop {
     limits: ControlLimits,
     clients: HashMap<u64, Client>,
     next_token: u64,
+    /// Deferred answers: (client token, reply line).
+    answers: mpsc::Receiver<(u64, String)>,
+    answers_tx: mpsc::Sender<(u64, String)>,
+    answer_ready: Arc<EventFd>,
 }
 
 impl Loop {
@@ -148,6 +166,7 @@ impl Loop {
                 match token {
                     T_STOP => return,
                     T_LISTEN => self.accept_all(),
+                    T_ANSWER => self.deliver_answers(),
                     t => self.serve(t, ev),
                 }
             }
@@ -160,7 +179,7 @@ impl Loop {
         let expired: Vec<u64> = self
             .clients
             .iter()
-            .filter(|(_, c)| c.last_active.elapsed() >= limit)
+            .filter(|(_, c)| !c.waiting && c.last_active.elapsed() >= limit)
             .map(|(&t, _)| t)
             .collect();
         for t in expired {
@@ -169,8 +188,25 @@ impl Loop {
         }
         self.clients
             .values()
+            .filter(|c| !c.waiting)
             .map(|c| limit.saturating_sub(c.last_active.elapsed()))
             .min()
+    }
+
+    /// Hands finished deferred answers to their clients (gone clients' are dropped).
+    fn deliver_answers(&mut self) {
+        self.answer_ready.clear();
+        while let Ok((token, mut line)) = self.answers.try_recv() {
+            let Some(c) = self.clients.get_mut(&token) else {
+                continue;
+            };
+            line.push('\n');
+            c.output = line.into_bytes();
+            c.sent = 0;
+            c.waiting = false;
+            c.last_active = Instant::now();
+            self.serve(token, libc::EPOLLOUT as u32);
+        }
     }
 
     fn accept_all(&mut self) {
@@ -187,10 +223,11 @@ impl Loop {
             if self.clients.len() >= self.limits.max_clients.max(1) {
                 // Every client here is idle or waiting to read a reply (requests are answered
                 // as they arrive): the longest inactive one makes room.
+                // Clients waiting for a deferred answer are not idle: they go last.
                 if let Some(oldest) = self
                     .clients
                     .iter()
-                    .min_by_key(|(_, c)| c.last_active)
+                    .min_by_key(|(_, c)| (c.waiting, c.last_active))
                     .map(|(&t, _)| t)
                 {
                     tracing::debug!("control socket: full, dropping the longest idle client");
@@ -219,6 +256,7 @@ impl Loop {
                 last_active: Instant::now(),
                 closing: false,
                 interest: ein,
+                waiting: false,
             },
         );
         Ok(())
@@ -235,7 +273,12 @@ impl Loop {
         let Some(c) = self.clients.get_mut(&token) else {
             return;
         };
-        let keep = match step(c, &*self.target, ev) {
+        let deferred = Deferred {
+            token,
+            tx: &self.answers_tx,
+            ready: &self.answer_ready,
+        };
+        let keep = match step(c, &*self.target, ev, &deferred) {
             Ok(keep) => keep,
             Err(e) => {
                 tracing::debug!("control client: {e}");
@@ -249,7 +292,9 @@ impl Loop {
         // Read only while no reply is waiting: a client that does not read its replies gets
         // no more answers (and is dropped when idle too long).
         let mut want = 0;
-        if c.output.len() > c.sent {
+        if c.waiting {
+            // Only hang-ups (always reported) until the answer is in.
+        } else if c.output.len() > c.sent {
             want |= libc::EPOLLOUT as u32;
         } else {
             want |= libc::EPOLLIN as u32;
@@ -267,9 +312,33 @@ impl Loop {
     }
 }
 
+/// Where a deferred answer goes when its thread is done.
+struct Deferred<'a> {
+    token: u64,
+    tx: &'a mpsc::Sender<(u64, String)>,
+    ready: &'a Arc<EventFd>,
+}
+
+impl Deferred<'_> {
+    /// Computes `f` on a thread of its own and posts the answer to the loop.
+    fn spawn(&self, f: Box<dyn FnOnce() -> String + Send>) -> io::Result<()> {
+        let (token, tx, ready) = (self.token, self.tx.clone(), self.ready.clone());
+        std::thread::Builder::new()
+            .name("control-wait".into())
+            .spawn(move || {
+                let line = f();
+                // The loop may be gone (stopped): then nobody wants the answer.
+                if tx.send((token, line)).is_ok() {
+                    ready.notify();
+                }
+            })
+            .map(|_| ())
+    }
+}
+
 /// One round for a client: read what is there, answer complete lines, write what it takes.
 /// `Ok(false)` when the client is finished.
-fn step(c: &mut Client, target: &dyn Target, ev: u32) -> io::Result<bool> {
+fn step(c: &mut Client, target: &dyn Target, ev: u32, deferred: &Deferred) -> io::Result<bool> {
     let readable = (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32;
     if ev & readable != 0 && !c.closing {
         let mut chunk = [0u8; 4096];
@@ -293,6 +362,9 @@ fn step(c: &mut Client, target: &dyn Target, ev: u32) -> io::Result<bool> {
         }
     }
     loop {
+        if c.waiting {
+            return Ok(!c.closing);
+        }
         if c.output.len() > c.sent {
             match c.stream.write(&c.output[c.sent..]) {
                 Ok(0) => return Ok(false),
@@ -314,7 +386,15 @@ fn step(c: &mut Client, target: &dyn Target, ev: u32) -> io::Result<bool> {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let mut reply = handle_line(target, line);
+            let mut reply = match handle_request(target, line) {
+                Answer::Now(r) => r,
+                Answer::Later(f) => {
+                    deferred.spawn(f)?;
+                    c.waiting = true;
+                    c.last_active = Instant::now();
+                    continue;
+                }
+            };
             reply.push('\n');
             c.output = reply.into_bytes();
             // The request may have taken a while (a checkpoint drains I/O): that was the
@@ -438,5 +518,83 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// A delete with `wait` is answered after its merge, while other clients are served.
+    #[test]
+    fn a_waiting_delete_does_not_block_other_clients() {
+        use journal::{CacheMode, Disk, OpenOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let disk_dir = dir.path().join("disk");
+        Disk::create(&disk_dir, 8 << 20, None).unwrap();
+        let mut disk = Disk::open(
+            &disk_dir,
+            OpenOptions {
+                cache: CacheMode::Writeback,
+                read_only: false,
+            },
+        )
+        .unwrap();
+        let data = vec![0x5au8; 4 << 20];
+        disk.now().write_at(&data, 0, false).unwrap();
+        disk.checkpoint("a").unwrap();
+        disk.now()
+            .write_at(&data[..1 << 20], 1 << 20, false)
+            .unwrap();
+        disk.checkpoint("b").unwrap();
+        let disk = Arc::new(std::sync::Mutex::new(disk));
+        let gate = crate::quiesce::Gate::new();
+        let target = super::super::DiskTarget::new(disk.clone(), gate, true);
+        let path = dir.path().join("api.sock");
+        let server = ControlServer::start(&path, Arc::new(target)).unwrap();
+        // About 4 MiB at 1 MB/s: the merge takes seconds.
+        let waiting = UnixStream::connect(&path).unwrap();
+        let mut w = waiting.try_clone().unwrap();
+        w.write_all(
+            b"{\"op\":\"checkpoint-delete\",\"name\":\"a\",\"strategy\":\"compact-into-child\",\"rate\":1,\"wait\":true}\n",
+        )
+        .unwrap();
+        // Meanwhile another client lists (a is gone already) and sees the merge running.
+        let mut listed = false;
+        for _ in 0..1000 {
+            let v =
+                super::super::client::call(&path, &super::super::Request::CheckpointList).unwrap();
+            if v["checkpoints"].as_array().unwrap().len() == 1 {
+                listed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(listed, "the delete did not take a out of the tree");
+        let v =
+            super::super::client::call(&path, &super::super::Request::CheckpointStatus).unwrap();
+        let merges = v["merges"].as_array().unwrap();
+        assert!(
+            merges.iter().any(|m| m["checkpoint"] == "a"),
+            "the waiting delete's merge is not running: {v}"
+        );
+        let mut r = BufReader::new(waiting);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["deleted"]["deleted"][0], "a", "{v}");
+        let ended = v["merges"].as_array().unwrap();
+        assert!(!ended.is_empty(), "{v}");
+        assert!(ended.iter().all(|m| m["status"]["state"] == "done"), "{v}");
+        let v =
+            super::super::client::call(&path, &super::super::Request::CheckpointStatus).unwrap();
+        assert!(v["merges"].as_array().unwrap().is_empty(), "{v}");
+        server.stop();
+        let mut want = data.clone();
+        want[1 << 20..2 << 20].copy_from_slice(&data[..1 << 20]);
+        let mut got = vec![0u8; 4 << 20];
+        disk.lock()
+            .unwrap()
+            .checkpoint_view("b")
+            .unwrap()
+            .read_at(&mut got, 0)
+            .unwrap();
+        assert!(got == want);
     }
 }

@@ -1,0 +1,805 @@
+//! The merge worker of one open, writable disk: the background half of an online delete.
+//!
+//! `Disk::delete_online` takes a checkpoint out of the tree at once and hands back the data
+//! movements still to do ([`journal::MergeJob`]s). The worker queues them and runs them one
+//! at a time on its own thread, never holding the `Disk` mutex while it copies (the copy only
+//! reads sealed layer files the job holds). A finished copy is swapped into the tree by
+//! `Disk::finish_merge` with the I/O gate closed and drained, which takes a few
+//! milliseconds. A job that runs out of space is paused and retried with a growing back-off;
+//! any other failure abandons the job (the tree is already correct without it; a later
+//! maintenance pass may plan the merge again). When the queue runs dry after a delete, the
+//! worker asks the journal for maintenance merges (stacks grown too deep, garbage, merges a
+//! crash interrupted) and runs those too; it also does that once when it starts.
+//!
+//! Stopping the worker (dropping it) cancels the running copy between two batches and waits
+//! for the thread: the job's partial output stays where the journal can resume or discard it
+//! on the next open, like after a crash.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use journal::{DeleteOptions, Disk, MergeJob, MergeProgress, MergeReport, MergeStatus};
+use serde::Serialize;
+
+use crate::quiesce::Gate;
+use crate::{Error, Result};
+
+/// How many finished (done, failed, discarded) merges `status` remembers.
+const KEEP_FINISHED: usize = 32;
+/// First wait before a paused (out of space) job is retried; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long `finish_merge` waits for in-flight I/O to drain before trying again later.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Maintenance passes in a row (each one returning jobs) before the worker stops asking
+/// until the next delete: a policy that always finds something cannot keep it busy forever.
+const MAX_MAINTENANCE_ROUNDS: usize = 8;
+
+/// What `status` shows: every merge running or queued, then the last finished ones.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WorkerStatus {
+    /// The running merge first, then the queued ones in the order they will run.
+    pub merges: Vec<MergeStatus>,
+    /// Merges that ended, newest last, with their reports (done) or errors (failed).
+    pub finished: Vec<Finished>,
+}
+
+/// A merge that ended.
+#[derive(Clone, Debug, Serialize)]
+pub struct Finished {
+    pub status: MergeStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<MergeReport>,
+}
+
+/// One queued job with what the worker knows about it.
+struct Queued {
+    job: MergeJob,
+    progress: Arc<MergeProgress>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Queued>,
+    /// The running job's progress and, while it waits to retry, why.
+    running: Option<(Arc<MergeProgress>, Option<String>)>,
+    finished: VecDeque<Finished>,
+    /// Ids queued or running (what `wait` waits for).
+    pending: HashSet<u64>,
+    /// A delete happened since the last maintenance pass (or the worker just started).
+    maintenance_due: bool,
+    stopping: bool,
+}
+
+struct Shared {
+    disk: Arc<Mutex<Disk>>,
+    gate: Arc<Gate>,
+    /// Options of maintenance merges.
+    opts: DeleteOptions,
+    state: Mutex<State>,
+    /// Signalled when work arrives, a job ends, or the worker stops.
+    changed: Condvar,
+    cancel: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The worker's state (queues and statuses) stays consistent if a holder panicked.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn lock_disk(disk: &Mutex<Disk>) -> Result<MutexGuard<'_, Disk>> {
+    // A panic while holding the disk may have left it half-changed: refuse to go on.
+    disk.lock()
+        .map_err(|_| Error::Protocol("internal error: the disk state was lost to a panic".into()))
+}
+
+/// True when `e` says the filesystem is full (or the quota is exhausted).
+pub fn is_no_space(e: &journal::Error) -> bool {
+    if matches!(e, journal::Error::NoSpace { .. }) {
+        return true;
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+                return true;
+            }
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// Largest `--rate` accepted, in MB/s (a petabyte per second: effectively unlimited).
+const MAX_RATE_MB: f64 = 1e9;
+
+/// The journal's delete options for a strategy name and a rate in MB/s (10^6 bytes).
+pub fn delete_options(
+    subtree: bool,
+    strategy: Option<&str>,
+    rate_mb: Option<f64>,
+) -> Result<DeleteOptions> {
+    let mut opts = DeleteOptions {
+        subtree,
+        ..DeleteOptions::default()
+    };
+    if let Some(s) = strategy {
+        opts.strategy = s
+            .parse::<journal::StrategyKind>()
+            .map_err(|e| Error::Usage(format!("--strategy {s:?}: {e}")))?;
+    }
+    if let Some(r) = rate_mb {
+        if !(r.is_finite() && r > 0.0 && r <= MAX_RATE_MB) {
+            return Err(Error::Usage(format!(
+                "--rate {r}: expected MB/s, more than 0 and at most {MAX_RATE_MB}"
+            )));
+        }
+        // At least one byte per second; the product is below 2^60, so it fits.
+        opts.rate_limit = Some(((r * 1e6) as u64).max(1));
+    }
+    Ok(opts)
+}
+
+/// The merge worker of one disk. Dropping it cancels the running job and joins the thread.
+pub struct MergeWorker {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What a delete did: the tree change and the jobs now queued.
+#[derive(Clone, Debug, Serialize)]
+pub struct Deleted {
+    #[serde(flatten)]
+    pub report: journal::DeleteReport,
+    /// Ids of the merges this delete queued.
+    pub jobs: Vec<u64>,
+    /// Microseconds from the request to the checkpoint being gone from the tree.
+    pub gone_us: u64,
+}
+
+impl MergeWorker {
+    /// Starts the worker of `disk`, whose writers all pass through `gate`. It first runs the
+    /// maintenance merges the journal wants (for example one a crash interrupted).
+    pub fn start(disk: Arc<Mutex<Disk>>, gate: Arc<Gate>) -> Result<MergeWorker> {
+        let shared = Arc::new(Shared {
+            disk,
+            gate,
+            opts: DeleteOptions::default(),
+            state: Mutex::new(State {
+                maintenance_due: true,
+                ..State::default()
+            }),
+            changed: Condvar::new(),
+            cancel: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("merge".into())
+            .spawn(move || s.run())
+            .map_err(|e| Error::io("starting the merge thread", e))?;
+        Ok(MergeWorker {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Deletes `name` online: the checkpoint is gone from the tree when this returns, its
+    /// merges are queued. `with_disk` lets the caller do more under the same disk lock (a
+    /// VM's memory images); it runs before the tree changes, with I/O paused.
+    pub fn delete(
+        &self,
+        name: &str,
+        opts: &DeleteOptions,
+        drain_timeout: Duration,
+    ) -> Result<Deleted> {
+        self.delete_with(name, opts, drain_timeout, |disk, opts| {
+            Ok(disk.delete_online(name, opts)?)
+        })
+    }
+
+    /// Like [`MergeWorker::delete`] with the tree change done by `tree_change` (under the
+    /// disk lock, I/O paused), which returns the journal's delete report and jobs.
+    pub fn delete_with<F>(
+        &self,
+        name: &str,
+        opts: &DeleteOptions,
+        drain_timeout: Duration,
+        tree_change: F,
+    ) -> Result<Deleted>
+    where
+        F: FnOnce(&mut Disk, &DeleteOptions) -> Result<(journal::DeleteReport, Vec<MergeJob>)>,
+    {
+        let start = Instant::now();
+        // Check the name before pausing anyone's I/O.
+        {
+            let disk = lock_disk(&self.shared.disk)?;
+            if !disk.list().iter().any(|c| c.name == name) {
+                return Err(journal::Error::UnknownCheckpoint(name.into()).into());
+            }
+        }
+        let paused = self.shared.gate.pause(drain_timeout)?;
+        let (report, jobs) = {
+            let mut disk = lock_disk(&self.shared.disk)?;
+            tree_change(&mut disk, opts)?
+        };
+        drop(paused);
+        let gone_us = start.elapsed().as_micros() as u64;
+        let ids = self.enqueue(jobs);
+        tracing::info!(
+            "delete {name:?}: gone from the tree after {gone_us} us, {} merges queued",
+            ids.len()
+        );
+        Ok(Deleted {
+            report,
+            jobs: ids,
+            gone_us,
+        })
+    }
+
+    /// Queues jobs (after any already queued); returns their ids.
+    pub fn enqueue(&self, jobs: Vec<MergeJob>) -> Vec<u64> {
+        let mut st = lock(&self.shared.state);
+        let mut ids = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            ids.push(job.id());
+            st.pending.insert(job.id());
+            st.queue.push_back(Queued {
+                progress: job.progress(),
+                job,
+            });
+        }
+        st.maintenance_due = true;
+        self.shared.changed.notify_all();
+        ids
+    }
+
+    /// Every merge running or queued, and the last ones that ended.
+    pub fn status(&self) -> WorkerStatus {
+        self.shared.status()
+    }
+
+    /// A handle that can wait for merges without keeping the worker alive.
+    pub fn waiter(&self) -> Waiter {
+        Waiter {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Cancels the running job, drops the queue and joins the thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        {
+            let mut st = lock(&self.shared.state);
+            st.stopping = true;
+            self.shared.cancel.store(true, Ordering::SeqCst);
+            self.shared.changed.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("the merge thread panicked");
+            }
+        }
+        let mut st = lock(&self.shared.state);
+        let dropped = st.queue.len();
+        st.queue.clear();
+        st.pending.clear();
+        self.shared.changed.notify_all();
+        if dropped > 0 {
+            tracing::info!("{dropped} queued merges left for the next open");
+        }
+    }
+}
+
+impl Drop for MergeWorker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Waits for merges to end; holds the worker's state, not the worker.
+#[derive(Clone)]
+pub struct Waiter {
+    shared: Arc<Shared>,
+}
+
+impl Waiter {
+    /// Blocks until none of `ids` is queued or running (or the worker stops); returns how
+    /// each ended, as far as the worker still remembers.
+    pub fn wait(&self, ids: &[u64]) -> Result<Vec<Finished>> {
+        let mut st = lock(&self.shared.state);
+        while !st.stopping && ids.iter().any(|id| st.pending.contains(id)) {
+            st = self
+                .shared
+                .changed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        let ended: Vec<Finished> = st
+            .finished
+            .iter()
+            .filter(|f| ids.contains(&f.status.id))
+            .cloned()
+            .collect();
+        if st.stopping && ended.len() < ids.len() {
+            return Err(Error::Usage(
+                "the server is stopping; the unfinished merges continue when the disk is next opened"
+                    .into(),
+            ));
+        }
+        Ok(ended)
+    }
+
+    /// Same as [`MergeWorker::status`].
+    pub fn status(&self) -> WorkerStatus {
+        self.shared.status()
+    }
+}
+
+impl Shared {
+    fn status(&self) -> WorkerStatus {
+        let st = lock(&self.state);
+        let mut merges = Vec::with_capacity(st.queue.len() + 1);
+        if let Some((p, paused)) = &st.running {
+            let mut s = p.status();
+            if let Some(why) = paused {
+                s.state = format!("paused: {why}");
+            }
+            merges.push(s);
+        }
+        for q in &st.queue {
+            let mut s = q.progress.status();
+            s.state = "queued".into();
+            merges.push(s);
+        }
+        WorkerStatus {
+            merges,
+            finished: st.finished.iter().cloned().collect(),
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        lock(&self.state).stopping
+    }
+
+    /// Sleeps up to `d`, waking early when the worker stops.
+    fn sleep(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        let mut st = lock(&self.state);
+        while !st.stopping {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// The thread: takes jobs one at a time until stopped.
+    fn run(&self) {
+        let mut rounds = 0;
+        loop {
+            let next = {
+                let mut st = lock(&self.state);
+                loop {
+                    if st.stopping {
+                        return;
+                    }
+                    if let Some(q) = st.queue.pop_front() {
+                        st.running = Some((q.progress.clone(), None));
+                        break Some(q);
+                    }
+                    if st.maintenance_due {
+                        st.maintenance_due = false;
+                        break None;
+                    }
+                    rounds = 0;
+                    st = self
+                        .changed
+                        .wait(st)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            match next {
+                Some(q) => self.run_job(q),
+                None => {
+                    rounds += 1;
+                    if rounds <= MAX_MAINTENANCE_ROUNDS {
+                        self.plan_maintenance();
+                    } else {
+                        tracing::warn!(
+                            "maintenance merges keep finding work; waiting for the next delete"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks the journal for the merges it wants now and queues them.
+    fn plan_maintenance(&self) {
+        let jobs = match lock_disk(&self.disk) {
+            Ok(mut disk) => disk.maintenance_merges(&self.opts),
+            Err(e) => {
+                tracing::error!("maintenance merges: {e}");
+                return;
+            }
+        };
+        match jobs {
+            Ok(jobs) if jobs.is_empty() => {}
+            Ok(jobs) => {
+                tracing::info!("{} maintenance merges queued", jobs.len());
+                let mut st = lock(&self.state);
+                for job in jobs {
+                    st.pending.insert(job.id());
+                    st.queue.push_back(Queued {
+                        progress: job.progress(),
+                        job,
+                    });
+                }
+                // Their completion may make more work due (a threshold crossed again).
+                st.maintenance_due = true;
+                self.changed.notify_all();
+            }
+            Err(e) => tracing::warn!("maintenance merges: {}", crate::cli::error_chain(&e)),
+        }
+    }
+
+    /// Runs one job to its end: done, failed, or left for the next open (stopping).
+    fn run_job(&self, q: Queued) {
+        let Queued { mut job, progress } = q;
+        let id = job.id();
+        let mut backoff = FIRST_BACKOFF;
+        let mut copied = false;
+        let ended = loop {
+            if !copied {
+                match job.run(&self.cancel) {
+                    Ok(()) => copied = true,
+                    Err(_) if self.stopping() => break None,
+                    Err(e) if is_no_space(&e) => {
+                        let why = crate::cli::error_chain(&e);
+                        tracing::warn!("merge {id} paused: {why}; retrying in {backoff:?}");
+                        self.backoff(&mut backoff, why);
+                        continue;
+                    }
+                    Err(e) => {
+                        let why = crate::cli::error_chain(&e);
+                        tracing::error!("merge {id} failed: {why}");
+                        match lock_disk(&self.disk) {
+                            Ok(mut disk) => disk.abandon_merge(job),
+                            Err(e) => tracing::error!("merge {id}: cannot abandon: {e}"),
+                        }
+                        break Some(Err(why));
+                    }
+                }
+            }
+            if self.stopping() {
+                // Stopped at the end of the copy: the next open picks the job up.
+                break None;
+            }
+            match self.finish(job) {
+                Finish::Done(report) => break Some(Ok(report)),
+                Finish::Retry(j, e) => {
+                    let why = crate::cli::error_chain(&e);
+                    tracing::warn!("merge {id}: {why}; retrying in {backoff:?}");
+                    job = j;
+                    self.backoff(&mut backoff, why);
+                }
+                Finish::Failed(e) => {
+                    let why = crate::cli::error_chain(&e);
+                    tracing::error!("merge {id}: finishing failed: {why}");
+                    break Some(Err(why));
+                }
+            }
+        };
+        let mut st = lock(&self.state);
+        st.running = None;
+        st.pending.remove(&id);
+        if let Some(result) = ended {
+            let mut status = progress.status();
+            let report = match result {
+                Ok(r) => {
+                    status.state = if r.discarded {
+                        "discarded (the tree changed meanwhile)".into()
+                    } else {
+                        "done".into()
+                    };
+                    Some(r)
+                }
+                Err(why) => {
+                    status.state = format!("failed: {why}");
+                    None
+                }
+            };
+            st.finished.push_back(Finished { status, report });
+            while st.finished.len() > KEEP_FINISHED {
+                st.finished.pop_front();
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// Shows the running job as paused for `why`, waits, doubles the back-off.
+    fn backoff(&self, backoff: &mut Duration, why: String) {
+        self.set_paused(Some(why));
+        self.sleep(*backoff);
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
+        self.set_paused(None);
+    }
+
+    fn set_paused(&self, why: Option<String>) {
+        if let Some((_, p)) = lock(&self.state).running.as_mut() {
+            *p = why;
+        }
+    }
+
+    /// Swaps a completed job into the tree with I/O drained.
+    fn finish(&self, job: MergeJob) -> Finish {
+        let id = job.id();
+        let start = Instant::now();
+        let paused = match self.gate.pause(DRAIN_TIMEOUT) {
+            Ok(p) => p,
+            Err(e) => return Finish::Retry(job, e),
+        };
+        let drained = start.elapsed();
+        let r = match lock_disk(&self.disk) {
+            Ok(mut disk) => disk.try_finish_merge(job),
+            Err(e) => return Finish::Retry(job, e),
+        };
+        drop(paused);
+        tracing::info!(
+            "merge {id}: swapped in with I/O paused for {:?} (drain {drained:?})",
+            start.elapsed()
+        );
+        match r {
+            Ok(report) => Finish::Done(report),
+            // Busy (a write slipped in) or a full disk while committing: the job is intact.
+            Err((job, e)) if matches!(e, journal::Error::Busy) || is_no_space(&e) => {
+                Finish::Retry(*job, e.into())
+            }
+            Err((job, e)) => {
+                match lock_disk(&self.disk) {
+                    Ok(mut disk) => disk.abandon_merge(*job),
+                    Err(e) => tracing::error!("merge {id}: cannot abandon: {e}"),
+                }
+                Finish::Failed(e.into())
+            }
+        }
+    }
+}
+
+/// How finishing a completed job went.
+enum Finish {
+    Done(MergeReport),
+    /// I/O did not drain in time: the job is handed back to be tried again.
+    Retry(MergeJob, Error),
+    Failed(Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use journal::{CacheMode, OpenOptions, StrategyKind};
+
+    const SIZE: usize = 4 << 20;
+
+    struct Fixture {
+        _t: tempfile::TempDir,
+        dir: std::path::PathBuf,
+        disk: Arc<Mutex<Disk>>,
+        gate: Arc<Gate>,
+        /// Expected contents of checkpoints a, b and of Now.
+        a: Vec<u8>,
+        b: Vec<u8>,
+        now: Vec<u8>,
+    }
+
+    fn open(dir: &std::path::Path) -> Disk {
+        Disk::open(
+            dir,
+            OpenOptions {
+                cache: CacheMode::Writeback,
+                read_only: false,
+            },
+        )
+        .unwrap()
+    }
+
+    fn fill(disk: &Disk, model: &mut [u8], seed: u8, from: usize, len: usize) {
+        let data: Vec<u8> = (0..len)
+            .map(|i| seed ^ (i as u8).wrapping_mul(37) ^ (i >> 12) as u8)
+            .collect();
+        disk.now().write_at(&data, from as u64, false).unwrap();
+        model[from..from + len].copy_from_slice(&data);
+    }
+
+    /// a: 2 MiB at 0; b: 2 MiB at 1 MiB (overwriting half of a's); Now: 64 KiB more.
+    fn fixture() -> Fixture {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("disk");
+        Disk::create(&dir, SIZE as u64, None).unwrap();
+        let mut disk = open(&dir);
+        let mut m = vec![0u8; SIZE];
+        fill(&disk, &mut m, 1, 0, 2 << 20);
+        disk.checkpoint("a").unwrap();
+        let a = m.clone();
+        fill(&disk, &mut m, 2, 1 << 20, 2 << 20);
+        disk.checkpoint("b").unwrap();
+        let b = m.clone();
+        fill(&disk, &mut m, 3, 3 << 20, 64 << 10);
+        Fixture {
+            _t: t,
+            dir,
+            disk: Arc::new(Mutex::new(disk)),
+            gate: Gate::new(),
+            a,
+            b,
+            now: m,
+        }
+    }
+
+    fn read(v: &journal::Volume) -> Vec<u8> {
+        let mut b = vec![0u8; SIZE];
+        v.read_at(&mut b, 0).unwrap();
+        b
+    }
+
+    fn opts(kind: StrategyKind, rate: Option<u64>) -> DeleteOptions {
+        DeleteOptions {
+            rate_limit: rate,
+            ..DeleteOptions::with(kind)
+        }
+    }
+
+    fn wait_idle(w: &MergeWorker) -> WorkerStatus {
+        loop {
+            let s = w.status();
+            if s.merges.is_empty() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn delete_is_gone_at_once_and_merges_keep_every_view() {
+        for kind in StrategyKind::ALL {
+            let f = fixture();
+            let w = MergeWorker::start(f.disk.clone(), f.gate.clone()).unwrap();
+            wait_idle(&w);
+            let d = w.delete("a", &opts(kind, None), DRAIN_TIMEOUT).unwrap();
+            assert_eq!(d.report.deleted, ["a"]);
+            assert!(
+                !lock(&f.disk).list().iter().any(|c| c.name == "a"),
+                "{kind}: a still listed"
+            );
+            let ended = w.waiter().wait(&d.jobs).unwrap();
+            assert_eq!(ended.len(), d.jobs.len(), "{kind}: {ended:?}");
+            for e in &ended {
+                assert!(!e.status.state.starts_with("failed"), "{kind}: {e:?}");
+            }
+            wait_idle(&w);
+            let disk = lock(&f.disk);
+            assert!(read(&disk.now()) == f.now, "{kind}: Now changed");
+            assert!(
+                read(&disk.checkpoint_view("b").unwrap()) == f.b,
+                "{kind}: b changed"
+            );
+            drop(disk);
+            drop(w);
+            drop(f.disk);
+            let disk = open(&f.dir);
+            assert!(disk.check().unwrap().is_clean(), "{kind}");
+            assert!(read(&disk.checkpoint_view("b").unwrap()) == f.b, "{kind}");
+        }
+        let f = fixture();
+        let w = MergeWorker::start(f.disk.clone(), f.gate.clone()).unwrap();
+        let e = w
+            .delete("nope", &DeleteOptions::default(), DRAIN_TIMEOUT)
+            .unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        assert!(!f.gate.is_paused());
+        let _ = &f.a;
+    }
+
+    #[test]
+    fn a_second_delete_is_queued_behind_the_running_merge() {
+        let f = fixture();
+        let w = MergeWorker::start(f.disk.clone(), f.gate.clone()).unwrap();
+        wait_idle(&w);
+        // Slow enough that the first merge is still copying when the second delete comes.
+        let slow = opts(StrategyKind::CompactIntoChild, Some(512 << 10));
+        let first = w.delete("a", &slow, DRAIN_TIMEOUT).unwrap();
+        assert!(!first.jobs.is_empty(), "compact-into-child moved nothing");
+        let second = w.delete("b", &slow, DRAIN_TIMEOUT).unwrap();
+        let s = w.status();
+        assert_eq!(s.merges[0].id, first.jobs[0], "{s:?}");
+        for m in &s.merges[first.jobs.len()..] {
+            assert_eq!(m.state, "queued", "{s:?}");
+        }
+        assert!(lock(&f.disk).list().is_empty());
+        let mut all = first.jobs.clone();
+        all.extend(&second.jobs);
+        let ended = w.waiter().wait(&all).unwrap();
+        assert_eq!(ended.len(), all.len());
+        let order: Vec<u64> = ended.iter().map(|e| e.status.id).collect();
+        assert_eq!(order, all, "jobs ran out of order");
+        wait_idle(&w);
+        assert!(read(&lock(&f.disk).now()) == f.now);
+    }
+
+    #[test]
+    fn stopping_cancels_the_copy_and_the_next_open_finishes_it() {
+        let f = fixture();
+        let w = MergeWorker::start(f.disk.clone(), f.gate.clone()).unwrap();
+        wait_idle(&w);
+        // 64 KiB/s: minutes for megabytes, so the stop lands mid-copy.
+        let slow = opts(StrategyKind::CompactIntoChild, Some(64 << 10));
+        let d = w.delete("a", &slow, DRAIN_TIMEOUT).unwrap();
+        assert!(!d.jobs.is_empty());
+        while w.status().merges.first().map(|m| m.bytes_done) == Some(0) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let waiter = w.waiter();
+        let waiting = std::thread::spawn(move || waiter.wait(&d.jobs));
+        w.stop();
+        let e = waiting.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("stopping"), "{e}");
+        // The process "exits": a new open resumes or redoes the merge.
+        let Fixture {
+            disk, dir, now, b, ..
+        } = f;
+        drop(
+            Arc::try_unwrap(disk)
+                .ok()
+                .expect("the worker let go of the disk"),
+        );
+        let disk = Arc::new(Mutex::new(open(&dir)));
+        assert!(read(&lock(&disk).now()) == now);
+        assert!(read(&lock(&disk).checkpoint_view("b").unwrap()) == b);
+        let w = MergeWorker::start(disk.clone(), Gate::new()).unwrap();
+        wait_idle(&w);
+        drop(w);
+        let disk = lock(&disk);
+        assert!(read(&disk.now()) == now);
+        assert!(read(&disk.checkpoint_view("b").unwrap()) == b);
+        assert!(disk.check().unwrap().is_clean());
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let o = delete_options(true, Some("relink"), Some(1.5)).unwrap();
+        assert!(o.subtree);
+        assert_eq!(o.strategy, StrategyKind::Relink);
+        assert_eq!(o.rate_limit, Some(1_500_000));
+        assert_eq!(delete_options(false, None, None).unwrap().rate_limit, None);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 2e9] {
+            let e = delete_options(false, None, Some(bad)).unwrap_err();
+            assert!(e.to_string().contains("--rate"), "{e}");
+        }
+        let e = delete_options(false, Some("sideways"), None).unwrap_err();
+        assert!(e.to_string().contains("sideways"), "{e}");
+    }
+
+    #[test]
+    fn no_space_is_recognised_through_sources() {
+        let e = journal::Error::io("/x", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(is_no_space(&e));
+        let e = journal::Error::io("/x", std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(!is_no_space(&e));
+        assert!(!is_no_space(&journal::Error::OutOfRange {
+            offset: 0,
+            len: 1,
+            size: 0
+        }));
+    }
+}

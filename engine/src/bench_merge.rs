@@ -23,7 +23,7 @@ use crate::bench::merge_report::{
 };
 use crate::bench::merge_space::allocated;
 use crate::bench::pattern::fill_raw;
-use crate::bench::{fail, merge_run, procs, qcow2_commit, ringcopy};
+use crate::bench::{merge_run, merge_served, procs, qcow2_commit, ringcopy};
 use crate::{Error, Result};
 
 /// The strategy a delete uses when none is given.
@@ -214,7 +214,7 @@ pub fn run(args: MergeArgs) -> Result<ExitCode> {
         path: cfg.workdir.clone(),
         keep: cfg.keep_workdir,
     };
-    let _exe = std::env::current_exe().map_err(|e| Error::io("locating the strata binary", e))?;
+    let exe = std::env::current_exe().map_err(|e| Error::io("locating the strata binary", e))?;
     let load_before = loadavg();
     let started = Instant::now();
     let log = |msg: String| eprintln!("bench: [{:>6.1}s] {msg}", started.elapsed().as_secs_f64());
@@ -268,7 +268,15 @@ pub fn run(args: MergeArgs) -> Result<ExitCode> {
                         let opts = merge_run::delete_options(strategy, cfg.queue_depth)?;
                         merge_run::idle_delete(&cell, &layout, &opts, &mut r)?;
                     } else {
-                        return Err(fail("bench merge", "the fio load needs online deletes"));
+                        merge_served::loaded_delete(
+                            &exe,
+                            &cell,
+                            &cfg.workdir,
+                            &layout,
+                            strategy,
+                            cfg.baseline_secs,
+                            &mut r,
+                        )?;
                     }
                     let checked = merge_run::verify(&cell, &layout, *load == LOAD_IDLE)?;
                     merge_run::measure_disk(&cell, &layout, cfg.read_secs, &mut r)?;
@@ -361,8 +369,9 @@ fn preamble(cfg: &Config, fio: &str, qemu: &str, load_before: &str) -> String {
          the policy asks for). MB/s: bytes copied / merge time. freed: the journal's report; reclaimed: host \
          allocation before minus after (idle). peak extra: the journal's account / sampled every 5 ms (idle).\n\
          - Load: fio `--ioengine=nbd` 4 KiB random writes at qd32 on Now through `strata disk serve --api`, \
-         {baseline:.1} s before the delete (the no-merge window, after 1 s of warm-up) and during the merge \
-         (at least 1 s). p99 = 99th percentile completion latency of each window.\n\
+         during the merge (at least 1 s from the delete); the no-merge reference is the same load {baseline:.1} s \
+         before the delete (after 1 s of warm-up) and half that long after the merges ended, taken together. \
+         p99 = 99th percentile completion latency. The served merges run with the server's defaults (qd32, no rate limit).\n\
          - After each delete: cold open time and index memory of Now's lineage, 64 KiB sequential reads of Now \
          at qd{qd} over the deleted layer's span (the whole disk when scattered), at most {read:.1} s. \
          `before` = the same on the chain before any delete.\n\

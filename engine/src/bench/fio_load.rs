@@ -157,12 +157,18 @@ pub fn parse_log(text: &str) -> std::result::Result<Vec<Sample>, String> {
 /// IOPS and p99 latency of the completions in `[from_ms, to_ms)`; None if the window is
 /// empty or has no completion.
 pub fn window(samples: &[Sample], from_ms: u64, to_ms: u64) -> Option<Window> {
-    if to_ms <= from_ms {
+    window_union(samples, &[(from_ms, to_ms)])
+}
+
+/// [`window`] over several disjoint windows taken together.
+pub fn window_union(samples: &[Sample], windows: &[(u64, u64)]) -> Option<Window> {
+    let span: u64 = windows.iter().map(|&(a, b)| b.saturating_sub(a)).sum();
+    if span == 0 {
         return None;
     }
     let mut lat: Vec<u64> = samples
         .iter()
-        .filter(|s| s.at_ms >= from_ms && s.at_ms < to_ms)
+        .filter(|s| windows.iter().any(|&(a, b)| s.at_ms >= a && s.at_ms < b))
         .map(|s| s.lat_ns)
         .collect();
     if lat.is_empty() {
@@ -171,7 +177,7 @@ pub fn window(samples: &[Sample], from_ms: u64, to_ms: u64) -> Option<Window> {
     lat.sort_unstable();
     let idx = ((lat.len() as f64 * 0.99).ceil() as usize).clamp(1, lat.len()) - 1;
     Some(Window {
-        iops: lat.len() as f64 / ((to_ms - from_ms) as f64 / 1000.0),
+        iops: lat.len() as f64 / (span as f64 / 1000.0),
         p99_us: lat[idx] as f64 / 1000.0,
         ops: lat.len(),
     })
@@ -219,6 +225,11 @@ mod tests {
         assert_eq!(half.p99_us, 995.0);
         assert!(window(&s, 20_000, 21_000).is_none());
         assert!(window(&s, 11_000, 11_000).is_none());
+        // Two halves of 250 ms each: 500 completions in 0.5 s.
+        let u = window_union(&s, &[(10_000, 10_250), (10_750, 11_000)]).unwrap();
+        assert_eq!(u.ops, 500);
+        assert!((u.iops - 1000.0).abs() < 1e-9);
+        assert_eq!(u.p99_us, 995.0);
     }
 
     #[test]

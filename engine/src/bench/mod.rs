@@ -12,8 +12,8 @@
 //! chain), `report` (CSV, markdown and ratios), `plot` (the SVG) and `depth` (the run).
 //!
 //! `merge` (issue 8, the run is `crate::bench_merge`) deletes a checkpoint with each merge
-//! strategy: `merge_layout` (the chain), `merge_run` (one delete and the measurements around
-//! it), `merge_space` (host allocation), `fio_load` (the foreground load and its windows),
+//! strategy: `merge_layout` (the chain), `merge_run` (one idle delete and the measurements
+//! around it), `merge_served` (a delete under load through the control socket), `merge_space` (host allocation), `fio_load` (the foreground load and its windows),
 //! `ringcopy` and `qcow2_commit` (the baselines), `merge_report` and `bars` (CSV, tables,
 //! plots).
 
@@ -25,6 +25,7 @@ pub mod journal_run;
 pub mod merge_layout;
 pub mod merge_report;
 pub mod merge_run;
+pub mod merge_served;
 pub mod merge_space;
 pub mod pattern;
 pub mod plot;

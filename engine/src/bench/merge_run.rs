@@ -71,11 +71,12 @@ pub fn verify(dir: &Path, layout: &Layout, with_now: bool) -> Result<usize> {
     for up in [layout.target - 1, layout.target + 1] {
         if up >= 1 && up <= layout.depth() {
             let name = checkpoint_name(up);
-            n += layout.verify(&*disk.checkpoint_view(&name)?, up, &offs, &name)?;
+            let view = disk.checkpoint_view(&name)?;
+            n += layout.verify(&view, up, &offs, &name)?;
         }
     }
     if with_now {
-        n += layout.verify(&*disk.now(), layout.depth(), &offs, "Now")?;
+        n += layout.verify(&disk.now(), layout.depth(), &offs, "Now")?;
     }
     Ok(n)
 }

@@ -26,7 +26,7 @@ enum Phase {
 /// Copies the first `len` bytes (a multiple of 4 KiB) of `src` into a new file `dst`, `qd`
 /// requests in flight, and returns how long it took including the final fdatasync.
 pub fn copy(src: &Path, dst: &Path, len: u64, qd: u32) -> Result<Duration> {
-    if len % 4096 != 0 {
+    if !len.is_multiple_of(4096) {
         return Err(fail(
             "io_uring copy",
             format!("{len} is not a multiple of 4 KiB"),

@@ -916,6 +916,28 @@ impl Disk {
                 };
                 let run = run_ids.iter().map(open).collect::<Result<Vec<_>>>()?;
                 let below = below_ids.iter().map(open).collect::<Result<Vec<_>>>()?;
+                // Blocks the stack's layers above the run hide: they may already be punched
+                // (Now's overwrites free what they supersede), and no view reads them.
+                let sealed = match mv.stack {
+                    StackRef::Now => stack.len().saturating_sub(1),
+                    StackRef::Node(_) => stack.len(),
+                };
+                let above = stack[mv.first + mv.len..sealed]
+                    .iter()
+                    .map(open)
+                    .collect::<Result<Vec<_>>>()?;
+                let mut hidden = HashSet::new();
+                if mv.stack == StackRef::Now {
+                    let st = self.now.state();
+                    if let Some(p) = st.find_run(run_ids) {
+                        hidden.extend(
+                            st.index
+                                .iter()
+                                .filter(|(_, l)| usize::from(l.ordinal) >= p + run_ids.len())
+                                .map(|(b, _)| b),
+                        );
+                    }
+                }
                 Ok(MergeJob::new(JobSetup {
                     id,
                     checkpoint: checkpoint.to_string(),
@@ -931,6 +953,8 @@ impl Disk {
                         .map_or(0, |b| b.size.div_ceil(BLOCK_SIZE)),
                     run,
                     below,
+                    above,
+                    hidden,
                     target: match mv.placement {
                         Placement::NewLayer => Target::New,
                         Placement::Absorb(i) => Target::Absorb(i),
@@ -961,13 +985,11 @@ impl Disk {
         if own > n || own == 0 {
             return;
         }
-        let mut from = n - own;
-        for i in from..n - 1 {
-            let id = st.layers[i].id;
-            if busy.contains(&id) || self.not_own.contains(&id) {
-                from = i + 1;
-            }
-        }
+        let natural = n - own;
+        let from = st.layers[natural..n - 1]
+            .iter()
+            .rposition(|l| busy.contains(&l.id) || self.not_own.contains(&l.id))
+            .map_or(natural, |i| natural + i + 1);
         st.own_from = from;
     }
 
@@ -1006,7 +1028,8 @@ impl Disk {
             copy_seconds: progress.copy_seconds(),
             ..MergeReport::default()
         };
-        let Some((at, pos)) = self.tree.find_run(&run) else {
+        let found = self.tree.find_run(&run).filter(|_| !job.stale);
+        let Some((at, pos)) = found else {
             job.discard_output();
             report.discarded = true;
             return Ok(report);

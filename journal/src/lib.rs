@@ -29,8 +29,8 @@ pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use disk::{CacheMode, CheckReport, CheckpointInfo, DeleteReport, Disk, DiskInfo, OpenOptions};
 pub use error::{Error, Result};
 pub use merge::{
-    DeleteOptions, LayerStat, MergeJob, MergeProgress, MergeReport, MergeStatus, Move, Placement,
-    Situation, StackRef, StackStat, Strategy, StrategyKind, LINEAGE_SLACK,
+    uring_copy, DeleteOptions, LayerStat, MergeJob, MergeProgress, MergeReport, MergeStatus, Move,
+    Placement, Situation, StackRef, StackStat, Strategy, StrategyKind, LINEAGE_SLACK,
 };
 pub use tree::validate_name;
 pub use uring::{Completion, IoEngine, Rejected, Request};

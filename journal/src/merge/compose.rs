@@ -53,10 +53,12 @@ fn damaged(lf: &LayerFiles, why: String) -> Error {
 /// Composes `run` (oldest first). `absorber` is the index of the run layer that receives
 /// the others' blocks, or None for a new layer. A zero record is kept only where it hides
 /// something: a block of the base, a block some layer `below` the run wrote, or (absorbing)
-/// a block the absorbing layer holds data for.
+/// a block the absorbing layer holds data for. Blocks in `hidden` (hidden above the run in
+/// every view that contains it) are left out.
 pub(crate) fn compose(
     run: &[Arc<LayerFiles>],
     below: &[Arc<LayerFiles>],
+    hidden: &HashSet<u64>,
     absorber: Option<usize>,
     disk_blocks: u64,
     base_blocks: u64,
@@ -122,7 +124,10 @@ pub(crate) fn compose(
             }
         }
     }
-    let mut blocks: Vec<(u64, Newest)> = newest.into_iter().collect();
+    let mut blocks: Vec<(u64, Newest)> = newest
+        .into_iter()
+        .filter(|(b, _)| !hidden.contains(b))
+        .collect();
     blocks.sort_unstable_by_key(|(b, _)| *b);
     let mut c = Composition {
         copies: Vec::new(),

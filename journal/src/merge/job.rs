@@ -65,6 +65,11 @@ pub(crate) struct JobSetup {
     pub run: Vec<Arc<LayerFiles>>,
     /// The layers below the run in its lineage (their logs say which zero records matter).
     pub below: Vec<Arc<LayerFiles>>,
+    /// The sealed layers above the run in its stack, and (for Now's stack) the blocks Now's
+    /// index reads from above the run when the job is made: the run's versions of those
+    /// blocks are hidden in every view that contains the run, and may be punched already.
+    pub above: Vec<Arc<LayerFiles>>,
+    pub hidden: HashSet<u64>,
     pub target: Target,
     pub rate_limit: Option<u64>,
     pub queue_depth: u32,
@@ -90,6 +95,8 @@ pub struct MergeJob {
     log_started: bool,
     /// The output is complete and durable: ready for `finish_merge`.
     pub(crate) copied: bool,
+    /// The job's layers left the tree before it could start: nothing was written.
+    pub(crate) stale: bool,
     /// Set by `finish_merge` once the output belongs to the tree.
     pub(crate) adopted: bool,
     pub(crate) peak_extra: u64,
@@ -117,6 +124,7 @@ impl MergeJob {
             absorb_len: None,
             log_started: false,
             copied: false,
+            stale: false,
             adopted: false,
             peak_extra: 0,
         }
@@ -202,9 +210,19 @@ impl MergeJob {
                 Target::New => None,
                 Target::Absorb(i) => Some(i),
             };
+            let mut hidden = std::mem::take(&mut self.s.hidden);
+            for lf in &self.s.above {
+                hidden.extend(
+                    lf.scan_log(self.s.disk_blocks)?
+                        .records
+                        .iter()
+                        .map(|r| r.disk_block),
+                );
+            }
             let c = compose(
                 &self.s.run,
                 &self.s.below,
+                &hidden,
                 absorber,
                 self.s.disk_blocks,
                 self.s.base_blocks,
@@ -220,13 +238,30 @@ impl MergeJob {
                     lf
                 }
                 Target::Absorb(i) => {
-                    let lf = LayerFiles::open(
+                    let lf = match LayerFiles::open(
                         &self.s.dir,
                         self.s.uuid,
                         self.s.run[i].id,
                         self.s.cache,
                         true,
-                    )?;
+                    ) {
+                        Ok(lf) => lf,
+                        // Layers are unlinked only once the tree no longer has them: the
+                        // job is stale, and finish_merge will discard it.
+                        Err(Error::Io { source, .. })
+                            if source.kind() == std::io::ErrorKind::NotFound =>
+                        {
+                            tracing::info!(
+                                "merge {}: layer {} is gone from the tree; nothing to do",
+                                self.s.id,
+                                self.s.run[i].id
+                            );
+                            self.stale = true;
+                            self.copied = true;
+                            return Ok(());
+                        }
+                        Err(e) => return Err(e),
+                    };
                     let len = lf
                         .data
                         .metadata()

@@ -12,6 +12,7 @@ mod job;
 mod progress;
 mod strategy;
 
+pub use copy::uring_copy;
 pub use job::MergeJob;
 pub use progress::{MergeProgress, MergeReport, MergeStatus};
 pub use strategy::{

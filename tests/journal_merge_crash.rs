@@ -1,0 +1,261 @@
+//! SIGKILL during merges: a child process (this test binary, running the ignored
+//! `crash_child` test) deletes checkpoints with each strategy and runs the merges to the
+//! end; the parent kills it at random moments, reopens the disk and checks that every
+//! checkpoint and Now read exactly as before, that the deleted checkpoint is either still
+//! there (old tree) or gone (new tree), that no file outside the tree is left, and that
+//! `check` is clean.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use journal::{CacheMode, DeleteOptions, Disk, OpenOptions, StrategyKind};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const SIZE: u64 = 48 << 20;
+const BLOCKS: u64 = SIZE / 4096;
+
+fn open(dir: &Path) -> Disk {
+    Disk::open(
+        dir,
+        OpenOptions {
+            cache: CacheMode::None,
+            read_only: false,
+        },
+    )
+    .expect("open disk")
+}
+
+fn hash(b: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}
+
+/// A hash of every block of a view.
+fn digest(v: &journal::Volume) -> Vec<u64> {
+    let mut out = Vec::with_capacity(BLOCKS as usize);
+    let mut buf = vec![0u8; 1 << 20];
+    for off in (0..SIZE).step_by(buf.len()) {
+        v.read_at(&mut buf, off).unwrap();
+        out.extend(buf.chunks(4096).map(hash));
+    }
+    out
+}
+
+/// Layer ids strata.json references.
+fn tree_layers(dir: &Path) -> HashSet<u64> {
+    let t: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("strata.json")).unwrap()).unwrap();
+    let mut set = HashSet::new();
+    for n in t["nodes"].as_array().unwrap() {
+        for l in n["layers"].as_array().unwrap() {
+            set.insert(l.as_u64().unwrap());
+        }
+    }
+    for l in t["now"]["layers"].as_array().unwrap() {
+        set.insert(l.as_u64().unwrap());
+    }
+    set
+}
+
+fn layer_files(dir: &Path) -> HashSet<u64> {
+    std::fs::read_dir(dir.join("layers"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.strip_prefix('L')
+                .and_then(|r| r.split('.').next().map(str::to_string))
+                .and_then(|r| r.parse().ok())
+        })
+        .collect()
+}
+
+/// The child: deletes `MERGE_CRASH_TARGET` with `MERGE_CRASH_STRATEGY`, rate-limited so the
+/// copy takes a while, reporting each stage on stdout.
+#[test]
+#[ignore = "run by merges_survive_sigkill as its child process"]
+fn crash_child() {
+    let Some(dir) = std::env::var_os("MERGE_CRASH_DIR") else {
+        return;
+    };
+    let target = std::env::var("MERGE_CRASH_TARGET").unwrap();
+    let strategy: StrategyKind = std::env::var("MERGE_CRASH_STRATEGY")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut disk = open(Path::new(&dir));
+    let opts = DeleteOptions {
+        rate_limit: Some(12 << 20),
+        queue_depth: 8,
+        ..DeleteOptions::with(strategy)
+    };
+    let (_, jobs) = disk.delete_online(&target, &opts).unwrap();
+    println!("deleted {}", jobs.len());
+    let never = std::sync::atomic::AtomicBool::new(false);
+    for mut j in jobs {
+        j.run(&never).unwrap();
+        println!("copied {}", j.id());
+        disk.finish_merge(j).unwrap();
+        println!("finished");
+    }
+    for mut j in disk.maintenance_merges(&opts).unwrap() {
+        j.run(&never).unwrap();
+        disk.finish_merge(j).unwrap();
+        println!("maintenance finished");
+    }
+    println!("done");
+}
+
+#[test]
+fn merges_survive_sigkill() {
+    let t = tempfile::tempdir_in(std::env::var_os("MERGE_CRASH_TMP").unwrap_or("/var/tmp".into()))
+        .unwrap();
+    let dir = t.path().join("disk");
+    Disk::create(&dir, SIZE, None).unwrap();
+    let mut rng = SmallRng::seed_from_u64(7);
+    // A chain of checkpoints, each holding a few MiB of scattered blocks, with two branches
+    // so that hidden nodes and relinks into checkpoints happen too.
+    let mut model: HashMap<String, Vec<u64>> = HashMap::new();
+    {
+        let mut disk = open(&dir);
+        let now = disk.now();
+        let mut buf = vec![0u8; 64 << 10];
+        for i in 0..10 {
+            for _ in 0..96 {
+                let b = rng.gen_range(0..BLOCKS - 16);
+                rng.fill(&mut buf[..]);
+                now.write_at(&buf, b * 4096, false).unwrap();
+            }
+            // Some discards too.
+            let b = rng.gen_range(0..BLOCKS - 64);
+            now.discard(b * 4096, 64 * 4096).unwrap();
+            let name = format!("c{i}");
+            disk.checkpoint(&name).unwrap();
+            if i == 3 {
+                disk.apply("c1", None).unwrap();
+            }
+        }
+        for _ in 0..32 {
+            let b = rng.gen_range(0..BLOCKS - 16);
+            rng.fill(&mut buf[..]);
+            now.write_at(&buf, b * 4096, false).unwrap();
+        }
+        now.flush().unwrap();
+        for c in disk.list() {
+            model.insert(
+                c.name.clone(),
+                digest(&disk.checkpoint_view(&c.name).unwrap()),
+            );
+        }
+        model.insert(String::new(), digest(&now));
+    }
+    let exe = std::env::current_exe().unwrap();
+    let strategies = [
+        StrategyKind::CompactIntoChild,
+        StrategyKind::CompactIntoParent,
+        StrategyKind::Auto,
+        StrategyKind::Threshold,
+        StrategyKind::Relink,
+    ];
+    let (mut rolled_back, mut rolled_forward, mut mid_merge) = (0, 0, 0);
+    let mut round = 0;
+    while model.len() > 2 && round < 24 {
+        let mut names: Vec<String> = model.keys().filter(|n| !n.is_empty()).cloned().collect();
+        names.sort();
+        let target = names[rng.gen_range(0..names.len())].clone();
+        let strategy = strategies[round % strategies.len()];
+        round += 1;
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "crash_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("MERGE_CRASH_DIR", &dir)
+            .env("MERGE_CRASH_TARGET", &target)
+            .env("MERGE_CRASH_STRATEGY", strategy.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Some kills land in the delete itself, most during the copy or the swap.
+        let delay = Duration::from_millis(if round % 4 == 0 {
+            rng.gen_range(0..40)
+        } else {
+            rng.gen_range(0..1200)
+        });
+        let start = Instant::now();
+        while start.elapsed() < delay {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        if out.contains("deleted") && !out.contains("done") {
+            mid_merge += 1;
+        }
+        if status.success() {
+            assert!(out.contains("done"), "child output: {out}");
+        }
+        // Restart: every view reads exactly as before.
+        let disk = open(&dir);
+        let listed: HashSet<String> = disk.list().into_iter().map(|c| c.name).collect();
+        if listed.contains(&target) {
+            rolled_back += 1;
+            assert!(
+                !out.contains("deleted"),
+                "{target} came back after its delete committed"
+            );
+        } else {
+            rolled_forward += 1;
+            model.remove(&target);
+        }
+        let expected: HashSet<String> = model.keys().filter(|n| !n.is_empty()).cloned().collect();
+        assert_eq!(listed, expected, "round {round}: checkpoints");
+        for name in &expected {
+            let v = disk.checkpoint_view(name).unwrap();
+            assert!(
+                digest(&v) == model[name],
+                "round {round} ({strategy}, killed after {delay:?}, child said {out:?}): checkpoint {name} changed"
+            );
+        }
+        assert!(
+            digest(&disk.now()) == model[""],
+            "round {round} ({strategy}): Now changed"
+        );
+        let report = disk.check().unwrap();
+        assert!(report.is_clean(), "round {round}: {:?}", report.problems);
+        drop(disk);
+        // The open removed the output of an interrupted merge: only the tree's files remain.
+        assert_eq!(
+            layer_files(&dir),
+            tree_layers(&dir),
+            "round {round}: stray layer files"
+        );
+    }
+    eprintln!(
+        "{round} kills: {rolled_back} rolled back, {rolled_forward} committed, {mid_merge} during merges"
+    );
+    assert!(
+        mid_merge >= 3,
+        "only {mid_merge} kills landed during a merge"
+    );
+    assert!(rolled_forward >= 1);
+}

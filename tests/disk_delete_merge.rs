@@ -122,7 +122,7 @@ fn offline_delete_runs_merges_to_completion_with_progress() {
     for (args, want) in [
         (vec!["--strategy", "sideways"], "--strategy"),
         (vec!["--rate", "0"], "--rate"),
-        (vec!["--rate", "-3"], "--rate"),
+        (vec!["--rate=-3"], "--rate"),
         (vec!["--rate", "NaN"], "--rate"),
     ] {
         let mut a = vec!["disk", "delete", d, "c1"];

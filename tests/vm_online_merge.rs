@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use vm_common::*;
 
-const WORKLOAD: &str = "seed=23,ops=60000,read=30,bs=4k-16k,region=0:48M,qd=16,flush=24,dirty=8m";
+const WORKLOAD: &str = "seed=23,ops=40000,read=30,bs=4k-16k,region=0:48M,qd=16,flush=24,dirty=8m";
 const MEMORY: &str = "128M";
 const DISK: &str = "128M";
 
@@ -73,10 +73,14 @@ fn online_delete_on_a_running_vm_keeps_the_oracle() {
         "delete",
         &["b", "--strategy", "compact-into-child", "--wait"],
     );
-    assert!(out.contains("deleted b"), "{out}");
+    eprintln!("{out}");
+    assert!(out.contains("deleted b (1 merges queued"), "{out}");
+    assert!(out.contains("bytes copied"), "no merge report: {out}");
     assert!(!names(&run).contains(&"b".to_string()));
     // a goes with another strategy, without waiting: gone from the list at once.
-    run.checkpoint_ok("delete", &["a", "--strategy", "compact-into-parent"]);
+    let out = run.checkpoint_ok("delete", &["a", "--strategy", "compact-into-parent"]);
+    eprintln!("{out}");
+    assert!(out.contains("deleted a (1 merges queued"), "{out}");
     assert_eq!(names(&run), ["c", "d"]);
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {

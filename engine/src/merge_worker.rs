@@ -221,6 +221,7 @@ impl MergeWorker {
             }
         }
         let paused = self.shared.gate.pause(drain_timeout)?;
+        let drained = start.elapsed();
         let (report, jobs) = {
             let mut disk = lock_disk(&self.shared.disk)?;
             tree_change(&mut disk, opts)?
@@ -229,7 +230,7 @@ impl MergeWorker {
         let gone_us = start.elapsed().as_micros() as u64;
         let ids = self.enqueue(jobs);
         tracing::info!(
-            "delete {name:?}: gone from the tree after {gone_us} us, {} merges queued",
+            "delete {name:?}: gone from the tree after {gone_us} us (I/O drained at {drained:?}), {} merges queued",
             ids.len()
         );
         Ok(Deleted {
@@ -712,29 +713,47 @@ mod tests {
     }
 
     #[test]
-    fn a_second_delete_is_queued_behind_the_running_merge() {
-        let f = fixture();
-        let w = MergeWorker::start(f.disk.clone(), f.gate.clone()).unwrap();
-        wait_idle(&w);
-        // Slow enough that the first merge is still copying when the second delete comes.
-        let slow = opts(StrategyKind::CompactIntoChild, Some(512 << 10));
-        let first = w.delete("a", &slow, DRAIN_TIMEOUT).unwrap();
-        assert!(!first.jobs.is_empty(), "compact-into-child moved nothing");
-        let second = w.delete("b", &slow, DRAIN_TIMEOUT).unwrap();
-        let s = w.status();
-        assert_eq!(s.merges[0].id, first.jobs[0], "{s:?}");
-        for m in &s.merges[first.jobs.len()..] {
-            assert_eq!(m.state, "queued", "{s:?}");
+    fn later_deletes_are_queued_in_order_behind_the_running_merge() {
+        // A chain p0 -> ... -> p5 -> Now, 512 KiB of its own in each: deleting p0, p2, p4
+        // gives three merges on three independent stacks (p1's, p3's, p5's).
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("disk");
+        Disk::create(&dir, SIZE as u64, None).unwrap();
+        let mut disk = open(&dir);
+        let mut m = vec![0u8; SIZE];
+        let mut views = Vec::new();
+        for i in 0..6 {
+            fill(&disk, &mut m, i as u8 + 1, i * (512 << 10), 512 << 10);
+            disk.checkpoint(&format!("p{i}")).unwrap();
+            views.push(m.clone());
         }
-        assert!(lock(&f.disk).list().is_empty());
-        let mut all = first.jobs.clone();
-        all.extend(&second.jobs);
-        let ended = w.waiter().wait(&all).unwrap();
-        assert_eq!(ended.len(), all.len());
-        let order: Vec<u64> = ended.iter().map(|e| e.status.id).collect();
-        assert_eq!(order, all, "jobs ran out of order");
+        let disk = Arc::new(Mutex::new(disk));
+        let w = MergeWorker::start(disk.clone(), Gate::new()).unwrap();
         wait_idle(&w);
-        assert!(read(&lock(&f.disk).now()) == f.now);
+        // Slow enough that the first merge is still running when the others come.
+        let slow = opts(StrategyKind::CompactIntoChild, Some(256 << 10));
+        let mut all = Vec::new();
+        for victim in ["p0", "p2", "p4"] {
+            let d = w.delete(victim, &slow, DRAIN_TIMEOUT).unwrap();
+            assert_eq!(d.jobs.len(), 1, "{victim}: {d:?}");
+            all.extend(d.jobs);
+        }
+        let s = w.status();
+        let ids: Vec<u64> = s.merges.iter().map(|m| m.id).collect();
+        assert_eq!(ids, all, "{s:?}");
+        assert_ne!(s.merges[0].state, "queued", "{s:?}");
+        assert_eq!(s.merges[1].state, "queued", "{s:?}");
+        assert_eq!(s.merges[2].state, "queued", "{s:?}");
+        let ended = w.waiter().wait(&all).unwrap();
+        let order: Vec<u64> = ended.iter().map(|e| e.status.id).collect();
+        assert_eq!(order, all, "merges ran out of order");
+        assert!(ended.iter().all(|e| e.status.state == "done"), "{ended:?}");
+        wait_idle(&w);
+        let d = lock(&disk);
+        assert!(read(&d.now()) == m);
+        for i in [1, 3, 5] {
+            assert!(read(&d.checkpoint_view(&format!("p{i}")).unwrap()) == views[i]);
+        }
     }
 
     #[test]

@@ -63,13 +63,15 @@ pub struct MergeArgs {
     /// Longest 64 KiB sequential read of Now after a merge, in seconds.
     #[arg(long, default_value_t = 3.0)]
     pub read_secs: f64,
-    /// io_uring queue depth of the merges' bulk copy and of the io_uring copy baseline.
+    /// io_uring queue depth of the idle merges' bulk copy and of the io_uring copy baseline
+    /// (merges under load run with the server's default, 32).
     #[arg(long, default_value_t = 32)]
     pub queue_depth: u32,
     /// Scratch directory (its filesystem is what gets measured); default a fresh one in
     /// $TMPDIR, removed afterwards unless --keep-workdir.
     #[arg(long)]
     pub workdir: Option<PathBuf>,
+    /// Leave the scratch images in the work directory.
     #[arg(long)]
     pub keep_workdir: bool,
     /// Skip the qemu-img commit baseline.
@@ -200,7 +202,11 @@ fn write_out(path: &Path, text: &str) -> Result<()> {
 /// `strata bench merge`.
 pub fn run(args: MergeArgs) -> Result<ExitCode> {
     let cfg = Config::from_args(&args)?;
-    let fio_version = crate::bench::fio::check(cfg.fio)?;
+    let fio_version = if cfg.fio {
+        crate::bench::fio::check(true)?
+    } else {
+        "fio not used (--loads idle)".to_string()
+    };
     let qemu_version = if cfg.skip_qemu {
         "qemu-img not used (--skip-qemu)".to_string()
     } else {

@@ -228,6 +228,12 @@ mod tests {
         )
         .unwrap();
         assert!(m.ops > 0 && m.secs > 0.0);
+        // Sequential 64 KiB reads of a range: one pass, aligned down, nothing past the end.
+        let m = seq_read(disk.now(), 100_000..(1 << 20), 4, Duration::from_secs(30)).unwrap();
+        assert_eq!(m.ops, 15, "65536..1048576 in 64 KiB reads");
+        assert_eq!(m.bytes, 15 * 65536);
+        let m = seq_read(disk.now(), 0..(64 << 20), 4, Duration::from_secs(30)).unwrap();
+        assert_eq!(m.ops, 64, "capped at the volume's 4 MiB");
         // The written blocks hold the template.
         let mut expect = vec![0u8; 65536];
         fill_raw(&mut expect, 0, 1 ^ 0xda7a);

@@ -41,6 +41,9 @@ pub enum BenchCommand {
     /// Whole-machine checkpoints of the busy test guest: pause, time to complete, bytes
     /// written (full and incremental), apply time, per memory size and memory mode.
     Checkpoint(crate::bench_checkpoint::CheckpointArgs),
+    /// Deleting a checkpoint with each merge strategy, idle and under an fio load over NBD,
+    /// beside an io_uring copy of the same bytes and `qemu-img commit` of a qcow2 chain.
+    Merge(crate::bench_merge::MergeArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -390,6 +393,7 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Depth(args)) => crate::bench::depth::run(args),
         Command::Bench(BenchCommand::Guest(args)) => crate::bench_guest::run(args),
         Command::Bench(BenchCommand::Checkpoint(args)) => crate::bench_checkpoint::run(args),
+        Command::Bench(BenchCommand::Merge(args)) => crate::bench_merge::run(args),
     };
     match result {
         Ok(code) => code,

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_checkpoint;
 pub mod bench_guest;
+pub mod bench_merge;
 pub mod checkpoint_cmd;
 pub mod cli;
 pub mod control;

@@ -70,13 +70,52 @@ pub fn run(
     runtime: Duration,
     seed: u64,
 ) -> Result<Measured> {
-    let bs = workload.block_size();
-    if workload.is_write() && volume.read_only() {
+    let offsets = Offsets::new(workload, volume.size(), seed);
+    run_offsets(
+        volume,
+        workload.name(),
+        workload.block_size(),
+        workload.is_write(),
+        qd,
+        runtime,
+        seed,
+        offsets,
+    )
+}
+
+/// 64 KiB sequential reads of `range` of `volume` (one pass, or until `runtime`), `qd` in
+/// flight: how well a volume's data is laid out for streaming.
+pub fn seq_read(
+    volume: Arc<Volume>,
+    range: std::ops::Range<u64>,
+    qd: u32,
+    runtime: Duration,
+) -> Result<Measured> {
+    const BS: u64 = 65536;
+    let end = range.end.min(volume.size());
+    let start = range.start - range.start % BS;
+    let offsets = (start..end.saturating_sub(BS - 1)).step_by(BS as usize);
+    run_offsets(volume, "seqread", BS, false, qd, runtime, 0, offsets)
+}
+
+/// Requests of `bs` bytes at `offsets` (writes of a fixed pattern, or reads), `qd` in flight,
+/// until the offsets run out or `runtime` passed.
+#[allow(clippy::too_many_arguments)]
+fn run_offsets(
+    volume: Arc<Volume>,
+    name: &str,
+    bs: u64,
+    write: bool,
+    qd: u32,
+    runtime: Duration,
+    seed: u64,
+    mut offsets: impl Iterator<Item = u64>,
+) -> Result<Measured> {
+    if write && volume.read_only() {
         return Err(fail("journal-api", "write workload on a read-only volume"));
     }
     let mut template = AlignedBuf::new(bs as usize);
     fill_raw(template.as_mut_slice(), 0, seed ^ 0xda7a);
-    let mut offsets = Offsets::new(workload, volume.size(), seed);
     let mut engine = IoEngine::new(volume, qd)?;
     let mut out: Vec<Completion> = Vec::with_capacity(qd as usize);
     let qd = qd.max(1) as usize;
@@ -91,7 +130,7 @@ pub fn run(
                 stop = true;
                 break;
             };
-            let req = if workload.is_write() {
+            let req = if write {
                 Request::Write {
                     offset,
                     buf: AlignedBuf::from_slice(template.as_slice()),
@@ -110,7 +149,7 @@ pub fn run(
         for c in out.drain(..) {
             if let Err(e) = c.result {
                 return Err(fail(
-                    format!("journal-api {} request {}", workload.name(), c.token),
+                    format!("journal-api {name} request {}", c.token),
                     crate::cli::error_chain(&e),
                 ));
             }
@@ -189,6 +228,12 @@ mod tests {
         )
         .unwrap();
         assert!(m.ops > 0 && m.secs > 0.0);
+        // Sequential 64 KiB reads of a range: one pass, aligned down, nothing past the end.
+        let m = seq_read(disk.now(), 100_000..(1 << 20), 4, Duration::from_secs(30)).unwrap();
+        assert_eq!(m.ops, 15, "65536..1048576 in 64 KiB reads");
+        assert_eq!(m.bytes, 15 * 65536);
+        let m = seq_read(disk.now(), 0..(64 << 20), 4, Duration::from_secs(30)).unwrap();
+        assert_eq!(m.ops, 64, "capped at the volume's 4 MiB");
         // The written blocks hold the template.
         let mut expect = vec![0u8; 65536];
         fill_raw(&mut expect, 0, 1 ^ 0xda7a);

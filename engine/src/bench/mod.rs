@@ -10,15 +10,30 @@
 //! `journal_run` (the in-process io_uring driver), `rawring` (a raw file on io_uring, for the
 //! criterion bench), `fio` (fio jobs and their JSON), `procs` (NBD servers and the qcow2
 //! chain), `report` (CSV, markdown and ratios), `plot` (the SVG) and `depth` (the run).
+//!
+//! `merge` (issue 8, the run is `crate::bench_merge`) deletes a checkpoint with each merge
+//! strategy: `merge_layout` (the chain), `merge_run` (one idle delete and the measurements
+//! around it), `merge_served` (a delete under load through the control socket), `merge_space` (host allocation), `fio_load` (the foreground load and its windows),
+//! `ringcopy` and `qcow2_commit` (the baselines), `merge_report` and `bars` (CSV, tables,
+//! plots).
 
+pub mod bars;
 pub mod depth;
 pub mod fio;
+pub mod fio_load;
 pub mod journal_run;
+pub mod merge_layout;
+pub mod merge_report;
+pub mod merge_run;
+pub mod merge_served;
+pub mod merge_space;
 pub mod pattern;
 pub mod plot;
 pub mod procs;
+pub mod qcow2_commit;
 pub mod rawring;
 pub mod report;
+pub mod ringcopy;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -45,6 +45,28 @@ impl Server {
         cache: CacheMode,
         checkpoint: Option<&str>,
     ) -> Result<Server> {
+        Server::strata_with(exe, disk, socket, cache, checkpoint, None)
+    }
+
+    /// [`Server::strata`] serving Now with a control socket at `api` (`--api`).
+    pub fn strata_api(
+        exe: &Path,
+        disk: &Path,
+        socket: &Path,
+        api: &Path,
+        cache: CacheMode,
+    ) -> Result<Server> {
+        Server::strata_with(exe, disk, socket, cache, None, Some(api))
+    }
+
+    fn strata_with(
+        exe: &Path,
+        disk: &Path,
+        socket: &Path,
+        cache: CacheMode,
+        checkpoint: Option<&str>,
+        api: Option<&Path>,
+    ) -> Result<Server> {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new(exe);
         cmd.arg("disk")
@@ -56,6 +78,10 @@ impl Server {
             .arg(cache_name(cache));
         if let Some(name) = checkpoint {
             cmd.arg("--checkpoint").arg(name);
+        }
+        if let Some(api) = api {
+            let _ = std::fs::remove_file(api);
+            cmd.arg("--api").arg(api);
         }
         let what = format!(
             "strata disk serve {} (cache {})",

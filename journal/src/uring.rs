@@ -3,7 +3,15 @@
 //! Each request is planned by the volume (index lookups, or range lock + allocation for a
 //! write), its data I/O goes to the kernel as one or more io_uring SQEs, and when they all
 //! complete it is finished (read checksums verified, or the write committed to the index).
-//! FLUSH and the checksum/commit steps run on the caller's thread: they touch no data.
+//! The checksum/commit steps run on the caller's thread: they touch no data.
+//!
+//! FLUSH (and a FUA write, once its data is written and committed) waits for a *sync batch*
+//! (see `volume_sync`): an fdatasync SQE of the data file; once it succeeded, the write of
+//! the pending records to the log linked to an fdatasync of the log. (The append is not
+//! linked behind the data sync: on Linux 6.18 a failed fsync SQE did not cancel the SQE
+//! linked behind it, so the append waits for the data sync's success completion.)
+//! One batch runs at a time per engine; flushes arriving meanwhile wait together for the next
+//! one (group commit), and reads and writes behind a flush go on while it runs.
 //!
 //! Ownership: [`IoEngine::submit`] either takes a request whole (it then completes exactly
 //! once, through [`IoEngine::poll`] or [`IoEngine::wait`]) or hands it back in a [`Rejected`]
@@ -18,7 +26,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::volume::{Planned, ReadPlan, Source, WritePlan};
+use crate::volume::{ActiveLayer, Begin, Planned, ReadPlan, Source, Steps, SyncBatch, WritePlan};
 use crate::{AlignedBuf, Error, Result, Volume, BLOCK_SIZE};
 
 /// A block request.
@@ -87,6 +95,38 @@ enum Op {
         plan: WritePlan,
         err: Option<Error>,
     },
+    /// A sync batch: its SQEs are steps `STEP_*` in the user data's low bits.
+    Sync {
+        batch: SyncBatch,
+        steps: Steps,
+        pending: usize,
+    },
+}
+
+/// Steps of a sync batch (low bits of its SQEs' user data).
+const STEP_DATA_SYNC: u64 = 0;
+const STEP_LOG_WRITE: u64 = 1;
+const STEP_LOG_SYNC: u64 = 2;
+
+/// A FLUSH, or a FUA write whose data is committed, waiting to be made durable.
+struct Waiter {
+    token: u64,
+    /// The layer its writes went to and the sync batch generation that covers them.
+    layer: Arc<ActiveLayer>,
+    target: u64,
+}
+
+/// FLUSH and FUA requests of one engine.
+#[derive(Default)]
+struct Flushes {
+    /// Not yet covered by a batch that started after them.
+    waiting: Vec<Waiter>,
+    /// The slot of this engine's running batch and the requests it completes.
+    running: Option<(usize, Vec<Waiter>)>,
+    /// A batch is wanted without a waiter (the pending records grew large).
+    background: bool,
+    /// The engine is being dropped: no new batch starts.
+    closed: bool,
 }
 
 /// Drives requests against one volume on an io_uring instance. Not thread-safe: one owner
@@ -94,13 +134,17 @@ enum Op {
 pub struct IoEngine {
     volume: Arc<Volume>,
     ring: IoUring,
-    eventfd: OwnedFd,
+    /// Shared with the active layer while a flush waits for another party's batch.
+    eventfd: Arc<OwnedFd>,
     slots: Vec<Option<Op>>,
     free: Vec<usize>,
     deferred: VecDeque<(u64, Request)>,
     ready: Vec<Completion>,
     /// SQEs of started requests that did not fit the submission ring yet.
-    backlog: VecDeque<io_uring::squeue::Entry>,
+    /// Each with the number of SQEs from it on that must reach the kernel in one submit
+    /// (a linked chain is never split across two).
+    backlog: VecDeque<(io_uring::squeue::Entry, usize)>,
+    flushes: Flushes,
 }
 
 impl IoEngine {
@@ -117,7 +161,7 @@ impl IoEngine {
             return Err(std::io::Error::last_os_error().into());
         }
         // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let eventfd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(IoEngine {
             volume,
@@ -128,6 +172,7 @@ impl IoEngine {
             deferred: VecDeque::new(),
             ready: Vec::new(),
             backlog: VecDeque::new(),
+            flushes: Flushes::default(),
         })
     }
 
@@ -144,7 +189,13 @@ impl IoEngine {
 
     /// Requests submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len() + self.ready.len() + self.deferred.len()
+        let running = self.flushes.running.as_ref().map_or(0, |(_, w)| w.len());
+        let sync_slot = usize::from(self.flushes.running.is_some());
+        self.slots.len() - self.free.len() - sync_slot
+            + self.ready.len()
+            + self.deferred.len()
+            + self.flushes.waiting.len()
+            + running
     }
 
     fn alloc_slot(&mut self, op: Op) -> usize {
@@ -163,16 +214,30 @@ impl IoEngine {
     /// Queues one SQE of a request that already owns its slot. Never fails: what does not fit
     /// the submission ring waits in the backlog.
     fn push_sqe(&mut self, entry: io_uring::squeue::Entry) {
+        self.push_chain(vec![entry]);
+    }
+
+    /// Queues SQEs that must reach the kernel in one submit (a linked chain), in order.
+    fn push_chain(&mut self, chain: Vec<io_uring::squeue::Entry>) {
         if self.backlog.is_empty() {
-            // SAFETY: every buffer an SQE points into is owned by an `Op` in `self.slots`
-            // (or by an `Arc<LayerFiles>` it holds) and stays alive and unmoved until its
-            // completion is reaped (`Drop` waits for it); AlignedBuf's heap allocation never
-            // moves.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+            let mut sq = self.ring.submission();
+            if sq.capacity() - sq.len() >= chain.len() {
+                for entry in &chain {
+                    // SAFETY: every buffer an SQE points into is owned by an `Op` in
+                    // `self.slots` (or by an `Arc<LayerFiles>` it holds) and stays alive and
+                    // unmoved until its completion is reaped (`Drop` waits for it);
+                    // AlignedBuf's and a Vec's heap allocations never move.
+                    if unsafe { sq.push(entry) }.is_err() {
+                        unreachable!("room was checked");
+                    }
+                }
                 return;
             }
         }
-        self.backlog.push_back(entry);
+        let n = chain.len();
+        for (i, entry) in chain.into_iter().enumerate() {
+            self.backlog.push_back((entry, n - i));
+        }
     }
 
     /// The ring's file descriptor (for diagnostics and fault-injection tests).
@@ -224,8 +289,11 @@ impl IoEngine {
         loop {
             {
                 let mut sq = self.ring.submission();
-                while let Some(entry) = self.backlog.front() {
-                    // SAFETY: as in `push_sqe`: the buffers of a backlogged SQE are owned by
+                while let Some((entry, together)) = self.backlog.front() {
+                    if sq.capacity() - sq.len() < *together {
+                        break;
+                    }
+                    // SAFETY: as in `push_chain`: the buffers of a backlogged SQE are owned by
                     // its request's slot until the completion is reaped.
                     if unsafe { sq.push(entry) }.is_err() {
                         break;
@@ -262,8 +330,8 @@ impl IoEngine {
             }
             Request::Discard { offset, len } => self.start_write(token, offset, len, None, false),
             Request::Flush => {
-                let result = self.volume.flush().map(|_| None);
-                self.ready.push(Completion { token, result });
+                self.wait_durable(token);
+                self.pump_flushes();
             }
         }
     }
@@ -418,22 +486,187 @@ impl IoEngine {
                     }
                     None => {
                         let fua = plan.fua;
-                        let big = self.volume.commit(plan);
-                        if fua || big {
-                            self.volume.sync_log(fua).map(|_| None)
-                        } else {
-                            Ok(None)
+                        if self.volume.commit(plan) {
+                            self.flushes.background = true;
                         }
+                        if fua {
+                            // Completes when a batch that started after the commit ends.
+                            self.wait_durable(token);
+                            return;
+                        }
+                        Ok(None)
                     }
                 };
                 Completion { token, result }
+            }
+            Op::Sync { batch, steps, .. } => {
+                let result = self.volume.end_sync(batch, steps);
+                let waiters = self
+                    .flushes
+                    .running
+                    .take()
+                    .map(|(_, w)| w)
+                    .unwrap_or_default();
+                for w in waiters {
+                    let result = match &result {
+                        Ok(()) => Ok(None),
+                        Err(e) => Err(copy_error(e)),
+                    };
+                    self.ready.push(Completion {
+                        token: w.token,
+                        result,
+                    });
+                }
+                if let Err(e) = result {
+                    tracing::debug!("sync batch failed: {e}");
+                }
+                return;
             }
         };
         self.ready.push(completion);
     }
 
+    /// Queues `token` (a FLUSH, or a committed FUA write) until every write committed so far
+    /// is durable. On a view without an active layer there is nothing to make durable.
+    fn wait_durable(&mut self, token: u64) {
+        match self.volume.active_layer() {
+            Some(layer) => {
+                let target = layer.flush_target();
+                self.flushes.waiting.push(Waiter {
+                    token,
+                    layer,
+                    target,
+                });
+            }
+            None => self.ready.push(Completion {
+                token,
+                result: Ok(None),
+            }),
+        }
+    }
+
+    /// Completes the waiters already covered and starts a batch for the others, unless this
+    /// engine's batch is running (they wait for the next one) or another party holds the
+    /// log (the eventfd is signalled when it is released).
+    fn pump_flushes(&mut self) {
+        if self.flushes.closed
+            || self.flushes.running.is_some()
+            || self.flushes.waiting.is_empty() && !self.flushes.background
+        {
+            return;
+        }
+        let active = self.volume.active_layer();
+        let waiting = std::mem::take(&mut self.flushes.waiting);
+        for w in waiting {
+            // A layer that is no longer active was made durable by the checkpoint that
+            // sealed it (or dropped by `apply`).
+            let done = active
+                .as_ref()
+                .is_none_or(|a| !Arc::ptr_eq(a, &w.layer) || w.layer.covered(w.target));
+            if done {
+                self.ready.push(Completion {
+                    token: w.token,
+                    result: Ok(None),
+                });
+            } else {
+                self.flushes.waiting.push(w);
+            }
+        }
+        let Some(active) = active else {
+            self.flushes.background = false;
+            return;
+        };
+        if self.flushes.waiting.is_empty() && !self.flushes.background {
+            return;
+        }
+        match self.volume.begin_sync(&active, &self.eventfd) {
+            Begin::Busy => {}
+            Begin::Nothing => {
+                self.flushes.background = false;
+                for w in std::mem::take(&mut self.flushes.waiting) {
+                    self.ready.push(Completion {
+                        token: w.token,
+                        result: Ok(None),
+                    });
+                }
+            }
+            Begin::Batch(batch) => {
+                self.flushes.background = false;
+                let waiters = std::mem::take(&mut self.flushes.waiting);
+                self.start_sync(batch, waiters);
+            }
+        }
+    }
+
+    /// Starts a batch: the data sync first when it appends, else the log sync alone.
+    fn start_sync(&mut self, batch: SyncBatch, waiters: Vec<Waiter>) {
+        let data_fd = types::Fd(batch.active.files.data.as_raw_fd());
+        let appends = batch.appends();
+        let slot = self.alloc_slot(Op::Sync {
+            batch,
+            steps: Steps::default(),
+            pending: 1,
+        });
+        self.flushes.running = Some((slot, waiters));
+        if appends {
+            let e = opcode::Fsync::new(data_fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(((slot as u64) << 16) | STEP_DATA_SYNC);
+            self.push_sqe(e);
+        } else {
+            self.append_and_sync_log(slot);
+        }
+    }
+
+    /// The steps after a successful data sync: the append (if any) linked to the log sync,
+    /// which so starts only once the append completed.
+    fn append_and_sync_log(&mut self, slot: usize) {
+        let Some(Some(Op::Sync { batch, pending, .. })) = self.slots.get_mut(slot) else {
+            return;
+        };
+        let log_fd = types::Fd(batch.active.log_fd());
+        let mut chain = Vec::new();
+        if batch.appends() {
+            let Ok(len) = u32::try_from(batch.records.len()) else {
+                // Not reached (MAX_PENDING_RECORDS bounds an append); the batch fails and
+                // hands its records back.
+                *pending = 0;
+                self.finish(slot);
+                return;
+            };
+            let link = if batch.durable {
+                io_uring::squeue::Flags::IO_LINK
+            } else {
+                io_uring::squeue::Flags::empty()
+            };
+            chain.push(
+                opcode::Write::new(log_fd, batch.records.as_ptr(), len)
+                    .offset(batch.log_off)
+                    .build()
+                    .user_data(((slot as u64) << 16) | STEP_LOG_WRITE)
+                    .flags(link),
+            );
+        }
+        if batch.durable {
+            chain.push(
+                opcode::Fsync::new(log_fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(((slot as u64) << 16) | STEP_LOG_SYNC),
+            );
+        }
+        *pending = chain.len();
+        if chain.is_empty() {
+            self.finish(slot);
+            return;
+        }
+        self.push_chain(chain);
+    }
+
     fn reap(&mut self) {
         let mut done = Vec::new();
+        let mut synced = Vec::new();
         for cqe in self.ring.completion() {
             let slot = (cqe.user_data() >> 16) as usize;
             let sub = (cqe.user_data() & 0xffff) as usize;
@@ -486,6 +719,29 @@ impl IoEngine {
                     }
                     done.push(slot);
                 }
+                Some(Op::Sync { steps, pending, .. }) => {
+                    let r = if res < 0 {
+                        Err(std::io::Error::from_raw_os_error(-res))
+                    } else {
+                        Ok(res as usize)
+                    };
+                    *pending = pending.saturating_sub(1);
+                    match sub as u64 {
+                        STEP_DATA_SYNC => {
+                            let ok = r.is_ok();
+                            steps.data_sync = Some(r.map(drop));
+                            if ok {
+                                synced.push(slot);
+                                continue;
+                            }
+                        }
+                        STEP_LOG_WRITE => steps.log_write = Some(r),
+                        _ => steps.log_sync = Some(r.map(drop)),
+                    }
+                    if *pending == 0 {
+                        done.push(slot);
+                    }
+                }
                 None => {}
             }
         }
@@ -495,9 +751,13 @@ impl IoEngine {
         for slot in done {
             self.finish(slot);
         }
+        for slot in synced {
+            self.append_and_sync_log(slot);
+        }
         if wrote || !self.deferred.is_empty() {
             self.retry_deferred();
         }
+        self.pump_flushes();
     }
 
     fn retry_deferred(&mut self) {
@@ -534,8 +794,16 @@ impl IoEngine {
             self.poll(out)?;
             let got = out.len() - start;
             let busy = self.slots.len() - self.free.len();
-            if got >= min || busy == 0 && self.deferred.is_empty() {
+            let flushes = !self.flushes.waiting.is_empty();
+            if got >= min || busy == 0 && self.deferred.is_empty() && !flushes {
                 return Ok(());
+            }
+            if flushes && self.flushes.running.is_none() {
+                // Another party's batch holds the log: its end, like every completion of
+                // this ring, signals the eventfd.
+                self.sleep_on_eventfd();
+                self.pump_flushes();
+                continue;
             }
             if busy == 0 {
                 // Only deferred writes remain and nothing holds their locks here: another
@@ -553,6 +821,36 @@ impl IoEngine {
     }
 }
 
+impl IoEngine {
+    /// Waits (at most a few milliseconds) for the eventfd and clears it.
+    fn sleep_on_eventfd(&self) {
+        let mut pfd = libc::pollfd {
+            fd: self.eventfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd, length 1.
+        let r = unsafe { libc::poll(&mut pfd, 1, 10) };
+        if r > 0 {
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a live u64 from an eventfd this engine owns
+            // (non-blocking).
+            let _ = unsafe { libc::read(self.eventfd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+    }
+}
+
+/// A copy of `e` for each request that shares one failed sync batch (same path and errno).
+fn copy_error(e: &Error) -> Error {
+    match e {
+        Error::Io { path, source } => Error::io(
+            path.clone(),
+            std::io::Error::from_raw_os_error(source.raw_os_error().unwrap_or(libc::EIO)),
+        ),
+        other => Error::Invalid(other.to_string()),
+    }
+}
+
 impl Drop for IoEngine {
     /// Buffers of requests in flight are freed only once the kernel is done with them: SQEs
     /// still in the backlog are taken back, everything else is cancelled and waited for.
@@ -560,7 +858,9 @@ impl Drop for IoEngine {
     /// in-flight count outlives the engine; their completions are dropped.
     fn drop(&mut self) {
         self.deferred.clear();
-        for entry in std::mem::take(&mut self.backlog) {
+        self.flushes.closed = true;
+        self.flushes.waiting.clear();
+        for (entry, _) in std::mem::take(&mut self.backlog) {
             self.take_back(entry.get_user_data());
         }
         let mut cancel_sent = false;
@@ -622,6 +922,11 @@ impl IoEngine {
             Some(Op::Write { err, .. }) => {
                 *err = Some(gone());
                 true
+            }
+            Some(Op::Sync { pending, .. }) => {
+                // Its steps stay unrun: the batch fails and hands its records back.
+                *pending = pending.saturating_sub(1);
+                *pending == 0
             }
             None => false,
         };

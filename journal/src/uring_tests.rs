@@ -431,6 +431,9 @@ fn a_flush_on_one_engine_is_covered_by_the_batch_of_another() {
     // A runs the batch; B's flush, submitted before it started, is covered by it.
     assert!(wait_all(&mut a)[0].result.is_ok());
     assert_eq!(active.batches_started(), before + 1);
+    // A write committed after that batch started is not B's business.
+    a.submit(4, write(8192, 0x52, 4096)).unwrap();
+    assert!(wait_all(&mut a)[0].result.is_ok());
     let out = wait_all(&mut b);
     assert_eq!(out.len(), 1);
     assert!(out[0].result.is_ok());

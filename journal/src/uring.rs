@@ -101,12 +101,32 @@ enum Op {
         steps: Steps,
         pending: usize,
     },
+    /// One writev SQE for writes (`members`, slots of `Op::Write`) whose data lies back to
+    /// back in the data file; `iovecs` point into the members' buffers.
+    Run {
+        members: Vec<usize>,
+        /// Read by the kernel until the writev completes (never touched here).
+        _iovecs: Vec<libc::iovec>,
+    },
 }
 
 /// Steps of a sync batch (low bits of its SQEs' user data).
 const STEP_DATA_SYNC: u64 = 0;
 const STEP_LOG_WRITE: u64 = 1;
 const STEP_LOG_SYNC: u64 = 2;
+
+/// Most bytes merged into one writev SQE. (At most a quarter of the engine's depth of
+/// writes merge, so that several SQEs stay in flight.)
+const RUN_MAX_BYTES: usize = 1 << 20;
+
+/// Writes planned while plugged whose SQE is not built yet: back to back in one file.
+#[derive(Default)]
+struct PendingRun {
+    members: Vec<usize>,
+    fd: RawFd,
+    end: u64,
+    bytes: usize,
+}
 
 /// A FLUSH, or a FUA write whose data is committed, waiting to be made durable.
 struct Waiter {
@@ -145,6 +165,16 @@ pub struct IoEngine {
     /// (a linked chain is never split across two).
     backlog: VecDeque<(io_uring::squeue::Entry, usize)>,
     flushes: Flushes,
+    /// Set by [`IoEngine::plug`]: SQEs wait for [`IoEngine::unplug`], writes are merged.
+    plugged: bool,
+    run: PendingRun,
+    /// Slots that are no request of their own (sync batches, merged runs).
+    aux_slots: usize,
+    /// Most writes merged into one writev.
+    run_max: usize,
+    /// Writev SQEs built from merged writes.
+    #[cfg(test)]
+    runs_merged: usize,
 }
 
 impl IoEngine {
@@ -173,6 +203,12 @@ impl IoEngine {
             ready: Vec::new(),
             backlog: VecDeque::new(),
             flushes: Flushes::default(),
+            plugged: false,
+            run: PendingRun::default(),
+            aux_slots: 0,
+            run_max: (depth as usize / 4).clamp(1, 64),
+            #[cfg(test)]
+            runs_merged: 0,
         })
     }
 
@@ -190,8 +226,7 @@ impl IoEngine {
     /// Requests submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
         let running = self.flushes.running.as_ref().map_or(0, |(_, w)| w.len());
-        let sync_slot = usize::from(self.flushes.running.is_some());
-        self.slots.len() - self.free.len() - sync_slot
+        self.slots.len() - self.free.len() - self.aux_slots
             + self.ready.len()
             + self.deferred.len()
             + self.flushes.waiting.len()
@@ -250,6 +285,11 @@ impl IoEngine {
     /// cannot take the SQEs already waiting (a failing `io_uring_enter`); the request comes
     /// back in the [`Rejected`] and no completion will carry `token`.
     pub fn submit(&mut self, token: u64, req: Request) -> std::result::Result<(), Rejected> {
+        if self.plugged {
+            // Nothing reaches the kernel before `unplug`, which reports a failing ring.
+            self.start(token, req);
+            return Ok(());
+        }
         let mut kicked = self.kick();
         if matches!(&kicked, Err(Error::RawIo(e)) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)))
         {
@@ -274,6 +314,111 @@ impl IoEngine {
             tracing::debug!("io_uring submit failed, retried later: {e}");
         }
         Ok(())
+    }
+
+    /// Holds back SQEs of the requests submitted from now on until [`IoEngine::unplug`] (or
+    /// the next `poll`/`wait`), so that a batch of requests costs one `io_uring_enter` and
+    /// writes whose data lands back to back in the data file go to the kernel as one writev.
+    /// While plugged, `submit` never refuses a request.
+    pub fn plug(&mut self) {
+        self.plugged = true;
+    }
+
+    /// Hands the requests submitted since [`IoEngine::plug`] to the kernel. On `Err` (the
+    /// ring refuses SQEs) they stay queued and the next submit, poll or wait tries again.
+    pub fn unplug(&mut self) -> Result<()> {
+        self.plugged = false;
+        self.emit_run();
+        if !self.ready.is_empty() {
+            self.signal();
+        }
+        self.kick()
+    }
+
+    /// Queues the data write of the write in `slot`: at once, or (plugged) into the pending
+    /// run when it continues it.
+    fn queue_write(&mut self, slot: usize, fd: RawFd, off: u64, len: usize) {
+        if !self.plugged {
+            self.push_write_sqe(slot);
+            return;
+        }
+        let r = &self.run;
+        if !r.members.is_empty()
+            && (r.fd != fd
+                || r.end != off
+                || r.members.len() >= self.run_max
+                || r.bytes + len > RUN_MAX_BYTES)
+        {
+            self.emit_run();
+        }
+        if self.run.members.is_empty() {
+            self.run.fd = fd;
+            self.run.bytes = 0;
+        }
+        self.run.members.push(slot);
+        self.run.end = off + len as u64;
+        self.run.bytes += len;
+    }
+
+    /// The single write SQE of the write in `slot`.
+    fn push_write_sqe(&mut self, slot: usize) {
+        let Some(Some(Op::Write { plan, .. })) = self.slots.get(slot) else {
+            return;
+        };
+        let e = opcode::Write::new(
+            types::Fd(plan.active.files.data.as_raw_fd()),
+            plan.data.as_slice().as_ptr(),
+            plan.data.len() as u32,
+        )
+        .offset(plan.file_off())
+        .build()
+        .user_data((slot as u64) << 16);
+        self.push_sqe(e);
+    }
+
+    /// Builds the SQE of the pending run: one writev for its writes.
+    fn emit_run(&mut self) {
+        let run = std::mem::take(&mut self.run);
+        match run.members.len() {
+            0 => return,
+            1 => return self.push_write_sqe(run.members[0]),
+            _ => {}
+        }
+        let mut iovecs = Vec::with_capacity(run.members.len());
+        let mut off = None;
+        for &m in &run.members {
+            if let Some(Some(Op::Write { plan, .. })) = self.slots.get(m) {
+                off.get_or_insert(plan.file_off());
+                iovecs.push(libc::iovec {
+                    iov_base: plan.data.as_slice().as_ptr() as *mut libc::c_void,
+                    iov_len: plan.data.len(),
+                });
+            }
+        }
+        let (ptr, n) = (iovecs.as_ptr(), iovecs.len() as u32);
+        let off = off.unwrap_or(0);
+        let slot = self.alloc_slot(Op::Run {
+            members: run.members,
+            _iovecs: iovecs,
+        });
+        #[cfg(test)]
+        {
+            self.runs_merged += 1;
+        }
+        self.aux_slots += 1;
+        let e = opcode::Writev::new(types::Fd(run.fd), ptr, n)
+            .offset(off)
+            .build()
+            .user_data((slot as u64) << 16);
+        self.push_sqe(e);
+    }
+
+    /// Frees a slot that is no request of its own.
+    fn free_aux(&mut self, slot: usize) -> Option<Op> {
+        let op = self.slots.get_mut(slot).and_then(Option::take)?;
+        self.free.push(slot);
+        self.aux_slots -= 1;
+        Some(op)
     }
 
     /// Makes the eventfd readable: completions finished on the caller's thread (errors,
@@ -425,26 +570,19 @@ impl IoEngine {
             }
         };
         let fd = plan.active.files.data.as_raw_fd();
-        let len = plan.data.len() as u32;
+        let len = plan.data.len();
         let off = plan.file_off();
-        let empty = plan.data.is_empty();
         // The buffer's heap allocation stays where it is when the plan moves into its slot.
-        let ptr = plan.data.as_slice().as_ptr();
         let slot = self.alloc_slot(Op::Write {
             token,
             plan,
             err: None,
         });
-        if empty {
+        if len == 0 {
             self.finish(slot);
             return;
         }
-        self.push_sqe(
-            opcode::Write::new(types::Fd(fd), ptr, len)
-                .offset(off)
-                .build()
-                .user_data((slot as u64) << 16),
-        );
+        self.queue_write(slot, fd, off, len);
     }
 
     /// Completes the request in `slot` whose data I/O is done.
@@ -453,6 +591,9 @@ impl IoEngine {
             return;
         };
         self.free.push(slot);
+        if matches!(op, Op::Sync { .. } | Op::Run { .. }) {
+            self.aux_slots -= 1;
+        }
         let completion = match op {
             Op::Read {
                 token,
@@ -522,6 +663,8 @@ impl IoEngine {
                 }
                 return;
             }
+            // A run completes through its members (see `reap`).
+            Op::Run { .. } => return,
         };
         self.ready.push(completion);
     }
@@ -607,6 +750,7 @@ impl IoEngine {
             steps: Steps::default(),
             pending: 1,
         });
+        self.aux_slots += 1;
         self.flushes.running = Some((slot, waiters));
         if appends {
             let e = opcode::Fsync::new(data_fd)
@@ -667,6 +811,7 @@ impl IoEngine {
     fn reap(&mut self) {
         let mut done = Vec::new();
         let mut synced = Vec::new();
+        let mut runs = Vec::new();
         for cqe in self.ring.completion() {
             let slot = (cqe.user_data() >> 16) as usize;
             let sub = (cqe.user_data() & 0xffff) as usize;
@@ -719,6 +864,9 @@ impl IoEngine {
                     }
                     done.push(slot);
                 }
+                Some(Op::Run { .. }) => {
+                    runs.push((slot, res));
+                }
                 Some(Op::Sync { steps, pending, .. }) => {
                     let r = if res < 0 {
                         Err(std::io::Error::from_raw_os_error(-res))
@@ -745,6 +893,9 @@ impl IoEngine {
                 None => {}
             }
         }
+        for (slot, res) in runs {
+            self.end_run(slot, res, &mut done);
+        }
         let wrote = done
             .iter()
             .any(|&s| matches!(self.slots.get(s), Some(Some(Op::Write { .. }))));
@@ -758,6 +909,32 @@ impl IoEngine {
             self.retry_deferred();
         }
         self.pump_flushes();
+    }
+
+    /// Hands the outcome of a run's writev to its members: those wholly inside the bytes
+    /// written succeeded, the others failed.
+    fn end_run(&mut self, slot: usize, res: i32, done: &mut Vec<usize>) {
+        let Some(Op::Run { members, .. }) = self.free_aux(slot) else {
+            return;
+        };
+        let mut at = 0usize;
+        for m in members {
+            if let Some(Some(Op::Write { err, plan, .. })) = self.slots.get_mut(m) {
+                at += plan.data.len();
+                if res < 0 {
+                    *err = Some(Error::io(
+                        &plan.active.files.data_path,
+                        std::io::Error::from_raw_os_error(-res),
+                    ));
+                } else if (res as usize) < at {
+                    *err = Some(Error::io(
+                        &plan.active.files.data_path,
+                        std::io::Error::from_raw_os_error(libc::ENOSPC),
+                    ));
+                }
+                done.push(m);
+            }
+        }
     }
 
     fn retry_deferred(&mut self) {
@@ -776,6 +953,10 @@ impl IoEngine {
     /// Appends finished requests to `out` without blocking.
     /// An `Err` (the ring refuses SQEs) comes after the completions that were ready.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        if self.plugged {
+            self.plugged = false;
+            self.emit_run();
+        }
         let mut kicked = self.kick();
         if kicked.is_ok() && self.ring.submission().cq_overflow() {
             // Completions that did not fit the CQ are flushed into it by the next enter.
@@ -860,6 +1041,10 @@ impl Drop for IoEngine {
         self.deferred.clear();
         self.flushes.closed = true;
         self.flushes.waiting.clear();
+        // Writes planned while plugged that never got an SQE: given up.
+        for m in std::mem::take(&mut self.run.members) {
+            self.take_back((m as u64) << 16);
+        }
         for (entry, _) in std::mem::take(&mut self.backlog) {
             self.take_back(entry.get_user_data());
         }
@@ -927,6 +1112,14 @@ impl IoEngine {
                 // Its steps stay unrun: the batch fails and hands its records back.
                 *pending = pending.saturating_sub(1);
                 *pending == 0
+            }
+            Some(Op::Run { .. }) => {
+                let mut done = Vec::new();
+                self.end_run(slot, -libc::ECANCELED, &mut done);
+                for m in done {
+                    self.finish(m);
+                }
+                false
             }
             None => false,
         };

@@ -439,3 +439,97 @@ fn a_flush_on_one_engine_is_covered_by_the_batch_of_another() {
     assert!(out[0].result.is_ok());
     assert_eq!(active.batches_started(), before + 1, "B did not sync again");
 }
+
+// Plugged submission: one enter per batch, back-to-back writes merged into one writev.
+
+#[test]
+fn plugged_writes_merge_into_one_writev_and_read_back() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk(t.path());
+    let v = disk.now();
+    let mut eng = IoEngine::new(v.clone(), 32).unwrap();
+    eng.plug();
+    // Scattered disk offsets: their data blocks are allocated back to back.
+    for i in 0..8u64 {
+        eng.submit(i, write((i * 37 % 64) * 4096, 0x60 + i as u8, 4096))
+            .unwrap();
+    }
+    assert_eq!(eng.runs_merged, 0, "nothing is built before unplug");
+    eng.unplug().unwrap();
+    assert_eq!(
+        eng.runs_merged, 1,
+        "8 writes (a quarter of depth 32) in one writev"
+    );
+    let out = wait_all(&mut eng);
+    assert_eq!(out.len(), 8);
+    assert!(out.iter().all(|c| c.result.is_ok()));
+    for i in 0..8u64 {
+        assert!(read_back(&v, (i * 37 % 64) * 4096)
+            .iter()
+            .all(|&b| b == 0x60 + i as u8));
+    }
+    eng.submit(99, Request::Flush).unwrap();
+    assert!(wait_all(&mut eng)[0].result.is_ok());
+    drop(eng);
+    drop(v);
+    drop(disk);
+    let disk = reopen(t.path());
+    for i in 0..8u64 {
+        assert!(read_back(&disk.now(), (i * 37 % 64) * 4096)
+            .iter()
+            .all(|&b| b == 0x60 + i as u8));
+    }
+}
+
+#[test]
+fn a_failed_writev_fails_every_merged_write_and_shows_none() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk(t.path());
+    let v = disk.now();
+    let mut eng = IoEngine::new(v.clone(), 32).unwrap();
+    eng.submit(1, write(0, 0x71, 4096)).unwrap();
+    assert!(wait_all(&mut eng)[0].result.is_ok());
+    // A read-only descriptor in place of the data file: the writev fails (EBADF).
+    let data_fd = v.active_layer().unwrap().files.data.as_raw_fd();
+    // SAFETY: dup/dup2 on descriptors this test owns; `data_fd` stays valid throughout.
+    let saved = unsafe { libc::dup(data_fd) };
+    let ro = std::fs::File::open(t.path().join("disk/strata.json")).unwrap();
+    // SAFETY: as above.
+    assert!(unsafe { libc::dup2(ro.as_raw_fd(), data_fd) } >= 0);
+    eng.plug();
+    for i in 0..4u64 {
+        eng.submit(10 + i, write(i * 4096, 0x72, 4096)).unwrap();
+    }
+    eng.unplug().unwrap();
+    let out = wait_all(&mut eng);
+    // SAFETY: `saved` is our duplicate of the data file; it goes back and closes.
+    unsafe {
+        assert!(libc::dup2(saved, data_fd) >= 0);
+        libc::close(saved);
+    }
+    assert_eq!(eng.runs_merged, 1);
+    assert_eq!(out.len(), 4);
+    assert!(out.iter().all(|c| c.result.is_err()), "every member failed");
+    assert!(
+        read_back(&v, 0).iter().all(|&b| b == 0x71),
+        "old data stays"
+    );
+    assert!(read_back(&v, 4096).iter().all(|&b| b == 0));
+    assert_eq!(v.writes_in_flight(), 0);
+}
+
+#[test]
+fn dropping_a_plugged_engine_gives_up_its_unbuilt_writes() {
+    let t = tempfile::tempdir().unwrap();
+    let mut disk = disk(t.path());
+    let v = disk.now();
+    let mut eng = IoEngine::new(v.clone(), 32).unwrap();
+    eng.plug();
+    for i in 0..5u64 {
+        eng.submit(i, write(i * 4096, 0x81, 4096)).unwrap();
+    }
+    assert_eq!(v.writes_in_flight(), 5);
+    drop(eng);
+    assert_eq!(v.writes_in_flight(), 0);
+    disk.checkpoint("after-plugged-drop").unwrap();
+}

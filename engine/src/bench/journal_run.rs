@@ -86,6 +86,8 @@ pub fn run(
     let mut ops = 0u64;
     let mut stop = false;
     loop {
+        // One io_uring_enter per batch; writes landing back to back merge into one writev.
+        engine.plug();
         while !stop && engine.in_flight() < qd {
             let Some(offset) = offsets.next() else {
                 stop = true;
@@ -103,6 +105,7 @@ pub fn run(
             engine.submit(token, req).map_err(journal::Error::from)?;
             token += 1;
         }
+        engine.unplug()?;
         if engine.in_flight() == 0 {
             break;
         }

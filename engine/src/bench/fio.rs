@@ -34,7 +34,7 @@ impl FioJob {
     pub fn args(&self, target: FioTarget<'_>) -> Vec<String> {
         let rw = match self.workload {
             Workload::RandRead => "randread",
-            Workload::RandWrite => "randwrite",
+            Workload::RandWrite | Workload::RandWriteFlush8 => "randwrite",
             Workload::SeqWrite => "write",
         };
         let mut a = vec![
@@ -50,6 +50,9 @@ impl FioJob {
         ];
         if !self.workload.is_write() {
             a.push("--time_based".to_string());
+        }
+        if self.workload.flush_every() > 0 {
+            a.push(format!("--fdatasync={}", self.workload.flush_every()));
         }
         match target {
             FioTarget::File(path) => {

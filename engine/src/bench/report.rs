@@ -486,6 +486,38 @@ mod tests {
     }
 
     #[test]
+    fn guest_section_compares_with_the_journal_and_marks_the_goal() {
+        let rows = vec![
+            row(1, TARGET_JOURNAL, "none", Workload::RandWrite, 32, 1000.0),
+            row(1, TARGET_GUEST, "none", Workload::RandWrite, 32, 500.0),
+            row(1, TARGET_JOURNAL, "none", Workload::RandRead, 32, 1000.0),
+            row(1, TARGET_GUEST, "none", Workload::RandRead, 32, 800.0),
+            row(1, TARGET_JOURNAL, "none", Workload::RandWrite, 1, 100.0),
+            row(1, TARGET_GUEST, "none", Workload::RandWrite, 1, 10.0),
+        ];
+        let md = markdown(&rows, "");
+        let at = md
+            .find("## guest-virtio vs journal-api")
+            .expect("guest section");
+        let sec = &md[at..];
+        assert!(
+            sec.contains("| 1 | randwrite qd32 | 500 | 1000 | 0.50x | MISSED |"),
+            "{sec}"
+        );
+        assert!(
+            sec.contains("| 1 | randread qd32 | 800 | 1000 | 0.80x | met |"),
+            "{sec}"
+        );
+        assert!(
+            sec.contains("| 1 | randwrite qd1 | 10.0 | 100 | 0.10x |  |"),
+            "{sec}"
+        );
+        let back = parse_csv(&csv(&rows)).unwrap();
+        assert_eq!(back[1].target, TARGET_GUEST, "the CSV reads the guest target back");
+        assert!(!markdown(&rows[..1], "").contains("guest-virtio vs"));
+    }
+
+    #[test]
     fn csv_round_trips() {
         let rows = sample();
         let back = parse_csv(&csv(&rows)).unwrap();

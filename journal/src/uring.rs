@@ -474,11 +474,10 @@ impl IoEngine {
                 self.start_write(token, offset, len, None, fua)
             }
             Request::Discard { offset, len } => self.start_write(token, offset, len, None, false),
-            Request::Flush => {
-                self.wait_durable(token);
-                self.pump_flushes();
-            }
+            Request::Flush => self.wait_durable(token),
         }
+        // A FLUSH, or a FUA write with no data I/O that finished at once, may start a batch.
+        self.pump_flushes();
     }
 
     fn start_read(&mut self, token: u64, offset: u64, len: u64) {

@@ -533,3 +533,33 @@ fn dropping_a_plugged_engine_gives_up_its_unbuilt_writes() {
     assert_eq!(v.writes_in_flight(), 0);
     disk.checkpoint("after-plugged-drop").unwrap();
 }
+
+#[test]
+fn a_fua_write_zeroes_without_data_io_completes_durable() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk(t.path());
+    let v = disk.now();
+    let header = log_len(&v);
+    let mut eng = IoEngine::new(v.clone(), 8).unwrap();
+    eng.submit(1, write(0, 0x91, 8192)).unwrap();
+    assert!(wait_all(&mut eng)[0].result.is_ok());
+    // Whole blocks: zero records only, no data SQE.
+    eng.submit(
+        2,
+        Request::WriteZeroes {
+            offset: 0,
+            len: 8192,
+            fua: true,
+        },
+    )
+    .unwrap();
+    let out = wait_all(&mut eng);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].result.is_ok());
+    assert_eq!(log_len(&v), header + 4 * crate::format::RECORD_SIZE as u64);
+    drop(eng);
+    drop(v);
+    drop(disk);
+    let disk = reopen(t.path());
+    assert!(read_back(&disk.now(), 0).iter().all(|&b| b == 0));
+}

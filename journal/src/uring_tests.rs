@@ -563,3 +563,23 @@ fn a_fua_write_zeroes_without_data_io_completes_durable() {
     let disk = reopen(t.path());
     assert!(read_back(&disk.now(), 0).iter().all(|&b| b == 0));
 }
+
+#[test]
+fn a_blocking_flush_on_the_thread_of_a_running_batch_fails_instead_of_hanging() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = disk(t.path());
+    let v = disk.now();
+    let mut eng = IoEngine::new(v.clone(), 8).unwrap();
+    eng.submit(1, write(0, 0xa1, 4096)).unwrap();
+    assert!(wait_all(&mut eng)[0].result.is_ok());
+    // The batch starts at submit and holds the log until this thread reaps it.
+    eng.submit(2, Request::Flush).unwrap();
+    assert!(v.flush().is_err(), "it would wait for itself");
+    // Another thread simply waits for the batch.
+    let v2 = v.clone();
+    let other = std::thread::spawn(move || v2.flush());
+    let out = wait_all(&mut eng);
+    assert!(out[0].result.is_ok());
+    assert!(other.join().unwrap().is_ok());
+    assert!(v.flush().is_ok());
+}

@@ -59,6 +59,8 @@ struct Pending {
     durable_gen: u64,
     /// Eventfds of io_uring engines waiting for the log: signalled when it is released.
     wake: Vec<Arc<OwnedFd>>,
+    /// The thread whose io_uring engine runs the batch holding the log, if one does.
+    holder: Option<std::thread::ThreadId>,
 }
 
 impl ActiveLayer {

@@ -124,7 +124,12 @@ impl ActiveLayer {
             return Begin::Busy;
         }
         match self.take_batch(&mut j, durable) {
-            Some(b) => Begin::Batch(b),
+            Some(b) => {
+                if wake.is_some() {
+                    j.holder = Some(std::thread::current().id());
+                }
+                Begin::Batch(b)
+            }
             None => Begin::Nothing,
         }
     }
@@ -142,6 +147,14 @@ impl ActiveLayer {
                 }
                 if !j.syncing {
                     break;
+                }
+                if j.holder == Some(std::thread::current().id()) {
+                    // Only this thread can reap that batch: waiting would never end.
+                    return Err(Error::Invalid(
+                        "a FLUSH of this thread's io_uring engine is in flight: submit \
+                         Request::Flush to the engine instead of a blocking flush"
+                            .into(),
+                    ));
                 }
                 j = self.sync_done.wait(j).unwrap_or_else(|p| p.into_inner());
             }
@@ -184,6 +197,7 @@ impl ActiveLayer {
         let mut j = lock(&self.journal);
         let outcome = self.settle(&mut j, records, dead, log_off, durable, generation, steps);
         j.syncing = false;
+        j.holder = None;
         let wake = std::mem::take(&mut j.wake);
         drop(j);
         self.sync_done.notify_all();

@@ -513,7 +513,10 @@ mod tests {
             "{sec}"
         );
         let back = parse_csv(&csv(&rows)).unwrap();
-        assert_eq!(back[1].target, TARGET_GUEST, "the CSV reads the guest target back");
+        assert_eq!(
+            back[1].target, TARGET_GUEST,
+            "the CSV reads the guest target back"
+        );
         assert!(!markdown(&rows[..1], "").contains("guest-virtio vs"));
     }
 

@@ -49,6 +49,8 @@ fn depth_bench_writes_every_row() {
             "1",
             "--writes-per-layer",
             "32",
+            "--guest-ops",
+            "2000",
         ])
         .arg("--out")
         .arg(&out_dir)
@@ -106,6 +108,7 @@ fn depth_bench_writes_every_row() {
         ("randwrite", "1"),
         ("randwrite", "32"),
         ("seqwrite", "32"),
+        ("randwrite-flush8", "32"),
     ];
     for depth in ["1", "2"] {
         for (t, c) in targets {
@@ -120,12 +123,28 @@ fn depth_bench_writes_every_row() {
                 assert!(seen.contains(&key), "missing row {key:?} in\n{csv}");
             }
         }
+        // The test guest through virtio-blk: every random cell (it has no sequential mode).
+        for (w, qd) in cells.iter().filter(|(w, _)| *w != "seqwrite") {
+            let key = (
+                depth.to_string(),
+                "guest-virtio".to_string(),
+                "none".to_string(),
+                w.to_string(),
+                qd.to_string(),
+            );
+            assert!(seen.contains(&key), "missing row {key:?} in\n{csv}");
+        }
     }
-    assert_eq!(seen.len(), 2 * targets.len() * cells.len());
+    assert_eq!(
+        seen.len(),
+        2 * (targets.len() * cells.len() + cells.len() - 1)
+    );
 
     let md = std::fs::read_to_string(out_dir.join("depth.md")).expect("depth.md");
     assert!(md.contains("## strata-nbd vs qcow2-nbd"), "{md}");
     assert!(md.contains("randwrite qd32 **"), "{md}");
+    assert!(md.contains("randwrite-flush8 qd32 **"), "{md}");
+    assert!(md.contains("## guest-virtio vs journal-api"), "{md}");
     let svg = std::fs::read_to_string(out_dir.join("depth.svg")).expect("depth.svg");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(

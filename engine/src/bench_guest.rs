@@ -59,7 +59,7 @@ fn strata_exe() -> Result<PathBuf> {
 
 /// Runs the test guest with `workload` on `disk`; returns its summary and the time from
 /// spawning `strata run` to the `done` line.
-fn run_guest(disk: &Path, workload: &str) -> Result<(Summary, Duration)> {
+pub(crate) fn run_guest(disk: &Path, workload: &str) -> Result<(Summary, Duration)> {
     let start = Instant::now();
     let mut child = Command::new(strata_exe()?)
         .arg("run")

@@ -3,7 +3,15 @@
 //! Each request is planned by the volume (index lookups, or range lock + allocation for a
 //! write), its data I/O goes to the kernel as one or more io_uring SQEs, and when they all
 //! complete it is finished (read checksums verified, or the write committed to the index).
-//! FLUSH and the checksum/commit steps run on the caller's thread: they touch no data.
+//! The checksum/commit steps run on the caller's thread: they touch no data.
+//!
+//! FLUSH (and a FUA write, once its data is written and committed) waits for a *sync batch*
+//! (see `volume_sync`): an fdatasync SQE of the data file; once it succeeded, the write of
+//! the pending records to the log linked to an fdatasync of the log. (The append is not
+//! linked behind the data sync: on Linux 6.18 a failed fsync SQE did not cancel the SQE
+//! linked behind it, so the append waits for the data sync's success completion.)
+//! One batch runs at a time per engine; flushes arriving meanwhile wait together for the next
+//! one (group commit), and reads and writes behind a flush go on while it runs.
 //!
 //! Ownership: [`IoEngine::submit`] either takes a request whole (it then completes exactly
 //! once, through [`IoEngine::poll`] or [`IoEngine::wait`]) or hands it back in a [`Rejected`]
@@ -18,7 +26,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::volume::{Planned, ReadPlan, Source, WritePlan};
+use crate::volume::{ActiveLayer, Begin, Planned, ReadPlan, Source, Steps, SyncBatch, WritePlan};
 use crate::{AlignedBuf, Error, Result, Volume, BLOCK_SIZE};
 
 /// A block request.
@@ -87,6 +95,58 @@ enum Op {
         plan: WritePlan,
         err: Option<Error>,
     },
+    /// A sync batch: its SQEs are steps `STEP_*` in the user data's low bits.
+    Sync {
+        batch: SyncBatch,
+        steps: Steps,
+        pending: usize,
+    },
+    /// One writev SQE for writes (`members`, slots of `Op::Write`) whose data lies back to
+    /// back in the data file; `iovecs` point into the members' buffers.
+    Run {
+        members: Vec<usize>,
+        /// Read by the kernel until the writev completes (never touched here).
+        _iovecs: Vec<libc::iovec>,
+    },
+}
+
+/// Steps of a sync batch (low bits of its SQEs' user data).
+const STEP_DATA_SYNC: u64 = 0;
+const STEP_LOG_WRITE: u64 = 1;
+const STEP_LOG_SYNC: u64 = 2;
+
+/// Most bytes merged into one writev SQE. (At most a quarter of the engine's depth of
+/// writes merge, so that several SQEs stay in flight.)
+const RUN_MAX_BYTES: usize = 1 << 20;
+
+/// Writes planned while plugged whose SQE is not built yet: back to back in one file.
+#[derive(Default)]
+struct PendingRun {
+    members: Vec<usize>,
+    fd: RawFd,
+    end: u64,
+    bytes: usize,
+}
+
+/// A FLUSH, or a FUA write whose data is committed, waiting to be made durable.
+struct Waiter {
+    token: u64,
+    /// The layer its writes went to and the sync batch generation that covers them.
+    layer: Arc<ActiveLayer>,
+    target: u64,
+}
+
+/// FLUSH and FUA requests of one engine.
+#[derive(Default)]
+struct Flushes {
+    /// Not yet covered by a batch that started after them.
+    waiting: Vec<Waiter>,
+    /// The slot of this engine's running batch and the requests it completes.
+    running: Option<(usize, Vec<Waiter>)>,
+    /// A batch is wanted without a waiter (the pending records grew large).
+    background: bool,
+    /// The engine is being dropped: no new batch starts.
+    closed: bool,
 }
 
 /// Drives requests against one volume on an io_uring instance. Not thread-safe: one owner
@@ -94,13 +154,27 @@ enum Op {
 pub struct IoEngine {
     volume: Arc<Volume>,
     ring: IoUring,
-    eventfd: OwnedFd,
+    /// Shared with the active layer while a flush waits for another party's batch.
+    eventfd: Arc<OwnedFd>,
     slots: Vec<Option<Op>>,
     free: Vec<usize>,
     deferred: VecDeque<(u64, Request)>,
     ready: Vec<Completion>,
     /// SQEs of started requests that did not fit the submission ring yet.
-    backlog: VecDeque<io_uring::squeue::Entry>,
+    /// Each with the number of SQEs from it on that must reach the kernel in one submit
+    /// (a linked chain is never split across two).
+    backlog: VecDeque<(io_uring::squeue::Entry, usize)>,
+    flushes: Flushes,
+    /// Set by [`IoEngine::plug`]: SQEs wait for [`IoEngine::unplug`], writes are merged.
+    plugged: bool,
+    run: PendingRun,
+    /// Slots that are no request of their own (sync batches, merged runs).
+    aux_slots: usize,
+    /// Most writes merged into one writev.
+    run_max: usize,
+    /// Writev SQEs built from merged writes.
+    #[cfg(test)]
+    runs_merged: usize,
 }
 
 impl IoEngine {
@@ -117,7 +191,7 @@ impl IoEngine {
             return Err(std::io::Error::last_os_error().into());
         }
         // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let eventfd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(IoEngine {
             volume,
@@ -128,6 +202,13 @@ impl IoEngine {
             deferred: VecDeque::new(),
             ready: Vec::new(),
             backlog: VecDeque::new(),
+            flushes: Flushes::default(),
+            plugged: false,
+            run: PendingRun::default(),
+            aux_slots: 0,
+            run_max: (depth as usize / 4).clamp(1, 64),
+            #[cfg(test)]
+            runs_merged: 0,
         })
     }
 
@@ -144,7 +225,12 @@ impl IoEngine {
 
     /// Requests submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len() + self.ready.len() + self.deferred.len()
+        let running = self.flushes.running.as_ref().map_or(0, |(_, w)| w.len());
+        self.slots.len() - self.free.len() - self.aux_slots
+            + self.ready.len()
+            + self.deferred.len()
+            + self.flushes.waiting.len()
+            + running
     }
 
     fn alloc_slot(&mut self, op: Op) -> usize {
@@ -163,16 +249,30 @@ impl IoEngine {
     /// Queues one SQE of a request that already owns its slot. Never fails: what does not fit
     /// the submission ring waits in the backlog.
     fn push_sqe(&mut self, entry: io_uring::squeue::Entry) {
+        self.push_chain(vec![entry]);
+    }
+
+    /// Queues SQEs that must reach the kernel in one submit (a linked chain), in order.
+    fn push_chain(&mut self, chain: Vec<io_uring::squeue::Entry>) {
         if self.backlog.is_empty() {
-            // SAFETY: every buffer an SQE points into is owned by an `Op` in `self.slots`
-            // (or by an `Arc<LayerFiles>` it holds) and stays alive and unmoved until its
-            // completion is reaped (`Drop` waits for it); AlignedBuf's heap allocation never
-            // moves.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+            let mut sq = self.ring.submission();
+            if sq.capacity() - sq.len() >= chain.len() {
+                for entry in &chain {
+                    // SAFETY: every buffer an SQE points into is owned by an `Op` in
+                    // `self.slots` (or by an `Arc<LayerFiles>` it holds) and stays alive and
+                    // unmoved until its completion is reaped (`Drop` waits for it);
+                    // AlignedBuf's and a Vec's heap allocations never move.
+                    if unsafe { sq.push(entry) }.is_err() {
+                        unreachable!("room was checked");
+                    }
+                }
                 return;
             }
         }
-        self.backlog.push_back(entry);
+        let n = chain.len();
+        for (i, entry) in chain.into_iter().enumerate() {
+            self.backlog.push_back((entry, n - i));
+        }
     }
 
     /// The ring's file descriptor (for diagnostics and fault-injection tests).
@@ -185,6 +285,11 @@ impl IoEngine {
     /// cannot take the SQEs already waiting (a failing `io_uring_enter`); the request comes
     /// back in the [`Rejected`] and no completion will carry `token`.
     pub fn submit(&mut self, token: u64, req: Request) -> std::result::Result<(), Rejected> {
+        if self.plugged {
+            // Nothing reaches the kernel before `unplug`, which reports a failing ring.
+            self.start(token, req);
+            return Ok(());
+        }
         let mut kicked = self.kick();
         if matches!(&kicked, Err(Error::RawIo(e)) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)))
         {
@@ -211,6 +316,111 @@ impl IoEngine {
         Ok(())
     }
 
+    /// Holds back SQEs of the requests submitted from now on until [`IoEngine::unplug`] (or
+    /// the next `poll`/`wait`), so that a batch of requests costs one `io_uring_enter` and
+    /// writes whose data lands back to back in the data file go to the kernel as one writev.
+    /// While plugged, `submit` never refuses a request.
+    pub fn plug(&mut self) {
+        self.plugged = true;
+    }
+
+    /// Hands the requests submitted since [`IoEngine::plug`] to the kernel. On `Err` (the
+    /// ring refuses SQEs) they stay queued and the next submit, poll or wait tries again.
+    pub fn unplug(&mut self) -> Result<()> {
+        self.plugged = false;
+        self.emit_run();
+        if !self.ready.is_empty() {
+            self.signal();
+        }
+        self.kick()
+    }
+
+    /// Queues the data write of the write in `slot`: at once, or (plugged) into the pending
+    /// run when it continues it.
+    fn queue_write(&mut self, slot: usize, fd: RawFd, off: u64, len: usize) {
+        if !self.plugged {
+            self.push_write_sqe(slot);
+            return;
+        }
+        let r = &self.run;
+        if !r.members.is_empty()
+            && (r.fd != fd
+                || r.end != off
+                || r.members.len() >= self.run_max
+                || r.bytes + len > RUN_MAX_BYTES)
+        {
+            self.emit_run();
+        }
+        if self.run.members.is_empty() {
+            self.run.fd = fd;
+            self.run.bytes = 0;
+        }
+        self.run.members.push(slot);
+        self.run.end = off + len as u64;
+        self.run.bytes += len;
+    }
+
+    /// The single write SQE of the write in `slot`.
+    fn push_write_sqe(&mut self, slot: usize) {
+        let Some(Some(Op::Write { plan, .. })) = self.slots.get(slot) else {
+            return;
+        };
+        let e = opcode::Write::new(
+            types::Fd(plan.active.files.data.as_raw_fd()),
+            plan.data.as_slice().as_ptr(),
+            plan.data.len() as u32,
+        )
+        .offset(plan.file_off())
+        .build()
+        .user_data((slot as u64) << 16);
+        self.push_sqe(e);
+    }
+
+    /// Builds the SQE of the pending run: one writev for its writes.
+    fn emit_run(&mut self) {
+        let run = std::mem::take(&mut self.run);
+        match run.members.len() {
+            0 => return,
+            1 => return self.push_write_sqe(run.members[0]),
+            _ => {}
+        }
+        let mut iovecs = Vec::with_capacity(run.members.len());
+        let mut off = None;
+        for &m in &run.members {
+            if let Some(Some(Op::Write { plan, .. })) = self.slots.get(m) {
+                off.get_or_insert(plan.file_off());
+                iovecs.push(libc::iovec {
+                    iov_base: plan.data.as_slice().as_ptr() as *mut libc::c_void,
+                    iov_len: plan.data.len(),
+                });
+            }
+        }
+        let (ptr, n) = (iovecs.as_ptr(), iovecs.len() as u32);
+        let off = off.unwrap_or(0);
+        let slot = self.alloc_slot(Op::Run {
+            members: run.members,
+            _iovecs: iovecs,
+        });
+        #[cfg(test)]
+        {
+            self.runs_merged += 1;
+        }
+        self.aux_slots += 1;
+        let e = opcode::Writev::new(types::Fd(run.fd), ptr, n)
+            .offset(off)
+            .build()
+            .user_data((slot as u64) << 16);
+        self.push_sqe(e);
+    }
+
+    /// Frees a slot that is no request of its own.
+    fn free_aux(&mut self, slot: usize) -> Option<Op> {
+        let op = self.slots.get_mut(slot).and_then(Option::take)?;
+        self.free.push(slot);
+        self.aux_slots -= 1;
+        Some(op)
+    }
+
     /// Makes the eventfd readable: completions finished on the caller's thread (errors,
     /// FLUSH, reads of unwritten blocks) are waiting for [`IoEngine::poll`].
     fn signal(&self) {
@@ -224,8 +434,11 @@ impl IoEngine {
         loop {
             {
                 let mut sq = self.ring.submission();
-                while let Some(entry) = self.backlog.front() {
-                    // SAFETY: as in `push_sqe`: the buffers of a backlogged SQE are owned by
+                while let Some((entry, together)) = self.backlog.front() {
+                    if sq.capacity() - sq.len() < *together {
+                        break;
+                    }
+                    // SAFETY: as in `push_chain`: the buffers of a backlogged SQE are owned by
                     // its request's slot until the completion is reaped.
                     if unsafe { sq.push(entry) }.is_err() {
                         break;
@@ -261,11 +474,10 @@ impl IoEngine {
                 self.start_write(token, offset, len, None, fua)
             }
             Request::Discard { offset, len } => self.start_write(token, offset, len, None, false),
-            Request::Flush => {
-                let result = self.volume.flush().map(|_| None);
-                self.ready.push(Completion { token, result });
-            }
+            Request::Flush => self.wait_durable(token),
         }
+        // A FLUSH, or a FUA write with no data I/O that finished at once, may start a batch.
+        self.pump_flushes();
     }
 
     fn start_read(&mut self, token: u64, offset: u64, len: u64) {
@@ -357,26 +569,19 @@ impl IoEngine {
             }
         };
         let fd = plan.active.files.data.as_raw_fd();
-        let len = plan.data.len() as u32;
+        let len = plan.data.len();
         let off = plan.file_off();
-        let empty = plan.data.is_empty();
         // The buffer's heap allocation stays where it is when the plan moves into its slot.
-        let ptr = plan.data.as_slice().as_ptr();
         let slot = self.alloc_slot(Op::Write {
             token,
             plan,
             err: None,
         });
-        if empty {
+        if len == 0 {
             self.finish(slot);
             return;
         }
-        self.push_sqe(
-            opcode::Write::new(types::Fd(fd), ptr, len)
-                .offset(off)
-                .build()
-                .user_data((slot as u64) << 16),
-        );
+        self.queue_write(slot, fd, off, len);
     }
 
     /// Completes the request in `slot` whose data I/O is done.
@@ -385,6 +590,9 @@ impl IoEngine {
             return;
         };
         self.free.push(slot);
+        if matches!(op, Op::Sync { .. } | Op::Run { .. }) {
+            self.aux_slots -= 1;
+        }
         let completion = match op {
             Op::Read {
                 token,
@@ -418,22 +626,191 @@ impl IoEngine {
                     }
                     None => {
                         let fua = plan.fua;
-                        let big = self.volume.commit(plan);
-                        if fua || big {
-                            self.volume.sync_log(fua).map(|_| None)
-                        } else {
-                            Ok(None)
+                        if self.volume.commit(plan) {
+                            self.flushes.background = true;
                         }
+                        if fua {
+                            // Completes when a batch that started after the commit ends.
+                            self.wait_durable(token);
+                            return;
+                        }
+                        Ok(None)
                     }
                 };
                 Completion { token, result }
             }
+            Op::Sync { batch, steps, .. } => {
+                let result = self.volume.end_sync(batch, steps);
+                let waiters = self
+                    .flushes
+                    .running
+                    .take()
+                    .map(|(_, w)| w)
+                    .unwrap_or_default();
+                for w in waiters {
+                    let result = match &result {
+                        Ok(()) => Ok(None),
+                        Err(e) => Err(copy_error(e)),
+                    };
+                    self.ready.push(Completion {
+                        token: w.token,
+                        result,
+                    });
+                }
+                if let Err(e) = result {
+                    tracing::debug!("sync batch failed: {e}");
+                }
+                return;
+            }
+            // A run completes through its members (see `reap`).
+            Op::Run { .. } => return,
         };
         self.ready.push(completion);
     }
 
+    /// Queues `token` (a FLUSH, or a committed FUA write) until every write committed so far
+    /// is durable. On a view without an active layer there is nothing to make durable.
+    fn wait_durable(&mut self, token: u64) {
+        match self.volume.active_layer() {
+            Some(layer) => {
+                let target = layer.flush_target();
+                self.flushes.waiting.push(Waiter {
+                    token,
+                    layer,
+                    target,
+                });
+            }
+            None => self.ready.push(Completion {
+                token,
+                result: Ok(None),
+            }),
+        }
+    }
+
+    /// Completes the waiters already covered and starts a batch for the others, unless this
+    /// engine's batch is running (they wait for the next one) or another party holds the
+    /// log (the eventfd is signalled when it is released).
+    fn pump_flushes(&mut self) {
+        if self.flushes.closed
+            || self.flushes.running.is_some()
+            || self.flushes.waiting.is_empty() && !self.flushes.background
+        {
+            return;
+        }
+        let active = self.volume.active_layer();
+        let waiting = std::mem::take(&mut self.flushes.waiting);
+        for w in waiting {
+            // A layer that is no longer active was made durable by the checkpoint that
+            // sealed it (or dropped by `apply`).
+            let done = active
+                .as_ref()
+                .is_none_or(|a| !Arc::ptr_eq(a, &w.layer) || w.layer.covered(w.target));
+            if done {
+                self.ready.push(Completion {
+                    token: w.token,
+                    result: Ok(None),
+                });
+            } else {
+                self.flushes.waiting.push(w);
+            }
+        }
+        let Some(active) = active else {
+            self.flushes.background = false;
+            return;
+        };
+        if self.flushes.waiting.is_empty() && !self.flushes.background {
+            return;
+        }
+        match self.volume.begin_sync(&active, &self.eventfd) {
+            Begin::Busy => {}
+            Begin::Nothing => {
+                self.flushes.background = false;
+                for w in std::mem::take(&mut self.flushes.waiting) {
+                    self.ready.push(Completion {
+                        token: w.token,
+                        result: Ok(None),
+                    });
+                }
+            }
+            Begin::Batch(batch) => {
+                self.flushes.background = false;
+                let waiters = std::mem::take(&mut self.flushes.waiting);
+                self.start_sync(batch, waiters);
+            }
+        }
+    }
+
+    /// Starts a batch: the data sync first when it appends, else the log sync alone.
+    fn start_sync(&mut self, batch: SyncBatch, waiters: Vec<Waiter>) {
+        let data_fd = types::Fd(batch.active.files.data.as_raw_fd());
+        let appends = batch.appends();
+        let slot = self.alloc_slot(Op::Sync {
+            batch,
+            steps: Steps::default(),
+            pending: 1,
+        });
+        self.aux_slots += 1;
+        self.flushes.running = Some((slot, waiters));
+        if appends {
+            let e = opcode::Fsync::new(data_fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(((slot as u64) << 16) | STEP_DATA_SYNC);
+            self.push_sqe(e);
+        } else {
+            self.append_and_sync_log(slot);
+        }
+    }
+
+    /// The steps after a successful data sync: the append (if any) linked to the log sync,
+    /// which so starts only once the append completed.
+    fn append_and_sync_log(&mut self, slot: usize) {
+        let Some(Some(Op::Sync { batch, pending, .. })) = self.slots.get_mut(slot) else {
+            return;
+        };
+        let log_fd = types::Fd(batch.active.log_fd());
+        let mut chain = Vec::new();
+        if batch.appends() {
+            let Ok(len) = u32::try_from(batch.records.len()) else {
+                // Not reached (MAX_PENDING_RECORDS bounds an append); the batch fails and
+                // hands its records back.
+                *pending = 0;
+                self.finish(slot);
+                return;
+            };
+            let link = if batch.durable {
+                io_uring::squeue::Flags::IO_LINK
+            } else {
+                io_uring::squeue::Flags::empty()
+            };
+            chain.push(
+                opcode::Write::new(log_fd, batch.records.as_ptr(), len)
+                    .offset(batch.log_off)
+                    .build()
+                    .user_data(((slot as u64) << 16) | STEP_LOG_WRITE)
+                    .flags(link),
+            );
+        }
+        if batch.durable {
+            chain.push(
+                opcode::Fsync::new(log_fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(((slot as u64) << 16) | STEP_LOG_SYNC),
+            );
+        }
+        *pending = chain.len();
+        if chain.is_empty() {
+            self.finish(slot);
+            return;
+        }
+        self.push_chain(chain);
+    }
+
     fn reap(&mut self) {
         let mut done = Vec::new();
+        let mut synced = Vec::new();
+        let mut runs = Vec::new();
         for cqe in self.ring.completion() {
             let slot = (cqe.user_data() >> 16) as usize;
             let sub = (cqe.user_data() & 0xffff) as usize;
@@ -486,8 +863,37 @@ impl IoEngine {
                     }
                     done.push(slot);
                 }
+                Some(Op::Run { .. }) => {
+                    runs.push((slot, res));
+                }
+                Some(Op::Sync { steps, pending, .. }) => {
+                    let r = if res < 0 {
+                        Err(std::io::Error::from_raw_os_error(-res))
+                    } else {
+                        Ok(res as usize)
+                    };
+                    *pending = pending.saturating_sub(1);
+                    match sub as u64 {
+                        STEP_DATA_SYNC => {
+                            let ok = r.is_ok();
+                            steps.data_sync = Some(r.map(drop));
+                            if ok {
+                                synced.push(slot);
+                                continue;
+                            }
+                        }
+                        STEP_LOG_WRITE => steps.log_write = Some(r),
+                        _ => steps.log_sync = Some(r.map(drop)),
+                    }
+                    if *pending == 0 {
+                        done.push(slot);
+                    }
+                }
                 None => {}
             }
+        }
+        for (slot, res) in runs {
+            self.end_run(slot, res, &mut done);
         }
         let wrote = done
             .iter()
@@ -495,8 +901,38 @@ impl IoEngine {
         for slot in done {
             self.finish(slot);
         }
+        for slot in synced {
+            self.append_and_sync_log(slot);
+        }
         if wrote || !self.deferred.is_empty() {
             self.retry_deferred();
+        }
+        self.pump_flushes();
+    }
+
+    /// Hands the outcome of a run's writev to its members: those wholly inside the bytes
+    /// written succeeded, the others failed.
+    fn end_run(&mut self, slot: usize, res: i32, done: &mut Vec<usize>) {
+        let Some(Op::Run { members, .. }) = self.free_aux(slot) else {
+            return;
+        };
+        let mut at = 0usize;
+        for m in members {
+            if let Some(Some(Op::Write { err, plan, .. })) = self.slots.get_mut(m) {
+                at += plan.data.len();
+                if res < 0 {
+                    *err = Some(Error::io(
+                        &plan.active.files.data_path,
+                        std::io::Error::from_raw_os_error(-res),
+                    ));
+                } else if (res as usize) < at {
+                    *err = Some(Error::io(
+                        &plan.active.files.data_path,
+                        std::io::Error::from_raw_os_error(libc::ENOSPC),
+                    ));
+                }
+                done.push(m);
+            }
         }
     }
 
@@ -516,6 +952,10 @@ impl IoEngine {
     /// Appends finished requests to `out` without blocking.
     /// An `Err` (the ring refuses SQEs) comes after the completions that were ready.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        if self.plugged {
+            self.plugged = false;
+            self.emit_run();
+        }
         let mut kicked = self.kick();
         if kicked.is_ok() && self.ring.submission().cq_overflow() {
             // Completions that did not fit the CQ are flushed into it by the next enter.
@@ -534,8 +974,16 @@ impl IoEngine {
             self.poll(out)?;
             let got = out.len() - start;
             let busy = self.slots.len() - self.free.len();
-            if got >= min || busy == 0 && self.deferred.is_empty() {
+            let flushes = !self.flushes.waiting.is_empty();
+            if got >= min || busy == 0 && self.deferred.is_empty() && !flushes {
                 return Ok(());
+            }
+            if flushes && self.flushes.running.is_none() {
+                // Another party's batch holds the log: its end, like every completion of
+                // this ring, signals the eventfd.
+                self.sleep_on_eventfd();
+                self.pump_flushes();
+                continue;
             }
             if busy == 0 {
                 // Only deferred writes remain and nothing holds their locks here: another
@@ -553,6 +1001,36 @@ impl IoEngine {
     }
 }
 
+impl IoEngine {
+    /// Waits (at most a few milliseconds) for the eventfd and clears it.
+    fn sleep_on_eventfd(&self) {
+        let mut pfd = libc::pollfd {
+            fd: self.eventfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd, length 1.
+        let r = unsafe { libc::poll(&mut pfd, 1, 10) };
+        if r > 0 {
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a live u64 from an eventfd this engine owns
+            // (non-blocking).
+            let _ = unsafe { libc::read(self.eventfd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+    }
+}
+
+/// A copy of `e` for each request that shares one failed sync batch (same path and errno).
+fn copy_error(e: &Error) -> Error {
+    match e {
+        Error::Io { path, source } => Error::io(
+            path.clone(),
+            std::io::Error::from_raw_os_error(source.raw_os_error().unwrap_or(libc::EIO)),
+        ),
+        other => Error::Invalid(other.to_string()),
+    }
+}
+
 impl Drop for IoEngine {
     /// Buffers of requests in flight are freed only once the kernel is done with them: SQEs
     /// still in the backlog are taken back, everything else is cancelled and waited for.
@@ -560,7 +1038,13 @@ impl Drop for IoEngine {
     /// in-flight count outlives the engine; their completions are dropped.
     fn drop(&mut self) {
         self.deferred.clear();
-        for entry in std::mem::take(&mut self.backlog) {
+        self.flushes.closed = true;
+        self.flushes.waiting.clear();
+        // Writes planned while plugged that never got an SQE: given up.
+        for m in std::mem::take(&mut self.run.members) {
+            self.take_back((m as u64) << 16);
+        }
+        for (entry, _) in std::mem::take(&mut self.backlog) {
             self.take_back(entry.get_user_data());
         }
         let mut cancel_sent = false;
@@ -622,6 +1106,19 @@ impl IoEngine {
             Some(Op::Write { err, .. }) => {
                 *err = Some(gone());
                 true
+            }
+            Some(Op::Sync { pending, .. }) => {
+                // Its steps stay unrun: the batch fails and hands its records back.
+                *pending = pending.saturating_sub(1);
+                *pending == 0
+            }
+            Some(Op::Run { .. }) => {
+                let mut done = Vec::new();
+                self.end_run(slot, -libc::ECANCELED, &mut done);
+                for m in done {
+                    self.finish(m);
+                }
+                false
             }
             None => false,
         };

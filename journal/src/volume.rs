@@ -6,9 +6,10 @@
 //! read checksums, or commit a write to the index and the pending log batch).
 
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::base::BaseImage;
 use crate::format::{Record, RecordKind, ZERO_BLOCK};
@@ -17,6 +18,10 @@ use crate::layer::{preallocate, LayerFiles};
 use crate::rangelock::{RangeGuard, RangeLock};
 use crate::safe_open::{open_regular, Links};
 use crate::{AlignedBuf, Error, Result, BLOCK_SIZE};
+
+#[path = "volume_sync.rs"]
+mod sync;
+pub(crate) use sync::{Begin, Steps, SyncBatch};
 
 /// Pending records beyond which the log is appended (without waiting for a FLUSH).
 const MAX_PENDING_RECORDS: usize = 1 << 18;
@@ -30,7 +35,8 @@ pub(crate) struct ActiveLayer {
     log: File,
     alloc: Mutex<Alloc>,
     journal: Mutex<Pending>,
-    flush_lock: Mutex<()>,
+    /// Signalled when a log append (a sync batch) ends.
+    sync_done: Condvar,
 }
 
 struct Alloc {
@@ -45,6 +51,16 @@ struct Pending {
     dead: Vec<(Arc<LayerFiles>, u64)>,
     log_len: u64,
     log_dirty: bool,
+    /// A sync batch holds the log (one append at a time: see `volume_sync`).
+    syncing: bool,
+    /// Sync batches started so far; the generation of the newest.
+    started_gen: u64,
+    /// Generation of the newest batch that made its records durable.
+    durable_gen: u64,
+    /// Eventfds of io_uring engines waiting for the log: signalled when it is released.
+    wake: Vec<Arc<OwnedFd>>,
+    /// The thread whose io_uring engine runs the batch holding the log, if one does.
+    holder: Option<std::thread::ThreadId>,
 }
 
 impl ActiveLayer {
@@ -72,7 +88,7 @@ impl ActiveLayer {
                 log_len,
                 ..Pending::default()
             }),
-            flush_lock: Mutex::new(()),
+            sync_done: Condvar::new(),
         })
     }
 
@@ -101,61 +117,6 @@ impl ActiveLayer {
         lock(&self.alloc).next_block
     }
 
-    /// Appends pending records to the log. With `durable`, the data file is synced before
-    /// and the log after, and superseded blocks are freed.
-    pub fn sync(&self, durable: bool) -> Result<()> {
-        let _serial = lock(&self.flush_lock);
-        let (records, dead, log_len, dirty) = {
-            let mut j = lock(&self.journal);
-            (
-                std::mem::take(&mut j.records),
-                std::mem::take(&mut j.dead),
-                j.log_len,
-                j.log_dirty,
-            )
-        };
-        if records.is_empty() && !(durable && dirty) {
-            return Ok(());
-        }
-        let restore = |records: Vec<u8>, dead: Vec<(Arc<LayerFiles>, u64)>| {
-            let mut j = lock(&self.journal);
-            let mut r = records;
-            r.append(&mut j.records);
-            j.records = r;
-            let mut d = dead;
-            d.append(&mut j.dead);
-            j.dead = d;
-        };
-        if !records.is_empty() {
-            // Records may only reach the log once the data they point to is durable.
-            if let Err(e) = self.files.data.sync_data() {
-                restore(records, dead);
-                return Err(Error::io(&self.files.data_path, e));
-            }
-            if let Err(e) = self.log.write_all_at(&records, log_len) {
-                let _ = self.log.set_len(log_len);
-                restore(records, dead);
-                return Err(Error::io(&self.files.log_path, e));
-            }
-            let mut j = lock(&self.journal);
-            j.log_len = log_len + records.len() as u64;
-            j.log_dirty = true;
-        }
-        if !durable {
-            let mut j = lock(&self.journal);
-            let mut d = dead;
-            d.append(&mut j.dead);
-            j.dead = d;
-            return Ok(());
-        }
-        self.log
-            .sync_data()
-            .map_err(|e| Error::io(&self.files.log_path, e))?;
-        lock(&self.journal).log_dirty = false;
-        free_blocks(dead);
-        Ok(())
-    }
-
     /// Drops the unused preallocated tail of the data file (when the layer is sealed).
     pub fn trim_preallocation(&self) -> Result<()> {
         let used = self.used_blocks() * BLOCK_SIZE;
@@ -168,6 +129,12 @@ impl ActiveLayer {
             .sync_all()
             .map_err(|e| Error::io(&self.files.data_path, e))
     }
+}
+
+/// Gives back blocks nothing references any more once the records superseding them are
+/// durable: today their holes are punched (best effort: a failure only costs space).
+fn release_dead(dead: Vec<(Arc<LayerFiles>, u64)>) {
+    free_blocks(dead);
 }
 
 /// Punches holes for blocks nothing references any more (best effort: a failure only costs

@@ -9,6 +9,8 @@
 //! read-only; allocating writes go into a fresh empty top layer over cD / qD (Strata: `apply
 //! cD`; qcow2: a new overlay), recreated before every write run so each run writes into
 //! fresh space. A separate raw file of the same size is the physical baseline (raw-fio).
+//! guest-virtio is the test guest through virtio-blk (`strata run --disk` on Now after
+//! `apply cD`), its own IOPS as it counts them.
 //! Every file of a target is synced and dropped from the page cache before each run.
 
 use std::collections::HashMap;
@@ -24,18 +26,24 @@ use journal::{CacheMode, Disk, OpenOptions};
 use super::fio::{FioJob, FioTarget};
 use super::pattern::{fill_raw, layer_writes, LayerWrites, BLOCK};
 use super::procs::{self, cache_name, Server};
-use super::report::{self, Row, TARGET_JOURNAL, TARGET_QCOW2_NBD, TARGET_RAW, TARGET_STRATA_NBD};
+use super::report::{
+    self, Row, TARGET_GUEST, TARGET_JOURNAL, TARGET_QCOW2_NBD, TARGET_RAW, TARGET_STRATA_NBD,
+};
 use super::{fail, journal_run, plot, runtime_from_secs, DepthArgs, Measured, Workload};
 use crate::{Error, Result};
 
 /// The cells measured at every depth, reads first (they need no reset).
-pub const CELLS: [(Workload, u32); 5] = [
+pub const CELLS: [(Workload, u32); 6] = [
     (Workload::RandRead, 1),
     (Workload::RandRead, 32),
     (Workload::RandWrite, 1),
     (Workload::RandWrite, 32),
     (Workload::SeqWrite, 32),
+    (Workload::RandWriteFlush8, 32),
 ];
+
+/// The guest's ledger has room for a region of this many bytes at 256 MiB of guest RAM.
+const GUEST_REGION_MAX: u64 = 128 << 20;
 
 const SEED_BASE: u64 = 1;
 const SEED_RAW: u64 = 2;
@@ -52,6 +60,8 @@ pub struct Config {
     pub workdir: PathBuf,
     pub keep_workdir: bool,
     pub skip_nbd: bool,
+    pub skip_guest: bool,
+    pub guest_ops: u64,
 }
 
 impl Config {
@@ -74,6 +84,11 @@ impl Config {
                 size / BLOCK
             )));
         }
+        if a.guest_ops == 0 || a.guest_ops > 100_000_000 {
+            return Err(Error::Usage(
+                "--guest-ops must be between 1 and 100000000".into(),
+            ));
+        }
         if a.repeat == 0 || a.repeat > 100 {
             return Err(Error::Usage("--repeat must be between 1 and 100".into()));
         }
@@ -88,6 +103,8 @@ impl Config {
             workdir: root.join(format!("strata-bench-depth-{}", std::process::id())),
             keep_workdir: a.keep_workdir,
             skip_nbd: a.skip_nbd,
+            skip_guest: a.skip_guest,
+            guest_ops: a.guest_ops,
         })
     }
 
@@ -101,6 +118,9 @@ impl Config {
             (TARGET_JOURNAL, CacheMode::None),
             (TARGET_RAW, CacheMode::None),
         ];
+        if !self.skip_guest {
+            t.push((TARGET_GUEST, CacheMode::None));
+        }
         if !self.skip_nbd {
             for c in [CacheMode::None, CacheMode::Writeback] {
                 t.push((TARGET_STRATA_NBD, c));
@@ -224,7 +244,9 @@ pub fn run(args: DepthArgs) -> Result<ExitCode> {
                 }
                 for i in order {
                     let (target, cache) = targets[i];
-                    let m = measure(&cfg, &env, depth, target, cache, workload, qd)?;
+                    let Some(m) = measure(&cfg, &env, depth, target, cache, workload, qd)? else {
+                        continue;
+                    };
                     if best[i].is_none_or(|b| m.iops() > b.iops()) {
                         best[i] = Some(m);
                     }
@@ -430,7 +452,7 @@ fn measure(
     cache: CacheMode,
     workload: Workload,
     qd: u32,
-) -> Result<Measured> {
+) -> Result<Option<Measured>> {
     let mut files: Vec<&Path> = vec![&env.base, &env.raw, &env.disk];
     files.extend(env.qcow.iter().map(PathBuf::as_path));
     files.push(&env.qtop);
@@ -459,9 +481,10 @@ fn measure(
             } else {
                 disk.checkpoint_view(&cp)?
             };
-            journal_run::run(volume, workload, qd, cfg.runtime, seed)
+            journal_run::run(volume, workload, qd, cfg.runtime, seed).map(Some)
         }
-        TARGET_RAW => job.run(FioTarget::File(&env.raw)),
+        TARGET_RAW => job.run(FioTarget::File(&env.raw)).map(Some),
+        TARGET_GUEST => measure_guest(cfg, env, &cp, workload, qd, seed),
         TARGET_STRATA_NBD => {
             if write {
                 Disk::open(
@@ -482,7 +505,7 @@ fn measure(
             )?;
             let m = job.run(FioTarget::Nbd(server.socket()));
             server.stop()?;
-            m
+            m.map(Some)
         }
         TARGET_QCOW2_NBD => {
             let image = env
@@ -497,10 +520,54 @@ fn measure(
             };
             let m = job.run(FioTarget::Nbd(server.socket()));
             server.stop()?;
-            m
+            m.map(Some)
         }
         other => Err(fail("bench depth", format!("unknown target {other}"))),
     }
+}
+
+/// The test guest through virtio-blk on Now over `cp` (a fresh top layer: writes allocate,
+/// reads go through every layer). `None` for sequential writes, which the guest has no mode
+/// for.
+fn measure_guest(
+    cfg: &Config,
+    env: &Env,
+    cp: &str,
+    workload: Workload,
+    qd: u32,
+    seed: u64,
+) -> Result<Option<Measured>> {
+    if !workload.is_random() {
+        return Ok(None);
+    }
+    Disk::open(
+        &env.disk,
+        OpenOptions {
+            cache: CacheMode::None,
+            read_only: false,
+        },
+    )?
+    .apply(cp, None)?;
+    let spec = format!(
+        "seed={seed},ops={},read={},bs=4k,region=0:{},qd={qd},flush={},verify=0",
+        cfg.guest_ops,
+        if workload.is_write() { 0 } else { 100 },
+        cfg.size.min(GUEST_REGION_MAX),
+        workload.flush_every()
+    );
+    let (summary, _) = crate::bench_guest::run_guest(&env.disk, &spec)?;
+    let iops = summary.iops as f64;
+    if iops <= 0.0 {
+        return Err(fail(
+            "guest-virtio",
+            format!("the guest reported {iops} IOPS"),
+        ));
+    }
+    Ok(Some(Measured {
+        ops: cfg.guest_ops,
+        bytes: cfg.guest_ops * BLOCK,
+        secs: cfg.guest_ops as f64 / iops,
+    }))
 }
 
 fn loadavg() -> String {
@@ -548,6 +615,9 @@ fn preamble(cfg: &Config, fio: &str, qemu: &str, load_before: &str) -> String {
          - journal-api: `IoEngine` in-process, O_DIRECT. raw-fio: fio io_uring O_DIRECT on a raw file. \
          *-nbd: fio's nbd engine on a unix socket; cache none = `strata disk serve --cache none` vs \
          `qemu-nbd --cache=none --aio=io_uring`, writeback = `--cache writeback` vs qemu-nbd's defaults.\n\
+         - guest-virtio: the built-in test guest through virtio-blk (`strata run --disk`, cache none) on Now after `apply cD`, \
+         {guest_ops} operations per run over the first {guest_region} MiB (its ledger's room), as the guest counts them; it has no sequential mode.\n\
+         - randwrite-flush8: random 4 KiB writes with a FLUSH after every 8 (raw-fio: `--fdatasync=8`; the guest: `flush=8`).\n\
          - MB/s = 10^6 bytes/s. Ratios compare numbers of this run only.\n",
         size = cfg.size >> 20,
         writes = cfg.writes_per_layer,
@@ -555,6 +625,8 @@ fn preamble(cfg: &Config, fio: &str, qemu: &str, load_before: &str) -> String {
         runtime = cfg.runtime.as_secs_f64(),
         repeat = cfg.repeat,
         load_after = loadavg(),
+        guest_ops = cfg.guest_ops,
+        guest_region = cfg.size.min(GUEST_REGION_MAX) >> 20,
     )
 }
 
@@ -581,7 +653,8 @@ mod tests {
         assert_eq!(c.size, 1 << 30);
         assert_eq!(c.depths, vec![1, 8, 32, 64]);
         assert_eq!(c.writes_per_layer, 1024);
-        assert_eq!(c.targets().len(), 6);
+        assert_eq!(c.targets().len(), 7);
+        assert_eq!(c.guest_ops, 20_000);
         let c = cfg(&[
             "--depths",
             "8,1,8",
@@ -597,7 +670,8 @@ mod tests {
             c.targets(),
             vec![
                 (TARGET_JOURNAL, CacheMode::None),
-                (TARGET_RAW, CacheMode::None)
+                (TARGET_RAW, CacheMode::None),
+                (TARGET_GUEST, CacheMode::None)
             ]
         );
         assert_eq!(c.runtime, Duration::from_millis(500));
@@ -607,6 +681,9 @@ mod tests {
         assert!(cfg(&["--runtime=-1"]).is_err());
         assert!(cfg(&["--repeat", "0"]).is_err());
         assert_eq!(cfg(&["--repeat", "3"]).unwrap().repeat, 3);
+        let c = cfg(&["--skip-nbd", "--skip-guest"]).unwrap();
+        assert_eq!(c.targets().len(), 2);
+        assert!(cfg(&["--guest-ops", "0"]).is_err());
     }
 
     #[test]

@@ -34,7 +34,7 @@ impl FioJob {
     pub fn args(&self, target: FioTarget<'_>) -> Vec<String> {
         let rw = match self.workload {
             Workload::RandRead => "randread",
-            Workload::RandWrite => "randwrite",
+            Workload::RandWrite | Workload::RandWriteFlush8 => "randwrite",
             Workload::SeqWrite => "write",
         };
         let mut a = vec![
@@ -50,6 +50,14 @@ impl FioJob {
         ];
         if !self.workload.is_write() {
             a.push("--time_based".to_string());
+        }
+        if self.workload.flush_every() > 0 {
+            // fio's nbd engine has no datasync; both become NBD_CMD_FLUSH there.
+            let sync = match target {
+                FioTarget::File(_) => "fdatasync",
+                FioTarget::Nbd(_) => "fsync",
+            };
+            a.push(format!("--{sync}={}", self.workload.flush_every()));
         }
         match target {
             FioTarget::File(path) => {
@@ -218,5 +226,18 @@ mod tests {
             a.contains(&"--direct=1".to_string()) && a.contains(&"--ioengine=io_uring".to_string())
         );
         assert!(a.contains(&"--filename=/x/raw.img".to_string()));
+        assert!(!a.iter().any(|x| x.contains("sync=")));
+        let job = FioJob {
+            workload: Workload::RandWriteFlush8,
+            ..job
+        };
+        let a = job.args(FioTarget::File(Path::new("/x/raw.img")));
+        assert!(a.contains(&"--fdatasync=8".to_string()));
+        assert!(a.contains(&"--rw=randwrite".to_string()));
+        let a = job.args(FioTarget::Nbd(Path::new("/x/s.sock")));
+        assert!(
+            a.contains(&"--fsync=8".to_string()),
+            "fio's nbd engine has no datasync"
+        );
     }
 }

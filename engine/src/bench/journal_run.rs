@@ -47,7 +47,7 @@ impl Iterator for Offsets {
                 self.next_seq += 1;
                 Some(u * bs)
             }
-            Workload::RandWrite => self.perm.next().map(|u| u * bs),
+            Workload::RandWrite | Workload::RandWriteFlush8 => self.perm.next().map(|u| u * bs),
             Workload::RandRead => match self.perm.next() {
                 Some(u) => Some(u * bs),
                 None if self.units > 0 => {
@@ -61,8 +61,12 @@ impl Iterator for Offsets {
     }
 }
 
+/// Tokens of FLUSH requests have this bit set.
+const FLUSH_TOKEN: u64 = 1 << 63;
+
 /// Runs `workload` at queue depth `qd` on `volume` for at most `runtime` (writes also stop
-/// once every unit of the volume was written once). Any failed request fails the run.
+/// once every unit of the volume was written once). Any failed request fails the run. With
+/// a FLUSH every N writes, the flushes count toward the queue depth and not as operations.
 pub fn run(
     volume: Arc<Volume>,
     workload: Workload,
@@ -123,8 +127,11 @@ fn run_offsets(
     let deadline = start + runtime;
     let mut token = 0u64;
     let mut ops = 0u64;
+    let flush_every = u64::from(workload.flush_every());
     let mut stop = false;
     loop {
+        // One io_uring_enter per batch; writes landing back to back merge into one writev.
+        engine.plug();
         while !stop && engine.in_flight() < qd {
             let Some(offset) = offsets.next() else {
                 stop = true;
@@ -141,7 +148,13 @@ fn run_offsets(
             };
             engine.submit(token, req).map_err(journal::Error::from)?;
             token += 1;
+            if flush_every > 0 && token.is_multiple_of(flush_every) {
+                engine
+                    .submit(FLUSH_TOKEN | token, Request::Flush)
+                    .map_err(journal::Error::from)?;
+            }
         }
+        engine.unplug()?;
         if engine.in_flight() == 0 {
             break;
         }
@@ -153,7 +166,9 @@ fn run_offsets(
                     crate::cli::error_chain(&e),
                 ));
             }
-            ops += 1;
+            if c.token & FLUSH_TOKEN == 0 {
+                ops += 1;
+            }
         }
         if !stop && Instant::now() >= deadline {
             stop = true;

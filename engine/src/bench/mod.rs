@@ -78,6 +78,12 @@ pub struct DepthArgs {
     /// Measure only journal-api and raw-fio (no qemu tools, no NBD server).
     #[arg(long)]
     pub skip_nbd: bool,
+    /// Do not run the test guest (guest-virtio: `strata run --disk` through virtio-blk).
+    #[arg(long)]
+    pub skip_guest: bool,
+    /// Operations of every guest-virtio run (the guest counts operations, not time).
+    #[arg(long, default_value_t = 20_000)]
+    pub guest_ops: u64,
 }
 
 /// What a cell does.
@@ -89,10 +95,26 @@ pub enum Workload {
     RandWrite,
     /// 64 KiB writes from offset 0 upwards into a fresh top layer.
     SeqWrite,
+    /// 4 KiB random writes like `RandWrite`, with a FLUSH after every 8 writes (fio
+    /// `--fdatasync=8` on the raw file).
+    RandWriteFlush8,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 3] = [Workload::RandRead, Workload::RandWrite, Workload::SeqWrite];
+    pub const ALL: [Workload; 4] = [
+        Workload::RandRead,
+        Workload::RandWrite,
+        Workload::SeqWrite,
+        Workload::RandWriteFlush8,
+    ];
+
+    /// Writes between two FLUSHes (0: none).
+    pub fn flush_every(self) -> u32 {
+        match self {
+            Workload::RandWriteFlush8 => 8,
+            _ => 0,
+        }
+    }
 
     /// The name used in the CSV (also fio's `rw=` value, except for seqwrite).
     pub fn name(self) -> &'static str {
@@ -100,6 +122,7 @@ impl Workload {
             Workload::RandRead => "randread",
             Workload::RandWrite => "randwrite",
             Workload::SeqWrite => "seqwrite",
+            Workload::RandWriteFlush8 => "randwrite-flush8",
         }
     }
 
@@ -110,7 +133,7 @@ impl Workload {
     /// Request size in bytes.
     pub fn block_size(self) -> u64 {
         match self {
-            Workload::RandRead | Workload::RandWrite => 4096,
+            Workload::RandRead | Workload::RandWrite | Workload::RandWriteFlush8 => 4096,
             Workload::SeqWrite => 65536,
         }
     }

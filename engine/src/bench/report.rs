@@ -10,6 +10,13 @@ pub const TARGET_JOURNAL: &str = "journal-api";
 pub const TARGET_RAW: &str = "raw-fio";
 pub const TARGET_STRATA_NBD: &str = "strata-nbd";
 pub const TARGET_QCOW2_NBD: &str = "qcow2-nbd";
+/// The test guest through virtio-blk (`strata run --disk`).
+pub const TARGET_GUEST: &str = "guest-virtio";
+
+/// Target of the guest through virtio-blk over the journal driven directly (issue 9).
+pub const GOAL_GUEST: f64 = 0.7;
+/// Target of the journal over the raw file for writes (issue 9).
+pub const GOAL_JOURNAL_WRITE: f64 = 0.8;
 
 /// Target threshold of strata-nbd over qcow2-nbd for random reads at depth 64.
 pub const GOAL_READ_DEEP: f64 = 1.3;
@@ -70,6 +77,7 @@ pub fn parse_csv(text: &str) -> Result<Vec<Row>, String> {
             TARGET_RAW,
             TARGET_STRATA_NBD,
             TARGET_QCOW2_NBD,
+            TARGET_GUEST,
         ]
         .into_iter()
         .find(|t| *t == f[1])
@@ -126,6 +134,7 @@ pub fn target_rank(target: &str) -> usize {
     [
         TARGET_JOURNAL,
         TARGET_RAW,
+        TARGET_GUEST,
         TARGET_STRATA_NBD,
         TARGET_QCOW2_NBD,
     ]
@@ -251,7 +260,7 @@ pub fn markdown(rows: &[Row], preamble: &str) -> String {
             let j = find(rows, d, TARGET_JOURNAL, se.cache, se.workload, se.qd);
             let raw = find(rows, d, TARGET_RAW, "none", se.workload, se.qd);
             if let (Some(j), Some(raw)) = (j, raw) {
-                let mark = if se.workload == Workload::RandWrite && se.qd == 32 {
+                let mark = if se.workload.is_write() && se.qd == 32 {
                     " **"
                 } else {
                     ""
@@ -267,7 +276,52 @@ pub fn markdown(rows: &[Row], preamble: &str) -> String {
             }
         }
     }
-    s.push_str("\n(** = the cell issue 2 asks about: allocating random writes at qd32.)\n");
+    let _ = writeln!(
+        s,
+        "\n(** = cells with a target in issues 2 and 9: writes at qd32 >= {GOAL_JOURNAL_WRITE}x raw-fio; \
+         raw-fio's randwrite overwrites a written file, the journal's writes all allocate; \
+         randwrite-flush8 = a FLUSH after every 8 writes, fio `--fdatasync=8` for raw-fio.)"
+    );
+
+    let mut guest = String::new();
+    for &d in &depths {
+        for se in series.iter().filter(|se| se.target == TARGET_GUEST) {
+            let (Some(g), Some(j)) = (
+                find(rows, d, TARGET_GUEST, se.cache, se.workload, se.qd),
+                find(rows, d, TARGET_JOURNAL, "none", se.workload, se.qd),
+            ) else {
+                continue;
+            };
+            let r = ratio(headline(g), headline(j));
+            let met =
+                if se.qd == 32 && matches!(se.workload, Workload::RandRead | Workload::RandWrite) {
+                    if r.is_some_and(|r| r >= GOAL_GUEST) {
+                        "met"
+                    } else {
+                        "MISSED"
+                    }
+                } else {
+                    ""
+                };
+            let _ = writeln!(
+                guest,
+                "| {d} | {} | {} | {} | {} | {met} |",
+                se.cell_label(),
+                fmt_num(headline(g)),
+                fmt_num(headline(j)),
+                fmt_ratio(r)
+            );
+        }
+    }
+    if !guest.is_empty() {
+        s.push_str("\n## guest-virtio vs journal-api (the test guest through virtio-blk over the journal driven directly)\n\n");
+        let _ = writeln!(
+            s,
+            "Goal from issue 9: >= {GOAL_GUEST}x at qd32 for 4 KiB random reads and writes.\n"
+        );
+        s.push_str("| depth | workload | guest-virtio | journal-api | ratio | goal |\n|---:|---|---:|---:|---:|---|\n");
+        s.push_str(&guest);
+    }
 
     let mut pass = 0;
     let mut miss = Vec::new();
@@ -429,6 +483,41 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("Goals met in 2 of 4 cells."), "{md}");
+    }
+
+    #[test]
+    fn guest_section_compares_with_the_journal_and_marks_the_goal() {
+        let rows = vec![
+            row(1, TARGET_JOURNAL, "none", Workload::RandWrite, 32, 1000.0),
+            row(1, TARGET_GUEST, "none", Workload::RandWrite, 32, 500.0),
+            row(1, TARGET_JOURNAL, "none", Workload::RandRead, 32, 1000.0),
+            row(1, TARGET_GUEST, "none", Workload::RandRead, 32, 800.0),
+            row(1, TARGET_JOURNAL, "none", Workload::RandWrite, 1, 100.0),
+            row(1, TARGET_GUEST, "none", Workload::RandWrite, 1, 10.0),
+        ];
+        let md = markdown(&rows, "");
+        let at = md
+            .find("## guest-virtio vs journal-api")
+            .expect("guest section");
+        let sec = &md[at..];
+        assert!(
+            sec.contains("| 1 | randwrite qd32 | 500 | 1000 | 0.50x | MISSED |"),
+            "{sec}"
+        );
+        assert!(
+            sec.contains("| 1 | randread qd32 | 800 | 1000 | 0.80x | met |"),
+            "{sec}"
+        );
+        assert!(
+            sec.contains("| 1 | randwrite qd1 | 10.0 | 100 | 0.10x |  |"),
+            "{sec}"
+        );
+        let back = parse_csv(&csv(&rows)).unwrap();
+        assert_eq!(
+            back[1].target, TARGET_GUEST,
+            "the CSV reads the guest target back"
+        );
+        assert!(!markdown(&rows[..1], "").contains("guest-virtio vs"));
     }
 
     #[test]

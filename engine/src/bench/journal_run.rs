@@ -80,6 +80,7 @@ pub fn run(
         workload.name(),
         workload.block_size(),
         workload.is_write(),
+        u64::from(workload.flush_every()),
         qd,
         runtime,
         seed,
@@ -99,10 +100,11 @@ pub fn seq_read(
     let end = range.end.min(volume.size());
     let start = range.start - range.start % BS;
     let offsets = (start..end.saturating_sub(BS - 1)).step_by(BS as usize);
-    run_offsets(volume, "seqread", BS, false, qd, runtime, 0, offsets)
+    run_offsets(volume, "seqread", BS, false, 0, qd, runtime, 0, offsets)
 }
 
-/// Requests of `bs` bytes at `offsets` (writes of a fixed pattern, or reads), `qd` in flight,
+/// Requests of `bs` bytes at `offsets` (writes of a fixed pattern, with a FLUSH every
+/// `flush_every` writes if not 0, or reads), `qd` in flight,
 /// until the offsets run out or `runtime` passed.
 #[allow(clippy::too_many_arguments)]
 fn run_offsets(
@@ -110,6 +112,7 @@ fn run_offsets(
     name: &str,
     bs: u64,
     write: bool,
+    flush_every: u64,
     qd: u32,
     runtime: Duration,
     seed: u64,
@@ -127,7 +130,6 @@ fn run_offsets(
     let deadline = start + runtime;
     let mut token = 0u64;
     let mut ops = 0u64;
-    let flush_every = u64::from(workload.flush_every());
     let mut stop = false;
     loop {
         // One io_uring_enter per batch; writes landing back to back merge into one writev.

@@ -24,6 +24,7 @@ mod tree;
 mod uring;
 mod view;
 mod volume;
+mod zeroing;
 
 pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use disk::{CacheMode, CheckReport, CheckpointInfo, DeleteReport, Disk, DiskInfo, OpenOptions};

@@ -720,11 +720,17 @@ impl Volume {
                 let zfirst = if head_partial { first + 1 } else { first };
                 let zend = if tail_partial { end - 1 } else { end };
                 if zend > zfirst {
-                    runs.push(Run {
-                        first_block: zfirst,
-                        nblocks: zend - zfirst,
-                        buf_off: None,
-                    });
+                    // Blocks that already read as zeros get no record (the range lock
+                    // keeps their index entries as they are until this write commits), so
+                    // discarding never-written space writes nothing.
+                    let st = self.state();
+                    runs.extend(crate::zeroing::zero_runs(
+                        &st.index,
+                        st.damaged_upto,
+                        self.base.as_deref(),
+                        zfirst,
+                        zend,
+                    ));
                 }
                 img
             }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use crate::sys::EventFd;
+use crate::sys::{self, EventFd, Flag};
 use crate::{Error, Result};
 
 /// Top bit of the state word: a pause is requested. The other bits count admitted requests.
@@ -84,7 +84,7 @@ impl Gate {
     /// An eventfd that is notified whenever the gate reopens. The worker keeps the `Arc`; the
     /// gate holds only a weak reference.
     pub fn subscribe(&self) -> Result<Arc<EventFd>> {
-        let fd = Arc::new(EventFd::new().map_err(|e| Error::io("creating an eventfd", e))?);
+        let fd = Arc::new(sys::new_eventfd().map_err(|e| Error::io("creating an eventfd", e))?);
         let mut wakers = lock(&self.wakers);
         wakers.retain(|w| w.strong_count() > 0);
         wakers.push(Arc::downgrade(&fd));

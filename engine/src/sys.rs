@@ -1,5 +1,8 @@
-//! Small safe wrappers over the Linux descriptors the servers wait on: eventfd, epoll, poll,
-//! signalfd, and binding a unix socket path.
+//! The Linux descriptors the servers wait on. Eventfds and epoll are vmm-sys-util's
+//! ([`EventFd`], [`Epoll`]); this module adds what it does not offer: using an eventfd as a
+//! level flag ([`Flag`]), an epoll wait with a [`Duration`] that shrugs off `EINTR`
+//! ([`wait_events`]), waiting on one descriptor with a cancel descriptor and a deadline
+//! ([`wait_readable`], [`wait_writable`]), a signalfd, and binding a unix socket path.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -7,6 +10,10 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+pub use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+pub use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// Turns a `-1` return of a libc call into the thread's `errno`.
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -24,36 +31,35 @@ fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// A non-blocking eventfd used as a level-triggered "something changed" flag.
-#[derive(Debug)]
-pub struct EventFd(OwnedFd);
+/// A new clear eventfd, non-blocking and close-on-exec, the way every [`Flag`] is made.
+pub fn new_eventfd() -> io::Result<EventFd> {
+    EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK)
+}
 
-impl EventFd {
-    /// A new, clear eventfd.
-    pub fn new() -> io::Result<EventFd> {
-        // SAFETY: eventfd takes no pointers; the result is checked by `owned`.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        Ok(EventFd(owned(fd)?))
-    }
-
-    /// Makes the eventfd readable (until [`EventFd::clear`]).
-    pub fn notify(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to a descriptor we own. A failure can only be
-        // EAGAIN (counter saturated), which leaves the fd readable, which is what we want.
-        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-
+/// A non-blocking eventfd used as a level-triggered "something changed" flag: readable
+/// from the first [`Flag::notify`] until [`Flag::clear`], however many notifications came.
+pub trait Flag {
+    /// Makes the eventfd readable (until [`Flag::clear`]).
+    fn notify(&self);
     /// Makes the eventfd unreadable again.
-    pub fn clear(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a live u64 from a descriptor we own. EAGAIN means it was
-        // already clear.
-        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    fn clear(&self);
+    /// True when notified and not yet cleared (does not clear).
+    fn is_set(&self) -> bool;
+}
+
+impl Flag for EventFd {
+    fn notify(&self) {
+        // The only failure of a non-blocking eventfd write is EAGAIN (counter saturated),
+        // which leaves it readable: what a notification wants.
+        let _ = self.write(1);
     }
 
-    /// True when notified and not yet cleared (does not clear).
-    pub fn is_set(&self) -> bool {
+    fn clear(&self) {
+        // Reading resets the counter; EAGAIN means it was already clear.
+        let _ = self.read();
+    }
+
+    fn is_set(&self) -> bool {
         matches!(
             wait_readable(self.as_raw_fd(), None, Some(Duration::ZERO)),
             Ok(Readiness::Ready)
@@ -61,76 +67,29 @@ impl EventFd {
     }
 }
 
-impl AsRawFd for EventFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+/// Events one [`wait_events`] call returns at most (callers size their buffers with it).
+pub const MAX_EVENTS: usize = 16;
+
+/// Waits on `epoll` for at most `timeout` (`None`: forever) and returns the ready events,
+/// stored in `buf`. An interrupted wait returns no events.
+pub fn wait_events<'a>(
+    epoll: &Epoll,
+    buf: &'a mut [EpollEvent],
+    timeout: Option<Duration>,
+) -> io::Result<&'a [EpollEvent]> {
+    match epoll.wait(timeout_ms(timeout), buf) {
+        Ok(n) => Ok(&buf[..n]),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(&buf[..0]),
+        Err(e) => Err(e),
     }
 }
 
-/// An epoll instance whose events carry a `u64` token.
-#[derive(Debug)]
-pub struct Epoll(OwnedFd);
-
-impl Epoll {
-    /// A new epoll instance.
-    pub fn new() -> io::Result<Epoll> {
-        // SAFETY: epoll_create1 takes no pointers; the result is checked by `owned`.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        Ok(Epoll(owned(fd)?))
-    }
-
-    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: `ev` is a valid epoll_event that outlives the call; the kernel copies it.
-        cvt(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd, &mut ev) })?;
-        Ok(())
-    }
-
-    /// Starts watching `fd` for `events` (libc::EPOLLIN etc.).
-    pub fn add(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd, events, token)
-    }
-
-    /// Changes the events watched on `fd`.
-    pub fn modify(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
-    }
-
-    /// Stops watching `fd`.
-    pub fn delete(&self, fd: RawFd) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
-    }
-
-    /// Waits for events; returns `(token, events)` pairs in `out` (cleared first). An
-    /// interrupted wait returns no events.
-    pub fn wait(&self, out: &mut Vec<(u64, u32)>, timeout: Option<Duration>) -> io::Result<()> {
-        const MAX: usize = 16;
-        out.clear();
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; MAX];
-        let ms = timeout_ms(timeout);
-        // SAFETY: `evs` has room for MAX events and lives across the call.
-        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), MAX as i32, ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(())
-            } else {
-                Err(e)
-            };
-        }
-        for ev in evs.iter().take(n as usize) {
-            let (token, events) = (ev.u64, ev.events);
-            out.push((token, events));
-        }
-        Ok(())
-    }
-}
-
+/// `epoll_wait`/`poll` timeout in milliseconds: -1 for none, rounded up so that a short
+/// non-zero timeout does not become a busy poll.
 fn timeout_ms(timeout: Option<Duration>) -> libc::c_int {
     match timeout {
         None => -1,
         Some(d) => {
-            // Round up so that a short non-zero timeout does not become a busy poll.
             let ms = d.as_micros().div_ceil(1000);
             ms.min(i32::MAX as u128) as libc::c_int
         }
@@ -148,6 +107,9 @@ pub enum Readiness {
     TimedOut,
 }
 
+/// One `poll(2)` on `fd` and `cancel`, repeated until something happens or the deadline
+/// passes. (A poll of two descriptors, not a throw-away epoll instance per wait, which is all
+/// that vmm-sys-util's `PollContext` would give here.)
 fn wait_fd(
     fd: RawFd,
     events: i16,
@@ -211,15 +173,10 @@ pub fn wait_writable(
 /// Blocks SIGINT and SIGTERM in the calling thread (and in threads it spawns afterwards) so
 /// that they are only seen through a [`SignalFd`].
 pub fn block_termination_signals() -> io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a live sigset_t; these calls only write into it.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-    }
-    // SAFETY: `set` is initialised; the old mask is not requested.
+    let set = vmm_sys_util::signal::create_sigset(&[libc::SIGINT, libc::SIGTERM])
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    // SAFETY: `set` is an initialised sigset_t that outlives the call; the old mask is not
+    // requested (a null pointer is allowed there).
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));
@@ -227,7 +184,7 @@ pub fn block_termination_signals() -> io::Result<libc::sigset_t> {
     Ok(set)
 }
 
-/// A signalfd for a blocked signal set.
+/// A signalfd for a blocked signal set (vmm-sys-util 0.15 has none).
 #[derive(Debug)]
 pub struct SignalFd(OwnedFd);
 
@@ -332,7 +289,7 @@ mod tests {
 
     #[test]
     fn eventfd_is_a_level_flag() {
-        let e = EventFd::new().unwrap();
+        let e = new_eventfd().unwrap();
         assert!(!e.is_set());
         e.notify();
         e.notify();
@@ -345,25 +302,33 @@ mod tests {
     #[test]
     fn epoll_reports_tokens() {
         let ep = Epoll::new().unwrap();
-        let a = EventFd::new().unwrap();
-        let b = EventFd::new().unwrap();
-        ep.add(a.as_raw_fd(), libc::EPOLLIN as u32, 7).unwrap();
-        ep.add(b.as_raw_fd(), libc::EPOLLIN as u32, 9).unwrap();
-        let mut out = Vec::new();
-        ep.wait(&mut out, Some(Duration::ZERO)).unwrap();
-        assert!(out.is_empty());
+        let a = new_eventfd().unwrap();
+        let b = new_eventfd().unwrap();
+        let add = |fd: &EventFd, token| {
+            let ev = EpollEvent::new(EventSet::IN, token);
+            ep.ctl(ControlOperation::Add, fd.as_raw_fd(), ev)
+        };
+        add(&a, 7).unwrap();
+        add(&b, 9).unwrap();
+        let mut buf = [EpollEvent::default(); MAX_EVENTS];
+        assert!(wait_events(&ep, &mut buf, Some(Duration::ZERO))
+            .unwrap()
+            .is_empty());
         b.notify();
-        ep.wait(&mut out, Some(Duration::from_secs(5))).unwrap();
-        assert_eq!(out.iter().map(|e| e.0).collect::<Vec<_>>(), vec![9]);
-        ep.modify(b.as_raw_fd(), 0, 9).unwrap();
-        ep.wait(&mut out, Some(Duration::ZERO)).unwrap();
+        let out = wait_events(&ep, &mut buf, Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(out.iter().map(|e| e.data()).collect::<Vec<_>>(), vec![9]);
+        assert_eq!(out[0].event_set(), EventSet::IN);
+        let none = EpollEvent::new(EventSet::empty(), 9);
+        ep.ctl(ControlOperation::Modify, b.as_raw_fd(), none)
+            .unwrap();
+        let out = wait_events(&ep, &mut buf, Some(Duration::ZERO)).unwrap();
         assert!(out.is_empty(), "no interest, no event");
     }
 
     #[test]
     fn wait_readable_prefers_cancel() {
-        let fd = EventFd::new().unwrap();
-        let cancel = EventFd::new().unwrap();
+        let fd = new_eventfd().unwrap();
+        let cancel = new_eventfd().unwrap();
         let r = wait_readable(
             fd.as_raw_fd(),
             Some(cancel.as_raw_fd()),
@@ -378,6 +343,22 @@ mod tests {
         cancel.clear();
         let r = wait_readable(fd.as_raw_fd(), Some(cancel.as_raw_fd()), None).unwrap();
         assert_eq!(r, Readiness::Ready);
+    }
+
+    #[test]
+    fn blocked_termination_signals_arrive_on_the_signalfd() {
+        // The mask is per thread: this changes only the test's own thread.
+        let set = block_termination_signals().unwrap();
+        let fd = SignalFd::new(&set).unwrap();
+        assert_eq!(fd.take(), None, "nothing pending yet");
+        // SAFETY: sends SIGTERM to this very thread, which has it blocked, so it stays
+        // pending until the signalfd read takes it.
+        let rc = unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGTERM) };
+        assert_eq!(rc, 0);
+        let ready = wait_readable(fd.as_raw_fd(), None, Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(ready, Readiness::Ready);
+        assert_eq!(fd.take(), Some(libc::SIGTERM));
+        assert_eq!(fd.take(), None, "taken once");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use std::sync::mpsc;
 
 use super::{handle_request, Answer, Target, MAX_LINE};
-use crate::sys::{self, Epoll, EventFd};
+use crate::sys::{self, ControlOperation, Epoll, EpollEvent, EventFd, EventSet, Flag};
 use crate::{Error, Result};
 
 /// Limits of one control socket.
@@ -67,17 +67,17 @@ impl ControlServer {
         let ctx = |e| Error::io(format!("control socket {}", path.display()), e);
         let listener = sys::bind_unix(path).map_err(ctx)?;
         listener.set_nonblocking(true).map_err(ctx)?;
-        let stop = Arc::new(EventFd::new().map_err(ctx)?);
+        let stop = Arc::new(sys::new_eventfd().map_err(ctx)?);
         let epoll = Epoll::new().map_err(ctx)?;
-        let ein = libc::EPOLLIN as u32;
-        epoll
-            .add(listener.as_raw_fd(), ein, T_LISTEN)
-            .map_err(ctx)?;
-        epoll.add(stop.as_raw_fd(), ein, T_STOP).map_err(ctx)?;
-        let answer_ready = Arc::new(EventFd::new().map_err(ctx)?);
-        epoll
-            .add(answer_ready.as_raw_fd(), ein, T_ANSWER)
-            .map_err(ctx)?;
+        let answer_ready = Arc::new(sys::new_eventfd().map_err(ctx)?);
+        for (fd, token) in [
+            (listener.as_raw_fd(), T_LISTEN),
+            (stop.as_raw_fd(), T_STOP),
+            (answer_ready.as_raw_fd(), T_ANSWER),
+        ] {
+            let ev = EpollEvent::new(EventSet::IN, token);
+            epoll.ctl(ControlOperation::Add, fd, ev).map_err(ctx)?;
+        }
         let (answers_tx, answers) = mpsc::channel();
         let mut lp = Loop {
             listener,
@@ -135,7 +135,7 @@ struct Client {
     last_active: Instant,
     /// Close once the output is written.
     closing: bool,
-    interest: u32,
+    interest: EventSet,
     /// A deferred answer is being computed: nothing else is read or answered until it is in.
     waiting: bool,
 }
@@ -155,19 +155,22 @@ struct Loop {
 
 impl Loop {
     fn run(&mut self) {
-        let mut events = Vec::new();
+        let mut buf = [EpollEvent::default(); sys::MAX_EVENTS];
         loop {
             let timeout = self.expire();
-            if let Err(e) = self.epoll.wait(&mut events, timeout) {
-                tracing::error!("control socket: {e}");
-                return;
-            }
-            for &(token, ev) in &events {
-                match token {
+            let events = match sys::wait_events(&self.epoll, &mut buf, timeout) {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::error!("control socket: {e}");
+                    return;
+                }
+            };
+            for ev in events {
+                match ev.data() {
                     T_STOP => return,
                     T_LISTEN => self.accept_all(),
                     T_ANSWER => self.deliver_answers(),
-                    t => self.serve(t, ev),
+                    t => self.serve(t, EventSet::from_bits_truncate(ev.events())),
                 }
             }
         }
@@ -205,7 +208,7 @@ impl Loop {
             c.sent = 0;
             c.waiting = false;
             c.last_active = Instant::now();
-            self.serve(token, libc::EPOLLOUT as u32);
+            self.serve(token, EventSet::OUT);
         }
     }
 
@@ -244,8 +247,10 @@ impl Loop {
         stream.set_nonblocking(true)?;
         let token = self.next_token;
         self.next_token += 1;
-        let ein = libc::EPOLLIN as u32;
-        self.epoll.add(stream.as_raw_fd(), ein, token)?;
+        let ein = EventSet::IN;
+        let ev = EpollEvent::new(ein, token);
+        self.epoll
+            .ctl(ControlOperation::Add, stream.as_raw_fd(), ev)?;
         self.clients.insert(
             token,
             Client {
@@ -264,12 +269,15 @@ impl Loop {
 
     fn drop_client(&mut self, token: u64) {
         if let Some(c) = self.clients.remove(&token) {
-            let _ = self.epoll.delete(c.stream.as_raw_fd());
+            let fd = c.stream.as_raw_fd();
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
     }
 
     /// Reads, answers and writes for one client; drops it when it is done or broken.
-    fn serve(&mut self, token: u64, ev: u32) {
+    fn serve(&mut self, token: u64, ev: EventSet) {
         let Some(c) = self.clients.get_mut(&token) else {
             return;
         };
@@ -291,19 +299,20 @@ impl Loop {
         }
         // Read only while no reply is waiting: a client that does not read its replies gets
         // no more answers (and is dropped when idle too long).
-        let mut want = 0;
-        if c.waiting {
+        let want = if c.waiting {
             // Only hang-ups (always reported) until the answer is in.
+            EventSet::empty()
         } else if c.output.len() > c.sent {
-            want |= libc::EPOLLOUT as u32;
+            EventSet::OUT
         } else {
-            want |= libc::EPOLLIN as u32;
-        }
+            EventSet::IN
+        };
         if want != c.interest {
             c.interest = want;
+            let ev = EpollEvent::new(want, token);
             if self
                 .epoll
-                .modify(c.stream.as_raw_fd(), want, token)
+                .ctl(ControlOperation::Modify, c.stream.as_raw_fd(), ev)
                 .is_err()
             {
                 self.drop_client(token);
@@ -338,9 +347,14 @@ impl Deferred<'_> {
 
 /// One round for a client: read what is there, answer complete lines, write what it takes.
 /// `Ok(false)` when the client is finished.
-fn step(c: &mut Client, target: &dyn Target, ev: u32, deferred: &Deferred) -> io::Result<bool> {
-    let readable = (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32;
-    if ev & readable != 0 && !c.closing {
+fn step(
+    c: &mut Client,
+    target: &dyn Target,
+    ev: EventSet,
+    deferred: &Deferred,
+) -> io::Result<bool> {
+    let readable = EventSet::IN | EventSet::HANG_UP | EventSet::ERROR;
+    if ev.intersects(readable) && !c.closing {
         let mut chunk = [0u8; 4096];
         loop {
             match c.stream.read(&mut chunk) {

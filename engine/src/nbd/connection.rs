@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ use super::handshake::{negotiate, Outcome};
 use super::protocol::*;
 use super::stream::Stream;
 use crate::quiesce::{Gate, Member};
-use crate::sys::{Epoll, EventFd};
+use crate::sys::{self, ControlOperation, Epoll, EpollEvent, EventFd, EventSet};
 use crate::{Error, Result};
 
 /// Requests in flight per connection.
@@ -206,7 +206,7 @@ struct Transmission<'a> {
     hup: bool,
     /// Set when the server began shutting down.
     shutdown_deadline: Option<Instant>,
-    interest: u32,
+    interest: EventSet,
 }
 
 impl<'a> Transmission<'a> {
@@ -218,16 +218,18 @@ impl<'a> Transmission<'a> {
         let exec = Executor::new(backend, DEPTH, budget, Some(gate));
         let epoll = Epoll::new().map_err(|e| Error::io("creating epoll", e))?;
         let ctx = |e| Error::io("registering with epoll", e);
-        let ein = libc::EPOLLIN as u32;
-        epoll.add(sock.as_raw_fd(), ein, T_SOCK).map_err(ctx)?;
-        epoll.add(exec.eventfd(), ein, T_ENGINE).map_err(ctx)?;
-        if let Some(waker) = exec.gate_waker() {
-            epoll.add(waker, ein, T_WAKER).map_err(ctx)?;
+        let ein = EventSet::IN;
+        let watched = [
+            Some((sock.as_raw_fd(), T_SOCK)),
+            Some((exec.eventfd(), T_ENGINE)),
+            exec.gate_waker().map(|waker| (waker, T_WAKER)),
+            Some((exec.budget_waker(), T_BUDGET)),
+            Some((export.shutdown.as_raw_fd(), T_SHUTDOWN)),
+        ];
+        for (fd, token) in watched.into_iter().flatten() {
+            let ev = EpollEvent::new(ein, token);
+            epoll.ctl(ControlOperation::Add, fd, ev).map_err(ctx)?;
         }
-        epoll.add(exec.budget_waker(), ein, T_BUDGET).map_err(ctx)?;
-        epoll
-            .add(export.shutdown.as_raw_fd(), ein, T_SHUTDOWN)
-            .map_err(ctx)?;
         Ok(Transmission {
             exec,
             sock,
@@ -251,7 +253,7 @@ impl<'a> Transmission<'a> {
     }
 
     fn run(mut self) -> Result<()> {
-        let mut events = Vec::new();
+        let mut buf = [EpollEvent::default(); sys::MAX_EVENTS];
         let mut done = Vec::new();
         loop {
             // Run until nothing moves: a completion frees a slot, sent output frees budget,
@@ -291,12 +293,12 @@ impl<'a> Transmission<'a> {
                 // the engine is polled; nothing signals its eventfd when that lock is freed.
                 timeout = Some(timeout.map_or(DEFERRED_RETRY, |t| t.min(DEFERRED_RETRY)));
             }
-            self.epoll
-                .wait(&mut events, timeout)
+            let events = sys::wait_events(&self.epoll, &mut buf, timeout)
                 .map_err(|e| Error::io("waiting on epoll", e))?;
-            for &(token, ev) in &events {
-                match token {
-                    T_SOCK if ev & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 => {
+            for ev in events {
+                let hup = EventSet::HANG_UP | EventSet::ERROR;
+                match ev.data() {
+                    T_SOCK if EventSet::from_bits_truncate(ev.events()).intersects(hup) => {
                         self.on_hangup()?
                     }
                     T_ENGINE => {
@@ -310,7 +312,7 @@ impl<'a> Transmission<'a> {
                         self.shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
                         // Level-triggered and never cleared: stop watching it.
                         let fd = self.export.shutdown.as_raw_fd();
-                        self.epoll.delete(fd).map_err(|e| Error::io("epoll", e))?;
+                        self.unwatch(fd)?;
                     }
                     _ => {}
                 }
@@ -339,14 +341,19 @@ impl<'a> Transmission<'a> {
         let _ = unsafe { libc::read(self.exec.eventfd(), (&mut v as *mut u64).cast(), 8) };
     }
 
+    /// Stops watching `fd`.
+    fn unwatch(&self, fd: RawFd) -> Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+            .map_err(|e| Error::io("epoll", e))
+    }
+
     fn on_hangup(&mut self) -> Result<()> {
         if !self.hup {
             self.hup = true;
             // HUP is reported whatever the interest: stop watching, read what is left directly.
-            self.epoll
-                .delete(self.sock.as_raw_fd())
-                .map_err(|e| Error::io("epoll", e))?;
-            self.interest = 0;
+            self.unwatch(self.sock.as_raw_fd())?;
+            self.interest = EventSet::empty();
         }
         Ok(())
     }
@@ -375,16 +382,17 @@ impl<'a> Transmission<'a> {
             self.input,
             Input::Header | Input::Payload { .. } | Input::Discard { .. }
         );
-        let mut want = 0;
+        let mut want = EventSet::empty();
         if self.may_read() && wants_bytes {
-            want |= libc::EPOLLIN as u32;
+            want |= EventSet::IN;
         }
         if !self.out.is_empty() && !self.peer_gone {
-            want |= libc::EPOLLOUT as u32;
+            want |= EventSet::OUT;
         }
         if want != self.interest {
+            let ev = EpollEvent::new(want, T_SOCK);
             self.epoll
-                .modify(self.sock.as_raw_fd(), want, T_SOCK)
+                .ctl(ControlOperation::Modify, self.sock.as_raw_fd(), ev)
                 .map_err(|e| Error::io("epoll", e))?;
             self.interest = want;
         }

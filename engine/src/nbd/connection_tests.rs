@@ -9,6 +9,7 @@ use std::time::Duration;
 use journal::{Disk, OpenOptions};
 
 use super::*;
+use crate::sys::Flag;
 
 pub(super) struct Fixture {
     _dir: tempfile::TempDir,
@@ -37,7 +38,7 @@ pub(super) fn fixture_sized(size: u64, read_only: bool, serve: ServerLimits) -> 
         },
         volume,
         gate: Gate::new(),
-        shutdown: Arc::new(EventFd::new().unwrap()),
+        shutdown: Arc::new(crate::sys::new_eventfd().unwrap()),
         serve,
         budget: MemoryBudget::new(serve.memory_budget),
     });

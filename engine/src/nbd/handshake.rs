@@ -172,7 +172,7 @@ fn handle_option(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::EventFd;
+    use crate::sys::new_eventfd;
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
@@ -190,7 +190,7 @@ mod tests {
     fn start_with(limit: Duration) -> (UnixStream, std::thread::JoinHandle<io::Result<Outcome>>) {
         let (a, mut b) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || {
-            let cancel = EventFd::new()?;
+            let cancel = new_eventfd()?;
             let mut s = Stream::Unix(a);
             s.set_nonblocking()?;
             negotiate(&mut s, &EX, cancel.as_raw_fd(), Instant::now() + limit)

@@ -22,7 +22,7 @@ use journal::{Disk, OpenOptions};
 use crate::cli::ServeArgs;
 use crate::control::{ControlServer, DiskTarget};
 use crate::quiesce::Gate;
-use crate::sys::{self, EventFd, SignalFd};
+use crate::sys::{self, SignalFd};
 use crate::{Error, Result};
 use connection::Export;
 use protocol::ExportLimits;
@@ -55,7 +55,7 @@ pub fn serve_cmd(args: ServeArgs) -> Result<ExitCode> {
     };
     let disk = Arc::new(Mutex::new(disk));
     let gate = Gate::new();
-    let shutdown = Arc::new(EventFd::new().map_err(|e| Error::io("creating an eventfd", e))?);
+    let shutdown = Arc::new(sys::new_eventfd().map_err(|e| Error::io("creating an eventfd", e))?);
 
     let control = match &args.api {
         Some(path) => {

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 
 use super::connection::{self, Export};
 use super::stream::Stream;
-use crate::sys::{self, Epoll, SignalFd};
+use crate::sys::{self, ControlOperation, Epoll, EpollEvent, EventSet, Flag, SignalFd};
 use crate::{Error, Result};
 
 /// Where to listen.
@@ -119,21 +119,22 @@ pub fn run(listener: &Listener, export: Arc<Export>, signals: &SignalFd) -> Resu
     const T_LISTEN: u64 = 0;
     const T_SIGNAL: u64 = 1;
     let epoll = Epoll::new().map_err(|e| Error::io("creating epoll", e))?;
-    let ein = libc::EPOLLIN as u32;
-    epoll
-        .add(listener.raw_fd(), ein, T_LISTEN)
-        .map_err(|e| Error::io("epoll", e))?;
-    epoll
-        .add(signals.as_raw_fd(), ein, T_SIGNAL)
-        .map_err(|e| Error::io("epoll", e))?;
-    let mut conns: Vec<JoinHandle<()>> = Vec::new();
-    let mut events = Vec::new();
-    'outer: loop {
+    for (fd, token) in [
+        (listener.raw_fd(), T_LISTEN),
+        (signals.as_raw_fd(), T_SIGNAL),
+    ] {
+        let ev = EpollEvent::new(EventSet::IN, token);
         epoll
-            .wait(&mut events, None)
+            .ctl(ControlOperation::Add, fd, ev)
+            .map_err(|e| Error::io("epoll", e))?;
+    }
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    let mut buf = [EpollEvent::default(); sys::MAX_EVENTS];
+    'outer: loop {
+        let events = sys::wait_events(&epoll, &mut buf, None)
             .map_err(|e| Error::io("waiting on epoll", e))?;
-        for &(token, _) in &events {
-            if token == T_SIGNAL {
+        for ev in events {
+            if ev.data() == T_SIGNAL {
                 if let Some(sig) = signals.take() {
                     tracing::info!("signal {sig}: shutting down");
                     break 'outer;

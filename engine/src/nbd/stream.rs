@@ -126,14 +126,14 @@ impl AsRawFd for Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::EventFd;
+    use crate::sys::{new_eventfd, Flag};
 
     #[test]
     fn read_full_waits_times_out_and_cancels() {
         let (a, mut b) = UnixStream::pair().unwrap();
         let mut s = Stream::Unix(a);
         s.set_nonblocking().unwrap();
-        let cancel = EventFd::new().unwrap();
+        let cancel = new_eventfd().unwrap();
         b.write_all(b"hello").unwrap();
         let mut buf = [0u8; 5];
         s.read_full(&mut buf, cancel.as_raw_fd(), Duration::from_secs(5))

@@ -3,63 +3,22 @@
 //! written, some are finished late (after more deletes), dropped or abandoned. After every
 //! finished merge every checkpoint and Now equal the model.
 
+mod journal_common;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use journal::{
-    CacheMode, DeleteOptions, Disk, Error, MergeJob, Move, OpenOptions, Placement, Situation,
-    Strategy, StrategyKind, LINEAGE_SLACK,
+    CacheMode, DeleteOptions, Disk, Error, MergeJob, Move, Placement, Situation, Strategy,
+    StrategyKind, LINEAGE_SLACK,
 };
+use journal_common::{assert_model, open, random_data_write, random_zeroing, read_all, Model};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 const SIZE: usize = 2 << 20;
-
-struct Model {
-    now: Vec<u8>,
-    now_parent: Option<String>,
-    checkpoints: HashMap<String, (Vec<u8>, Option<String>)>,
-}
-
-impl Model {
-    fn descends(&self, mut node: Option<String>, from: &str) -> bool {
-        while let Some(n) = node {
-            if n == from {
-                return true;
-            }
-            node = self.checkpoints.get(&n).and_then(|c| c.1.clone());
-        }
-        false
-    }
-
-    /// Applies a successful delete to the model.
-    fn delete(&mut self, target: &str, subtree: bool) {
-        let parent = self.checkpoints[target].1.clone();
-        if subtree {
-            let doomed: Vec<String> = self
-                .checkpoints
-                .keys()
-                .filter(|d| self.descends(Some((*d).clone()), target))
-                .cloned()
-                .collect();
-            for d in doomed {
-                self.checkpoints.remove(&d);
-            }
-        } else {
-            self.checkpoints.remove(target);
-            for c in self.checkpoints.values_mut() {
-                if c.1.as_deref() == Some(target) {
-                    c.1 = parent.clone();
-                }
-            }
-            if self.now_parent.as_deref() == Some(target) {
-                self.now_parent = parent;
-            }
-        }
-    }
-}
 
 /// A research strategy: merge the first two sealed layers of the stack that received the
 /// deleted checkpoint, the newer one absorbing the older.
@@ -84,63 +43,12 @@ impl Strategy for Pairs {
     }
 }
 
-fn open(dir: &Path, cache: CacheMode) -> Disk {
-    Disk::open(
-        dir,
-        OpenOptions {
-            cache,
-            read_only: false,
-        },
-    )
-    .expect("open disk")
-}
-
-fn read_all(v: &journal::Volume) -> Vec<u8> {
-    let mut b = vec![0u8; SIZE];
-    v.read_at(&mut b, 0).expect("read");
-    b
-}
-
-fn assert_model(disk: &Disk, m: &Model, what: &str) {
-    assert!(
-        read_all(&disk.now()) == m.now,
-        "{what}: Now differs from the model"
-    );
-    let listed = disk.list();
-    assert_eq!(
-        listed.len(),
-        m.checkpoints.len(),
-        "{what}: checkpoint count"
-    );
-    for c in listed {
-        let (content, parent) = &m.checkpoints[&c.name];
-        assert_eq!(parent, &c.parent, "{what}: parent of {}", c.name);
-        let v = disk.checkpoint_view(&c.name).unwrap();
-        assert!(
-            read_all(&v) == *content,
-            "{what}: checkpoint {} differs from the model",
-            c.name
-        );
-    }
-}
-
+/// A random write (most of the time) or zeroing of Now, in the disk and the model.
 fn random_write(rng: &mut SmallRng, now: &journal::Volume, m: &mut Model) {
     if rng.gen_bool(0.85) {
-        let len = 512 * rng.gen_range(1..=64usize);
-        let off = 512 * rng.gen_range(0..(SIZE - len) / 512);
-        let v: u8 = rng.gen();
-        let data: Vec<u8> = (0..len).map(|i| v ^ (i as u8).wrapping_mul(31)).collect();
-        now.write_at(&data, off as u64, rng.gen_bool(0.05)).unwrap();
-        m.now[off..off + len].copy_from_slice(&data);
+        random_data_write(rng, now, m, 64);
     } else {
-        let len = 512 * rng.gen_range(1..=80usize);
-        let off = 512 * rng.gen_range(0..(SIZE - len) / 512);
-        if rng.gen_bool(0.5) {
-            now.write_zeroes(off as u64, len as u64, false).unwrap();
-        } else {
-            now.discard(off as u64, len as u64).unwrap();
-        }
-        m.now[off..off + len].fill(0);
+        random_zeroing(rng, now, m, 80);
     }
 }
 

@@ -113,13 +113,9 @@ fn live_checkpoints_match_reference_images() {
     );
 
     // A duplicate name is refused and changes nothing.
-    let dup = strata(&["checkpoint", "create", "--api", &api, "--name", "first"])
-        .output()
-        .unwrap();
-    assert!(!dup.status.success());
-    assert!(
-        String::from_utf8_lossy(&dup.stderr).contains("already exists"),
-        "{dup:?}"
+    run_fails(
+        strata(&["checkpoint", "create", "--api", &api, "--name", "first"]),
+        "already exists",
     );
 
     let listed = run_ok(strata(&["checkpoint", "list", "--api", &api, "--json"]));

@@ -138,16 +138,6 @@ fn hostile_requests(sock: &Path) {
     drop(c);
 }
 
-/// VmHWM of a process in KiB.
-fn peak_rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM");
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// A client that pipelines 512 MiB of reads before reading any reply: the server must stop
 /// reading instead of buffering everything, and still answer every request.
 fn slow_reader(sock: &Path, pid: i32) {

@@ -8,7 +8,7 @@ mod nbd_common;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nbd_common::*;
@@ -38,16 +38,18 @@ fn closed_by_server(s: &mut UnixStream) {
     }
 }
 
+/// A new 16 MiB disk in `dir`, served with the limit flags `extra`; qemu-io must exist.
+fn serve_16m(dir: &Path, extra: &[&str]) -> (PathBuf, Server) {
+    require_tool("qemu-io", "qemu-utils");
+    let disk = create_disk(dir, "disk", "16M");
+    let server = Server::start(&disk, dir, extra);
+    (disk, server)
+}
+
 #[test]
 fn idle_clients_do_not_lock_out_new_ones() {
-    require_tool("qemu-io", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
-    let disk = create_disk(dir.path(), "disk", "16M");
-    let server = Server::start(
-        &disk,
-        dir.path(),
-        &["--max-clients", "4", "--idle-timeout", "1"],
-    );
+    let (_, server) = serve_16m(dir.path(), &["--max-clients", "4", "--idle-timeout", "1"]);
     // Every slot taken by a client that negotiated and then does nothing.
     let mut idle: Vec<Client> = (0..4).map(|_| Client::connect(&server.sock)).collect();
     served_eventually(&server);
@@ -59,11 +61,8 @@ fn idle_clients_do_not_lock_out_new_ones() {
 
 #[test]
 fn a_slow_handshake_loses_its_slot() {
-    require_tool("qemu-io", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
-    let disk = create_disk(dir.path(), "disk", "16M");
-    let server = Server::start(
-        &disk,
+    let (_, server) = serve_16m(
         dir.path(),
         &["--max-clients", "1", "--handshake-timeout", "1"],
     );
@@ -91,16 +90,6 @@ fn a_slow_handshake_loses_its_slot() {
     server.stop();
 }
 
-/// VmHWM (peak resident memory) of a process in KiB.
-fn peak_rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM");
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// Sends 1 MiB reads without ever reading a reply, until the server hangs up.
 fn hog(sock: &Path) -> std::thread::JoinHandle<std::io::Error> {
     let mut c = Client::connect(sock);
@@ -126,11 +115,8 @@ fn hog(sock: &Path) -> std::thread::JoinHandle<std::io::Error> {
 
 #[test]
 fn clients_that_do_not_read_keep_memory_bounded() {
-    require_tool("qemu-io", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
-    let disk = create_disk(dir.path(), "disk", "16M");
-    let server = Server::start(
-        &disk,
+    let (_, server) = serve_16m(
         dir.path(),
         &[
             "--memory-budget",
@@ -168,10 +154,8 @@ fn clients_that_do_not_read_keep_memory_bounded() {
 
 #[test]
 fn trim_with_fua_is_durable() {
-    require_tool("qemu-io", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
-    let disk = create_disk(dir.path(), "disk", "16M");
-    let server = Server::start(&disk, dir.path(), &[]);
+    let (disk, server) = serve_16m(dir.path(), &[]);
     let mut c = Client::connect(&server.sock);
     assert_eq!(
         c.call(NBD_CMD_WRITE, NBD_FLAG_FUA, 0, 1 << 20, &[0x77; 1 << 20])

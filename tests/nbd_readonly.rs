@@ -79,20 +79,10 @@ fn checkpoint_serving_is_read_only() {
     c.disconnect();
 
     // No live checkpoint of a read-only view.
-    let out = strata(&[
-        "checkpoint",
-        "create",
-        "--api",
-        ro.api.to_str().unwrap(),
-        "--name",
-        "x",
-    ])
-    .output()
-    .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("read-only"),
-        "{out:?}"
+    let api = ro.api.to_str().unwrap();
+    run_fails(
+        strata(&["checkpoint", "create", "--api", api, "--name", "x"]),
+        "read-only",
     );
     let listed = run_ok(strata(&[
         "checkpoint",
@@ -132,18 +122,13 @@ fn checkpoint_serving_is_read_only() {
 fn unknown_checkpoint_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let disk = create_disk(dir.path(), "disk", "1M");
-    let out = strata(&["disk", "serve"])
+    let mut serve = strata(&["disk", "serve"]);
+    serve
         .arg(&disk)
         .args(["--checkpoint", "missing", "--listen"])
-        .arg(format!("unix:{}", dir.path().join("s").display()))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+        .arg(format!("unix:{}", dir.path().join("s").display()));
+    let out = run_fails(serve, "missing");
     assert!(out.stdout.is_empty(), "no ready line on failure");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("missing"),
-        "{out:?}"
-    );
     assert!(!dir.path().join("s").exists());
 }
 
@@ -153,34 +138,22 @@ fn served_disk_stays_locked() {
     let disk = create_disk(dir.path(), "disk", "1M");
     let server = Server::start(&disk, dir.path(), &[]);
     let other = dir.path().join("other.sock");
-    let out = strata(&["disk", "serve"])
+    // A second server does not open a served disk.
+    let mut serve = strata(&["disk", "serve"]);
+    serve
         .arg(&disk)
         .arg("--listen")
-        .arg(format!("unix:{}", other.display()))
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "a second server opened a served disk"
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("locked"),
-        "{out:?}"
-    );
+        .arg(format!("unix:{}", other.display()));
+    run_fails(serve, "locked");
     assert!(!other.exists());
     // A listening socket of a running server is not taken over by another disk's server.
     let disk2 = create_disk(dir.path(), "disk2", "1M");
-    let out = strata(&["disk", "serve"])
+    let mut serve = strata(&["disk", "serve"]);
+    serve
         .arg(&disk2)
         .arg("--listen")
-        .arg(format!("unix:{}", server.sock.display()))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("listening"),
-        "{out:?}"
-    );
+        .arg(format!("unix:{}", server.sock.display()));
+    run_fails(serve, "listening");
     assert!(server.alive_after_clients());
     server.stop();
     assert!(

@@ -45,6 +45,30 @@ pub fn run_ok(mut cmd: impl std::borrow::BorrowMut<Command>) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs a command that must fail with `want` in its stderr; returns its output.
+pub fn run_fails(mut cmd: impl std::borrow::BorrowMut<Command>, want: &str) -> Output {
+    let cmd = cmd.borrow_mut();
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(!out.status.success(), "{cmd:?} succeeded: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(want),
+        "{cmd:?}: no {want:?} in {out:?}"
+    );
+    out
+}
+
+/// VmHWM (peak resident memory) of a process in KiB.
+pub fn peak_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// Runs `strata ARGS`, returning (exit code, stdout, stderr).
 pub fn run_strata(args: &[&str]) -> (i32, String, String) {
     let out = strata(args).output().expect("run strata");

@@ -46,9 +46,49 @@ fn stamp(mem: &GuestMemoryMmap, i: u64, v: u64) {
 /// Lets a held copier go when dropped (a failing test must not hang in `LiveSave`'s drop).
 struct Release(Arc<AtomicBool>);
 
+impl Release {
+    /// Lets the copier run.
+    fn go(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 impl Drop for Release {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.go();
+    }
+}
+
+/// A full live save of `mem` to `path` whose copier waits until [`Release::go`], so that
+/// every write before that faults and saves the old page first.
+fn start_held(mem: &GuestMemoryMmap, path: &Path, id: &Identity) -> (LiveSave, Release) {
+    let hold = Arc::new(AtomicBool::new(true));
+    let options = LiveOptions {
+        hold: Some(Arc::clone(&hold)),
+        ..Default::default()
+    };
+    let live = start_live(mem, path, id, options).unwrap();
+    (live, Release(hold))
+}
+
+/// A live save of `mem` to `path` (an increment over `parent` if given), run to its end.
+fn live_to_end(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    id: &Identity,
+    parent: Option<&ImageRef>,
+) -> ImageStats {
+    let options = LiveOptions {
+        parent,
+        ..Default::default()
+    };
+    start_live(mem, path, id, options).unwrap().wait().unwrap()
+}
+
+/// The reference an increment over the image `stats` describes names.
+fn parent_of(stats: &ImageStats) -> ImageRef {
+    ImageRef {
+        image_id: stats.image_id,
     }
 }
 
@@ -107,18 +147,7 @@ fn live_save_is_the_instant_of_start_while_memory_is_written() {
     let mem = patterned(id.mem_size, 2);
     let want = contents(&mem, id.mem_size);
     let path = dir.path().join("live.img");
-    let hold = Arc::new(AtomicBool::new(true));
-    let live = start_live(
-        &mem,
-        &path,
-        &id,
-        LiveOptions {
-            hold: Some(Arc::clone(&hold)),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let _release = Release(Arc::clone(&hold));
+    let (live, hold) = start_held(&mem, &path, &id);
     // The copier has not started: each of these writes faults and saves the old page first.
     let mut written = BTreeSet::new();
     for i in (0..pages).step_by(97) {
@@ -146,7 +175,7 @@ fn live_save_is_the_instant_of_start_while_memory_is_written() {
             touched
         })
     };
-    hold.store(false, Ordering::Release);
+    hold.go();
     let (_, total) = live.progress();
     assert_eq!(total, pages);
     let stats = live.wait().unwrap();
@@ -163,21 +192,8 @@ fn live_save_is_the_instant_of_start_while_memory_is_written() {
     // Dirty tracking from the instant: the next increment holds exactly the pages written.
     let now = contents(&mem, id.mem_size);
     let incr = dir.path().join("incr.img");
-    let parent = ImageRef {
-        image_id: stats.image_id,
-    };
-    let istats = start_live(
-        &mem,
-        &incr,
-        &id,
-        LiveOptions {
-            parent: Some(&parent),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .wait()
-    .unwrap();
+    let parent = parent_of(&stats);
+    let istats = live_to_end(&mem, &incr, &id, Some(&parent));
     let all: BTreeSet<u64> = written.union(&touched).copied().collect();
     assert!(istats.incremental);
     assert_eq!(istats.pages, all.len() as u64);
@@ -193,10 +209,7 @@ fn incremental_chain_restore_and_fold() {
     let mem = patterned(id.mem_size, 3);
     let p = |n: &str| dir.path().join(n);
     let s0 = contents(&mem, id.mem_size);
-    let full = start_live(&mem, &p("full"), &id, LiveOptions::default())
-        .unwrap()
-        .wait()
-        .unwrap();
+    let full = live_to_end(&mem, &p("full"), &id, None);
 
     // 1% of the pages change.
     let a: BTreeSet<u64> = (0..pages / 100).map(|k| (k * 7919) % pages).collect();
@@ -204,21 +217,8 @@ fn incremental_chain_restore_and_fold() {
         stamp(&mem, i, 0xa000 + i);
     }
     let s1 = contents(&mem, id.mem_size);
-    let r0 = ImageRef {
-        image_id: full.image_id,
-    };
-    let i1 = start_live(
-        &mem,
-        &p("i1"),
-        &id,
-        LiveOptions {
-            parent: Some(&r0),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .wait()
-    .unwrap();
+    let r0 = parent_of(&full);
+    let i1 = live_to_end(&mem, &p("i1"), &id, Some(&r0));
     assert_eq!(i1.pages, a.len() as u64);
     assert!(i1.bytes_written <= 3 * id.mem_size / 100);
 
@@ -230,9 +230,7 @@ fn incremental_chain_restore_and_fold() {
     mem.write_slice(&[0u8; PAGE_SIZE as usize], GuestAddress(0))
         .unwrap();
     let s2 = contents(&mem, id.mem_size);
-    let r1 = ImageRef {
-        image_id: i1.image_id,
-    };
+    let r1 = parent_of(&i1);
     let i2 = save_stop_copy(&mem, &p("i2"), &id, Some(&r1)).unwrap();
     let mut b0 = b.clone();
     b0.insert(0);
@@ -240,15 +238,7 @@ fn incremental_chain_restore_and_fold() {
 
     // A parent that is not the last image is refused (and changes nothing).
     assert!(matches!(
-        start_live(
-            &mem,
-            &p("bad"),
-            &id,
-            LiveOptions {
-                parent: Some(&r0),
-                ..Default::default()
-            }
-        ),
+        start_live(&mem, &p("bad"), &id, LiveOptions::incremental(&r0)),
         Err(Error::NotParent)
     ));
 
@@ -310,22 +300,11 @@ fn restored_memory_takes_live_increments_and_full_images() {
     }
     // A full live image of restored memory with most pages not loaded: writes after the
     // start fault on missing pages, whose saved content must be the chain's.
-    let hold = Arc::new(AtomicBool::new(true));
-    let live = start_live(
-        &r,
-        &p("rfull"),
-        &id,
-        LiveOptions {
-            hold: Some(Arc::clone(&hold)),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let _release = Release(Arc::clone(&hold));
+    let (live, hold) = start_held(&r, &p("rfull"), &id);
     for k in 0..pages / 10 {
         stamp(&r, (k * 389 + 1) % pages, 0xd000 + k);
     }
-    hold.store(false, Ordering::Release);
+    hold.go();
     let stats = live.wait().unwrap();
     assert!(stats.fault_pages >= pages / 20);
     assert_same(
@@ -349,21 +328,8 @@ fn restored_memory_takes_live_increments_and_full_images() {
     for &i in &c {
         stamp(&r, i, 0xc000 + i);
     }
-    let parent = ImageRef {
-        image_id: full.image_id,
-    };
-    let incr = start_live(
-        &r,
-        &p("rincr"),
-        &id,
-        LiveOptions {
-            parent: Some(&parent),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .wait()
-    .unwrap();
+    let parent = parent_of(&full);
+    let incr = live_to_end(&r, &p("rincr"), &id, Some(&parent));
     assert_eq!(incr.pages, c.len() as u64);
     assert_same(&contents(&r, id.mem_size), &want, "restored memory");
     assert_same(
@@ -666,39 +632,17 @@ fn kvm_guest_writes_during_live_save_and_on_restored_memory() {
     let s0 = contents(&mem, id.mem_size);
 
     // Copier held: every guest write faults inside KVM and the handler saves the old page.
-    let hold = Arc::new(AtomicBool::new(true));
-    let live = start_live(
-        &mem,
-        &p("full"),
-        &id,
-        LiveOptions {
-            hold: Some(Arc::clone(&hold)),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let _release = Release(Arc::clone(&hold));
+    let (live, hold) = start_held(&mem, &p("full"), &id);
     g.write_pages(AREA, AREA_PAGES, 2);
-    hold.store(false, Ordering::Release);
+    hold.go();
     let full = live.wait().unwrap();
     assert_eq!(full.fault_pages, AREA_PAGES);
     assert_same(&restored(&[p("full")], &id), &s0, "image at the instant");
 
     // Guest writes half the area again while the copier of an increment runs.
     let s1 = contents(&mem, id.mem_size);
-    let parent = ImageRef {
-        image_id: full.image_id,
-    };
-    let live = start_live(
-        &mem,
-        &p("incr"),
-        &id,
-        LiveOptions {
-            parent: Some(&parent),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let parent = parent_of(&full);
+    let live = start_live(&mem, &p("incr"), &id, LiveOptions::incremental(&parent)).unwrap();
     g.write_pages(AREA, AREA_PAGES / 2, 3);
     let incr = live.wait().unwrap();
     // Exactly the pages the guest wrote since the full image.
@@ -718,21 +662,8 @@ fn kvm_guest_writes_during_live_save_and_on_restored_memory() {
         want[(AREA + AREA / 2 + k * PAGE_SIZE) as usize] = 4;
     }
     assert_same(&s2, &want, "guest on restored memory");
-    let parent = ImageRef {
-        image_id: incr.image_id,
-    };
-    let i2 = start_live(
-        &r,
-        &p("incr2"),
-        &id,
-        LiveOptions {
-            parent: Some(&parent),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .wait()
-    .unwrap();
+    let parent = parent_of(&incr);
+    let i2 = live_to_end(&r, &p("incr2"), &id, Some(&parent));
     assert_eq!(i2.pages, AREA_PAGES / 4);
     drop(g);
     release(&r);
@@ -770,13 +701,8 @@ fn memory_above_the_mmio_hole_round_trips() {
         .unwrap();
     mem.write_obj(0x78u64, GuestAddress(low_end - 2 * PAGE_SIZE))
         .unwrap();
-    let parent = ImageRef {
-        image_id: full.image_id,
-    };
-    let incr = start_live(&mem, &p("incr"), &id, LiveOptions::incremental(&parent))
-        .unwrap()
-        .wait()
-        .unwrap();
+    let parent = parent_of(&full);
+    let incr = live_to_end(&mem, &p("incr"), &id, Some(&parent));
     assert_eq!(incr.pages, 2);
     release(&mem);
     let r = restore(&[p("full"), p("incr")], &id).unwrap();
@@ -809,10 +735,7 @@ fn live_pause_figures() {
     }
     for round in 0..3 {
         let path = dir.path().join(format!("img{round}"));
-        let s = start_live(&mem, &path, &id, LiveOptions::default())
-            .unwrap()
-            .wait()
-            .unwrap();
+        let s = live_to_end(&mem, &path, &id, None);
         println!(
             "{mib} MiB live round {round}: pause {:.3} ms (protect {:.3} ms), total {:.0} ms",
             s.pause.as_secs_f64() * 1e3,

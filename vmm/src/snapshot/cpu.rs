@@ -21,6 +21,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+use super::mirror::mirror_fields;
 use crate::{Error, Result};
 
 /// Most MSRs a vCPU state may carry (KVM reports ~40 here; the cap only bounds a hostile file).
@@ -63,38 +64,22 @@ pub struct FpuState {
     pub mxcsr: u32,
 }
 
-impl From<&kvm_fpu> for FpuState {
-    fn from(f: &kvm_fpu) -> Self {
-        Self {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-        }
+mirror_fields!(
+    FpuState,
+    kvm_fpu,
+    {
+        fpr,
+        fcw,
+        fsw,
+        ftwx,
+        last_opcode,
+        last_ip,
+        last_dp,
+        xmm,
+        mxcsr,
+        ..Default::default()
     }
-}
-
-impl From<&FpuState> for kvm_fpu {
-    fn from(f: &FpuState) -> Self {
-        kvm_fpu {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-            ..Default::default()
-        }
-    }
-}
+);
 
 /// One MSR value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::mirror::mirror_fields;
 use crate::{Error, Result};
 
 /// The 16550 FIFO depth of vm-superio's UART.
@@ -25,39 +26,22 @@ pub struct SerialState {
     pub in_buffer: Vec<u8>,
 }
 
-impl From<&vm_superio::serial::SerialState> for SerialState {
-    fn from(s: &vm_superio::serial::SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
+mirror_fields!(
+    SerialState,
+    vm_superio::serial::SerialState,
+    {
+        baud_divisor_low,
+        baud_divisor_high,
+        interrupt_enable,
+        interrupt_identification,
+        line_control,
+        line_status,
+        modem_control,
+        modem_status,
+        scratch,
+        in_buffer
     }
-}
-
-impl From<&SerialState> for vm_superio::serial::SerialState {
-    fn from(s: &SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
-}
+);
 
 /// The i8042: vm-superio's controller only forwards the reset command and holds no state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,37 +65,21 @@ pub struct QueueSnapshot {
     pub event_idx_enabled: bool,
 }
 
-impl From<&QueueState> for QueueSnapshot {
-    fn from(q: &QueueState) -> Self {
-        Self {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx_enabled,
-        }
+mirror_fields!(
+    QueueSnapshot,
+    QueueState,
+    {
+        max_size,
+        size,
+        ready,
+        desc_table,
+        avail_ring,
+        used_ring,
+        next_avail,
+        next_used,
+        event_idx_enabled
     }
-}
-
-impl From<&QueueSnapshot> for QueueState {
-    fn from(q: &QueueSnapshot) -> Self {
-        Self {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx_enabled,
-        }
-    }
-}
+);
 
 impl QueueSnapshot {
     /// Builds the validated queue (size a power of two within the maximum, aligned rings;

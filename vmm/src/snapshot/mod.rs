@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod devices;
 pub mod envelope;
 pub mod memory;
+mod mirror;
 
 use serde::{Deserialize, Serialize};
 

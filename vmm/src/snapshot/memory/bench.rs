@@ -7,31 +7,43 @@ use std::time::{Duration, Instant};
 use super::writer::Writer;
 use super::{Error, Result};
 
+/// Maps an I/O error of the baseline file at `path` (with what was being done) to [`Error::Io`].
+fn io_error<'a>(
+    path: &'a Path,
+    context: &'static str,
+) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        context,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Creates (or truncates) the baseline file at `path` for writing; never through a symlink.
+fn create_baseline(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_error(path, "create baseline file"))
+}
+
 /// Writes `bytes` of non-zero data to a new file at `path` with io_uring, in the same batches
 /// and queue depth as a memory save, then syncs it: the limit a memory save is measured
 /// against (same run, same file system). Returns the elapsed time; the file is left for the
 /// caller to remove.
 pub fn bench_baseline_write(path: &Path, bytes: u64) -> Result<Duration> {
     const BUF: usize = 1 << 20;
-    let io = |context| {
-        move |source| Error::Io {
-            context,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io("create baseline file"))?;
+    let file = create_baseline(path)?;
     let start = Instant::now();
-    let mut w = Writer::new(&file, 64, 16, BUF).map_err(io("io_uring setup"))?;
+    let mut w = Writer::new(&file, 64, 16, BUF).map_err(io_error(path, "io_uring setup"))?;
     let mut off = 0u64;
     while off < bytes {
-        let b = w.take_buf().map_err(io("write baseline file"))?;
+        let b = w
+            .take_buf()
+            .map_err(io_error(path, "write baseline file"))?;
         let buf = w.buf_mut(b);
         if buf[0] == 0 {
             for (k, x) in buf.iter_mut().enumerate() {
@@ -40,11 +52,12 @@ pub fn bench_baseline_write(path: &Path, bytes: u64) -> Result<Duration> {
         }
         let len = (bytes - off).min(BUF as u64) as usize;
         w.write_buf(b, &[(0, len, off)])
-            .map_err(io("write baseline file"))?;
+            .map_err(io_error(path, "write baseline file"))?;
         off += len as u64;
     }
-    w.finish().map_err(io("write baseline file"))?;
-    file.sync_data().map_err(io("sync baseline file"))?;
+    w.finish().map_err(io_error(path, "write baseline file"))?;
+    file.sync_data()
+        .map_err(io_error(path, "sync baseline file"))?;
     Ok(start.elapsed())
 }
 
@@ -57,22 +70,9 @@ pub fn bench_baseline_write_memory(
 ) -> Result<Duration> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     const CHUNK: u64 = 1 << 20;
-    let io = |context| {
-        move |source| Error::Io {
-            context,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io("create baseline file"))?;
+    let file = create_baseline(path)?;
     let start = Instant::now();
-    let mut w = Writer::new(&file, 64, 1, 4096).map_err(io("io_uring setup"))?;
+    let mut w = Writer::new(&file, 64, 1, 4096).map_err(io_error(path, "io_uring setup"))?;
     let mut off = 0u64;
     for r in mem.iter() {
         let mut at = 0;
@@ -80,13 +80,14 @@ pub fn bench_baseline_write_memory(
             let len = (r.len() - at).min(CHUNK);
             // SAFETY: a range of the live guest mapping, kept mapped by `mem` until `finish`.
             unsafe { w.write_raw(r.as_ptr().add(at as usize), len as usize, off) }
-                .map_err(io("write baseline file"))?;
+                .map_err(io_error(path, "write baseline file"))?;
             at += len;
             off += len;
         }
     }
-    w.finish().map_err(io("write baseline file"))?;
-    file.sync_data().map_err(io("sync baseline file"))?;
+    w.finish().map_err(io_error(path, "write baseline file"))?;
+    file.sync_data()
+        .map_err(io_error(path, "sync baseline file"))?;
     Ok(start.elapsed())
 }
 

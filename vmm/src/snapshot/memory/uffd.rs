@@ -102,18 +102,22 @@ pub struct Uffd {
     poison: bool,
 }
 
+/// A new non-blocking, close-on-exec userfaultfd, before its UFFDIO_API handshake.
+fn open_userfaultfd() -> io::Result<OwnedFd> {
+    // SAFETY: the userfaultfd syscall takes only flags; a non-negative result is a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("userfaultfd fd out of range"))?;
+    // SAFETY: `fd` was just returned by the kernel and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 impl Uffd {
     /// Opens a userfaultfd with write-protect fault reporting.
     pub fn new() -> io::Result<Uffd> {
-        // SAFETY: the userfaultfd syscall takes only flags; a non-negative result is a new fd.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = i32::try_from(fd).map_err(|_| io::Error::other("userfaultfd fd out of range"))?;
-        // SAFETY: `fd` was just returned by the kernel and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = open_userfaultfd()?;
         let mut probe = UffdioApi {
             api: UFFD_API,
             features: 0,
@@ -129,15 +133,7 @@ impl Uffd {
         }
         let poison = probe.features & FEATURE_POISON != 0;
         drop(fd);
-        // SAFETY: as above.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = i32::try_from(fd).map_err(|_| io::Error::other("userfaultfd fd out of range"))?;
-        // SAFETY: as above.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = open_userfaultfd()?;
         let mut api = UffdioApi {
             api: UFFD_API,
             features: FEATURE_PAGEFAULT_FLAG_WP | if poison { FEATURE_POISON } else { 0 },

@@ -309,53 +309,78 @@ impl crate::RequestGate for TestGate {
     }
 }
 
+impl TestGate {
+    fn new(closed: bool) -> Arc<TestGate> {
+        Arc::new(TestGate {
+            closed: AtomicBool::new(closed),
+            admitted: Default::default(),
+            released: Default::default(),
+            refused: Default::default(),
+            waker: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+        })
+    }
+
+    /// Waits until the worker has asked the gate and been refused (`what` it means if not).
+    fn wait_refused(&self, what: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while self.refused.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+/// Acks every feature and activates `dev` with the one queue of a new driver over `m`;
+/// returns the driver, the queue's kick eventfd and the interrupt.
+fn activate_one_queue<'a>(
+    dev: &mut VirtioBlock,
+    m: &'a vm_memory::GuestMemoryMmap,
+) -> (Driver<'a>, EventFd, Arc<TestInterrupt>) {
+    use crate::virtio::VirtioDevice;
+    dev.set_acked_features(dev.avail_features());
+    let drv = Driver::new(m);
+    let queue: virtio_queue::Queue = drv.q.create_queue().expect("queue");
+    let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let irq = Arc::new(TestInterrupt::default());
+    dev.activate(ActivateContext {
+        mem: m.clone(),
+        interrupt: irq.clone(),
+        queues: vec![(queue, kick.try_clone().expect("clone"))],
+    })
+    .expect("activate");
+    (drv, kick, irq)
+}
+
+/// Makes one 4 KiB write of `pattern(seed)` to sector 0 available (header at HDR, data at
+/// DATA, status at STATUS) and kicks the queue.
+fn kick_one_write(m: &vm_memory::GuestMemoryMmap, drv: &mut Driver, kick: &EventFd, seed: u8) {
+    write_header(m, HDR, VIRTIO_BLK_T_OUT, 0);
+    m.write_slice(&pattern(seed, 4096), GuestAddress(DATA))
+        .expect("data");
+    drv.add(&[
+        desc(HDR, 16, 0),
+        desc(DATA, 4096, 0),
+        desc(STATUS, 1, F_WRITE),
+    ]);
+    kick.write(1).expect("kick");
+}
+
 #[test]
 fn a_closed_gate_holds_new_requests_until_it_reopens() {
     use crate::virtio::VirtioDevice;
     for kind in kinds() {
         let disk = test_disk(SIZE);
         let m = mem();
-        let gate = Arc::new(TestGate {
-            closed: AtomicBool::new(false),
-            admitted: Default::default(),
-            released: Default::default(),
-            refused: Default::default(),
-            waker: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-        });
+        let gate = TestGate::new(false);
         let mut dev = VirtioBlock::new(disk.volume.clone(), "g".into())
             .expect("device")
             .with_backend(kind)
             .with_gate(gate.clone());
-        dev.set_acked_features(dev.avail_features());
-        let mut drv = Driver::new(&m);
-        let queue: virtio_queue::Queue = drv.q.create_queue().expect("queue");
-        let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        let irq = Arc::new(TestInterrupt::default());
-        dev.activate(ActivateContext {
-            mem: m.clone(),
-            interrupt: irq.clone(),
-            queues: vec![(queue, kick.try_clone().expect("clone"))],
-        })
-        .expect("activate");
+        let (mut drv, kick, _irq) = activate_one_queue(&mut dev, &m);
 
         gate.closed.store(true, Ordering::SeqCst);
-        write_header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
-        m.write_slice(&pattern(7, 4096), GuestAddress(DATA))
-            .expect("data");
-        drv.add(&[
-            desc(HDR, 16, 0),
-            desc(DATA, 4096, 0),
-            desc(STATUS, 1, F_WRITE),
-        ]);
-        kick.write(1).expect("kick");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while gate.refused.load(Ordering::SeqCst) == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the worker never asked the gate"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        kick_one_write(&m, &mut drv, &kick, 7);
+        gate.wait_refused("the worker never asked the gate");
         assert_eq!(
             drv.used_idx(),
             0,
@@ -466,48 +491,17 @@ fn checkpoint_state_rewinds_untaken_chains_and_a_restored_device_serves_waiting_
     use crate::virtio::VirtioDevice;
     let disk = test_disk(SIZE);
     let m = mem();
-    let gate = Arc::new(TestGate {
-        closed: AtomicBool::new(true),
-        admitted: Default::default(),
-        released: Default::default(),
-        refused: Default::default(),
-        waker: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-    });
+    let gate = TestGate::new(true);
     let mut dev = VirtioBlock::new(disk.volume.clone(), "s".into())
         .expect("device")
         .with_gate(gate.clone());
     let inactive = dev.save_state().expect("state of an inactive device");
     assert!(inactive.queues.is_empty());
-    dev.set_acked_features(dev.avail_features());
-    let mut drv = Driver::new(&m);
-    let queue: virtio_queue::Queue = drv.q.create_queue().expect("queue");
-    let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    let irq = Arc::new(TestInterrupt::default());
-    dev.activate(ActivateContext {
-        mem: m.clone(),
-        interrupt: irq.clone(),
-        queues: vec![(queue, kick.try_clone().expect("clone"))],
-    })
-    .expect("activate");
+    let (mut drv, kick, irq) = activate_one_queue(&mut dev, &m);
 
     // A write the worker takes from the ring but the closed gate keeps from starting.
-    write_header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
-    m.write_slice(&pattern(3, 4096), GuestAddress(DATA))
-        .expect("data");
-    drv.add(&[
-        desc(HDR, 16, 0),
-        desc(DATA, 4096, 0),
-        desc(STATUS, 1, F_WRITE),
-    ]);
-    kick.write(1).expect("kick");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while gate.refused.load(Ordering::SeqCst) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the gate was never asked"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    kick_one_write(&m, &mut drv, &kick, 3);
+    gate.wait_refused("the gate was never asked");
     let st = dev.save_state().expect("state");
     assert_eq!(st.acked_features, dev.avail_features());
     assert_eq!(st.queues.len(), 1);

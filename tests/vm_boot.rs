@@ -1,34 +1,10 @@
 //! Boots tiny hand-assembled guests through `vmm::Vm` (needs /dev/kvm): serial output, the
 //! exit port, the virtio-mmio window, and the fault report of a triple fault.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod vm_common;
 
+use vm_common::{require_kvm, Console};
 use vmm::{Guest, Outcome, Vm, VmConfig};
-
-/// Fails (never skips) when KVM is unavailable.
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("this test needs read/write access to /dev/kvm ({e}); run it on a KVM-capable host");
-    }
-}
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Prints "ok\n" on COM1, reads the virtio-mmio MagicValue and writes it to the exit port.
 const HELLO: &[u8] = &[
@@ -43,7 +19,7 @@ const HELLO: &[u8] = &[
 
 fn run(image: &[u8], device: Option<Box<dyn block::VirtioDevice>>) -> (Outcome, String) {
     require_kvm();
-    let out = Capture::default();
+    let out = Console::default();
     let vm = Vm::new(VmConfig {
         mem_size: 128 << 20,
         vcpus: 1,
@@ -56,7 +32,7 @@ fn run(image: &[u8], device: Option<Box<dyn block::VirtioDevice>>) -> (Outcome, 
     })
     .expect("VM set-up");
     let outcome = vm.run().expect("VM run");
-    let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+    let text = out.text();
     (outcome, text)
 }
 

@@ -32,39 +32,18 @@ fn reference(_t: &Path) -> (String, std::path::PathBuf) {
 }
 
 fn make_reference(t: &Path) -> (String, std::path::PathBuf) {
-    let dir = t.join("ref");
-    create_vm(&dir, WORKLOAD, MEMORY, DISK);
-    let (okay, out, err) = run_to_end(&dir);
-    assert!(okay, "reference run failed:\n{out}{err}");
-    let done = done_line(&out);
-    assert_eq!(field(&done, "errors"), "0", "{done}");
-    let raw = t.join("ref.raw");
-    export_now(&dir, &raw);
-    (done, raw)
+    vm_common::make_reference(t, WORKLOAD, MEMORY, DISK)
 }
 
-/// Checks a run's result against the reference.
+/// Checks a run's result against the reference (the disk is exported as `t/VM.raw`).
 fn assert_matches_reference(
     vm: &Path,
     out: &str,
     reference: &(String, std::path::PathBuf),
     t: &Path,
 ) {
-    let done = done_line(out);
-    assert_eq!(field(&done, "errors"), "0", "{done}\n{out}");
-    for k in ["ledger", "mem", "writes", "reads"] {
-        assert_eq!(
-            field(&done, k),
-            field(&reference.0, k),
-            "{k}: {done} vs {}",
-            reference.0
-        );
-    }
-    let raw = t.join(format!("{}.raw", vm.file_name().unwrap().to_string_lossy()));
-    export_now(vm, &raw);
-    assert_same_file(&raw, &reference.1);
-    let check = ok(&["disk", "check", s(&vm.join("disk"))]);
-    assert!(check.contains("clean"), "{check}");
+    let tag = vm.file_name().unwrap().to_string_lossy();
+    vm_common::assert_matches_reference(vm, out, reference, t, &tag);
 }
 
 #[test]
@@ -75,8 +54,7 @@ fn apply_on_the_running_vm_continues_from_the_instant() {
     let reference = reference(t.path());
     for mode in ["live", "stop-copy"] {
         let vm = t.path().join(format!("vm-{mode}"));
-        create_vm(&vm, WORKLOAD, MEMORY, DISK);
-        let run = Running::start(&vm);
+        let run = start_new_vm(&vm, WORKLOAD, MEMORY, DISK);
         let_it_run(Duration::from_millis(700));
         let out = run.checkpoint_ok("create", &["--name", "c1", "--memory", mode]);
         assert!(out.contains("machine state"), "{out}");
@@ -119,8 +97,7 @@ fn apply_offline_then_resume_in_a_new_process_and_from_an_export() {
     let t = tempfile::tempdir().unwrap();
     let reference = reference(t.path());
     let vm = t.path().join("vm");
-    create_vm(&vm, WORKLOAD, MEMORY, DISK);
-    let run = Running::start(&vm);
+    let run = start_new_vm(&vm, WORKLOAD, MEMORY, DISK);
     let_it_run(Duration::from_millis(600));
     run.checkpoint_ok("create", &["--name", "mid"]);
     let (okay, out, err) = run.wait();
@@ -160,8 +137,7 @@ fn incremental_chain_with_a_deleted_middle_restores_exactly() {
     let t = tempfile::tempdir().unwrap();
     let reference = reference(t.path());
     let vm = t.path().join("vm");
-    create_vm(&vm, WORKLOAD, MEMORY, DISK);
-    let run = Running::start(&vm);
+    let run = start_new_vm(&vm, WORKLOAD, MEMORY, DISK);
     for name in ["a", "b", "c"] {
         let_it_run(Duration::from_millis(300));
         run.checkpoint_ok("create", &["--name", name]);

@@ -48,8 +48,7 @@ fn a_damaged_memory_page_stops_the_restored_vm_with_its_reason() {
     let _one = one_vm_test_at_a_time();
     let t = tempfile::tempdir().unwrap();
     let vm = t.path().join("vm");
-    create_vm(&vm, WORKLOAD, "128M", "64M");
-    let run = Running::start(&vm);
+    let run = start_new_vm(&vm, WORKLOAD, "128M", "64M");
     let_it_run(Duration::from_millis(500));
     run.checkpoint_ok("create", &["--name", "good"]);
     let_it_run(Duration::from_millis(300));

@@ -13,29 +13,15 @@
 //!
 //! This is the oracle the VM checkpoint tests build on: an uninterrupted run is the reference.
 
+mod vm_common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use vm_common::{require_kvm, strata};
 use vmm::test_guest::{ledger, Summary, SECTOR_SIZE};
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("this test needs read/write access to /dev/kvm ({e}); run it on a KVM-capable host");
-    }
-}
-
-fn strata(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(args)
-        .output()
-        .expect("running strata")
-}
 
 fn ok(out: &Output, what: &str) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

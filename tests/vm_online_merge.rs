@@ -15,33 +15,7 @@ const MEMORY: &str = "128M";
 const DISK: &str = "128M";
 
 fn reference(t: &Path) -> (String, PathBuf) {
-    let dir = t.join("ref");
-    create_vm(&dir, WORKLOAD, MEMORY, DISK);
-    let (okay, out, err) = run_to_end(&dir);
-    assert!(okay, "reference run failed:\n{out}{err}");
-    let done = done_line(&out);
-    assert_eq!(field(&done, "errors"), "0", "{done}");
-    let raw = t.join("ref.raw");
-    export_now(&dir, &raw);
-    (done, raw)
-}
-
-fn assert_matches(vm: &Path, out: &str, reference: &(String, PathBuf), t: &Path, tag: &str) {
-    let done = done_line(out);
-    assert_eq!(field(&done, "errors"), "0", "{tag}: {done}\n{out}");
-    for k in ["ledger", "mem", "writes", "reads"] {
-        assert_eq!(
-            field(&done, k),
-            field(&reference.0, k),
-            "{tag}: {k}: {done} vs {}",
-            reference.0
-        );
-    }
-    let raw = t.join(format!("{tag}.raw"));
-    export_now(vm, &raw);
-    assert_same_file(&raw, &reference.1);
-    let check = ok(&["disk", "check", s(&vm.join("disk"))]);
-    assert!(check.contains("clean"), "{tag}: {check}");
+    make_reference(t, WORKLOAD, MEMORY, DISK)
 }
 
 fn names(run: &Running) -> Vec<String> {
@@ -61,8 +35,7 @@ fn online_delete_on_a_running_vm_keeps_the_oracle() {
     let t = tempfile::tempdir().unwrap();
     let reference = reference(t.path());
     let vm = t.path().join("vm");
-    create_vm(&vm, WORKLOAD, MEMORY, DISK);
-    let run = Running::start(&vm);
+    let run = start_new_vm(&vm, WORKLOAD, MEMORY, DISK);
     for name in ["a", "b", "c", "d"] {
         let_it_run(Duration::from_millis(300));
         run.checkpoint_ok("create", &["--name", name]);
@@ -100,10 +73,10 @@ fn online_delete_on_a_running_vm_keeps_the_oracle() {
     }
     let (okay, out, err) = run.wait();
     assert!(okay, "the VM failed:\n{out}{err}");
-    assert_matches(&vm, &out, &reference, t.path(), "run");
+    assert_matches_reference(&vm, &out, &reference, t.path(), "run");
     // c's whole machine still resumes to the same end (its disk survived both merges).
     ok(&["checkpoint", "apply", "--vm", s(&vm), "c"]);
     let (okay, out, err) = run_to_end(&vm);
     assert!(okay && err.contains("resumed from c"), "{out}{err}");
-    assert_matches(&vm, &out, &reference, t.path(), "resumed");
+    assert_matches_reference(&vm, &out, &reference, t.path(), "resumed");
 }

@@ -5,11 +5,15 @@
 //! applied back to the checkpoint: the guest must continue (no second start line) and finish
 //! with no error, its ledger in memory agreeing with the disk.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod vm_common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use engine::quiesce::{Gate, Member};
+use vm_common::{require_kvm, Console};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm::snapshot::{self, Identity, MachineState};
 use vmm::{Guest, Outcome, Vm, VmConfig, VmController};
@@ -27,35 +31,6 @@ fn chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     text
-}
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("this test needs read/write access to /dev/kvm ({e}); run it on a KVM-capable host");
-    }
-}
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
 }
 
 fn done_line(text: &str) -> String {
@@ -144,22 +119,49 @@ fn checkpoint(
     (state, mem)
 }
 
-#[test]
-fn restored_vm_continues_the_workload_from_the_checkpoint() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
-    let disk_dir = dir.path().join("disk");
-    journal::Disk::create(&disk_dir, 256 << 20, None).unwrap();
-    let mut disk = journal::Disk::open(&disk_dir, journal::OpenOptions::default()).unwrap();
+/// The test guest running on a fresh disk (Now of a new `disk_size`-byte disk under `dir`),
+/// past its start line.
+struct Started {
+    disk: journal::Disk,
+    gate: Arc<Gate>,
+    console: Console,
+    ctl: VmController,
+    runner: JoinHandle<vmm::Result<Outcome>>,
+}
 
-    // The original run, paused mid-workload.
+fn start_guest(dir: &Path, disk_size: u64) -> Started {
+    let disk_dir = dir.join("disk");
+    journal::Disk::create(&disk_dir, disk_size, None).unwrap();
+    let disk = journal::Disk::open(&disk_dir, journal::OpenOptions::default()).unwrap();
     let gate = Gate::new();
     let console = Console::default();
     let vm = Vm::new(config(&console, device(&disk, &gate))).unwrap();
     let ctl = vm.controller();
+    // Not paused: nothing to capture yet.
     assert!(matches!(ctl.capture(), Err(vmm::Error::NotPaused)));
     let runner = std::thread::spawn(move || vm.run());
     wait_for(&console, "strata-guest: start");
+    Started {
+        disk,
+        gate,
+        console,
+        ctl,
+        runner,
+    }
+}
+
+#[test]
+fn restored_vm_continues_the_workload_from_the_checkpoint() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    // The original run, paused mid-workload.
+    let Started {
+        mut disk,
+        gate,
+        console,
+        ctl,
+        runner,
+    } = start_guest(dir.path(), 256 << 20);
     std::thread::sleep(Duration::from_millis(300));
     let (state, mem) = checkpoint(&ctl, &gate, &mut disk);
     let at_pause = console.text();
@@ -210,15 +212,13 @@ fn restored_vm_continues_the_workload_from_the_checkpoint() {
 fn damaged_states_are_refused_before_the_guest_runs() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
-    let disk_dir = dir.path().join("disk");
-    journal::Disk::create(&disk_dir, 64 << 20, None).unwrap();
-    let mut disk = journal::Disk::open(&disk_dir, journal::OpenOptions::default()).unwrap();
-    let gate = Gate::new();
-    let console = Console::default();
-    let vm = Vm::new(config(&console, device(&disk, &gate))).unwrap();
-    let ctl = vm.controller();
-    let runner = std::thread::spawn(move || vm.run());
-    wait_for(&console, "strata-guest: start");
+    let Started {
+        mut disk,
+        gate,
+        ctl,
+        runner,
+        ..
+    } = start_guest(dir.path(), 64 << 20);
     std::thread::sleep(Duration::from_millis(200));
     let (state, mem) = checkpoint(&ctl, &gate, &mut disk);
     assert!(
@@ -369,15 +369,13 @@ fn damaged_states_are_refused_before_the_guest_runs() {
 fn repeated_pause_capture_resume_keeps_the_guest_correct() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
-    let disk_dir = dir.path().join("disk");
-    journal::Disk::create(&disk_dir, 64 << 20, None).unwrap();
-    let disk = journal::Disk::open(&disk_dir, journal::OpenOptions::default()).unwrap();
-    let gate = Gate::new();
-    let console = Console::default();
-    let vm = Vm::new(config(&console, device(&disk, &gate))).unwrap();
-    let ctl = vm.controller();
-    let runner = std::thread::spawn(move || vm.run());
-    wait_for(&console, "strata-guest: start");
+    let Started {
+        disk: _disk,
+        gate,
+        console,
+        ctl,
+        runner,
+    } = start_guest(dir.path(), 64 << 20);
     let (mut paused, mut worst_stop, mut worst_capture) = (0, Duration::ZERO, Duration::ZERO);
     let mut last_avail = None;
     for _ in 0..20 {

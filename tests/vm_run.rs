@@ -1,27 +1,13 @@
 //! `strata run` with the built-in test guest (needs /dev/kvm): the workload goes through
 //! virtio-mmio and virtio-blk into the journal, and the exit status is the guest's.
 
+mod vm_common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
+use vm_common::{require_kvm, strata};
 use vmm::test_guest::{ledger, Summary};
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("this test needs read/write access to /dev/kvm ({e}); run it on a KVM-capable host");
-    }
-}
-
-fn strata(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(args)
-        .output()
-        .expect("running strata")
-}
 
 /// The guest's final `done` line, parsed by the VMM's own parser (every key present once).
 fn done_line(stdout: &str) -> Summary {

@@ -3,9 +3,10 @@
 //! skips) without it.
 #![allow(dead_code)]
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub fn require_kvm() {
@@ -15,6 +16,27 @@ pub fn require_kvm() {
         .open("/dev/kvm")
     {
         panic!("this test needs read/write access to /dev/kvm ({e}); run it on a KVM-capable host");
+    }
+}
+
+/// A VM console kept in memory (clones share it), for the tests that run `vmm::Vm` directly.
+#[derive(Clone, Default)]
+pub struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 }
 
@@ -171,6 +193,53 @@ pub fn field<'a>(done: &'a str, key: &str) -> &'a str {
 /// Exports Now of a VM's disk to a raw file.
 pub fn export_now(vm: &Path, out: &Path) {
     ok(&["disk", "export", s(&vm.join("disk")), "--output", s(out)]);
+}
+
+/// Creates a VM directory (as [`create_vm`]) and starts it.
+pub fn start_new_vm(dir: &Path, workload: &str, memory: &str, disk: &str) -> Running {
+    create_vm(dir, workload, memory, disk);
+    Running::start(dir)
+}
+
+/// A reference run: a fresh VM in `t/ref` running `workload` uninterrupted to its end, which
+/// must pass. Returns its done line and its disk exported to `t/ref.raw`.
+pub fn make_reference(t: &Path, workload: &str, memory: &str, disk: &str) -> (String, PathBuf) {
+    let dir = t.join("ref");
+    create_vm(&dir, workload, memory, disk);
+    let (okay, out, err) = run_to_end(&dir);
+    assert!(okay, "reference run failed:\n{out}{err}");
+    let done = done_line(&out);
+    assert_eq!(field(&done, "errors"), "0", "{done}");
+    let raw = t.join("ref.raw");
+    export_now(&dir, &raw);
+    (done, raw)
+}
+
+/// Checks the run of `vm` that printed `out` against a [`make_reference`] run of the same
+/// workload: no errors, the same ledger and memory digests and request counts, a
+/// byte-identical disk (exported to `t/TAG.raw`) and a clean `disk check`.
+pub fn assert_matches_reference(
+    vm: &Path,
+    out: &str,
+    reference: &(String, PathBuf),
+    t: &Path,
+    tag: &str,
+) {
+    let done = done_line(out);
+    assert_eq!(field(&done, "errors"), "0", "{tag}: {done}\n{out}");
+    for k in ["ledger", "mem", "writes", "reads"] {
+        assert_eq!(
+            field(&done, k),
+            field(&reference.0, k),
+            "{tag}: {k}: {done} vs {}",
+            reference.0
+        );
+    }
+    let raw = t.join(format!("{tag}.raw"));
+    export_now(vm, &raw);
+    assert_same_file(&raw, &reference.1);
+    let check = ok(&["disk", "check", s(&vm.join("disk"))]);
+    assert!(check.contains("clean"), "{tag}: {check}");
 }
 
 /// Asserts two files are byte-identical (reports the first differing 4 KiB block).

@@ -48,9 +48,7 @@ fn assert_matches_reference(
 
 #[test]
 fn apply_on_the_running_vm_continues_from_the_instant() {
-    require_kvm();
-    let _one = one_vm_test_at_a_time();
-    let t = tempfile::tempdir().unwrap();
+    let (_one, t) = vm_test();
     let reference = reference(t.path());
     for mode in ["live", "stop-copy"] {
         let vm = t.path().join(format!("vm-{mode}"));
@@ -92,9 +90,7 @@ fn apply_on_the_running_vm_continues_from_the_instant() {
 
 #[test]
 fn apply_offline_then_resume_in_a_new_process_and_from_an_export() {
-    require_kvm();
-    let _one = one_vm_test_at_a_time();
-    let t = tempfile::tempdir().unwrap();
+    let (_one, t) = vm_test();
     let reference = reference(t.path());
     let vm = t.path().join("vm");
     let run = start_new_vm(&vm, WORKLOAD, MEMORY, DISK);
@@ -132,9 +128,7 @@ fn apply_offline_then_resume_in_a_new_process_and_from_an_export() {
 
 #[test]
 fn incremental_chain_with_a_deleted_middle_restores_exactly() {
-    require_kvm();
-    let _one = one_vm_test_at_a_time();
-    let t = tempfile::tempdir().unwrap();
+    let (_one, t) = vm_test();
     let reference = reference(t.path());
     let vm = t.path().join("vm");
     let run = start_new_vm(&vm, WORKLOAD, MEMORY, DISK);
@@ -167,9 +161,7 @@ fn incremental_chain_with_a_deleted_middle_restores_exactly() {
 
 #[test]
 fn damaged_or_foreign_state_is_refused_with_a_clear_error() {
-    require_kvm();
-    let _one = one_vm_test_at_a_time();
-    let t = tempfile::tempdir().unwrap();
+    let (_one, t) = vm_test();
     let vm = t.path().join("vm");
     let other = t.path().join("other");
     create_vm(&vm, WORKLOAD, MEMORY, DISK);
@@ -244,9 +236,7 @@ fn damaged_or_foreign_state_is_refused_with_a_clear_error() {
 
 #[test]
 fn sigkill_during_a_live_checkpoint_leaves_no_partial_checkpoint() {
-    require_kvm();
-    let _one = one_vm_test_at_a_time();
-    let t = tempfile::tempdir().unwrap();
+    let (_one, t) = vm_test();
     let vm = t.path().join("vm");
     // Large memory so the background save takes a while.
     create_vm(

@@ -30,9 +30,7 @@ fn names(run: &Running) -> Vec<String> {
 
 #[test]
 fn online_delete_on_a_running_vm_keeps_the_oracle() {
-    require_kvm();
-    let _one = one_vm_test_at_a_time();
-    let t = tempfile::tempdir().unwrap();
+    let (_one, t) = vm_test();
     let reference = reference(t.path());
     let vm = t.path().join("vm");
     let run = start_new_vm(&vm, WORKLOAD, MEMORY, DISK);

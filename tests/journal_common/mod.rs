@@ -126,6 +126,14 @@ pub fn read_all(v: &Volume) -> Vec<u8> {
     b
 }
 
+/// A random byte range `(offset, length)` of 1 to `max_sectors` whole sectors inside a disk of
+/// `size` bytes (the length is drawn first).
+fn random_extent(rng: &mut SmallRng, size: usize, max_sectors: usize) -> (usize, usize) {
+    let len = 512 * rng.gen_range(1..=max_sectors);
+    let off = 512 * rng.gen_range(0..(size - len) / 512);
+    (off, len)
+}
+
 /// Writes 1 to `max_sectors` sectors of patterned bytes at a random sector of Now (FUA one
 /// time in 20), in the disk and the model. Returns what it did.
 pub fn random_data_write(
@@ -134,9 +142,7 @@ pub fn random_data_write(
     m: &mut Model,
     max_sectors: usize,
 ) -> String {
-    let size = m.now.len();
-    let len = 512 * rng.gen_range(1..=max_sectors);
-    let off = 512 * rng.gen_range(0..(size - len) / 512);
+    let (off, len) = random_extent(rng, m.now.len(), max_sectors);
     let v: u8 = rng.gen();
     let data: Vec<u8> = (0..len).map(|i| v ^ (i as u8).wrapping_mul(31)).collect();
     now.write_at(&data, off as u64, rng.gen_bool(0.05)).unwrap();
@@ -152,9 +158,7 @@ pub fn random_zeroing(
     m: &mut Model,
     max_sectors: usize,
 ) -> String {
-    let size = m.now.len();
-    let len = 512 * rng.gen_range(1..=max_sectors);
-    let off = 512 * rng.gen_range(0..(size - len) / 512);
+    let (off, len) = random_extent(rng, m.now.len(), max_sectors);
     if rng.gen_bool(0.5) {
         now.write_zeroes(off as u64, len as u64, false).unwrap();
     } else {

@@ -271,6 +271,14 @@ pub fn let_it_run(d: Duration) {
     std::thread::sleep(d);
 }
 
+/// The start of a VM test: fails without KVM, waits for the binary's other VM tests
+/// ([`one_vm_test_at_a_time`]), and gives a temporary directory.
+pub fn vm_test() -> (std::sync::MutexGuard<'static, ()>, tempfile::TempDir) {
+    require_kvm();
+    let one = one_vm_test_at_a_time();
+    (one, tempfile::tempdir().unwrap())
+}
+
 /// VM tests of one binary run one at a time: each guest holds a core, and the checkpoints'
 /// timing is only meaningful when they do not starve each other.
 pub fn one_vm_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {

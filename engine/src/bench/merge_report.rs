@@ -250,6 +250,15 @@ fn find<'a>(
     })
 }
 
+/// A foreground number with its ratio to no merge: `9000 (0.95x [0.90-1.02])`.
+fn measured(v: f64, median: f64, lo: f64, hi: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.0} ({})", spread(median, lo, hi))
+    } else {
+        "-".into()
+    }
+}
+
 /// Rate of retiring the deleted checkpoint's data: held bytes per second of merge time.
 fn held_rate(r: &MergeRow) -> f64 {
     r.size_mib as f64 * f64::from(1u32 << 20) / (r.merge_ms / 1000.0) / 1e6
@@ -269,24 +278,18 @@ pub fn markdown(rows: &[MergeRow], preamble: &str, default_strategy: &str) -> St
             .iter()
             .filter(|r| r.size_mib == size && r.pattern == pattern)
         {
-            let fg = if r.fg_iops.is_finite() {
-                format!(
-                    "{:.0} ({})",
-                    r.fg_iops,
-                    spread(r.fg_iops_ratio, r.fg_iops_ratio_min, r.fg_iops_ratio_max)
-                )
-            } else {
-                "-".into()
-            };
-            let p99 = if r.fg_p99_us.is_finite() {
-                format!(
-                    "{:.0} ({})",
-                    r.fg_p99_us,
-                    spread(r.fg_p99_ratio, r.fg_p99_ratio_min, r.fg_p99_ratio_max)
-                )
-            } else {
-                "-".into()
-            };
+            let fg = measured(
+                r.fg_iops,
+                r.fg_iops_ratio,
+                r.fg_iops_ratio_min,
+                r.fg_iops_ratio_max,
+            );
+            let p99 = measured(
+                r.fg_p99_us,
+                r.fg_p99_ratio,
+                r.fg_p99_ratio_min,
+                r.fg_p99_ratio_max,
+            );
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {fg} | {p99} | {} | {} | {} |",

@@ -38,8 +38,14 @@ const KEEP_FINISHED: usize = 32;
 /// First wait before a paused (out of space) job is retried; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How long `finish_merge` waits for in-flight I/O to drain before trying again later.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `finish_merge` waits for in-flight I/O to drain before trying again later. Short:
+/// client I/O is paused meanwhile, and a drain that does not come quickly (measured: 32 NBD
+/// requests outstanding for over 10 s, released only when the gate reopened) is better
+/// retried than waited for.
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(250);
+/// Wait before retrying a swap whose drain timed out (fixed: the copy is done, and the
+/// retry costs the clients at most [`DRAIN_TIMEOUT`]).
+const DRAIN_RETRY: Duration = Duration::from_millis(250);
 /// io_uring queue depth of an online merge's bulk copy (an offline one uses the delete's,
 /// default 32): fewer of the disk's queue slots taken from the clients, and smaller batches,
 /// so that a yield comes sooner.
@@ -525,6 +531,7 @@ impl Shared {
         let id = job.id();
         let mut backoff = FIRST_BACKOFF;
         let mut copied = false;
+        let mut drain_retries = 0u32;
         let ended = loop {
             if !copied {
                 let paced =
@@ -565,12 +572,27 @@ impl Shared {
                 break None;
             }
             match self.finish(job) {
-                Finish::Done(report) => break Some(Ok(report)),
+                Finish::Done(report) => {
+                    if drain_retries > 0 {
+                        tracing::info!(
+                            "merge {id}: swapped in after {drain_retries} drain timeouts"
+                        );
+                    }
+                    break Some(Ok(report));
+                }
                 Finish::Retry(j, e) => {
                     let why = crate::cli::error_chain(&e);
-                    tracing::warn!("merge {id}: {why}; retrying in {backoff:?}");
                     job = *j;
-                    self.backoff(&mut backoff, why);
+                    if matches!(e, Error::DrainTimeout { .. }) {
+                        drain_retries += 1;
+                        tracing::info!("merge {id}: {why}; retrying in {DRAIN_RETRY:?}");
+                        self.set_paused(Some(why));
+                        self.sleep(DRAIN_RETRY);
+                        self.set_paused(None);
+                    } else {
+                        tracing::warn!("merge {id}: {why}; retrying in {backoff:?}");
+                        self.backoff(&mut backoff, why);
+                    }
                 }
                 Finish::Failed(e) => {
                     let why = crate::cli::error_chain(&e);

@@ -381,14 +381,15 @@ mod tests {
     fn an_idle_gate_never_interrupts_the_copy() {
         let (_t, disk, mut job, model) = job();
         let gate = Gate::new();
+        // Slices short enough that a busy gate would interrupt every batch.
+        let pacing = Pacing {
+            slice: Duration::from_millis(1),
+            ..Pacing::default()
+        };
         let mut waits = 0;
-        let p = run_paced(
-            &mut job,
-            &AtomicBool::new(false),
-            &gate,
-            &Pacing::default(),
-            |w| waits += usize::from(w),
-        )
+        let p = run_paced(&mut job, &AtomicBool::new(false), &gate, &pacing, |w| {
+            waits += usize::from(w)
+        })
         .unwrap();
         assert_eq!(p, Paced::default());
         assert_eq!(waits, 0);

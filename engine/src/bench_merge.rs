@@ -295,6 +295,8 @@ pub fn run(args: MergeArgs) -> Result<ExitCode> {
                         let _ = fs::remove_dir_all(&cell);
                     }
                     rows.extend(merge_report::aggregate(&done));
+                    // Kept up to date, so that a failure later leaves what was measured.
+                    write_out(&cfg.out.join("merge.csv"), &merge_report::csv(&rows))?;
                 }
             }
             let _ = fs::remove_dir_all(&template);

@@ -184,7 +184,10 @@ fn merge_bench_writes_every_row_with_sane_values() {
         "{md}"
     );
     assert!(md.contains("## Targets (same-run ratios)"), "{md}");
-    assert!(md.contains("yes, 10 merges"), "every loaded merge finished: {md}");
+    assert!(
+        md.contains("yes, 10 merges"),
+        "every loaded merge finished: {md}"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("| strategy | load | ran |"), "{stdout}");
     let svg = std::fs::read_to_string(out_dir.join("merge.svg")).expect("merge.svg");

@@ -52,6 +52,8 @@ fn merge_bench_writes_every_row_with_sane_values() {
             "1",
             "--read-secs",
             "0.2",
+            "--repeat",
+            "2",
         ])
         .arg("--out")
         .arg(&out_dir)
@@ -80,10 +82,16 @@ fn merge_bench_writes_every_row_with_sane_values() {
         "reclaimed_bytes",
         "peak_extra_bytes",
         "peak_extra_sampled",
+        "reps",
+        "merge_ms_max",
         "fg_iops",
         "fg_iops_ratio",
+        "fg_iops_ratio_min",
+        "fg_iops_ratio_max",
         "fg_p99_us",
         "fg_p99_ratio",
+        "fg_p99_ratio_min",
+        "fg_p99_ratio_max",
         "seqread_mb_per_s",
         "open_ms",
         "index_bytes",
@@ -143,6 +151,7 @@ fn merge_bench_writes_every_row_with_sane_values() {
                 }
                 if load == "idle" {
                     assert!(r["fg_iops"].is_empty(), "no load, no IOPS: {r:?}");
+                    assert!(r["reps"].is_empty(), "{r:?}");
                     num(&r, "reclaimed_bytes");
                     num(&r, "peak_extra_sampled");
                 } else {
@@ -150,9 +159,19 @@ fn merge_bench_writes_every_row_with_sane_values() {
                         num(&r, "fg_iops") > 0.0 && num(&r, "fg_p99_us") > 0.0,
                         "{r:?}"
                     );
-                    let ratio = num(&r, "fg_iops_ratio");
-                    assert!(ratio.is_finite() && ratio > 0.0, "{r:?}");
-                    assert!(num(&r, "fg_p99_ratio") > 0.0, "{r:?}");
+                    // Two repetitions: the median lies within their spread, and the
+                    // longest merge is at least the median one.
+                    assert_eq!(num(&r, "reps"), 2.0, "{r:?}");
+                    for m in ["fg_iops_ratio", "fg_p99_ratio"] {
+                        let (med, lo, hi) = (
+                            num(&r, m),
+                            num(&r, &format!("{m}_min")),
+                            num(&r, &format!("{m}_max")),
+                        );
+                        assert!(med.is_finite() && lo > 0.0, "{m}: {r:?}");
+                        assert!(lo <= med && med <= hi, "{m}: {r:?}");
+                    }
+                    assert!(num(&r, "merge_ms_max") >= merge, "{r:?}");
                 }
             }
         }
@@ -165,6 +184,10 @@ fn merge_bench_writes_every_row_with_sane_values() {
         "{md}"
     );
     assert!(md.contains("## Targets (same-run ratios)"), "{md}");
+    assert!(
+        md.contains("yes, 10 merges"),
+        "every loaded merge finished: {md}"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("| strategy | load | ran |"), "{stdout}");
     let svg = std::fs::read_to_string(out_dir.join("merge.svg")).expect("merge.svg");

@@ -23,6 +23,7 @@ use crate::bench::merge_report::{
 };
 use crate::bench::merge_space::allocated;
 use crate::bench::pattern::fill_raw;
+use crate::bench::scratch::{self, loadavg};
 use crate::bench::{merge_run, merge_served, procs, qcow2_commit, ringcopy};
 use crate::{Error, Result};
 
@@ -57,6 +58,11 @@ pub struct MergeArgs {
     /// Loads: idle (in-process journal API), fio (served, 4 KiB random writes at qd32).
     #[arg(long, default_value = "idle,fio", value_delimiter = ',')]
     pub loads: Vec<String>,
+    /// Repetitions of every loaded cell, each on a fresh copy with its own reference
+    /// windows (A B A, so the whole run interleaves A B A A B A ...); the table shows the
+    /// median foreground ratio and the spread.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
     /// Seconds the load runs before the delete (the no-merge reference window).
     #[arg(long, default_value_t = 4.0)]
     pub baseline_secs: f64,
@@ -89,6 +95,7 @@ pub struct Config {
     pub strategies: Vec<String>,
     pub idle: bool,
     pub fio: bool,
+    pub repeat: usize,
     pub baseline_secs: f64,
     pub read_secs: f64,
     pub queue_depth: u32,
@@ -160,6 +167,12 @@ impl Config {
                 "--queue-depth must be between 1 and 256".into(),
             ));
         }
+        if !(1..=50).contains(&a.repeat) {
+            return Err(Error::Usage(format!(
+                "--repeat {}: expected 1 to 50",
+                a.repeat
+            )));
+        }
         let root = a.workdir.clone().unwrap_or_else(std::env::temp_dir);
         Ok(Config {
             out: a.out.clone(),
@@ -169,6 +182,7 @@ impl Config {
             strategies: a.strategies.clone(),
             idle,
             fio,
+            repeat: a.repeat,
             baseline_secs: secs("--baseline-secs", a.baseline_secs)?,
             read_secs: secs("--read-secs", a.read_secs)?,
             queue_depth: a.queue_depth,
@@ -176,22 +190,6 @@ impl Config {
             keep_workdir: a.keep_workdir,
             skip_qemu: a.skip_qemu,
         })
-    }
-}
-
-/// Removes the work directory on every exit path unless asked to keep it.
-struct WorkDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("bench: images kept in {}", self.path.display());
-        } else if let Err(e) = fs::remove_dir_all(&self.path) {
-            eprintln!("bench: could not remove {}: {e}", self.path.display());
-        }
     }
 }
 
@@ -212,15 +210,8 @@ pub fn run(args: MergeArgs) -> Result<ExitCode> {
     } else {
         procs::check_qemu()?
     };
-    fs::create_dir_all(&cfg.out)
-        .map_err(|e| Error::io(format!("creating {}", cfg.out.display()), e))?;
-    fs::create_dir_all(&cfg.workdir)
-        .map_err(|e| Error::io(format!("creating {}", cfg.workdir.display()), e))?;
-    let _guard = WorkDir {
-        path: cfg.workdir.clone(),
-        keep: cfg.keep_workdir,
-    };
-    let exe = std::env::current_exe().map_err(|e| Error::io("locating the strata binary", e))?;
+    let _guard = scratch::prepare(&cfg.out, &cfg.workdir, cfg.keep_workdir)?;
+    let exe = scratch::strata_exe()?;
     let load_before = loadavg();
     let started = Instant::now();
     let log = |msg: String| eprintln!("bench: [{:>6.1}s] {msg}", started.elapsed().as_secs_f64());
@@ -268,32 +259,44 @@ pub fn run(args: MergeArgs) -> Result<ExitCode> {
                         "{case}: delete {} with {strategy}, {load}",
                         layout.target_name()
                     ));
-                    merge_run::copy_template(&template, &cell)?;
-                    let mut r = MergeRow::new(mib, pattern.name(), strategy, load);
-                    if *load == LOAD_IDLE {
-                        let opts = merge_run::delete_options(strategy, cfg.queue_depth)?;
-                        merge_run::idle_delete(&cell, &layout, &opts, &mut r)?;
-                    } else {
-                        merge_served::loaded_delete(
-                            &exe,
-                            &cell,
-                            &cfg.workdir,
-                            &layout,
-                            strategy,
-                            cfg.baseline_secs,
-                            &mut r,
-                        )?;
+                    let reps = if *load == LOAD_IDLE { 1 } else { cfg.repeat };
+                    let mut done = Vec::with_capacity(reps);
+                    for rep in 0..reps {
+                        merge_run::copy_template(&template, &cell)?;
+                        let mut r = MergeRow::new(mib, pattern.name(), strategy, load);
+                        if *load == LOAD_IDLE {
+                            let opts = merge_run::delete_options(strategy, cfg.queue_depth)?;
+                            merge_run::idle_delete(&cell, &layout, &opts, &mut r)?;
+                        } else {
+                            merge_served::loaded_delete(
+                                &exe,
+                                &cell,
+                                &cfg.workdir,
+                                &layout,
+                                strategy,
+                                cfg.baseline_secs,
+                                &mut r,
+                            )?;
+                        }
+                        let checked = merge_run::verify(&cell, &layout, *load == LOAD_IDLE)?;
+                        if rep == 0 {
+                            merge_run::measure_disk(&cell, &layout, cfg.read_secs, &mut r)?;
+                        }
+                        log(format!(
+                            "{case}: {strategy} {load} ({}/{reps}): gone {:.1} ms, merge {:.2} s, {:.1} MB/s, fg {:.2}x, p99 {:.2}x, {checked} blocks checked",
+                            rep + 1,
+                            r.gone_ms,
+                            r.merge_ms / 1000.0,
+                            r.mb_per_s,
+                            r.fg_iops_ratio,
+                            r.fg_p99_ratio,
+                        ));
+                        done.push(r);
+                        let _ = fs::remove_dir_all(&cell);
                     }
-                    let checked = merge_run::verify(&cell, &layout, *load == LOAD_IDLE)?;
-                    merge_run::measure_disk(&cell, &layout, cfg.read_secs, &mut r)?;
-                    log(format!(
-                        "{case}: {strategy} {load}: gone {:.1} ms, merge {:.2} s, {:.1} MB/s, {checked} blocks checked",
-                        r.gone_ms,
-                        r.merge_ms / 1000.0,
-                        r.mb_per_s
-                    ));
-                    rows.push(r);
-                    let _ = fs::remove_dir_all(&cell);
+                    rows.extend(merge_report::aggregate(&done));
+                    // Kept up to date, so that a failure later leaves what was measured.
+                    write_out(&cfg.out.join("merge.csv"), &merge_report::csv(&rows))?;
                 }
             }
             let _ = fs::remove_dir_all(&template);
@@ -343,12 +346,6 @@ fn copy_baseline(cfg: &Config, size: u64, mib: u64, pattern: Pattern) -> Result<
     Ok(r)
 }
 
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 fn preamble(cfg: &Config, fio: &str, qemu: &str, load_before: &str) -> String {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
@@ -377,7 +374,10 @@ fn preamble(cfg: &Config, fio: &str, qemu: &str, load_before: &str) -> String {
          - Load: fio `--ioengine=nbd` 4 KiB random writes at qd32 on Now through `strata disk serve --api`, \
          during the merge (at least 1 s from the delete); the no-merge reference is the same load {baseline:.1} s \
          before the delete (after 1 s of warm-up) and half that long after the merges ended, taken together. \
-         p99 = 99th percentile completion latency. The served merges run with the server's defaults (qd32, no rate limit).\n\
+         p99 = 99th percentile completion latency. Each loaded cell runs {repeat} times (fresh copy, server and fio each time): \
+         the fg ratios are the median of the repetitions with [min-max], merge s the median (longest). The served merges \
+         run with the server's defaults: the merge worker's background pacing (copy thread at nice 10 and best-effort \
+         I/O level 7, io_uring qd8, yielding to client I/O), no rate limit.\n\
          - After each delete: cold open time and index memory of Now's lineage, 64 KiB sequential reads of Now \
          at qd{qd} over the deleted layer's span (the whole disk when scattered), at most {read:.1} s. \
          `before` = the same on the chain before any delete.\n\
@@ -389,6 +389,7 @@ fn preamble(cfg: &Config, fio: &str, qemu: &str, load_before: &str) -> String {
         target = cfg.depth / 2 + cfg.depth % 2,
         sizes = sizes.join(" and "),
         baseline = cfg.baseline_secs,
+        repeat = cfg.repeat,
         qd = merge_run::SEQ_READ_QD,
         read = cfg.read_secs,
         copy = BASE_COPY,
@@ -423,6 +424,7 @@ mod tests {
         assert_eq!(c.patterns, vec![Pattern::Scattered, Pattern::Sequential]);
         assert_eq!(c.strategies.len(), 5);
         assert!(c.idle && c.fio);
+        assert_eq!(c.repeat, 3);
         let c = cfg(&[
             "--sizes",
             "4M",
@@ -442,5 +444,7 @@ mod tests {
         assert!(cfg(&["--loads", "heavy"]).is_err());
         assert!(cfg(&["--baseline-secs=-1"]).is_err());
         assert!(cfg(&["--queue-depth", "0"]).is_err());
+        assert!(cfg(&["--repeat", "0"]).is_err());
+        assert_eq!(cfg(&["--repeat", "5"]).unwrap().repeat, 5);
     }
 }

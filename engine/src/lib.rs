@@ -11,6 +11,7 @@ pub mod control;
 pub mod disk_cmd;
 pub mod error;
 pub mod machine;
+pub mod merge_pace;
 pub mod merge_progress;
 pub mod merge_worker;
 pub mod nbd;

@@ -11,6 +11,11 @@
 //! worker asks the journal for maintenance merges (stacks grown too deep, garbage, merges a
 //! crash interrupted) and runs those too; it also does that once when it starts.
 //!
+//! Every copy runs in the background (`crate::merge_pace`): on a thread of lowered CPU and I/O
+//! priority, with a smaller io_uring queue than an offline merge ([`BACKGROUND_QUEUE_DEPTH`]),
+//! yielding to client I/O while the disk's gate has requests in flight, unless the delete
+//! gave an explicit rate limit (then only the priority is lowered).
+//!
 //! Stopping the worker (dropping it) cancels the running copy between two batches and waits
 //! for the thread: the job's partial output stays where the journal can resume or discard it
 //! on the next open, like after a crash.
@@ -24,6 +29,7 @@ use std::time::{Duration, Instant};
 use journal::{DeleteOptions, Disk, MergeJob, MergeProgress, MergeReport, MergeStatus};
 use serde::Serialize;
 
+use crate::merge_pace::{self, Pacing};
 use crate::quiesce::Gate;
 use crate::{Error, Result};
 
@@ -32,8 +38,20 @@ const KEEP_FINISHED: usize = 32;
 /// First wait before a paused (out of space) job is retried; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How long `finish_merge` waits for in-flight I/O to drain before trying again later.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `finish_merge` waits for in-flight I/O to drain before trying again later. Short:
+/// client I/O is paused meanwhile, and a drain that does not come quickly (measured: 32 NBD
+/// requests outstanding for over 10 s, released only when the gate reopened) is better
+/// retried than waited for.
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(250);
+/// Wait before retrying a swap whose drain timed out (fixed: the copy is done, and the
+/// retry costs the clients at most [`DRAIN_TIMEOUT`]).
+const DRAIN_RETRY: Duration = Duration::from_millis(250);
+/// io_uring queue depth of an online merge's bulk copy (an offline one uses the delete's,
+/// default 32): fewer of the disk's queue slots taken from the clients, and smaller batches,
+/// so that a yield comes sooner.
+pub const BACKGROUND_QUEUE_DEPTH: u32 = 8;
+/// What the status of a job waiting for the clients says.
+pub const YIELDING: &str = "yielding to client I/O";
 /// Maintenance passes in a row (each one returning jobs) before the worker stops asking
 /// until the next delete: a policy that always finds something cannot keep it busy forever.
 const MAX_MAINTENANCE_ROUNDS: usize = 8;
@@ -59,6 +77,7 @@ pub struct Finished {
 struct Queued {
     job: MergeJob,
     progress: Arc<MergeProgress>,
+    pacing: Pacing,
 }
 
 #[derive(Default)]
@@ -79,6 +98,8 @@ struct Shared {
     gate: Arc<Gate>,
     /// Options of maintenance merges.
     opts: DeleteOptions,
+    /// Pacing of the merges of deletes without a rate limit, and of maintenance merges.
+    pacing: Pacing,
     state: Mutex<State>,
     /// Signalled when work arrives, a job ends, or the worker stops.
     changed: Condvar,
@@ -164,10 +185,24 @@ impl MergeWorker {
     /// Starts the worker of `disk`, whose writers all pass through `gate`. It first runs the
     /// maintenance merges the journal wants (for example one a crash interrupted).
     pub fn start(disk: Arc<Mutex<Disk>>, gate: Arc<Gate>) -> Result<MergeWorker> {
+        MergeWorker::start_with(disk, gate, Pacing::default())
+    }
+
+    /// [`MergeWorker::start`] with another pacing policy (`adaptive: false` copies without
+    /// yielding, still at lowered priority).
+    pub fn start_with(
+        disk: Arc<Mutex<Disk>>,
+        gate: Arc<Gate>,
+        pacing: Pacing,
+    ) -> Result<MergeWorker> {
         let shared = Arc::new(Shared {
             disk,
             gate,
-            opts: DeleteOptions::default(),
+            opts: DeleteOptions {
+                queue_depth: BACKGROUND_QUEUE_DEPTH,
+                ..DeleteOptions::default()
+            },
+            pacing,
             state: Mutex::new(State {
                 maintenance_due: true,
                 ..State::default()
@@ -220,15 +255,32 @@ impl MergeWorker {
                 return Err(journal::Error::UnknownCheckpoint(name.into()).into());
             }
         }
+        // An explicit rate limit replaces the adaptive pacing.
+        let (opts, pacing) = match opts.rate_limit {
+            Some(_) => (
+                opts.clone(),
+                Pacing {
+                    adaptive: false,
+                    ..self.shared.pacing
+                },
+            ),
+            None => (
+                DeleteOptions {
+                    queue_depth: opts.queue_depth.min(BACKGROUND_QUEUE_DEPTH),
+                    ..opts.clone()
+                },
+                self.shared.pacing,
+            ),
+        };
         let paused = self.shared.gate.pause(drain_timeout)?;
         let drained = start.elapsed();
         let (report, jobs) = {
             let mut disk = lock_disk(&self.shared.disk)?;
-            tree_change(&mut disk, opts)?
+            tree_change(&mut disk, &opts)?
         };
         drop(paused);
         let gone_us = start.elapsed().as_micros() as u64;
-        let ids = self.enqueue(jobs);
+        let ids = self.enqueue_paced(jobs, pacing);
         tracing::info!(
             "delete {name:?}: gone from the tree after {gone_us} us (I/O drained at {drained:?}), {} merges queued",
             ids.len()
@@ -240,8 +292,13 @@ impl MergeWorker {
         })
     }
 
-    /// Queues jobs (after any already queued); returns their ids.
+    /// Queues jobs (after any already queued), paced like maintenance merges; returns
+    /// their ids.
     pub fn enqueue(&self, jobs: Vec<MergeJob>) -> Vec<u64> {
+        self.enqueue_paced(jobs, self.shared.pacing)
+    }
+
+    fn enqueue_paced(&self, jobs: Vec<MergeJob>, pacing: Pacing) -> Vec<u64> {
         let mut st = lock(&self.shared.state);
         let mut ids = Vec::with_capacity(jobs.len());
         for job in jobs {
@@ -250,6 +307,7 @@ impl MergeWorker {
             st.queue.push_back(Queued {
                 progress: job.progress(),
                 job,
+                pacing,
             });
         }
         st.maintenance_due = true;
@@ -452,6 +510,7 @@ impl Shared {
                     st.queue.push_back(Queued {
                         progress: job.progress(),
                         job,
+                        pacing: self.pacing,
                     });
                 }
                 // Their completion may make more work due (a threshold crossed again).
@@ -464,14 +523,32 @@ impl Shared {
 
     /// Runs one job to its end: done, failed, or left for the next open (stopping).
     fn run_job(&self, q: Queued) {
-        let Queued { mut job, progress } = q;
+        let Queued {
+            mut job,
+            progress,
+            pacing,
+        } = q;
         let id = job.id();
         let mut backoff = FIRST_BACKOFF;
         let mut copied = false;
+        let mut drain_retries = 0u32;
         let ended = loop {
             if !copied {
-                match job.run(&self.cancel) {
-                    Ok(()) => copied = true,
+                let paced =
+                    merge_pace::run_paced(&mut job, &self.cancel, &self.gate, &pacing, |waiting| {
+                        self.set_paused(waiting.then(|| YIELDING.to_string()))
+                    });
+                match paced {
+                    Ok(p) => {
+                        copied = true;
+                        if p.yields > 0 {
+                            tracing::info!(
+                                "merge {id}: yielded to client I/O {} times, {:?} in all",
+                                p.yields,
+                                p.waited
+                            );
+                        }
+                    }
                     Err(_) if self.stopping() => break None,
                     Err(e) if is_no_space(&e) => {
                         let why = crate::cli::error_chain(&e);
@@ -495,12 +572,27 @@ impl Shared {
                 break None;
             }
             match self.finish(job) {
-                Finish::Done(report) => break Some(Ok(report)),
+                Finish::Done(report) => {
+                    if drain_retries > 0 {
+                        tracing::info!(
+                            "merge {id}: swapped in after {drain_retries} drain timeouts"
+                        );
+                    }
+                    break Some(Ok(report));
+                }
                 Finish::Retry(j, e) => {
                     let why = crate::cli::error_chain(&e);
-                    tracing::warn!("merge {id}: {why}; retrying in {backoff:?}");
                     job = *j;
-                    self.backoff(&mut backoff, why);
+                    if matches!(e, Error::DrainTimeout { .. }) {
+                        drain_retries += 1;
+                        tracing::info!("merge {id}: {why}; retrying in {DRAIN_RETRY:?}");
+                        self.set_paused(Some(why));
+                        self.sleep(DRAIN_RETRY);
+                        self.set_paused(None);
+                    } else {
+                        tracing::warn!("merge {id}: {why}; retrying in {backoff:?}");
+                        self.backoff(&mut backoff, why);
+                    }
                 }
                 Finish::Failed(e) => {
                     let why = crate::cli::error_chain(&e);

@@ -29,6 +29,7 @@ use super::procs::{self, cache_name, Server};
 use super::report::{
     self, Row, TARGET_GUEST, TARGET_JOURNAL, TARGET_QCOW2_NBD, TARGET_RAW, TARGET_STRATA_NBD,
 };
+use super::scratch::{self, loadavg};
 use super::{fail, journal_run, plot, runtime_from_secs, DepthArgs, Measured, Workload};
 use crate::{Error, Result};
 
@@ -146,22 +147,6 @@ fn checkpoint_name(layer: usize) -> String {
     format!("c{layer}")
 }
 
-/// Removes the work directory on every exit path unless asked to keep it.
-struct WorkDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("bench: images kept in {}", self.path.display());
-        } else if let Err(e) = fs::remove_dir_all(&self.path) {
-            eprintln!("bench: could not remove {}: {e}", self.path.display());
-        }
-    }
-}
-
 /// `strata bench depth`.
 pub fn run(args: DepthArgs) -> Result<ExitCode> {
     if let Some(csv) = &args.from_csv {
@@ -174,15 +159,8 @@ pub fn run(args: DepthArgs) -> Result<ExitCode> {
     } else {
         procs::check_qemu()?
     };
-    fs::create_dir_all(&cfg.out)
-        .map_err(|e| Error::io(format!("creating {}", cfg.out.display()), e))?;
-    fs::create_dir_all(&cfg.workdir)
-        .map_err(|e| Error::io(format!("creating {}", cfg.workdir.display()), e))?;
-    let _guard = WorkDir {
-        path: cfg.workdir.clone(),
-        keep: cfg.keep_workdir,
-    };
-    let exe = std::env::current_exe().map_err(|e| Error::io("locating the strata binary", e))?;
+    let _guard = scratch::prepare(&cfg.out, &cfg.workdir, cfg.keep_workdir)?;
+    let exe = scratch::strata_exe()?;
     let load_before = loadavg();
     let started = std::time::Instant::now();
 
@@ -347,14 +325,7 @@ fn write_raw(path: &Path, size: u64, seed: u64) -> Result<()> {
 
 /// Creates the Strata disk over `base` with one checkpoint per layer (c1..cN).
 fn build_strata(dir: &Path, base: &Path, size: u64, layers: &[LayerWrites]) -> Result<()> {
-    Disk::create(dir, size, Some(base))?;
-    let mut disk = Disk::open(
-        dir,
-        OpenOptions {
-            cache: CacheMode::Writeback,
-            read_only: false,
-        },
-    )?;
+    let mut disk = scratch::create_writable(dir, size, Some(base))?;
     let now = disk.now();
     for layer in layers {
         let data = vec![layer.byte; BLOCK as usize];
@@ -568,12 +539,6 @@ fn measure_guest(
         bytes: cfg.guest_ops * BLOCK,
         secs: cfg.guest_ops as f64 / iops,
     }))
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn command_line(cmd: &str, args: &[&str]) -> String {

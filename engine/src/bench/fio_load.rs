@@ -12,6 +12,11 @@ use crate::{Error, Result};
 
 /// Upper bound of one load run (it is stopped earlier, once the merge is done).
 const MAX_RUNTIME: Duration = Duration::from_secs(1800);
+/// How long fio may take to write its logs and exit after SIGINT (a loaded machine took
+/// over 30 s for an 18 MB log).
+const EXIT_WAIT: Duration = Duration::from_secs(180);
+/// How long the log may take to appear after fio exited.
+const LOG_WAIT: Duration = Duration::from_secs(10);
 
 /// Milliseconds since the Unix epoch (fio's `--log_unix_epoch` clock).
 pub fn epoch_ms() -> u64 {
@@ -104,6 +109,11 @@ impl FioLoad {
             interrupt(&mut child);
         }
         let path = PathBuf::from(format!("{}_clat.1.log", self.prefix.display()));
+        // fio writes the log as it exits; on a loaded machine that can lag the exit status.
+        let deadline = std::time::Instant::now() + LOG_WAIT;
+        while !path.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let text = std::fs::read_to_string(&path)
             .map_err(|e| Error::io(format!("reading fio's log {}", path.display()), e))?;
         let samples = parse_log(&text).map_err(|e| fail(format!("{}", path.display()), e))?;
@@ -119,7 +129,7 @@ fn interrupt(child: &mut Child) {
         // SAFETY: kill takes no pointers; the pid is our own child, not yet reaped.
         unsafe { libc::kill(pid, libc::SIGINT) };
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + EXIT_WAIT;
     while std::time::Instant::now() < deadline {
         if matches!(child.try_wait(), Ok(Some(_))) {
             return;

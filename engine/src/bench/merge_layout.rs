@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use journal::{CacheMode, Disk, OpenOptions, Volume};
+use journal::Volume;
 
 use super::fail;
 use super::pattern::{Permutation, BLOCK};
@@ -131,14 +131,7 @@ impl Layout {
 
     /// Creates the Strata disk `dir` (no base image) with checkpoints c1..cN.
     pub fn build_strata(&self, dir: &Path) -> Result<()> {
-        Disk::create(dir, self.disk_size, None)?;
-        let mut disk = Disk::open(
-            dir,
-            OpenOptions {
-                cache: CacheMode::Writeback,
-                read_only: false,
-            },
-        )?;
+        let mut disk = super::scratch::create_writable(dir, self.disk_size, None)?;
         let now = disk.now();
         let mut data = Vec::new();
         for l in &self.layers {
@@ -232,6 +225,7 @@ fn scattered(blocks: u64, seed: u64, count: u64) -> Vec<Extent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use journal::{CacheMode, Disk, OpenOptions};
 
     #[test]
     fn plan_has_the_sizes_and_target() {

@@ -34,6 +34,7 @@ pub mod qcow2_commit;
 pub mod rawring;
 pub mod report;
 pub mod ringcopy;
+pub mod scratch;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1167,10 +1167,15 @@ impl Disk {
         let mut freed = 0;
         for &l in m.parent_layers.iter().filter(|l| !pinned.contains(l)) {
             let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, true)?;
-            let mut dead: Vec<u64> = lf
-                .scan_log(self.disk_blocks())?
-                .records
-                .iter()
+            // Only the newest record of each disk block counts: an older one may name a data
+            // block that was reused for another disk block (see "Reusing freed blocks").
+            let scan = lf.scan_log(self.disk_blocks())?;
+            let mut newest: HashMap<u64, &crate::format::Record> = HashMap::new();
+            for r in &scan.records {
+                newest.insert(r.disk_block, r);
+            }
+            let mut dead: Vec<u64> = newest
+                .values()
                 .filter(|r| r.kind == RecordKind::Data && child_blocks.contains(&r.disk_block))
                 .map(|r| r.data_block)
                 .collect();

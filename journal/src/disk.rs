@@ -1098,6 +1098,17 @@ impl Disk {
             }
         }
         drop(st);
+        if dead.len() > comp.unreferenced.len() {
+            // Now's records that supersede those blocks may still be pending: they must be
+            // durable before the blocks are punched, or a crash reads holes there.
+            if let Err(e) = now.sync_log(true) {
+                tracing::warn!(
+                    "merge {}: Now's log is not durable ({e}): the blocks it supersedes stay allocated",
+                    job.id()
+                );
+                dead.truncate(comp.unreferenced.len());
+            }
+        }
         self.registry.release(job.id());
         self.refresh_own_from();
         for &l in &run {

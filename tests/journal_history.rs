@@ -543,3 +543,149 @@ fn a_crash_right_after_finishing_a_merge_reads_no_punched_block() {
     let r = disk.check().unwrap();
     assert!(r.is_clean(), "{:?}", r.problems);
 }
+
+/// Sum of (apparent length, allocated bytes) of the files in `layers/` whose name ends
+/// with `suffix`, and how many there are.
+fn layer_files(dir: &Path, suffix: &str) -> (u64, u64, usize) {
+    let (mut apparent, mut alloc, mut n) = (0, 0, 0);
+    for e in std::fs::read_dir(dir.join("layers")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().ends_with(suffix) {
+            let m = e.metadata().unwrap();
+            apparent += m.len();
+            alloc += m.blocks() * 512;
+            n += 1;
+        }
+    }
+    (apparent, alloc, n)
+}
+
+/// Thousands of checkpoint + rewrite + online delete cycles (merges run and finished while
+/// the history goes on, maintenance merges every few cycles): the layer files, the space
+/// they take, the logs (what an open replays) and Now's lineage stay bounded by functions
+/// of the live data, not of the history; and everything reads as the model says.
+#[test]
+fn thousands_of_checkpoint_delete_cycles_stay_bounded() {
+    use journal::{DeleteOptions, StrategyKind, LINEAGE_SLACK};
+    use std::sync::atomic::AtomicBool;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("disk");
+    let region: u64 = 256; // blocks of live data: 1 MiB
+    Disk::create(&dir, 64 << 20, None).unwrap();
+    let mut disk = open(&dir);
+    let mut model: Vec<Option<u64>> = vec![None; region as usize];
+    let mut rng = SmallRng::seed_from_u64(11);
+    // A checkpoint that stays: the lineage always has a shared layer below Now's stack.
+    for b in 0..region {
+        disk.now()
+            .write_at(&block_image(b, 0), b * BLOCK_SIZE, false)
+            .unwrap();
+        model[b as usize] = Some(0);
+    }
+    disk.checkpoint("keep").unwrap();
+    let keep_model = model.clone();
+    let live = region * BLOCK_SIZE;
+    // Stated bounds, as functions of the live data (region blocks) and the lineage bound:
+    // at most `layers` layers exist ("keep", Now's sealed layers up to 1 + LINEAGE_SLACK
+    // beyond one per checkpoint, the checkpoint of the cycle, Now's active layer);
+    let layers = 1 + 2 + 1 + LINEAGE_SLACK as u64 + 1;
+    // the space allocated is at most the distinct data of the three views that exist
+    // between cycles ("keep", the newest checkpoint, Now: the region each), plus the active
+    // layer's preallocation step (1 MiB) and a cycle's writes;
+    let alloc_bound = 3 * live + (2 << 20);
+    // each log holds at most one record per block it defines plus the records an absorbing
+    // merge appends (one per block of the region) and a cycle's writes (the active layer
+    // is sealed every cycle, so its log never reaches the compaction threshold).
+    let cycle_records = 64;
+    let log_bound = layers * (LOG_HEADER + RECORD * (2 * region + cycle_records));
+    let (mut max_files, mut max_alloc, mut max_log, mut max_depth) = (0, 0, 0, 0);
+    let (mut merges, mut maintenance) = (0, 0);
+    let cycles = 2000u64;
+    let mut prev: Option<String> = None;
+    for c in 1..=cycles {
+        // Rewrites of the same region (some discards).
+        for _ in 0..4 {
+            let at = rng.gen_range(0..region / 8) * 8;
+            if rng.gen_bool(0.15) {
+                disk.now().discard(at * BLOCK_SIZE, 8 * BLOCK_SIZE).unwrap();
+                model[at as usize..at as usize + 8].fill(None);
+                continue;
+            }
+            let mut buf = Vec::with_capacity(8 * BS);
+            for b in at..at + 8 {
+                buf.extend_from_slice(&block_image(b, c));
+                model[b as usize] = Some(c);
+            }
+            disk.now().write_at(&buf, at * BLOCK_SIZE, false).unwrap();
+        }
+        let name = format!("c{c}");
+        disk.checkpoint(&name).unwrap();
+        if let Some(p) = prev.take() {
+            let kind = [StrategyKind::CompactIntoChild, StrategyKind::Relink][(c % 2) as usize];
+            let (_, jobs) = disk.delete_online(&p, &DeleteOptions::with(kind)).unwrap();
+            for mut j in jobs {
+                j.run(&AtomicBool::new(false)).unwrap();
+                // Now is written between the copy and the swap.
+                let at = rng.gen_range(0..region);
+                disk.now()
+                    .write_at(&block_image(at, c), at * BLOCK_SIZE, false)
+                    .unwrap();
+                model[at as usize] = Some(c);
+                if !disk.finish_merge(j).unwrap().discarded {
+                    merges += 1;
+                }
+            }
+        }
+        prev = Some(name);
+        if c % 8 == 0 {
+            disk.now().flush().unwrap();
+            for mut j in disk.maintenance_merges(&DeleteOptions::default()).unwrap() {
+                j.run(&AtomicBool::new(false)).unwrap();
+                if !disk.finish_merge(j).unwrap().discarded {
+                    maintenance += 1;
+                }
+            }
+        }
+        let (_, _, data_files) = layer_files(&dir, ".data");
+        let (log_bytes, _, log_files) = layer_files(&dir, ".log");
+        let (_, alloc, _) = layer_files(&dir, ".data");
+        let depth = disk.info().unwrap().depth as u64;
+        max_files = max_files.max(data_files + log_files);
+        max_alloc = max_alloc.max(alloc);
+        max_log = max_log.max(log_bytes);
+        max_depth = max_depth.max(depth);
+        assert!(
+            (data_files as u64) <= layers && log_files == data_files,
+            "cycle {c}: {data_files} data and {log_files} log files, bound {layers} layers"
+        );
+        assert!(depth <= layers, "cycle {c}: lineage of {depth} layers");
+        assert!(
+            alloc <= alloc_bound,
+            "cycle {c}: {alloc} bytes allocated > {alloc_bound}"
+        );
+        assert!(
+            log_bytes <= log_bound,
+            "cycle {c}: {log_bytes} log bytes > {log_bound}"
+        );
+        if c % 500 == 0 {
+            verify_region(&disk.now(), &model, 0);
+            verify_region(&disk.checkpoint_view("keep").unwrap(), &keep_model, 0);
+            drop(disk);
+            disk = open(&dir);
+            verify_region(&disk.now(), &model, 0);
+            let (_, _, n) = layer_files(&dir, ".data");
+            // Open time: what an open replays is the logs of Now's lineage.
+            let (log_bytes, _, _) = layer_files(&dir, ".log");
+            assert!(log_bytes <= log_bound, "open replays {log_bytes} log bytes");
+            assert!(n as u64 <= layers);
+            let r = disk.check().unwrap();
+            assert!(r.is_clean(), "cycle {c}: {:?}", r.problems);
+        }
+    }
+    assert!(merges > cycles / 4, "only {merges} merges finished");
+    eprintln!(
+        "{cycles} cycles, {merges} delete merges + {maintenance} maintenance merges: max {max_files} \
+         layer files, {max_alloc} bytes allocated (bound {alloc_bound}), {max_log} log bytes \
+         (bound {log_bound}), lineage {max_depth} (bound {layers}); live data {live} bytes"
+    );
+}

@@ -9,6 +9,7 @@
 //! possibly writable view: Now or one checkpoint) and [`IoEngine`] (many requests in flight on
 //! io_uring over a volume).
 
+mod audit;
 mod base;
 mod buf;
 mod compact_log;

@@ -44,6 +44,7 @@ pub(crate) struct Alloc {
 impl Alloc {
     /// `next_block` is the first block no record points at, `file_len` the data file size.
     pub fn new(next_block: u64, file_len: u64) -> Alloc {
+        let reuse = std::env::var_os("STRATA_NO_REUSE").is_none();
         Alloc {
             next_block,
             high_water: next_block,
@@ -51,7 +52,7 @@ impl Alloc {
             free: FreeList::default(),
             limbo_new: Vec::new(),
             limbo_old: Vec::new(),
-            reuse: true,
+            reuse,
         }
     }
 
@@ -79,6 +80,8 @@ impl Alloc {
     pub fn rebuild(&mut self, mut live: Vec<u64>, damaged: bool) {
         if damaged {
             self.reuse = false;
+        }
+        if !self.reuse {
             return;
         }
         live.sort_unstable();

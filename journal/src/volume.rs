@@ -953,7 +953,14 @@ impl Volume {
     pub fn sync_log(&self, durable: bool) -> Result<()> {
         let active = self.state().active.clone();
         match active {
-            Some(a) => a.sync(durable),
+            Some(a) => {
+                a.sync(durable)?;
+                if durable && crate::audit::enabled() && self.in_flight.load(Ordering::Acquire) == 0
+                {
+                    crate::audit::check_view(&self.state(), self.size, "after a durable sync");
+                }
+                Ok(())
+            }
             None => Ok(()),
         }
     }

@@ -810,3 +810,55 @@ fn a_given_up_absorbing_merge_leaves_no_records_behind() {
         );
     }
 }
+
+/// A read racing an overwrite and a flush of the same blocks: the flush frees the old blocks
+/// (punched, or reused), and a read that resolved them before must still get what it asked
+/// for (old or new data), never a punched hole or another block's data (a checksum error).
+#[test]
+fn a_read_racing_an_overwrite_and_a_flush_never_fails() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("disk");
+    Disk::create(&dir, 64 << 20, None).unwrap();
+    let disk = open(&dir);
+    let now = disk.now();
+    // Long reads (16 MiB) against short overwrites (64 blocks) and flushes.
+    let n: u64 = 4096;
+    let chunk: u64 = 64;
+    let write = |at: u64, len: u64, v: u64| {
+        let mut buf = Vec::with_capacity(len as usize * BS);
+        for b in at..at + len {
+            buf.extend_from_slice(&block_image(b, v));
+        }
+        now.write_at(&buf, at * BLOCK_SIZE, false).unwrap();
+    };
+    write(0, n, 0);
+    now.flush().unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut rng = SmallRng::seed_from_u64(5);
+    let reads = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut buf = vec![0u8; n as usize * BS];
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                now.read_at(&mut buf, 0)
+                    .expect("a read racing a flush must not fail its checksum");
+                for (b, blk) in buf.chunks(BS).enumerate() {
+                    let v = u64::from_le_bytes(blk[8..16].try_into().unwrap());
+                    assert_eq!(blk, block_image(b as u64, v), "block {b}");
+                }
+                reads += 1;
+            }
+            reads
+        });
+        for v in 1..=1500 {
+            write(rng.gen_range(0..n / chunk) * chunk, chunk, v);
+            now.flush().unwrap();
+            if reader.is_finished() {
+                break;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        reader.join().unwrap()
+    });
+    assert!(reads > 0);
+}

@@ -701,7 +701,7 @@ impl journal::Strategy for OneMove {
     }
     fn plan(&self, s: &journal::Situation) -> Vec<journal::Move> {
         if s.deleted == self.on {
-            vec![self.mv.clone()]
+            vec![self.mv]
         } else {
             Vec::new()
         }

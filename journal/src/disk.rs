@@ -1098,6 +1098,17 @@ impl Disk {
             }
         }
         drop(st);
+        if dead.len() > comp.unreferenced.len() {
+            // Now's records that supersede those blocks may still be pending: they must be
+            // durable before the blocks are punched, or a crash reads holes there.
+            if let Err(e) = now.sync_log(true) {
+                tracing::warn!(
+                    "merge {}: Now's log is not durable ({e}): the blocks it supersedes stay allocated",
+                    job.id()
+                );
+                dead.truncate(comp.unreferenced.len());
+            }
+        }
         self.registry.release(job.id());
         self.refresh_own_from();
         for &l in &run {
@@ -1167,10 +1178,15 @@ impl Disk {
         let mut freed = 0;
         for &l in m.parent_layers.iter().filter(|l| !pinned.contains(l)) {
             let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, true)?;
-            let mut dead: Vec<u64> = lf
-                .scan_log(self.disk_blocks())?
-                .records
-                .iter()
+            // Only the newest record of each disk block counts: an older one may name a data
+            // block that was reused for another disk block (see "Reusing freed blocks").
+            let scan = lf.scan_log(self.disk_blocks())?;
+            let mut newest: HashMap<u64, &crate::format::Record> = HashMap::new();
+            for r in &scan.records {
+                newest.insert(r.disk_block, r);
+            }
+            let mut dead: Vec<u64> = newest
+                .values()
                 .filter(|r| r.kind == RecordKind::Data && child_blocks.contains(&r.disk_block))
                 .map(|r| r.data_block)
                 .collect();

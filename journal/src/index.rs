@@ -58,6 +58,11 @@ impl Index {
         self.map.insert(block, loc)
     }
 
+    /// Forgets `block` (it reads from the base, or zeros, again); returns what it mapped to.
+    pub fn remove(&mut self, block: u64) -> Option<Loc> {
+        self.map.remove(&block)
+    }
+
     /// Number of blocks mapped.
     pub fn len(&self) -> usize {
         self.map.len()

@@ -9,17 +9,22 @@
 //! possibly writable view: Now or one checkpoint) and [`IoEngine`] (many requests in flight on
 //! io_uring over a volume).
 
+mod audit;
 mod base;
 mod buf;
+mod compact_log;
 mod disk;
 mod error;
 mod format;
+mod freelist;
 mod index;
 mod layer;
 mod locking;
 mod merge;
 mod rangelock;
+mod read_gate;
 mod safe_open;
+mod space;
 mod tree;
 mod uring;
 mod view;
@@ -27,6 +32,7 @@ mod volume;
 mod zeroing;
 
 pub use buf::{AlignedBuf, BUF_ALIGN};
+pub use compact_log::{ActiveSpace, CompactReport, COMPACT_MIN_RECORDS, COMPACT_RATIO};
 pub use disk::{CacheMode, CheckReport, CheckpointInfo, DeleteReport, Disk, DiskInfo, OpenOptions};
 pub use error::{Error, Result};
 pub use merge::{

@@ -122,11 +122,9 @@ pub(crate) fn build_state(
                     scan.torn_bytes
                 );
             }
-            active = Some(Arc::new(ActiveLayer::new(
-                lf.clone(),
-                next_block,
-                scan.valid_len,
-            )?));
+            let a = Arc::new(ActiveLayer::new(lf.clone(), next_block, scan.valid_len)?);
+            a.rebuild_space(&index, ord, !scan.damaged.is_empty())?;
+            active = Some(a);
         }
         files.push(lf);
     }

@@ -8,15 +8,17 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use crate::base::BaseImage;
-use crate::format::{Record, RecordKind, ZERO_BLOCK};
+use crate::format::{Record, RecordKind, LOG_HEADER_SIZE, RECORD_SIZE, ZERO_BLOCK};
 use crate::index::{Index, Loc};
-use crate::layer::{preallocate, LayerFiles};
+use crate::layer::LayerFiles;
 use crate::rangelock::{RangeGuard, RangeLock};
+use crate::read_gate::{ReadGate, ReadPin};
 use crate::safe_open::{open_regular, Links};
+use crate::space::Alloc;
 use crate::{AlignedBuf, Error, Result, BLOCK_SIZE};
 
 #[path = "volume_sync.rs"]
@@ -25,9 +27,6 @@ pub(crate) use sync::{Begin, Steps, SyncBatch};
 
 /// Pending records beyond which the log is appended (without waiting for a FLUSH).
 const MAX_PENDING_RECORDS: usize = 1 << 18;
-/// Smallest and largest preallocation step of an active data file.
-const PREALLOC_MIN: u64 = 1 << 20;
-const PREALLOC_MAX: u64 = 64 << 20;
 
 /// The writable layer of Now.
 pub(crate) struct ActiveLayer {
@@ -37,11 +36,13 @@ pub(crate) struct ActiveLayer {
     journal: Mutex<Pending>,
     /// Signalled when a log append (a sync batch) ends.
     sync_done: Condvar,
-}
-
-struct Alloc {
-    next_block: u64,
-    prealloc_end: u64,
+    /// Reads in flight, so freed blocks are reused only once nobody can still read them.
+    gate: Arc<ReadGate>,
+    /// Index entries of this layer: the records a compacted log would hold.
+    live: AtomicU64,
+    /// Set if a log compaction replaced the log file but this layer could not switch to it:
+    /// every later append fails instead of going to the replaced file.
+    log_lost: AtomicBool,
 }
 
 #[derive(Default)]
@@ -77,49 +78,31 @@ impl ActiveLayer {
             .metadata()
             .map_err(|e| Error::io(&files.data_path, e))?
             .len();
+        crate::compact_log::remove_leftover(&files.log_path);
         Ok(ActiveLayer {
             files,
             log,
-            alloc: Mutex::new(Alloc {
-                next_block,
-                prealloc_end: size.max(next_block * BLOCK_SIZE),
-            }),
+            alloc: Mutex::new(Alloc::new(next_block, size)),
             journal: Mutex::new(Pending {
                 log_len,
                 ..Pending::default()
             }),
             sync_done: Condvar::new(),
+            gate: Arc::default(),
+            live: AtomicU64::new(0),
+            log_lost: AtomicBool::new(false),
         })
     }
 
-    /// Reserves `n` consecutive data blocks, preallocating the file in large steps.
+    /// Reserves `n` consecutive data blocks: freed ones when a run is long enough, else at
+    /// the end of the file.
     fn allocate(&self, n: u64) -> Result<u64> {
-        let mut a = lock(&self.alloc);
-        let first = a.next_block;
-        let end = (first + n) * BLOCK_SIZE;
-        if end > a.prealloc_end {
-            let step = (end / 16).clamp(PREALLOC_MIN, PREALLOC_MAX);
-            let new_end = (end + step).next_multiple_of(PREALLOC_MIN);
-            if let Err(e) = preallocate(&self.files.data, a.prealloc_end, new_end - a.prealloc_end)
-            {
-                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                    return Err(Error::io(&self.files.data_path, e));
-                }
-            }
-            a.prealloc_end = new_end;
-        }
-        a.next_block = first + n;
-        Ok(first)
-    }
-
-    /// Blocks in use in the data file.
-    pub fn used_blocks(&self) -> u64 {
-        lock(&self.alloc).next_block
+        lock(&self.alloc).allocate(n, &self.files)
     }
 
     /// Drops the unused preallocated tail of the data file (when the layer is sealed).
     pub fn trim_preallocation(&self) -> Result<()> {
-        let used = self.used_blocks() * BLOCK_SIZE;
+        let used = lock(&self.alloc).high_water() * BLOCK_SIZE;
         self.files
             .data
             .set_len(used)
@@ -131,10 +114,116 @@ impl ActiveLayer {
     }
 }
 
-/// Gives back blocks nothing references any more once the records superseding them are
-/// durable: today their holes are punched (best effort: a failure only costs space).
-fn release_dead(dead: Vec<(Arc<LayerFiles>, u64)>) {
-    free_blocks(dead);
+/// Space reuse and log compaction support (see `space.rs` and `compact_log.rs`).
+impl ActiveLayer {
+    /// Frees blocks whose superseding records are durable. They are punched once no read
+    /// in flight can still be reading them (a read resolved before the supersession would
+    /// otherwise read a hole), and then this layer's own blocks become reusable.
+    fn release_dead(&self, dead: Vec<(Arc<LayerFiles>, u64)>) {
+        let ready = lock(&self.alloc).retire(dead, &self.gate);
+        if ready.is_empty() {
+            return;
+        }
+        let mine: Vec<u64> = ready
+            .iter()
+            .filter(|(l, _)| l.id == self.files.id)
+            .map(|&(_, b)| b)
+            .collect();
+        free_blocks(ready);
+        if !mine.is_empty() {
+            lock(&self.alloc).reuse(mine);
+        }
+    }
+
+    fn check_log(&self) -> Result<()> {
+        if self.log_lost.load(Ordering::Acquire) {
+            return Err(Error::Corrupt {
+                what: self.files.log_path.display().to_string(),
+                why: "a log compaction could not switch to the new log; reopen the disk".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// After a (re)open: counts this layer's index entries and rebuilds the free list from
+    /// the blocks no live record points at. The log is synced first, so every superseding
+    /// record that was replayed is durable before its superseded block is reused.
+    pub(crate) fn rebuild_space(&self, index: &Index, ordinal: u16, damaged: bool) -> Result<()> {
+        self.log
+            .sync_data()
+            .map_err(|e| Error::io(&self.files.log_path, e))?;
+        let mut live = Vec::new();
+        let mut entries = 0;
+        for (_, l) in index.iter().filter(|(_, l)| l.ordinal == ordinal) {
+            entries += 1;
+            if l.data_block != ZERO_BLOCK {
+                live.push(l.data_block);
+            }
+        }
+        self.live.store(entries, Ordering::Release);
+        lock(&self.alloc).rebuild(live, damaged);
+        Ok(())
+    }
+
+    /// Records in the log, appended or pending.
+    pub(crate) fn log_records(&self) -> u64 {
+        let j = lock(&self.journal);
+        (j.log_len.saturating_sub(LOG_HEADER_SIZE) + j.records.len() as u64) / RECORD_SIZE as u64
+    }
+
+    /// Index entries of this layer (records of a compacted log).
+    pub(crate) fn live_entries(&self) -> u64 {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn forget_entries(&self, n: u64) {
+        self.live.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// The write descriptor of the log (a compaction points it at the new log).
+    pub(crate) fn log_file(&self) -> &File {
+        &self.log
+    }
+
+    pub(crate) fn mark_log_lost(&self) {
+        self.log_lost.store(true, Ordering::Release);
+    }
+
+    /// Takes the pending records and freed blocks (a compaction holding the log
+    /// writes their effect, which is in the index, into the new log).
+    pub(crate) fn take_pending(&self) -> (Vec<u8>, Vec<(Arc<LayerFiles>, u64)>) {
+        let mut j = lock(&self.journal);
+        (std::mem::take(&mut j.records), std::mem::take(&mut j.dead))
+    }
+
+    /// Puts back what [`ActiveLayer::take_pending`] took, before anything newer.
+    pub(crate) fn restore_pending(&self, records: Vec<u8>, dead: Vec<(Arc<LayerFiles>, u64)>) {
+        let mut j = lock(&self.journal);
+        let mut r = records;
+        r.append(&mut j.records);
+        j.records = r;
+        let mut d = dead;
+        d.append(&mut j.dead);
+        j.dead = d;
+    }
+
+    /// The log was replaced by a durable compacted log of `len` bytes that covers `dead`'s
+    /// superseding records.
+    pub(crate) fn log_replaced(&self, len: u64, dead: Vec<(Arc<LayerFiles>, u64)>) {
+        {
+            let mut j = lock(&self.journal);
+            j.log_len = len;
+            j.log_dirty = false;
+        }
+        self.release_dead(dead);
+    }
+
+    /// Allocation figures: (used blocks, reusable free blocks, blocks waiting for readers).
+    pub(crate) fn space(&self) -> (u64, u64, u64) {
+        let a = lock(&self.alloc);
+        let (free, limbo) = a.free_blocks();
+        (a.used_blocks(), free, limbo)
+    }
 }
 
 /// Punches holes for blocks nothing references any more (best effort: a failure only costs
@@ -316,6 +405,8 @@ pub(crate) struct ReadPlan {
     pub nblocks: u64,
     pub segs: Vec<ReadSeg>,
     pub checks: Vec<BlockCheck>,
+    /// Keeps the blocks read from being reused for other data while the read runs.
+    _pin: Option<ReadPin>,
 }
 
 /// One run of consecutive disk blocks in a write.
@@ -388,6 +479,20 @@ impl Volume {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The state, unless a writer holds (or waits for) its lock.
+    pub(crate) fn try_state(&self) -> Option<RwLockReadGuard<'_, ViewState>> {
+        match self.state.try_read() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// The base image under every layer, if any.
+    pub(crate) fn base(&self) -> Option<&Arc<BaseImage>> {
+        self.base.as_ref()
+    }
+
     pub(crate) fn state_mut(&self) -> RwLockWriteGuard<'_, ViewState> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -452,6 +557,9 @@ impl Volume {
         let mut checks = Vec::new();
         let st = self.state();
         st.check_readable()?;
+        // Pinned before the index is read: a block this read resolves is not reused for
+        // other data until the plan is dropped.
+        let pin = st.active.as_ref().map(|a| a.gate.pin());
         for i in 0..nblocks {
             let block = first_block + i;
             let buf_off = (i * BLOCK_SIZE) as usize;
@@ -533,6 +641,7 @@ impl Volume {
             nblocks,
             segs,
             checks,
+            _pin: pin,
         })
     }
 
@@ -763,6 +872,7 @@ impl Volume {
     /// true when the caller should append the log soon ([`Volume::sync_log`]).
     pub(crate) fn commit(&self, plan: WritePlan) -> bool {
         let mut dead = Vec::new();
+        let mut new_entries = 0;
         let mut rec_bytes = Vec::with_capacity(plan.crcs.len().max(1) * crate::format::RECORD_SIZE);
         let seed = plan.active.files.seed;
         let mut st = self.state_mut();
@@ -802,7 +912,11 @@ impl Volume {
                         },
                     ),
                 };
-                if let Some(old) = st.index.insert(block, loc) {
+                let old = st.index.insert(block, loc);
+                if old.is_none_or(|o| o.ordinal != plan.ordinal) {
+                    new_entries += 1;
+                }
+                if let Some(old) = old {
                     if usize::from(old.ordinal) >= st.own_from && old.data_block != ZERO_BLOCK {
                         if let Some(l) = st.layers.get(usize::from(old.ordinal)) {
                             dead.push((l.clone(), old.data_block));
@@ -812,6 +926,7 @@ impl Volume {
                 rec_bytes.extend_from_slice(&rec.encode(seed));
             }
         }
+        plan.active.live.fetch_add(new_entries, Ordering::AcqRel);
         let mut j = lock(&plan.active.journal);
         drop(st);
         j.records.extend_from_slice(&rec_bytes);
@@ -838,7 +953,14 @@ impl Volume {
     pub fn sync_log(&self, durable: bool) -> Result<()> {
         let active = self.state().active.clone();
         match active {
-            Some(a) => a.sync(durable),
+            Some(a) => {
+                a.sync(durable)?;
+                if durable && crate::audit::enabled() && self.in_flight.load(Ordering::Acquire) == 0
+                {
+                    crate::audit::check_view(&self.state(), self.size, "after a durable sync");
+                }
+                Ok(())
+            }
             None => Ok(()),
         }
     }
@@ -889,8 +1011,11 @@ impl Volume {
         self.write_zeroes(offset, len, false)
     }
 
-    /// Makes every completed write durable.
+    /// Makes every completed write durable (and compacts the log when most of it is
+    /// superseded records).
     pub fn flush(&self) -> Result<()> {
-        self.sync_log(true)
+        self.sync_log(true)?;
+        self.compact_if_due();
+        Ok(())
     }
 }

@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{lock, release_dead, ActiveLayer, Pending, Volume};
+use super::{lock, ActiveLayer, Pending, Volume};
 use crate::layer::LayerFiles;
 use crate::{Error, Result};
 
@@ -207,7 +207,7 @@ impl ActiveLayer {
             let _ = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
         let freed = outcome?;
-        release_dead(freed);
+        self.release_dead(freed);
         Ok(())
     }
 
@@ -231,6 +231,12 @@ impl ActiveLayer {
             d.append(&mut j.dead);
             j.dead = d;
         };
+        if let Err(e) = self.check_log() {
+            // The log was replaced under a descriptor that could not follow: whatever this
+            // batch appended went to the replaced file.
+            give_back(j, records, dead);
+            return Err(e);
+        }
         if !records.is_empty() {
             if let Err(e) = steps.data_sync.unwrap_or_else(|| Err(not_run())) {
                 give_back(j, records, dead);
@@ -267,7 +273,6 @@ impl ActiveLayer {
 
     /// Holds the log against every sync batch (blocking until the running one ends), for
     /// work that rewrites the log. Released on drop.
-    #[allow(dead_code)]
     pub(crate) fn lock_log(&self) -> LogLock<'_> {
         let mut j = lock(&self.journal);
         while j.syncing {

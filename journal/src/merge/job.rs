@@ -367,6 +367,23 @@ impl MergeJob {
                         tracing::warn!("could not trim {}: {e}", out.data_path.display());
                     }
                 }
+                if let (Some(out), Some(c), true) = (&self.out, &self.comp, self.log_started) {
+                    // The records appended to the absorbing layer go again: views keep
+                    // reading the run's own records, and the logs must say the same (a
+                    // later merge below this layer would take those blocks as hidden
+                    // above it). The copied data stays: a reader that loaded the records
+                    // meanwhile may still read it.
+                    let mut opts = std::fs::OpenOptions::new();
+                    opts.write(true);
+                    let cut = open_regular(&out.log_path, &opts, Links::Refuse).and_then(|f| {
+                        f.set_len(c.log_at)
+                            .and_then(|()| f.sync_all())
+                            .map_err(|e| Error::io(&out.log_path, e))
+                    });
+                    if let Err(e) = cut {
+                        tracing::warn!("merge {}: {e}", self.s.id);
+                    }
+                }
             }
         }
         self.out = None;

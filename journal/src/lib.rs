@@ -19,6 +19,7 @@ mod layer;
 mod locking;
 mod merge;
 mod rangelock;
+mod read_gate;
 mod safe_open;
 mod tree;
 mod uring;

@@ -316,6 +316,8 @@ pub(crate) struct ReadPlan {
     pub nblocks: u64,
     pub segs: Vec<ReadSeg>,
     pub checks: Vec<BlockCheck>,
+    /// Holds the merge gate while the plan lives (see [`crate::merge::MergeGate`]).
+    _merge_pin: crate::read_gate::ReadPin,
 }
 
 /// One run of consecutive disk blocks in a write.
@@ -365,6 +367,8 @@ pub struct Volume {
     state: RwLock<ViewState>,
     locks: RangeLock,
     in_flight: AtomicUsize,
+    /// Reads in flight, for a merge that frees source blocks it moved out of the index.
+    pub(crate) merge_gate: crate::merge::MergeGate,
 }
 
 impl Volume {
@@ -381,6 +385,7 @@ impl Volume {
             state: RwLock::new(state),
             locks: RangeLock::default(),
             in_flight: AtomicUsize::new(0),
+            merge_gate: crate::merge::MergeGate::default(),
         }
     }
 
@@ -452,6 +457,9 @@ impl Volume {
         let mut checks = Vec::new();
         let st = self.state();
         st.check_readable()?;
+        // Pinned before the index is read: a merge frees a block it moved out of the index
+        // only once the reads that may have resolved to it are done.
+        let merge_pin = self.merge_gate.pin();
         for i in 0..nblocks {
             let block = first_block + i;
             let buf_off = (i * BLOCK_SIZE) as usize;
@@ -533,6 +541,7 @@ impl Volume {
             nblocks,
             segs,
             checks,
+            _merge_pin: merge_pin,
         })
     }
 

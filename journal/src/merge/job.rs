@@ -241,6 +241,12 @@ impl MergeJob {
     pub fn run_layers(&self) -> Vec<u64> {
         self.s.run.iter().map(|l| l.id).collect()
     }
+    /// Changes the bulk-copy rate limit (bytes per second, None = unlimited) for the next
+    /// [`MergeJob::run`]; a job stays resumable between runs.
+    pub fn set_rate_limit(&mut self, rate: Option<u64>) {
+        self.s.rate_limit = rate;
+    }
+
     /// True once the copy is complete (ready for `finish_merge`).
     pub fn is_copied(&self) -> bool {
         self.copied

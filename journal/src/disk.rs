@@ -1283,11 +1283,12 @@ impl Disk {
         };
         let now = self.now.clone();
         let mut st = now.state_mut();
-        if now.writes_in_flight() > 0 {
+        let view_pos = st.find_run(&run);
+        // A planned write carries its layer's ordinal, which the insertion would shift.
+        if view_pos.is_some() && now.writes_in_flight() > 0 {
             drop(st);
             return Err(self.abandon_layer(id, Error::Busy));
         }
-        let view_pos = st.find_run(&run);
         if view_pos.is_some() && st.layers.len() >= usize::from(u16::MAX) {
             drop(st);
             return Err(
@@ -1334,10 +1335,10 @@ impl Disk {
         tree.merging.retain(|m| m.out != out);
         let now = self.now.clone();
         let mut st = now.state_mut();
-        if now.writes_in_flight() > 0 {
+        let view_pos = st.find_run(&run);
+        if view_pos.is_some() && now.writes_in_flight() > 0 {
             return Err(Error::Busy);
         }
-        let view_pos = st.find_run(&run);
         self.commit_tree(tree)?;
         if let Some(p) = view_pos {
             st.remove_layer(p + run.len() - 1);

@@ -498,7 +498,21 @@ impl MergeJob {
         let mut copier = Copier::new(self.s.queue_depth)?;
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true);
-        let log = open_regular(&out.log_path, &opts, Links::Refuse)?;
+        let log = match open_regular(&out.log_path, &opts, Links::Refuse) {
+            Ok(f) => f,
+            // Layers are unlinked only once the tree no longer has them: the job is stale,
+            // and finish_merge will discard it.
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                tracing::info!(
+                    "merge {}: layer {} is gone from the tree; nothing to do",
+                    self.s.id,
+                    out.id
+                );
+                self.stale = true;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let started = Instant::now();
         let start_done = self.done;
         while self.done < total || p.rec_done < comp.records.len() {

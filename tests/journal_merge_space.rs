@@ -56,16 +56,18 @@ fn read_all(v: &journal::Volume) -> Vec<u8> {
     b
 }
 
+/// A 64 KiB write at a random 64 KiB-aligned offset (a progressive merge frees copied
+/// sources in ranges of at least 64 KiB; see DESIGN.md).
 fn write(rng: &mut SmallRng, now: &journal::Volume, model: &mut [u8]) {
-    let blocks = rng.gen_range(1..16u64);
-    let b = rng.gen_range(0..BLOCKS - blocks);
+    let blocks = 16;
+    let b = rng.gen_range(0..BLOCKS / 16 - 1) * 16;
     let mut buf = vec![0u8; (blocks * 4096) as usize];
     rng.fill(&mut buf[..]);
     now.write_at(&buf, b * 4096, false).unwrap();
     model[(b * 4096) as usize..((b + blocks) * 4096) as usize].copy_from_slice(&buf);
 }
 
-/// Checkpoint `a` holds ~24 MiB of scattered blocks, `b` (its child) ~2 MiB; Now is b's
+/// Checkpoint `a` holds ~24 MiB of scattered 64 KiB pieces, `b` (its child) ~2 MiB; Now is b's
 /// child. Deleting `a` compacts b's relinked stack into a new layer.
 fn setup(dir: &Path) -> (Disk, Vec<u8>, Vec<u8>) {
     Disk::create(dir, SIZE, None).unwrap();
@@ -73,17 +75,17 @@ fn setup(dir: &Path) -> (Disk, Vec<u8>, Vec<u8>) {
     let now = disk.now();
     let mut rng = SmallRng::seed_from_u64(11);
     let mut model = vec![0u8; SIZE as usize];
-    for _ in 0..800 {
+    for _ in 0..420 {
         write(&mut rng, &now, &mut model);
     }
     let mut disk = disk;
     disk.checkpoint("a").unwrap();
-    for _ in 0..60 {
+    for _ in 0..32 {
         write(&mut rng, &now, &mut model);
     }
     disk.checkpoint("b").unwrap();
     let b = model.clone();
-    for _ in 0..20 {
+    for _ in 0..10 {
         write(&mut rng, &now, &mut model);
     }
     now.flush().unwrap();

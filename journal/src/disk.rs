@@ -995,6 +995,7 @@ impl Disk {
                     rate_limit: opts.rate_limit,
                     queue_depth: opts.queue_depth,
                     batch_bytes: opts.batch_bytes,
+                    progressive: opts.progressive,
                     registry: self.registry.clone(),
                 }))
             })();
@@ -1186,7 +1187,7 @@ impl Disk {
     /// output before the swap as before.
     fn start_progressive(&mut self, mut jobs: Vec<MergeJob>) -> Vec<MergeJob> {
         for job in &mut jobs {
-            if job.progressive.is_some() || job.stale {
+            if job.progressive.is_some() || job.stale || !job.s.progressive {
                 continue;
             }
             if job.absorbs_into_top() {

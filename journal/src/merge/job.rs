@@ -106,6 +106,8 @@ pub(crate) struct JobSetup {
     pub rate_limit: Option<u64>,
     pub queue_depth: u32,
     pub batch_bytes: Option<u64>,
+    /// May become progressive (`DeleteOptions::progressive`).
+    pub progressive: bool,
     pub registry: Arc<Registry>,
 }
 
@@ -157,7 +159,14 @@ pub(crate) struct Progressive {
     base_alloc: Option<u64>,
     /// Source layers opened for punching, by run index.
     punchers: HashMap<usize, LayerFiles>,
+    /// Copied source blocks not freed yet, by run index: freed once they form a range of
+    /// [`MIN_PUNCH_BLOCKS`] (a hole punch per scattered 4 KiB block costs more than the
+    /// copy), or with the source files at the swap.
+    deferred: HashMap<usize, std::collections::BTreeSet<u64>>,
 }
+
+/// Shortest range of copied source blocks a progressive merge punches (64 KiB).
+const MIN_PUNCH_BLOCKS: usize = 16;
 
 fn no_space(e: &Error) -> bool {
     let errno = match e {
@@ -198,6 +207,7 @@ impl MergeJob {
             rec_done: 0,
             base_alloc: None,
             punchers: HashMap::new(),
+            deferred: HashMap::new(),
         });
     }
 
@@ -646,9 +656,29 @@ impl MergeJob {
         let busy = self.s.registry.busy_except(self.s.id);
         let viewed = self.s.registry.viewed_layers();
         let mut freed = 0;
-        for (src, mut blocks) in per {
+        for (src, blocks) in per {
             let id = self.s.run[src].id;
+            let set = p.deferred.entry(src).or_default();
+            set.extend(blocks);
             if busy.contains(&id) || viewed.contains(&id) {
+                continue;
+            }
+            // The ranges long enough to punch now.
+            let mut blocks = Vec::new();
+            let mut run: Vec<u64> = Vec::new();
+            for &b in set.iter() {
+                if run.last().is_some_and(|&l| l + 1 != b) {
+                    if run.len() >= MIN_PUNCH_BLOCKS {
+                        blocks.append(&mut run);
+                    }
+                    run.clear();
+                }
+                run.push(b);
+            }
+            if run.len() >= MIN_PUNCH_BLOCKS {
+                blocks.append(&mut run);
+            }
+            if blocks.is_empty() {
                 continue;
             }
             let log_path = layer::log_path(&self.s.dir, id);
@@ -673,6 +703,9 @@ impl MergeJob {
                 }
             };
             let before = layer::allocated(&files.data_path);
+            for b in &blocks {
+                set.remove(b);
+            }
             if let Err(e) = files.punch(&mut blocks) {
                 tracing::warn!(
                     "merge {}: could not free blocks of layer {id}: {e}",

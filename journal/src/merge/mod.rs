@@ -42,6 +42,9 @@ pub struct DeleteOptions {
     /// merge, of rate limiting, cancellation and resume). `None`: 8 MiB or
     /// 4 x `queue_depth` x 128 KiB, whichever is more.
     pub batch_bytes: Option<u64>,
+    /// Let copying merges whose output tops their run free their sources batch by batch
+    /// (default true; false keeps every source until the swap, for comparisons).
+    pub progressive: bool,
 }
 
 impl Default for DeleteOptions {
@@ -53,6 +56,7 @@ impl Default for DeleteOptions {
             rate_limit: None,
             queue_depth: 32,
             batch_bytes: None,
+            progressive: true,
         }
     }
 }
@@ -69,6 +73,7 @@ impl std::fmt::Debug for DeleteOptions {
             .field("rate_limit", &self.rate_limit)
             .field("queue_depth", &self.queue_depth)
             .field("batch_bytes", &self.batch_bytes)
+            .field("progressive", &self.progressive)
             .finish()
     }
 }

@@ -155,6 +155,12 @@ pub(crate) struct Progressive {
     now: Arc<Volume>,
     /// Records appended so far.
     rec_done: usize,
+    /// Copies the records written so far cover.
+    rec_copies: usize,
+    /// The copied source blocks are too scattered to free as ranges (see
+    /// [`fragmented`]): records are written once, after the last batch, and the sources
+    /// are freed by the swap, as in a whole-output merge.
+    fragmented: Option<bool>,
     /// Allocated bytes of the run's files when the job started copying.
     base_alloc: Option<u64>,
     /// Source layers opened for punching, by run index.
@@ -167,6 +173,22 @@ pub(crate) struct Progressive {
 
 /// Shortest range of copied source blocks a progressive merge punches (64 KiB).
 const MIN_PUNCH_BLOCKS: usize = 16;
+
+/// True when the copies' source blocks form ranges shorter than [`MIN_PUNCH_BLOCKS`] on
+/// average (4 KiB random writes): freeing them batch by batch would cost a hole punch per
+/// block.
+fn fragmented(copies: &[super::copy::CopyItem]) -> bool {
+    if copies.is_empty() {
+        return false;
+    }
+    let mut v: Vec<(u32, u64)> = copies.iter().map(|c| (c.src, c.src_block)).collect();
+    v.sort_unstable();
+    let runs = 1 + v
+        .windows(2)
+        .filter(|w| w[1].0 != w[0].0 || w[1].1 != w[0].1 + 1)
+        .count();
+    v.len() < runs * MIN_PUNCH_BLOCKS
+}
 
 fn no_space(e: &Error) -> bool {
     let errno = match e {
@@ -205,6 +227,8 @@ impl MergeJob {
         self.progressive = Some(Progressive {
             now,
             rec_done: 0,
+            rec_copies: 0,
+            fragmented: None,
             base_alloc: None,
             punchers: HashMap::new(),
             deferred: HashMap::new(),
@@ -523,6 +547,7 @@ impl MergeJob {
             }
             Err(e) => return Err(e),
         };
+        let fragmented = *p.fragmented.get_or_insert_with(|| fragmented(&comp.copies));
         let started = Instant::now();
         let start_done = self.done;
         while self.done < total || p.rec_done < comp.records.len() {
@@ -532,7 +557,7 @@ impl MergeJob {
             let end = (self.done + batch).min(total);
             // The batch's records: up to the first data record past its last copy.
             let mut rend = p.rec_done;
-            let mut c = self.done;
+            let mut c = p.rec_copies;
             while rend < comp.records.len() {
                 if comp.records[rend].kind == RecordKind::Data {
                     if c == end {
@@ -563,11 +588,22 @@ impl MergeJob {
                     out,
                     comp.out_first,
                 )?;
-                // The data is durable before any record points at it.
-                out.data
-                    .sync_data()
-                    .map_err(|e| Error::io(&out.data_path, e))?;
             }
+            if fragmented && end < total {
+                // Records only after the last batch (see `Progressive::fragmented`).
+                self.peak_extra = self.peak_extra.max(self.run_alloc().saturating_sub(base));
+                self.progress.batch_written(end as u64 * BLOCK_SIZE);
+                self.done = end;
+                self.progress.set_done(self.done as u64 * BLOCK_SIZE);
+                self.progress
+                    .add_copy_time(len, t0.elapsed().as_nanos() as u64);
+                self.pace(cancel, started, start_done)?;
+                continue;
+            }
+            // The data is durable before any record points at it.
+            out.data
+                .sync_data()
+                .map_err(|e| Error::io(&out.data_path, e))?;
             let recs = &comp.records[p.rec_done..rend];
             let mut bytes = Vec::with_capacity(recs.len() * RECORD_SIZE);
             for r in recs {
@@ -595,9 +631,11 @@ impl MergeJob {
             self.peak_extra = self.peak_extra.max(self.run_alloc().saturating_sub(base));
             self.progress.batch_written(end as u64 * BLOCK_SIZE);
             // Reads planned before the move may still read the old blocks.
-            let drained = !moved || p.now.merge_gate.drain(Duration::from_secs(10));
-            if drained {
-                self.freed += self.free_sources(comp, p, self.done, p.rec_done..rend, &kept);
+            let drained = fragmented || !moved || p.now.merge_gate.drain(Duration::from_secs(10));
+            if fragmented {
+                // The swap frees the sources.
+            } else if drained {
+                self.freed += self.free_sources(comp, p, p.rec_copies, p.rec_done..rend, &kept);
             } else {
                 tracing::warn!(
                     "merge {}: a read of Now did not finish in 10 s; this batch's sources stay allocated",
@@ -606,22 +644,29 @@ impl MergeJob {
             }
             self.done = end;
             p.rec_done = rend;
+            p.rec_copies = end;
             self.progress.set_done(self.done as u64 * BLOCK_SIZE);
             self.progress
                 .add_copy_time(len, t0.elapsed().as_nanos() as u64);
-            if let Some(rate) = self.s.rate_limit.filter(|&r| r > 0) {
-                let bytes = (self.done - start_done) as u64 * BLOCK_SIZE;
-                let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
-                while started.elapsed() < due {
-                    if cancel.load(Ordering::Acquire) {
-                        return Err(Error::MergeCancelled(self.s.id));
-                    }
-                    let left = due.saturating_sub(started.elapsed());
-                    std::thread::sleep(left.min(Duration::from_millis(20)));
-                }
-            }
+            self.pace(cancel, started, start_done)?;
         }
         log.sync_all().map_err(|e| Error::io(&out.log_path, e))?;
+        Ok(())
+    }
+
+    /// The rate limit's sleep after a batch (polling `cancel`).
+    fn pace(&self, cancel: &AtomicBool, started: Instant, start_done: usize) -> Result<()> {
+        if let Some(rate) = self.s.rate_limit.filter(|&r| r > 0) {
+            let bytes = (self.done - start_done) as u64 * BLOCK_SIZE;
+            let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
+            while started.elapsed() < due {
+                if cancel.load(Ordering::Acquire) {
+                    return Err(Error::MergeCancelled(self.s.id));
+                }
+                let left = due.saturating_sub(started.elapsed());
+                std::thread::sleep(left.min(Duration::from_millis(20)));
+            }
+        }
         Ok(())
     }
 

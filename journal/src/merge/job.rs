@@ -174,20 +174,23 @@ pub(crate) struct Progressive {
 /// Shortest range of copied source blocks a progressive merge punches (64 KiB).
 const MIN_PUNCH_BLOCKS: usize = 16;
 
-/// True when the copies' source blocks form ranges shorter than [`MIN_PUNCH_BLOCKS`] on
-/// average (4 KiB random writes): freeing them batch by batch would cost a hole punch per
-/// block.
-fn fragmented(copies: &[super::copy::CopyItem]) -> bool {
+/// True when the source blocks of each batch of `batch` copies form ranges shorter than
+/// 4 blocks on average (4 KiB random writes, whose disk order is not their order in the
+/// source file): freeing them batch by batch would cost a hole punch per block or two.
+fn fragmented(copies: &[super::copy::CopyItem], batch: usize) -> bool {
     if copies.is_empty() {
         return false;
     }
-    let mut v: Vec<(u32, u64)> = copies.iter().map(|c| (c.src, c.src_block)).collect();
-    v.sort_unstable();
-    let runs = 1 + v
-        .windows(2)
-        .filter(|w| w[1].0 != w[0].0 || w[1].1 != w[0].1 + 1)
-        .count();
-    v.len() < runs * MIN_PUNCH_BLOCKS
+    let mut runs = 0;
+    for chunk in copies.chunks(batch.max(1)) {
+        let mut v: Vec<(u32, u64)> = chunk.iter().map(|c| (c.src, c.src_block)).collect();
+        v.sort_unstable();
+        runs += 1 + v
+            .windows(2)
+            .filter(|w| w[1].0 != w[0].0 || w[1].1 != w[0].1 + 1)
+            .count();
+    }
+    copies.len() < runs * 4
 }
 
 fn no_space(e: &Error) -> bool {
@@ -547,7 +550,9 @@ impl MergeJob {
             }
             Err(e) => return Err(e),
         };
-        let fragmented = *p.fragmented.get_or_insert_with(|| fragmented(&comp.copies));
+        let fragmented = *p
+            .fragmented
+            .get_or_insert_with(|| fragmented(&comp.copies, batch));
         let started = Instant::now();
         let start_done = self.done;
         while self.done < total || p.rec_done < comp.records.len() {

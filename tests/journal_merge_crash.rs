@@ -76,6 +76,16 @@ fn layer_files(dir: &Path) -> HashSet<u64> {
         .collect()
 }
 
+/// Small batches, so that most merges take several and kills land between them.
+fn options(strategy: StrategyKind) -> DeleteOptions {
+    DeleteOptions {
+        rate_limit: Some(12 << 20),
+        queue_depth: 8,
+        batch_bytes: Some(1 << 20),
+        ..DeleteOptions::with(strategy)
+    }
+}
+
 /// The child: deletes `MERGE_CRASH_TARGET` with `MERGE_CRASH_STRATEGY`, rate-limited so the
 /// copy takes a while, reporting each stage on stdout.
 #[test]
@@ -90,15 +100,18 @@ fn crash_child() {
         .parse()
         .unwrap();
     let mut disk = open(Path::new(&dir));
-    let opts = DeleteOptions {
-        rate_limit: Some(12 << 20),
-        queue_depth: 8,
-        ..DeleteOptions::with(strategy)
-    };
+    let opts = options(strategy);
+    let never = std::sync::atomic::AtomicBool::new(false);
+    // A merge an earlier kill interrupted is completed first (as the engine does).
+    for mut j in disk.resume_merges(&opts).unwrap() {
+        j.run(&never).unwrap();
+        disk.finish_merge(j).unwrap();
+        println!("resumed");
+    }
     let (_, jobs) = disk.delete_online(&target, &opts).unwrap();
     println!("deleted {}", jobs.len());
-    let never = std::sync::atomic::AtomicBool::new(false);
     for mut j in jobs {
+        j.progress().on_batch(|done| println!("batch {done}"));
         j.run(&never).unwrap();
         println!("copied {}", j.id());
         disk.finish_merge(j).unwrap();
@@ -164,6 +177,7 @@ fn merges_survive_sigkill() {
         StrategyKind::Relink,
     ];
     let (mut rolled_back, mut rolled_forward, mut mid_merge) = (0, 0, 0);
+    let (mut between_batches, mut resumed) = (0, 0);
     let mut round = 0;
     while model.len() > 2 && round < 24 {
         let mut names: Vec<String> = model.keys().filter(|n| !n.is_empty()).cloned().collect();
@@ -211,6 +225,13 @@ fn merges_survive_sigkill() {
         if out.contains("deleted") && !out.contains("done") {
             mid_merge += 1;
         }
+        // Killed after a batch of a job and before that job's copy ended.
+        if out
+            .rsplit_once("deleted")
+            .is_some_and(|(_, tail)| tail.contains("batch") && !tail.contains("copied"))
+        {
+            between_batches += 1;
+        }
         if status.success() {
             assert!(out.contains("done"), "child output: {out}");
         }
@@ -242,6 +263,29 @@ fn merges_survive_sigkill() {
         );
         let report = disk.check().unwrap();
         assert!(report.is_clean(), "round {round}: {:?}", report.problems);
+        // Every other round, the parent completes an interrupted merge itself and checks
+        // again (the others are completed by the next child).
+        let mut disk = disk;
+        if round % 2 == 0 {
+            let never = std::sync::atomic::AtomicBool::new(false);
+            for mut j in disk.resume_merges(&options(strategy)).unwrap() {
+                j.run(&never).unwrap();
+                let r = disk.finish_merge(j).unwrap();
+                assert!(!r.discarded, "round {round}: {r:?}");
+                resumed += 1;
+            }
+            for name in &expected {
+                let v = disk.checkpoint_view(name).unwrap();
+                assert!(
+                    digest(&v) == model[name],
+                    "round {round}: checkpoint {name} changed by the resumed merge"
+                );
+            }
+            assert!(digest(&disk.now()) == model[""], "round {round}: Now");
+            let report = disk.check().unwrap();
+            assert!(report.is_clean(), "round {round}: {:?}", report.problems);
+            assert!(disk.resume_merges(&options(strategy)).unwrap().is_empty());
+        }
         drop(disk);
         // The open removed the output of an interrupted merge: only the tree's files remain.
         assert_eq!(
@@ -251,8 +295,13 @@ fn merges_survive_sigkill() {
         );
     }
     eprintln!(
-        "{round} kills: {rolled_back} rolled back, {rolled_forward} committed, {mid_merge} during merges"
+        "{round} kills: {rolled_back} rolled back, {rolled_forward} committed, {mid_merge} during merges, {between_batches} between batches; {resumed} merges resumed by the parent"
     );
+    assert!(
+        between_batches >= 2,
+        "only {between_batches} kills landed between batches"
+    );
+    assert!(resumed >= 1, "no interrupted merge was resumed");
     assert!(
         mid_merge >= 3,
         "only {mid_merge} kills landed during a merge"

@@ -135,6 +135,9 @@ fn assert_same(disk: &Disk, before: &[(String, Vec<u8>)], skip: &str, what: &str
     }
 }
 
+/// The batch of these merges (the merge of `a` copies about 5 of them).
+const BATCH: u64 = 4 << 20;
+
 fn scenario(strategy: StrategyKind) {
     let fs = SmallFs::new(96);
     let dir = fs.mnt.join("disk");
@@ -163,9 +166,11 @@ fn scenario(strategy: StrategyKind) {
     let before = contents(&disk);
     // Leave 1 MiB: the merge needs about 22 MiB (a new layer) or 2 MiB (absorbing).
     let filler = fs.fill(1 << 20);
-    let (_, jobs) = disk
-        .delete_online("a", &DeleteOptions::with(strategy))
-        .unwrap();
+    let opts = DeleteOptions {
+        batch_bytes: Some(BATCH),
+        ..DeleteOptions::with(strategy)
+    };
+    let (_, jobs) = disk.delete_online("a", &opts).unwrap();
     assert_eq!(jobs.len(), 1, "{strategy} makes one job");
     let mut job = jobs.into_iter().next().unwrap();
     let never = AtomicBool::new(false);
@@ -193,6 +198,13 @@ fn scenario(strategy: StrategyKind) {
     job.run(&never).unwrap();
     let r = disk.finish_merge(job).unwrap();
     assert!(!r.discarded && r.bytes_copied > 0, "{r:?}");
+    if strategy == StrategyKind::CompactIntoChild {
+        // Progressive: the copied sources are freed batch by batch.
+        assert!(
+            r.bytes_copied >= 4 * BATCH && r.peak_extra_bytes <= BATCH + (2 << 20),
+            "peak extra space of a new-layer merge: {r:?}"
+        );
+    }
     assert_same(&disk, &before, "a", "after the resumed merge");
     assert!(disk.check().unwrap().is_clean());
 
@@ -220,6 +232,48 @@ fn scenario(strategy: StrategyKind) {
         files <= files_before + 2,
         "{files} files, {files_before} before"
     );
+}
+
+/// A merge into a new layer that copies ~22 MiB completes with 10 MiB free: it needs one
+/// batch (4 MiB) of extra space, not the whole output.
+#[test]
+fn a_new_layer_merge_fits_in_a_few_batches_of_free_space() {
+    let fs = SmallFs::new(96);
+    let dir = fs.mnt.join("disk");
+    Disk::create(&dir, 64 << 20, None).unwrap();
+    let mut disk = open(&dir);
+    let now = disk.now();
+    let mut x: u64 = 0x5151_7777;
+    let mut buf = vec![0u8; 64 << 10];
+    for _ in 0..360u64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        buf.iter_mut()
+            .enumerate()
+            .for_each(|(k, b)| *b = (x >> 24) as u8 ^ k as u8);
+        let blk = (x >> 33) % (16384 - 16);
+        now.write_at(&buf, blk * 4096, false).unwrap();
+    }
+    disk.checkpoint("a").unwrap();
+    now.write_at(&buf, 0, false).unwrap();
+    disk.checkpoint("b").unwrap();
+    now.write_at(&buf, 4096 * 64, true).unwrap();
+    let before = contents(&disk);
+    let _filler = fs.fill(10 << 20);
+    let opts = DeleteOptions {
+        batch_bytes: Some(BATCH),
+        ..DeleteOptions::with(StrategyKind::CompactIntoChild)
+    };
+    let (_, jobs) = disk.delete_online("a", &opts).unwrap();
+    let mut job = jobs.into_iter().next().expect("a job");
+    job.run(&AtomicBool::new(false))
+        .expect("the merge fits in 10 MiB of free space");
+    let r = disk.finish_merge(job).unwrap();
+    assert!(r.bytes_copied >= 18 << 20, "{r:?}");
+    assert!(r.peak_extra_bytes <= BATCH + (2 << 20), "{r:?}");
+    assert_same(&disk, &before, "a", "after the merge");
+    assert!(disk.check().unwrap().is_clean());
 }
 
 #[test]

@@ -17,7 +17,7 @@ use crate::merge::{
     maintenance_moves, DeleteOptions, JobSetup, LayerStat, MergeJob, MergeReport, Move, Placement,
     Registry, Situation, StackRef, StackStat, Target,
 };
-use crate::tree::{sync_dir, unix_now, Node, NowNode, Tree, TREE_FILE, TREE_FORMAT};
+use crate::tree::{sync_dir, unix_now, Node, NowNode, PartialMerge, Tree, TREE_FILE, TREE_FORMAT};
 use crate::view::{build_state, build_view, DiskFiles, Tail};
 use crate::volume::{ActiveLayer, ViewState, Volume};
 use crate::{AlignedBuf, Error, Result, BLOCK_SIZE, SECTOR_SIZE};
@@ -212,6 +212,7 @@ impl Disk {
                 block_size: BLOCK_SIZE,
                 base: base_ref,
                 next_id: 2,
+                merging: Vec::new(),
                 nodes: Vec::new(),
                 now: NowNode {
                     parent: None,
@@ -336,15 +337,19 @@ impl Disk {
         }
         let node = self.tree.by_name(name)?;
         let lineage = self.tree.lineage_layers(Some(node.id))?;
-        let v = build_view(
+        // Built and registered under the build lock: a progressive merge frees no block of
+        // a layer an open view reads (see "journal: progressive merges" in DESIGN.md).
+        let _views = self.registry.build_lock();
+        let v = Arc::new(build_view(
             self.files(),
             &lineage,
             lineage.len(),
             false,
             Tail::Sealed,
             self.base.clone(),
-        )?;
-        Ok(Arc::new(v))
+        )?);
+        self.registry.add_view(&v, lineage);
+        Ok(v)
     }
 
     fn pinned_view(&self, name: &str) -> Result<Volume> {
@@ -355,6 +360,19 @@ impl Disk {
             }
             let tree = Tree::load(&self.dir)?;
             let lineage = tree.lineage_layers(Some(tree.by_name(name)?.id))?;
+            // A progressive merge appends records to a layer of the lineage and then frees
+            // the blocks they replace: a log that grew while the view was built and pinned
+            // means the view may point at freed blocks.
+            let log_lens = |l: &[u64]| -> Vec<Option<u64>> {
+                l.iter()
+                    .map(|&id| {
+                        fs::metadata(layer::log_path(&self.dir, id))
+                            .ok()
+                            .map(|m| m.len())
+                    })
+                    .collect()
+            };
+            let lens_before = log_lens(&lineage);
             let state =
                 match build_state(self.files(), &lineage, lineage.len(), false, Tail::Sealed) {
                     Ok(s) => s,
@@ -376,7 +394,7 @@ impl Disk {
             let still = now_tree
                 .by_name(name)
                 .and_then(|n| now_tree.lineage_layers(Some(n.id)));
-            if pinned && still.is_ok_and(|l| l == lineage) {
+            if pinned && still.is_ok_and(|l| l == lineage) && log_lens(&lineage) == lens_before {
                 return Ok(Volume::new(self.tree.size, true, self.base.clone(), state));
             }
         }
@@ -584,6 +602,10 @@ impl Disk {
             &mut DeleteReport::default(),
         );
         let lineage = tree.lineage_layers(None)?;
+        // Built and swapped in under the build lock (a progressive merge moves Now's index
+        // entries under it).
+        let registry = self.registry.clone();
+        let _views = registry.build_lock();
         let state = match build_state(
             self.files(),
             &lineage,
@@ -791,6 +813,7 @@ impl Disk {
             report.bytes_freed += self.free_shadowed(&m, &skip)?;
         }
         drop(claims);
+        let jobs = self.start_progressive(jobs);
         Ok((report, jobs))
     }
 
@@ -823,7 +846,7 @@ impl Disk {
         if jobs_touch_now(&self.tree, &jobs) {
             self.now.sync_log(true)?;
         }
-        Ok(jobs)
+        Ok(self.start_progressive(jobs))
     }
 
     /// The tree as a strategy sees it. Stacks in `measure` get their live blocks counted
@@ -971,6 +994,8 @@ impl Disk {
                     },
                     rate_limit: opts.rate_limit,
                     queue_depth: opts.queue_depth,
+                    batch_bytes: opts.batch_bytes,
+                    progressive: opts.progressive,
                     registry: self.registry.clone(),
                 }))
             })();
@@ -1035,6 +1060,7 @@ impl Disk {
             strategy: job.strategy().to_string(),
             bytes_copied: job.comp.as_ref().map_or(0, |c| c.copies.len() as u64) * BLOCK_SIZE,
             peak_extra_bytes: job.peak_extra,
+            bytes_freed: job.freed,
             copy_seconds: progress.copy_seconds(),
             ..MergeReport::default()
         };
@@ -1055,6 +1081,7 @@ impl Disk {
         };
         let mut tree = self.tree.clone();
         tree.replace_run(at, pos, run.len(), out_id);
+        tree.merging.retain(|m| m.out != out_id);
         let now = self.now.clone();
         let mut st = now.state_mut();
         if now.writes_in_flight() > 0 {
@@ -1118,7 +1145,8 @@ impl Disk {
         }
         if !dead.is_empty() && !self.registry.busy_layers().contains(&out_id) {
             // The absorbing layer may be pinned by a reader of an older view.
-            let (punch_ok, _claim) = if out_id == job.id() {
+            // A progressive output was in the tree while the job ran: a reader may pin it.
+            let (punch_ok, _claim) = if out_id == job.id() && job.progressive.is_none() {
                 (true, None)
             } else {
                 match locking::claim(&out.log_path) {
@@ -1143,13 +1171,193 @@ impl Disk {
         Ok(report)
     }
 
-    /// Gives up a job (deletes its partial output).
+    /// Gives up a job (deletes its partial output). A progressive job that wrote nothing
+    /// takes its output layer out of the tree again; one that did leaves its partial output
+    /// in the tree ([`Disk::resume_merges`] completes it).
     pub fn abandon_merge(&mut self, mut job: MergeJob) {
+        if job.progressive.is_some() && !job.log_started && !job.adopted {
+            if let Err(e) = self.unplace_output(&job) {
+                tracing::info!(
+                    "merge {}: its empty output layer stays in the tree ({e})",
+                    job.id()
+                );
+            }
+        }
         job.discard_output();
         let id = job.id();
         drop(job);
         self.registry.release(id);
         self.refresh_own_from();
+    }
+
+    /// Makes the jobs that can free their sources batch by batch progressive: a new-layer
+    /// job gets its output layer placed above its run (one tree commit, and in Now's open
+    /// view); a job absorbing into its run's top layer needs no change. A job absorbing
+    /// into a lower layer (whose appended records do not win over the layers above it), or
+    /// one whose output cannot be placed (a write in flight on Now), copies its whole
+    /// output before the swap as before.
+    fn start_progressive(&mut self, mut jobs: Vec<MergeJob>) -> Vec<MergeJob> {
+        for job in &mut jobs {
+            if job.progressive.is_some() || job.stale || !job.s.progressive {
+                continue;
+            }
+            if job.absorbs_into_top() {
+                job.make_progressive(self.now.clone());
+            } else if job.makes_new_layer() {
+                if let Err(e) = self.place_output(job) {
+                    tracing::info!(
+                        "merge {}: copies its whole output before the swap ({e})",
+                        job.id()
+                    );
+                }
+            }
+        }
+        self.refresh_own_from();
+        jobs
+    }
+
+    /// Jobs that complete the progressive merges a crash (or a dropped job) left under way:
+    /// each absorbs the rest of its run into its output, the run's top layer, so nothing
+    /// is copied twice. Entries whose layers changed since are dropped from the tree.
+    pub fn resume_merges(&mut self, opts: &DeleteOptions) -> Result<Vec<MergeJob>> {
+        self.writable()?;
+        let busy = self.registry.busy_layers();
+        let mut tree = self.tree.clone();
+        let mut moves = Vec::new();
+        let mut keep = Vec::new();
+        for m in &self.tree.merging {
+            if busy.contains(&m.out) {
+                keep.push(m.clone());
+                continue;
+            }
+            let mut run = m.run.clone();
+            run.push(m.out);
+            if let Some((at, pos)) = self.tree.find_run(&run) {
+                moves.push(Move {
+                    stack: at,
+                    first: pos,
+                    len: run.len(),
+                    placement: Placement::Absorb(run.len() - 1),
+                });
+                keep.push(m.clone());
+            }
+        }
+        tree.merging = keep;
+        let mut ids = Vec::with_capacity(moves.len());
+        for _ in &moves {
+            ids.push(tree.alloc_id()?);
+        }
+        if tree != self.tree {
+            self.commit_tree(tree)?;
+        }
+        if moves.is_empty() {
+            return Ok(Vec::new());
+        }
+        let jobs = self.build_jobs(&moves, &ids, "", "resume", opts);
+        self.refresh_own_from();
+        if jobs_touch_now(&self.tree, &jobs) {
+            self.now.sync_log(true)?;
+        }
+        Ok(self.start_progressive(jobs))
+    }
+
+    /// Creates a new-layer job's output (empty) and places it above the job's run in the
+    /// tree and in Now's view: every view reads the same, as the layer holds nothing yet.
+    fn place_output(&mut self, job: &mut MergeJob) -> Result<()> {
+        let run = job.run_layers();
+        let (at, pos) = self
+            .tree
+            .find_run(&run)
+            .ok_or_else(|| Error::Invalid("its run is not in the tree".into()))?;
+        let id = job.id();
+        let mut tree = self.tree.clone();
+        let stack = match at {
+            StackRef::Now => Some(&mut tree.now.layers),
+            StackRef::Node(n) => tree
+                .nodes
+                .iter_mut()
+                .find(|x| x.id == n)
+                .map(|x| &mut x.layers),
+        };
+        let Some(stack) = stack else {
+            return Err(Error::Invalid("its stack is not in the tree".into()));
+        };
+        stack.insert(pos + run.len(), id);
+        tree.merging.push(PartialMerge {
+            out: id,
+            run: run.clone(),
+        });
+        let out = match LayerFiles::create(&self.dir, self.uuid, id, self.opts.cache)
+            .and_then(|lf| sync_dir(&self.dir.join(LAYERS_DIR)).map(|()| lf))
+        {
+            Ok(lf) => Arc::new(lf),
+            Err(e) => return Err(self.abandon_layer(id, e)),
+        };
+        let now = self.now.clone();
+        let mut st = now.state_mut();
+        let view_pos = st.find_run(&run);
+        // A planned write carries its layer's ordinal, which the insertion would shift.
+        if view_pos.is_some() && now.writes_in_flight() > 0 {
+            drop(st);
+            return Err(self.abandon_layer(id, Error::Busy));
+        }
+        if view_pos.is_some() && st.layers.len() >= usize::from(u16::MAX) {
+            drop(st);
+            return Err(
+                self.abandon_layer(id, Error::Invalid("Now's lineage has 65535 layers".into()))
+            );
+        }
+        if let Err(e) = self.commit_tree(tree) {
+            drop(st);
+            return Err(self.abandon_layer(id, e));
+        }
+        if let Some(p) = view_pos {
+            st.insert_layer(p + run.len(), out.clone());
+        }
+        drop(st);
+        job.adopt_output_above(out, now);
+        Ok(())
+    }
+
+    /// Takes the empty output a progressive job placed above its run out of the tree and
+    /// of Now's view again (the reverse of [`Disk::place_output`]).
+    fn unplace_output(&mut self, job: &MergeJob) -> Result<()> {
+        let out = job.output_layer();
+        if out != job.id() || !self.tree.merging.iter().any(|m| m.out == out) {
+            return Ok(());
+        }
+        let run = job.run_layers();
+        let (at, pos) = self
+            .tree
+            .find_run(&run)
+            .ok_or_else(|| Error::Invalid("its run is not in the tree".into()))?;
+        let mut tree = self.tree.clone();
+        let stack = match at {
+            StackRef::Now => Some(&mut tree.now.layers),
+            StackRef::Node(n) => tree
+                .nodes
+                .iter_mut()
+                .find(|x| x.id == n)
+                .map(|x| &mut x.layers),
+        };
+        let Some(stack) = stack else {
+            return Err(Error::Invalid("its stack is not in the tree".into()));
+        };
+        stack.remove(pos + run.len() - 1);
+        tree.merging.retain(|m| m.out != out);
+        let now = self.now.clone();
+        let mut st = now.state_mut();
+        let view_pos = st.find_run(&run);
+        if view_pos.is_some() && now.writes_in_flight() > 0 {
+            return Err(Error::Busy);
+        }
+        self.commit_tree(tree)?;
+        if let Some(p) = view_pos {
+            st.remove_layer(p + run.len() - 1);
+        }
+        drop(st);
+        self.remove_layer_files(out);
+        Ok(())
     }
 
     /// Frees the blocks of a merged parent's layers that the child's layers overwrite.

@@ -53,6 +53,15 @@ pub struct NowNode {
     pub layers: Vec<u64>,
 }
 
+/// A progressive merge under way: layer `out` sits right above the layers `run` in one
+/// stack and holds the run's newest version of the blocks copied so far (see
+/// "journal: progressive merges" in `docs/DESIGN.md`). `Disk::resume_merges` completes it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PartialMerge {
+    pub out: u64,
+    pub run: Vec<u64>,
+}
+
 /// The whole tree.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Tree {
@@ -66,6 +75,9 @@ pub struct Tree {
     pub next_id: u64,
     pub nodes: Vec<Node>,
     pub now: NowNode,
+    /// Progressive merges under way (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merging: Vec<PartialMerge>,
 }
 
 /// Checks a checkpoint name: 1 to 100 characters, no control characters.
@@ -420,6 +432,7 @@ mod tests {
             size: 1 << 20,
             block_size: 4096,
             base: None,
+            merging: Vec::new(),
             next_id: 10,
             nodes: vec![
                 Node {

@@ -407,6 +407,8 @@ pub(crate) struct ReadPlan {
     pub checks: Vec<BlockCheck>,
     /// Keeps the blocks read from being reused for other data while the read runs.
     _pin: Option<ReadPin>,
+    /// Holds the merge gate while the plan lives (see [`crate::merge::MergeGate`]).
+    _merge_pin: ReadPin,
 }
 
 /// One run of consecutive disk blocks in a write.
@@ -456,6 +458,8 @@ pub struct Volume {
     state: RwLock<ViewState>,
     locks: RangeLock,
     in_flight: AtomicUsize,
+    /// Reads in flight, for a merge that frees source blocks it moved out of the index.
+    pub(crate) merge_gate: crate::merge::MergeGate,
 }
 
 impl Volume {
@@ -472,6 +476,7 @@ impl Volume {
             state: RwLock::new(state),
             locks: RangeLock::default(),
             in_flight: AtomicUsize::new(0),
+            merge_gate: crate::merge::MergeGate::default(),
         }
     }
 
@@ -558,8 +563,10 @@ impl Volume {
         let st = self.state();
         st.check_readable()?;
         // Pinned before the index is read: a block this read resolves is not reused for
-        // other data until the plan is dropped.
+        // other data until the plan is dropped, and a merge frees a block it moved out of
+        // the index only once the reads that may have resolved to it are done.
         let pin = st.active.as_ref().map(|a| a.gate.pin());
+        let merge_pin = self.merge_gate.pin();
         for i in 0..nblocks {
             let block = first_block + i;
             let buf_off = (i * BLOCK_SIZE) as usize;
@@ -642,6 +649,7 @@ impl Volume {
             segs,
             checks,
             _pin: pin,
+            _merge_pin: merge_pin,
         })
     }
 

@@ -5,15 +5,16 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::disk::CacheMode;
-use crate::format::RECORD_SIZE;
+use crate::format::{RecordKind, RECORD_SIZE};
 use crate::layer::{self, preallocate, LayerFiles, LAYERS_DIR};
 use crate::safe_open::{open_regular, Links};
 use crate::tree::sync_dir;
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::volume::Volume;
+use crate::{locking, Error, Result, BLOCK_SIZE};
 
 use super::compose::{compose, Composition};
 use super::copy::{Copier, CHUNK_BLOCKS};
@@ -24,6 +25,13 @@ use super::progress::MergeProgress;
 #[derive(Default)]
 pub(crate) struct Registry {
     busy: Mutex<HashMap<u64, Vec<u64>>>,
+    /// Held while a view is built from the layer logs (and swapped in or registered), and
+    /// by a progressive merge while it appends a batch's records and moves Now's index
+    /// entries: a view either sees the records or exists (and is known) before them.
+    build: Mutex<()>,
+    /// Open in-process checkpoint views and their layers: a progressive merge frees no
+    /// block of a layer such a view reads.
+    views: Mutex<Vec<(Weak<Volume>, Vec<u64>)>>,
 }
 
 impl Registry {
@@ -39,6 +47,30 @@ impl Registry {
     /// Every layer some live job reads.
     pub fn busy_layers(&self) -> HashSet<u64> {
         self.map().values().flatten().copied().collect()
+    }
+    /// Every layer some live job other than `job` reads.
+    fn busy_except(&self, job: u64) -> HashSet<u64> {
+        self.map()
+            .iter()
+            .filter(|(&j, _)| j != job)
+            .flat_map(|(_, l)| l.iter().copied())
+            .collect()
+    }
+    /// The view-building lock (see `build`).
+    pub fn build_lock(&self) -> MutexGuard<'_, ()> {
+        self.build.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Records an in-process view of `layers` (call holding [`Registry::build_lock`]).
+    pub fn add_view(&self, view: &Arc<Volume>, layers: Vec<u64>) {
+        let mut v = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        v.retain(|(w, _)| w.strong_count() > 0);
+        v.push((Arc::downgrade(view), layers));
+    }
+    /// Layers that open in-process views read.
+    fn viewed_layers(&self) -> HashSet<u64> {
+        let mut v = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        v.retain(|(w, _)| w.strong_count() > 0);
+        v.iter().flat_map(|(_, l)| l.iter().copied()).collect()
     }
 }
 
@@ -73,12 +105,21 @@ pub(crate) struct JobSetup {
     pub target: Target,
     pub rate_limit: Option<u64>,
     pub queue_depth: u32,
+    pub batch_bytes: Option<u64>,
+    /// May become progressive (`DeleteOptions::progressive`).
+    pub progressive: bool,
     pub registry: Arc<Registry>,
 }
 
-/// Blocks per batch: the unit of space reservation, rate limiting, cancellation and resume.
-fn batch_blocks(depth: u32) -> usize {
-    (4 * depth as usize * CHUNK_BLOCKS).max(2048)
+/// Blocks per batch: the unit of space reservation, rate limiting, cancellation and resume
+/// (and of freeing sources in a progressive merge).
+fn batch_blocks(depth: u32, bytes: Option<u64>) -> usize {
+    match bytes {
+        Some(b) => usize::try_from(b / BLOCK_SIZE)
+            .unwrap_or(usize::MAX)
+            .clamp(CHUNK_BLOCKS, 1 << 20),
+        None => (4 * depth as usize * CHUNK_BLOCKS).max(2048),
+    }
 }
 
 /// One data movement; see [`crate::Disk::finish_merge`].
@@ -92,7 +133,7 @@ pub struct MergeJob {
     /// Length of the absorbing layer's data file before the job appended to it.
     absorb_len: Option<u64>,
     /// The output log was (or is being) written: appended data may be referenced.
-    log_started: bool,
+    pub(crate) log_started: bool,
     /// The output is complete and durable: ready for `finish_merge`.
     pub(crate) copied: bool,
     /// The job's layers left the tree before it could start: nothing was written.
@@ -100,6 +141,56 @@ pub struct MergeJob {
     /// Set by `finish_merge` once the output belongs to the tree.
     pub(crate) adopted: bool,
     pub(crate) peak_extra: u64,
+    /// Progressive: the output is the run's top layer (in the tree from the start); each
+    /// batch's records are appended, Now's index moved to them, and the copied source
+    /// blocks freed, so the extra space is about one batch.
+    pub(crate) progressive: Option<Progressive>,
+    /// Bytes freed from the sources batch by batch.
+    pub(crate) freed: u64,
+}
+
+/// State of a progressive job.
+pub(crate) struct Progressive {
+    /// Now's volume (its index is moved batch by batch when it reads the run).
+    now: Arc<Volume>,
+    /// Records appended so far.
+    rec_done: usize,
+    /// Copies the records written so far cover.
+    rec_copies: usize,
+    /// The copied source blocks are too scattered to free as ranges (see
+    /// [`fragmented`]): records are written once, after the last batch, and the sources
+    /// are freed by the swap, as in a whole-output merge.
+    fragmented: Option<bool>,
+    /// Allocated bytes of the run's files when the job started copying.
+    base_alloc: Option<u64>,
+    /// Source layers opened for punching, by run index.
+    punchers: HashMap<usize, LayerFiles>,
+    /// Copied source blocks not freed yet, by run index: freed once they form a range of
+    /// [`MIN_PUNCH_BLOCKS`] (a hole punch per scattered 4 KiB block costs more than the
+    /// copy), or with the source files at the swap.
+    deferred: HashMap<usize, std::collections::BTreeSet<u64>>,
+}
+
+/// Shortest range of copied source blocks a progressive merge punches (64 KiB).
+const MIN_PUNCH_BLOCKS: usize = 16;
+
+/// True when the source blocks of each batch of `batch` copies form ranges shorter than
+/// 4 blocks on average (4 KiB random writes, whose disk order is not their order in the
+/// source file): freeing them batch by batch would cost a hole punch per block or two.
+fn fragmented(copies: &[super::copy::CopyItem], batch: usize) -> bool {
+    if copies.is_empty() {
+        return false;
+    }
+    let mut runs = 0;
+    for chunk in copies.chunks(batch.max(1)) {
+        let mut v: Vec<(u32, u64)> = chunk.iter().map(|c| (c.src, c.src_block)).collect();
+        v.sort_unstable();
+        runs += 1 + v
+            .windows(2)
+            .filter(|w| w[1].0 != w[0].0 || w[1].1 != w[0].1 + 1)
+            .count();
+    }
+    copies.len() < runs * 4
 }
 
 fn no_space(e: &Error) -> bool {
@@ -127,7 +218,47 @@ impl MergeJob {
             stale: false,
             adopted: false,
             peak_extra: 0,
+            progressive: None,
+            freed: 0,
         }
+    }
+
+    /// Makes a job progressive. Its run's top layer must be the output (`Target::Absorb`
+    /// of the last layer) and `out` that layer's files opened writable, or `None` to open
+    /// them when the copy starts.
+    pub(crate) fn make_progressive(&mut self, now: Arc<Volume>) {
+        self.progressive = Some(Progressive {
+            now,
+            rec_done: 0,
+            rec_copies: 0,
+            fragmented: None,
+            base_alloc: None,
+            punchers: HashMap::new(),
+            deferred: HashMap::new(),
+        });
+    }
+
+    /// Turns a new-layer job into a progressive one whose output `out` (id = the job's id,
+    /// already committed to the tree above the run) is an empty layer.
+    pub(crate) fn adopt_output_above(&mut self, out: Arc<LayerFiles>, now: Arc<Volume>) {
+        self.s.run.push(out.clone());
+        self.s.target = Target::Absorb(self.s.run.len() - 1);
+        self.s
+            .registry
+            .register(self.s.id, self.s.run.iter().map(|l| l.id).collect());
+        self.absorb_len = Some(0);
+        self.out = Some(out);
+        self.make_progressive(now);
+    }
+
+    /// True for a job whose output is the top layer of its run (absorbing into the top).
+    pub(crate) fn absorbs_into_top(&self) -> bool {
+        self.s.target == Target::Absorb(self.s.run.len().saturating_sub(1))
+    }
+
+    /// True for a new-layer job (the output is not in the tree yet).
+    pub(crate) fn makes_new_layer(&self) -> bool {
+        self.s.target == Target::New
     }
 
     pub fn id(&self) -> u64 {
@@ -147,6 +278,12 @@ impl MergeJob {
     pub fn run_layers(&self) -> Vec<u64> {
         self.s.run.iter().map(|l| l.id).collect()
     }
+    /// Changes the bulk-copy rate limit (bytes per second, None = unlimited) for the next
+    /// [`MergeJob::run`]; a job stays resumable between runs.
+    pub fn set_rate_limit(&mut self, rate: Option<u64>) {
+        self.s.rate_limit = rate;
+    }
+
     /// True once the copy is complete (ready for `finish_merge`).
     pub fn is_copied(&self) -> bool {
         self.copied
@@ -273,11 +410,14 @@ impl MergeJob {
             };
             self.out = Some(Arc::new(out));
         }
+        if self.progressive.is_some() {
+            return self.run_progressive(cancel);
+        }
         let (Some(comp), Some(out)) = (self.comp.as_ref(), self.out.clone()) else {
             return Err(Error::Invalid("merge job lost its state".into()));
         };
         let total = comp.copies.len();
-        let batch = batch_blocks(self.s.queue_depth);
+        let batch = batch_blocks(self.s.queue_depth, self.s.batch_bytes);
         let mut copier = Copier::new(self.s.queue_depth)?;
         let started = Instant::now();
         let start_done = self.done;
@@ -304,6 +444,7 @@ impl MergeJob {
             )?;
             self.done = end;
             self.peak_extra = self.peak_extra.max(self.done as u64 * BLOCK_SIZE);
+            self.progress.batch_written(self.done as u64 * BLOCK_SIZE);
             self.progress.set_done(self.done as u64 * BLOCK_SIZE);
             self.progress
                 .add_copy_time(len, t0.elapsed().as_nanos() as u64);
@@ -348,6 +489,284 @@ impl MergeJob {
         Ok(())
     }
 
+    /// The progressive copy (see [`Progressive`] and "journal: progressive merges" in
+    /// `docs/DESIGN.md`).
+    fn run_progressive(&mut self, cancel: &AtomicBool) -> Result<()> {
+        let (Some(comp), Some(mut p), Some(out)) =
+            (self.comp.take(), self.progressive.take(), self.out.clone())
+        else {
+            return Err(Error::Invalid("merge job lost its state".into()));
+        };
+        let r = self.progressive_batches(cancel, &comp, &mut p, &out);
+        self.comp = Some(comp);
+        self.progressive = Some(p);
+        r?;
+        self.copied = true;
+        Ok(())
+    }
+
+    fn run_alloc(&self) -> u64 {
+        self.s
+            .run
+            .iter()
+            .map(|l| layer::allocated(&l.data_path) + layer::allocated(&l.log_path))
+            .sum()
+    }
+
+    /// Per batch: copy, make the data and then the batch's records durable, move Now's
+    /// index entries of the batch's blocks from the run to the output (holding the
+    /// registry's build lock, so every view either sees the records or is known), wait for
+    /// the reads that may still use the old blocks, and free the copied source blocks.
+    fn progressive_batches(
+        &mut self,
+        cancel: &AtomicBool,
+        comp: &Composition,
+        p: &mut Progressive,
+        out: &Arc<LayerFiles>,
+    ) -> Result<()> {
+        let run_ids: Vec<u64> = self.s.run.iter().map(|l| l.id).collect();
+        let top = run_ids.len() - 1;
+        let base = match p.base_alloc {
+            Some(b) => b,
+            None => *p.base_alloc.insert(self.run_alloc()),
+        };
+        let total = comp.copies.len();
+        let batch = batch_blocks(self.s.queue_depth, self.s.batch_bytes);
+        let mut copier = Copier::new(self.s.queue_depth)?;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true);
+        let log = match open_regular(&out.log_path, &opts, Links::Refuse) {
+            Ok(f) => f,
+            // Layers are unlinked only once the tree no longer has them: the job is stale,
+            // and finish_merge will discard it.
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                tracing::info!(
+                    "merge {}: layer {} is gone from the tree; nothing to do",
+                    self.s.id,
+                    out.id
+                );
+                self.stale = true;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let fragmented = *p
+            .fragmented
+            .get_or_insert_with(|| fragmented(&comp.copies, batch));
+        let started = Instant::now();
+        let start_done = self.done;
+        while self.done < total || p.rec_done < comp.records.len() {
+            if cancel.load(Ordering::Acquire) {
+                return Err(Error::MergeCancelled(self.s.id));
+            }
+            let end = (self.done + batch).min(total);
+            // The batch's records: up to the first data record past its last copy.
+            let mut rend = p.rec_done;
+            let mut c = p.rec_copies;
+            while rend < comp.records.len() {
+                if comp.records[rend].kind == RecordKind::Data {
+                    if c == end {
+                        break;
+                    }
+                    c += 1;
+                }
+                rend += 1;
+            }
+            let t0 = Instant::now();
+            let len = (end - self.done) as u64 * BLOCK_SIZE;
+            if end > self.done {
+                let off = (comp.out_first + self.done as u64) * BLOCK_SIZE;
+                if let Err(e) = preallocate(&out.data, off, len) {
+                    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                        // A failed fallocate may leave part of the range allocated: give it
+                        // back (nothing references data from `off` on).
+                        if let Err(t) = out.data.set_len(off) {
+                            tracing::warn!("could not trim {}: {t}", out.data_path.display());
+                        }
+                        return Err(Error::io(&out.data_path, e));
+                    }
+                }
+                copier.copy(
+                    &self.s.run,
+                    &comp.copies,
+                    self.done..end,
+                    out,
+                    comp.out_first,
+                )?;
+            }
+            if fragmented && end < total {
+                // Records only after the last batch (see `Progressive::fragmented`).
+                self.peak_extra = self.peak_extra.max(self.run_alloc().saturating_sub(base));
+                self.progress.batch_written(end as u64 * BLOCK_SIZE);
+                self.done = end;
+                self.progress.set_done(self.done as u64 * BLOCK_SIZE);
+                self.progress
+                    .add_copy_time(len, t0.elapsed().as_nanos() as u64);
+                self.pace(cancel, started, start_done)?;
+                continue;
+            }
+            // The data is durable before any record points at it.
+            out.data
+                .sync_data()
+                .map_err(|e| Error::io(&out.data_path, e))?;
+            let recs = &comp.records[p.rec_done..rend];
+            let mut bytes = Vec::with_capacity(recs.len() * RECORD_SIZE);
+            for r in recs {
+                bytes.extend_from_slice(&r.encode(out.seed));
+            }
+            let at = comp.log_at + (p.rec_done * RECORD_SIZE) as u64;
+            let (moved, kept) = {
+                let _views = self.s.registry.build_lock();
+                self.log_started = true;
+                // A short write (a kill, ENOSPC) ends at a block boundary, which is a record
+                // boundary: the log keeps a valid prefix, and a resumed job rewrites the rest.
+                log.write_all_at(&bytes, at)
+                    .map_err(|e| Error::io(&out.log_path, e))?;
+                log.sync_data().map_err(|e| Error::io(&out.log_path, e))?;
+                let mut st = p.now.state_mut();
+                match st.find_run(&run_ids) {
+                    Some(pos) => (true, st.move_to_output(pos, top, recs)),
+                    // Now reads part of the run without the output: free nothing.
+                    None if st.layers.iter().any(|l| run_ids.contains(&l.id)) => {
+                        (false, recs.iter().map(|r| r.disk_block).collect())
+                    }
+                    None => (false, Vec::new()),
+                }
+            };
+            self.peak_extra = self.peak_extra.max(self.run_alloc().saturating_sub(base));
+            self.progress.batch_written(end as u64 * BLOCK_SIZE);
+            // Reads planned before the move may still read the old blocks.
+            let drained = fragmented || !moved || p.now.merge_gate.drain(Duration::from_secs(10));
+            if fragmented {
+                // The swap frees the sources.
+            } else if drained {
+                self.freed += self.free_sources(comp, p, p.rec_copies, p.rec_done..rend, &kept);
+            } else {
+                tracing::warn!(
+                    "merge {}: a read of Now did not finish in 10 s; this batch's sources stay allocated",
+                    self.s.id
+                );
+            }
+            self.done = end;
+            p.rec_done = rend;
+            p.rec_copies = end;
+            self.progress.set_done(self.done as u64 * BLOCK_SIZE);
+            self.progress
+                .add_copy_time(len, t0.elapsed().as_nanos() as u64);
+            self.pace(cancel, started, start_done)?;
+        }
+        log.sync_all().map_err(|e| Error::io(&out.log_path, e))?;
+        Ok(())
+    }
+
+    /// The rate limit's sleep after a batch (polling `cancel`).
+    fn pace(&self, cancel: &AtomicBool, started: Instant, start_done: usize) -> Result<()> {
+        if let Some(rate) = self.s.rate_limit.filter(|&r| r > 0) {
+            let bytes = (self.done - start_done) as u64 * BLOCK_SIZE;
+            let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
+            while started.elapsed() < due {
+                if cancel.load(Ordering::Acquire) {
+                    return Err(Error::MergeCancelled(self.s.id));
+                }
+                let left = due.saturating_sub(started.elapsed());
+                std::thread::sleep(left.min(Duration::from_millis(20)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Punches the source blocks of copies `first_copy..` (those of `recs`), except blocks
+    /// in `kept`, in layers no other job reads, no open in-process view reads and no
+    /// reader of another process pins. Returns the bytes freed.
+    fn free_sources(
+        &self,
+        comp: &Composition,
+        p: &mut Progressive,
+        first_copy: usize,
+        recs: std::ops::Range<usize>,
+        kept: &[u64],
+    ) -> u64 {
+        let kept: HashSet<u64> = kept.iter().copied().collect();
+        let top = self.s.run.len() - 1;
+        let mut per: HashMap<usize, Vec<u64>> = HashMap::new();
+        let mut c = first_copy;
+        for r in &comp.records[recs] {
+            if r.kind != RecordKind::Data {
+                continue;
+            }
+            let Some(it) = comp.copies.get(c) else { break };
+            c += 1;
+            if !kept.contains(&r.disk_block) && (it.src as usize) < top {
+                per.entry(it.src as usize).or_default().push(it.src_block);
+            }
+        }
+        if per.is_empty() {
+            return 0;
+        }
+        let busy = self.s.registry.busy_except(self.s.id);
+        let viewed = self.s.registry.viewed_layers();
+        let mut freed = 0;
+        for (src, blocks) in per {
+            let id = self.s.run[src].id;
+            let set = p.deferred.entry(src).or_default();
+            set.extend(blocks);
+            if busy.contains(&id) || viewed.contains(&id) {
+                continue;
+            }
+            // The ranges long enough to punch now.
+            let mut blocks = Vec::new();
+            let mut run: Vec<u64> = Vec::new();
+            for &b in set.iter() {
+                if run.last().is_some_and(|&l| l + 1 != b) {
+                    if run.len() >= MIN_PUNCH_BLOCKS {
+                        blocks.append(&mut run);
+                    }
+                    run.clear();
+                }
+                run.push(b);
+            }
+            if run.len() >= MIN_PUNCH_BLOCKS {
+                blocks.append(&mut run);
+            }
+            if blocks.is_empty() {
+                continue;
+            }
+            let log_path = layer::log_path(&self.s.dir, id);
+            let _claim = match locking::claim(&log_path) {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("merge {}: layer {id}: {e}", self.s.id);
+                    continue;
+                }
+            };
+            let files = match p.punchers.entry(src) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    match LayerFiles::open(&self.s.dir, self.s.uuid, id, self.s.cache, true) {
+                        Ok(f) => v.insert(f),
+                        Err(e) => {
+                            tracing::warn!("merge {}: layer {id}: {e}", self.s.id);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let before = layer::allocated(&files.data_path);
+            for b in &blocks {
+                set.remove(b);
+            }
+            if let Err(e) = files.punch(&mut blocks) {
+                tracing::warn!(
+                    "merge {}: could not free blocks of layer {id}: {e}",
+                    self.s.id
+                );
+            }
+            freed += before.saturating_sub(layer::allocated(&files.data_path));
+        }
+        freed
+    }
+
     /// Deletes the job's output (a new layer's files, or the data appended to an absorbing
     /// layer while no record points at it yet).
     pub(crate) fn discard_output(&mut self) {
@@ -367,7 +786,13 @@ impl MergeJob {
                         tracing::warn!("could not trim {}: {e}", out.data_path.display());
                     }
                 }
-                if let (Some(out), Some(c), true) = (&self.out, &self.comp, self.log_started) {
+                // A progressive job's output is in the tree and its records are what Now's
+                // index (and every reopened view) reads for the copied blocks, whose
+                // sources may be punched already: they stay.
+                let progressive = self.progressive.is_some();
+                if let (Some(out), Some(c), true, false) =
+                    (&self.out, &self.comp, self.log_started, progressive)
+                {
                     // The records appended to the absorbing layer go again: views keep
                     // reading the run's own records, and the logs must say the same (a
                     // later merge below this layer would take those blocks as hidden

@@ -11,6 +11,7 @@ mod copy;
 mod job;
 mod progress;
 mod strategy;
+mod view_hooks;
 
 pub use copy::uring_copy;
 pub use job::MergeJob;
@@ -21,6 +22,7 @@ pub use strategy::{
 
 pub(crate) use job::{JobSetup, Registry, Target};
 pub(crate) use strategy::{builtin, maintenance_moves};
+pub(crate) use view_hooks::MergeGate;
 
 use std::sync::Arc;
 
@@ -36,6 +38,13 @@ pub struct DeleteOptions {
     pub rate_limit: Option<u64>,
     /// io_uring queue depth of the bulk copy: chunks of up to 128 KiB in flight (default 32).
     pub queue_depth: u32,
+    /// Bytes per batch (the unit of space reservation, of freeing sources in a progressive
+    /// merge, of rate limiting, cancellation and resume). `None`: 8 MiB or
+    /// 4 x `queue_depth` x 128 KiB, whichever is more.
+    pub batch_bytes: Option<u64>,
+    /// Let copying merges whose output tops their run free their sources batch by batch
+    /// (default true; false keeps every source until the swap, for comparisons).
+    pub progressive: bool,
 }
 
 impl Default for DeleteOptions {
@@ -46,6 +55,8 @@ impl Default for DeleteOptions {
             custom: None,
             rate_limit: None,
             queue_depth: 32,
+            batch_bytes: None,
+            progressive: true,
         }
     }
 }
@@ -61,6 +72,8 @@ impl std::fmt::Debug for DeleteOptions {
             )
             .field("rate_limit", &self.rate_limit)
             .field("queue_depth", &self.queue_depth)
+            .field("batch_bytes", &self.batch_bytes)
+            .field("progressive", &self.progressive)
             .finish()
     }
 }

@@ -823,6 +823,12 @@ impl Disk {
     /// interrupted. Placement as `auto` chooses it.
     pub fn maintenance_merges(&mut self, opts: &DeleteOptions) -> Result<Vec<MergeJob>> {
         self.writable()?;
+        // Progressive merges a crash or a dropped job left under way come first: their
+        // outputs sit in the tree above their runs until they complete.
+        let resumed = self.resume_merges(opts)?;
+        if !resumed.is_empty() {
+            return Ok(resumed);
+        }
         let paths = self.tree.view_paths()?;
         let measure: Vec<StackRef> = self
             .tree

@@ -823,12 +823,6 @@ impl Disk {
     /// interrupted. Placement as `auto` chooses it.
     pub fn maintenance_merges(&mut self, opts: &DeleteOptions) -> Result<Vec<MergeJob>> {
         self.writable()?;
-        // Progressive merges a crash or a dropped job left under way come first: their
-        // outputs sit in the tree above their runs until they complete.
-        let resumed = self.resume_merges(opts)?;
-        if !resumed.is_empty() {
-            return Ok(resumed);
-        }
         let paths = self.tree.view_paths()?;
         let measure: Vec<StackRef> = self
             .tree
@@ -838,8 +832,12 @@ impl Disk {
             .collect();
         let situation = self.situation(&self.tree, "", None, &HashSet::new(), &measure)?;
         let moves = maintenance_moves(&situation, &paths);
+        // Progressive merges a crash or a dropped job left under way are completed, except
+        // in a stack that a move below compacts whole (that move subsumes them).
+        let whole: Vec<StackRef> = moves.iter().map(|m| m.stack).collect();
+        let mut jobs = self.resume_merges_except(opts, &whole)?;
         if moves.is_empty() {
-            return Ok(Vec::new());
+            return Ok(jobs);
         }
         let mut tree = self.tree.clone();
         let mut ids = Vec::with_capacity(moves.len());
@@ -847,12 +845,13 @@ impl Disk {
             ids.push(tree.alloc_id()?);
         }
         self.commit_tree(tree)?;
-        let jobs = self.build_jobs(&moves, &ids, "", "maintenance", opts);
+        let planned = self.build_jobs(&moves, &ids, "", "maintenance", opts);
         self.refresh_own_from();
-        if jobs_touch_now(&self.tree, &jobs) {
+        if jobs_touch_now(&self.tree, &planned) {
             self.now.sync_log(true)?;
         }
-        Ok(self.start_progressive(jobs))
+        jobs.extend(self.start_progressive(planned));
+        Ok(jobs)
     }
 
     /// The tree as a strategy sees it. Stacks in `measure` get their live blocks counted
@@ -1226,6 +1225,16 @@ impl Disk {
     /// each absorbs the rest of its run into its output, the run's top layer, so nothing
     /// is copied twice. Entries whose layers changed since are dropped from the tree.
     pub fn resume_merges(&mut self, opts: &DeleteOptions) -> Result<Vec<MergeJob>> {
+        self.resume_merges_except(opts, &[])
+    }
+
+    /// [`Disk::resume_merges`] leaving alone (listed, not resumed) the merges in `except`'s
+    /// stacks.
+    fn resume_merges_except(
+        &mut self,
+        opts: &DeleteOptions,
+        except: &[StackRef],
+    ) -> Result<Vec<MergeJob>> {
         self.writable()?;
         let busy = self.registry.busy_layers();
         let mut tree = self.tree.clone();
@@ -1239,6 +1248,10 @@ impl Disk {
             let mut run = m.run.clone();
             run.push(m.out);
             if let Some((at, pos)) = self.tree.find_run(&run) {
+                if except.contains(&at) {
+                    keep.push(m.clone());
+                    continue;
+                }
                 moves.push(Move {
                     stack: at,
                     first: pos,

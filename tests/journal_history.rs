@@ -715,6 +715,18 @@ impl journal::Strategy for OneMove {
 /// with "merged layer does not hold block ..."; after a reopen the two would disagree).
 #[test]
 fn a_given_up_absorbing_merge_leaves_no_records_behind() {
+    given_up_absorb(false);
+}
+
+/// A progressive absorb into its run's top moves Now's index to each batch's records (and
+/// frees the copied sources), so given up, its records stay: every view, reopened too, reads
+/// the same, and a later merge of the layers below takes them as what they are.
+#[test]
+fn a_given_up_progressive_absorb_keeps_the_records_views_read() {
+    given_up_absorb(true);
+}
+
+fn given_up_absorb(progressive: bool) {
     use journal::{DeleteOptions, Move, Placement, StackRef, StrategyKind};
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
@@ -741,6 +753,7 @@ fn a_given_up_absorbing_merge_leaves_no_records_behind() {
     }
     let with = |on, mv| DeleteOptions {
         custom: Some(Arc::new(OneMove { on, mv })),
+        progressive,
         ..DeleteOptions::default()
     };
     // Now's stack: b c d e active. Absorb c into d, then give the job up.
@@ -772,7 +785,20 @@ fn a_given_up_absorbing_merge_leaves_no_records_behind() {
         assert!(len(&d_log(&disk)) > before, "the job appended records");
         disk.abandon_merge(j);
     }
-    assert_eq!(len(&d_log(&disk)), before, "given up: the records are gone");
+    if progressive {
+        assert!(
+            len(&d_log(&disk)) > before,
+            "given up: Now reads the records"
+        );
+        let mut b = vec![0u8; 5 * BS];
+        now.read_at(&mut b, 0).unwrap();
+        for (i, blk) in b.chunks(BS).enumerate() {
+            assert!(blk.iter().all(|&x| x == i as u8 + 1), "block {i}, given up");
+        }
+        assert!(disk.check().unwrap().is_clean());
+    } else {
+        assert_eq!(len(&d_log(&disk)), before, "given up: the records are gone");
+    }
     // Merge the layers below d (a, b, c) into one.
     let (_, jobs) = disk
         .delete_online(

@@ -14,8 +14,9 @@ use crate::format::{RecordKind, LOG_HEADER_SIZE, ZERO_BLOCK};
 use crate::layer::{self, LayerFiles, LAYERS_DIR};
 use crate::locking::{self, lock_reader, lock_writer, LOCK_FILE};
 use crate::merge::{
-    maintenance_moves, DeleteOptions, JobSetup, LayerStat, MergeJob, MergeReport, Move, Placement,
-    Registry, Situation, StackRef, StackStat, Target,
+    maintenance_moves, Above, DeleteOptions, Doomed, JobSetup, LayerStat, MergeJob, MergeReport,
+    Move, Placement, Reclaim, ReclaimSetup, Reclaimed, Registry, Situation, StackRef, StackStat,
+    Target,
 };
 use crate::tree::{sync_dir, unix_now, Node, NowNode, Tree, TREE_FILE, TREE_FORMAT};
 use crate::view::{build_state, build_view, DiskFiles, Tail};
@@ -136,6 +137,8 @@ pub struct Disk {
     registry: Arc<Registry>,
     /// Layers a reader pinned when they joined Now's stack: never Now's own.
     not_own: HashSet<u64>,
+    /// Layers a reclaim job went through (maintenance does not plan them again unchanged).
+    reclaimed: Reclaimed,
 }
 
 /// The text of a base image error with its causes ("base image P: why", "I/O error on P: ...").
@@ -311,6 +314,7 @@ impl Disk {
             base_error,
             registry: Arc::new(Registry::default()),
             not_own: HashSet::new(),
+            reclaimed: Reclaimed::default(),
         })
     }
 
@@ -718,24 +722,43 @@ impl Disk {
             .iter()
             .flat_map(|m| m.parent_layers.iter().copied())
             .collect();
-        let measure: Vec<StackRef> = target.into_iter().collect();
+        // Live blocks are counted (the logs scanned) only for a strategy that looks at them.
+        let measure: Vec<StackRef> = target.into_iter().filter(|_| strategy.measures()).collect();
         let situation = self.situation(&tree, name, target, &moved, &measure)?;
         let moves = validate_moves(strategy.name(), &situation, strategy.plan(&situation))?;
         let mut ids = Vec::with_capacity(moves.len());
         for _ in &moves {
             ids.push(tree.alloc_id()?);
         }
+        // The relinked layers no move rewrites get a reclaim job per stack that received them.
+        let covered = covered_layers(&tree, &moves);
+        let mut reclaims: Vec<(StackRef, Vec<u64>, u64)> = Vec::new();
+        for m in &merges {
+            let left: Vec<u64> = m
+                .parent_layers
+                .iter()
+                .copied()
+                .filter(|l| !covered.contains(l))
+                .collect();
+            if left.is_empty() {
+                continue;
+            }
+            match reclaims.iter_mut().find(|r| r.0 == m.child) {
+                Some(r) => r.1.extend(left),
+                None => reclaims.push((m.child, left, tree.alloc_id()?)),
+            }
+        }
         let old_own = self.tree.now.layers.len();
         self.commit_tree(tree)?;
-        let jobs = self.build_jobs(&moves, &ids, name, strategy.name(), opts);
-        // The tree is durable: now free space. A crash from here on only leaves garbage that
-        // the next open removes (whole layer files) or that stays allocated (shadowed blocks).
-        // Merged layers are punched only while no reader (another process reading a
-        // checkpoint without the lock) pins them and no merge job reads them; the claims are
-        // held until the punching is done. A reader pinning later finds the merged node
-        // changed in the tree and does not use the layers.
+        let mut jobs = self.build_jobs(&moves, &ids, name, strategy.name(), opts);
+        // The tree is durable. Freeing space is left to the jobs: a merge's replaced layers
+        // go when it finishes, the blocks the relinked layers' new stack overwrites are
+        // punched by a reclaim job (see `merge::reclaim`). A crash from here on only leaves
+        // garbage that the next open removes (whole layer files) or that a maintenance pass
+        // reclaims (shadowed blocks).
         let new_own = self.tree.now.layers.len();
-        // Layers that become Now's own: their overwritten blocks get punched from now on.
+        // Layers that become Now's own: their overwritten blocks get punched from now on,
+        // unless a reader (another process reading a checkpoint without the lock) pins them.
         let becoming_own: Vec<u64> = if new_own != old_own {
             let st = self.now.state();
             let new_from = st.layers.len().saturating_sub(new_own);
@@ -746,30 +769,19 @@ impl Disk {
         } else {
             Vec::new()
         };
-        let mut to_claim: Vec<u64> = merges
+        let mut to_check: Vec<u64> = merges
             .iter()
             .flat_map(|m| m.parent_layers.iter().copied())
             .chain(becoming_own.iter().copied())
             .collect();
-        to_claim.sort_unstable();
-        to_claim.dedup();
-        let mut claims = Vec::new();
-        let mut pinned: HashSet<u64> = HashSet::new();
-        for l in to_claim {
-            match locking::claim(&layer::log_path(&self.dir, l)) {
-                Ok(Some(f)) => claims.push(f),
-                Ok(None) => {
-                    tracing::info!(
-                        "layer {l} is pinned by a reader: its overwritten blocks stay allocated"
-                    );
-                    pinned.insert(l);
-                }
-                Err(e) => {
-                    tracing::warn!("layer {l}: {e}: its overwritten blocks stay allocated");
-                    pinned.insert(l);
-                }
-            }
-        }
+        to_check.sort_unstable();
+        to_check.dedup();
+        // A reader pinning later finds the merged node changed in the tree and does not use
+        // the layers.
+        let pinned: HashSet<u64> = to_check
+            .into_iter()
+            .filter(|&l| !claimable(&self.dir, l))
+            .collect();
         report.kept_for_readers = pinned.len();
         for l in &becoming_own {
             if pinned.contains(l) {
@@ -780,18 +792,150 @@ impl Disk {
         for l in drop_layers {
             report.bytes_freed += self.remove_layer_files(l);
         }
-        if merges.iter().any(|m| m.child == StackRef::Now) || jobs_touch_now(&self.tree, &jobs) {
-            // Also frees, before any job reads, the blocks Now's writes superseded in layers
-            // that are no longer Now's own.
+        if jobs_touch_now(&self.tree, &jobs) {
+            // Frees, before any job reads, the blocks Now's writes superseded in layers that
+            // are no longer Now's own.
             self.now.sync_log(true)?;
         }
-        let busy = self.registry.busy_layers();
-        let skip: HashSet<u64> = pinned.union(&busy).copied().collect();
-        for m in merges {
-            report.bytes_freed += self.free_shadowed(&m, &skip)?;
+        let mut first = Vec::new();
+        for (at, layers, id) in reclaims {
+            match self.reclaim_job(at, &layers, id, name, opts) {
+                Ok(j) => first.push(j),
+                Err(e) => tracing::warn!("reclaim of {at:?} not started: {e}"),
+            }
         }
-        drop(claims);
-        Ok((report, jobs))
+        // Reclaims first: they are quick and give space back before any copy needs it.
+        first.append(&mut jobs);
+        Ok((report, first))
+    }
+
+    /// A reclaim job for `layers` of stack `at` (oldest first).
+    fn reclaim_job(
+        &self,
+        at: StackRef,
+        layers: &[u64],
+        id: u64,
+        checkpoint: &str,
+        opts: &DeleteOptions,
+    ) -> Result<MergeJob> {
+        let open = |l: u64, rw: bool| -> Result<Arc<LayerFiles>> {
+            LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, rw).map(Arc::new)
+        };
+        let doomed = layers
+            .iter()
+            .map(|&l| Doomed::new(open(l, true)?))
+            .collect::<Result<Vec<_>>>()?;
+        let above = match at {
+            StackRef::Now => {
+                let active = self
+                    .now
+                    .state()
+                    .active
+                    .as_ref()
+                    .map(|a| a.files.id)
+                    .ok_or(Error::ReadOnly)?;
+                Above::Now {
+                    now: self.now.clone(),
+                    active,
+                }
+            }
+            StackRef::Node(_) => {
+                let stack = self.tree.stack(at).unwrap_or(&[]);
+                Above::Sealed(
+                    stack
+                        .iter()
+                        .map(|&l| open(l, false))
+                        .collect::<Result<Vec<_>>>()?,
+                )
+            }
+        };
+        let plan = Reclaim::new(
+            doomed,
+            above,
+            self.disk_blocks(),
+            opts.rate_limit,
+            self.reclaimed.clone(),
+        );
+        Ok(MergeJob::reclaim(
+            ReclaimSetup {
+                id,
+                checkpoint: checkpoint.to_string(),
+                dir: self.dir.clone(),
+                uuid: self.uuid,
+                cache: self.opts.cache,
+                disk_blocks: self.disk_blocks(),
+                registry: self.registry.clone(),
+            },
+            plan,
+        ))
+    }
+
+    /// Layers of each stack (oldest first) whose data files hold at least
+    /// [`RECLAIM_MIN_BYTES`] more than the blocks they hold the newest version of: blocks
+    /// the stack above overwrote (a relink whose reclaim a crash or a stop interrupted) or
+    /// superseded within the layer. Skips stacks in `skip`, layers a merge job reads, a
+    /// reader pins, or a reclaim already went through unchanged.
+    fn reclaim_candidates(
+        &self,
+        situation: &Situation,
+        skip: &HashSet<StackRef>,
+    ) -> Vec<(StackRef, Vec<u64>)> {
+        let busy = self.registry.busy_layers();
+        // Live data blocks per layer of Now's view, from its index.
+        let now_live: HashMap<u64, u64> = {
+            let st = self.now.state();
+            let mut per = vec![0u64; st.layers.len()];
+            for (_, l) in st.index.iter() {
+                if l.data_block != ZERO_BLOCK {
+                    if let Some(c) = per.get_mut(usize::from(l.ordinal)) {
+                        *c += 1;
+                    }
+                }
+            }
+            st.layers.iter().map(|l| l.id).zip(per).collect()
+        };
+        let reclaimed = self.reclaimed.lock().map(|m| m.clone()).unwrap_or_default();
+        let mut out = Vec::new();
+        for st in &situation.stacks {
+            if skip.contains(&st.at) || st.layers.len() < 2 {
+                continue;
+            }
+            // Every layer with a layer of its stack above it.
+            let candidates = match st.at {
+                StackRef::Now => st.sealed,
+                StackRef::Node(_) => st.sealed.saturating_sub(1),
+            };
+            let mut layers = Vec::new();
+            for l in &st.layers[..candidates] {
+                let live = match st.at {
+                    StackRef::Now => now_live.get(&l.id).copied(),
+                    StackRef::Node(_) => l.live,
+                };
+                let Some(live) = live else { continue };
+                let data = layer::allocated(&layer::data_path(&self.dir, l.id));
+                if data
+                    < live
+                        .saturating_mul(BLOCK_SIZE)
+                        .saturating_add(RECLAIM_MIN_BYTES)
+                {
+                    continue;
+                }
+                let log_len = fs::metadata(layer::log_path(&self.dir, l.id))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                if reclaimed.get(&l.id) == Some(&(log_len, data))
+                    || busy.contains(&l.id)
+                    || !claimable(&self.dir, l.id)
+                {
+                    continue;
+                }
+                layers.push(l.id);
+            }
+            if !layers.is_empty() {
+                out.push((st.at, layers));
+            }
+        }
+        out
     }
 
     /// Merges the layer-file bound wants now even without a delete: every lineage whose
@@ -809,7 +953,10 @@ impl Disk {
             .collect();
         let situation = self.situation(&self.tree, "", None, &HashSet::new(), &measure)?;
         let moves = maintenance_moves(&situation, &paths);
-        if moves.is_empty() {
+        // Stacks a move compacts lose their garbage with it; the others are reclaimed.
+        let moved: HashSet<StackRef> = moves.iter().map(|m| m.stack).collect();
+        let reclaims = self.reclaim_candidates(&situation, &moved);
+        if moves.is_empty() && reclaims.is_empty() {
             return Ok(Vec::new());
         }
         let mut tree = self.tree.clone();
@@ -817,8 +964,19 @@ impl Disk {
         for _ in &moves {
             ids.push(tree.alloc_id()?);
         }
+        let mut reclaim_ids = Vec::with_capacity(reclaims.len());
+        for _ in &reclaims {
+            reclaim_ids.push(tree.alloc_id()?);
+        }
         self.commit_tree(tree)?;
-        let jobs = self.build_jobs(&moves, &ids, "", "maintenance", opts);
+        let mut jobs = Vec::new();
+        for ((at, layers), id) in reclaims.into_iter().zip(reclaim_ids) {
+            match self.reclaim_job(at, &layers, id, "", opts) {
+                Ok(j) => jobs.push(j),
+                Err(e) => tracing::warn!("reclaim of {at:?} not started: {e}"),
+            }
+        }
+        jobs.extend(self.build_jobs(&moves, &ids, "", "maintenance", opts));
         self.refresh_own_from();
         if jobs_touch_now(&self.tree, &jobs) {
             self.now.sync_log(true)?;
@@ -1027,6 +1185,9 @@ impl Disk {
             ));
             return Err((Box::new(job), e));
         }
+        if let Some(r) = crate::merge::finish_reclaim(&mut job) {
+            return Ok(r);
+        }
         let run = job.run_layers();
         let progress = job.progress();
         let mut report = MergeReport {
@@ -1139,48 +1300,6 @@ impl Disk {
         drop(job);
         self.registry.release(id);
         self.refresh_own_from();
-    }
-
-    /// Frees the blocks of a merged parent's layers that the child's layers overwrite.
-    fn free_shadowed(&self, m: &Merge, pinned: &HashSet<u64>) -> Result<u64> {
-        let child_blocks: HashSet<u64> = if m.into_now {
-            let st = self.now.state();
-            let first_child = st.layers.len() - m.child_layers;
-            st.index
-                .iter()
-                .filter(|(_, l)| usize::from(l.ordinal) >= first_child)
-                .map(|(b, _)| b)
-                .collect()
-        } else {
-            let mut set = HashSet::new();
-            for &l in &m.child_layer_ids {
-                let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, false)?;
-                set.extend(
-                    lf.scan_log(self.disk_blocks())?
-                        .records
-                        .iter()
-                        .map(|r| r.disk_block),
-                );
-            }
-            set
-        };
-        let mut freed = 0;
-        for &l in m.parent_layers.iter().filter(|l| !pinned.contains(l)) {
-            let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, true)?;
-            let mut dead: Vec<u64> = lf
-                .scan_log(self.disk_blocks())?
-                .records
-                .iter()
-                .filter(|r| r.kind == RecordKind::Data && child_blocks.contains(&r.disk_block))
-                .map(|r| r.data_block)
-                .collect();
-            dead.sort_unstable();
-            dead.dedup();
-            let before = layer::allocated(&lf.data_path);
-            lf.punch(&mut dead)?;
-            freed += before.saturating_sub(layer::allocated(&lf.data_path));
-        }
-        Ok(freed)
     }
 
     /// Renames a checkpoint.
@@ -1485,14 +1604,11 @@ impl Drop for Disk {
     }
 }
 
-/// A parent merged into its only child: which blocks to free afterwards.
+/// A parent merged into its only child: its layers joined the child's stack.
 struct Merge {
     parent_layers: Vec<u64>,
     /// The stack that received them.
     child: StackRef,
-    child_layer_ids: Vec<u64>,
-    child_layers: usize,
-    into_now: bool,
 }
 
 /// Starting at hidden node `id`, removes or merges hidden nodes that no longer have two or
@@ -1525,9 +1641,6 @@ fn collapse_from(
                     merges.push(Merge {
                         parent_layers: node.layers.clone(),
                         child: StackRef::Now,
-                        child_layer_ids: tree.now.layers.clone(),
-                        child_layers: tree.now.layers.len(),
-                        into_now: true,
                     });
                     let mut layers = node.layers.clone();
                     layers.extend(&tree.now.layers);
@@ -1537,9 +1650,6 @@ fn collapse_from(
                     merges.push(Merge {
                         parent_layers: node.layers.clone(),
                         child: StackRef::Node(child.id),
-                        child_layer_ids: child.layers.clone(),
-                        child_layers: child.layers.len(),
-                        into_now: false,
                     });
                     let mut layers = node.layers.clone();
                     layers.extend(&child.layers);
@@ -1562,6 +1672,36 @@ fn collapse_from(
             }
         }
     }
+}
+
+/// Bytes of dead data a layer must hold before maintenance plans its reclaim.
+const RECLAIM_MIN_BYTES: u64 = 1 << 20;
+
+/// True when no reader pins layer `id` (its claim could be taken; it is released at once).
+fn claimable(dir: &Path, id: u64) -> bool {
+    match locking::claim(&layer::log_path(dir, id)) {
+        Ok(Some(_)) => true,
+        Ok(None) => {
+            tracing::info!(
+                "layer {id} is pinned by a reader: its overwritten blocks stay allocated"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!("layer {id}: {e}: its overwritten blocks stay allocated");
+            false
+        }
+    }
+}
+
+/// The layers of `tree` that `moves` rewrite.
+fn covered_layers(tree: &Tree, moves: &[Move]) -> HashSet<u64> {
+    moves
+        .iter()
+        .filter_map(|m| tree.stack(m.stack)?.get(m.first..m.first + m.len))
+        .flatten()
+        .copied()
+        .collect()
 }
 
 /// True when some job's run lies in Now's stack.

@@ -100,6 +100,8 @@ pub struct MergeJob {
     /// Set by `finish_merge` once the output belongs to the tree.
     pub(crate) adopted: bool,
     pub(crate) peak_extra: u64,
+    /// Set for a reclaim job ([`super::reclaim`]): `run` punches instead of copying.
+    pub(crate) reclaim: Option<Box<super::reclaim::Reclaim>>,
 }
 
 fn no_space(e: &Error) -> bool {
@@ -127,6 +129,7 @@ impl MergeJob {
             stale: false,
             adopted: false,
             peak_extra: 0,
+            reclaim: None,
         }
     }
 
@@ -205,6 +208,11 @@ impl MergeJob {
             return Ok(());
         }
         self.progress.copying();
+        if let Some(r) = self.reclaim.as_mut() {
+            return r
+                .run(self.s.id, cancel, &self.progress, &self.s.registry)
+                .map(|()| self.copied = true);
+        }
         if self.comp.is_none() {
             let absorber = match self.s.target {
                 Target::New => None,

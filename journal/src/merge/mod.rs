@@ -5,11 +5,14 @@
 //! [`Strategy`]. A job composes its run (newest version of each block), copies the live
 //! blocks on io_uring ([`copy`]) into a new layer or into one layer of the run (absorb), and
 //! [`crate::Disk::finish_merge`] swaps the result into the tree and into Now's open view.
+//! The blocks a relink leaves unread (overwritten by the stack above them) are freed by a
+//! reclaim job ([`reclaim`]), a [`MergeJob`] that punches instead of copying.
 
 mod compose;
 mod copy;
 mod job;
 mod progress;
+mod reclaim;
 mod strategy;
 
 pub use copy::uring_copy;
@@ -20,6 +23,9 @@ pub use strategy::{
 };
 
 pub(crate) use job::{JobSetup, Registry, Target};
+pub(crate) use reclaim::{
+    finish as finish_reclaim, Above, Doomed, Reclaim, ReclaimSetup, Reclaimed,
+};
 pub(crate) use strategy::{builtin, maintenance_moves};
 
 use std::sync::Arc;

@@ -99,6 +99,9 @@ fn crash_child() {
     println!("deleted {}", jobs.len());
     let never = std::sync::atomic::AtomicBool::new(false);
     for mut j in jobs {
+        if j.is_reclaim() {
+            println!("reclaiming {}", j.id());
+        }
         j.run(&never).unwrap();
         println!("copied {}", j.id());
         disk.finish_merge(j).unwrap();
@@ -164,6 +167,7 @@ fn merges_survive_sigkill() {
         StrategyKind::Relink,
     ];
     let (mut rolled_back, mut rolled_forward, mut mid_merge) = (0, 0, 0);
+    let mut mid_reclaim = 0;
     let mut round = 0;
     while model.len() > 2 && round < 24 {
         let mut names: Vec<String> = model.keys().filter(|n| !n.is_empty()).cloned().collect();
@@ -211,6 +215,13 @@ fn merges_survive_sigkill() {
         if out.contains("deleted") && !out.contains("done") {
             mid_merge += 1;
         }
+        if let Some(at) = out.find("reclaiming ") {
+            // Killed while punching: the reclaim did not report its end.
+            let id = out[at + 11..].lines().next().unwrap_or("");
+            if !out.contains(&format!("copied {id}")) {
+                mid_reclaim += 1;
+            }
+        }
         if status.success() {
             assert!(out.contains("done"), "child output: {out}");
         }
@@ -251,7 +262,7 @@ fn merges_survive_sigkill() {
         );
     }
     eprintln!(
-        "{round} kills: {rolled_back} rolled back, {rolled_forward} committed, {mid_merge} during merges"
+        "{round} kills: {rolled_back} rolled back, {rolled_forward} committed, {mid_merge} during merges ({mid_reclaim} during a reclaim)"
     );
     assert!(
         mid_merge >= 3,

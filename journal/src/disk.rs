@@ -15,8 +15,8 @@ use crate::layer::{self, LayerFiles, LAYERS_DIR};
 use crate::locking::{self, lock_reader, lock_writer, LOCK_FILE};
 use crate::merge::{
     maintenance_moves, Above, DeleteOptions, Doomed, JobSetup, LayerStat, MergeJob, MergeReport,
-    Move, Placement, Reclaim, ReclaimSetup, Reclaimed, Registry, Situation, StackRef, StackStat,
-    Target,
+    MergeStatus, Move, Placement, Reclaim, ReclaimSetup, Reclaimed, Registry, Situation, StackRef,
+    StackStat, Target,
 };
 use crate::tree::{sync_dir, unix_now, Node, NowNode, Tree, TREE_FILE, TREE_FORMAT};
 use crate::view::{build_state, build_view, DiskFiles, Tail};
@@ -113,6 +113,19 @@ pub struct DeleteReport {
     pub merge_jobs: usize,
     pub bytes_copied: u64,
 }
+
+/// What [`Disk::run_merges`] tells its caller while it runs jobs.
+pub enum MergeEvent<'a> {
+    /// A job's progress: when it starts, then about every [`MERGE_POLL`] while it runs.
+    Progress(&'a MergeStatus),
+    /// A job ran and was finished (swapped in, or discarded) with this report.
+    Done(&'a MergeStatus, &'a MergeReport),
+}
+
+/// How often [`Disk::run_merges`] reports a running job's progress.
+pub const MERGE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// Maintenance passes [`Disk::run_merges`] makes after its jobs (each may find more).
+pub const MAX_MAINTENANCE_ROUNDS: usize = 8;
 
 /// How many times a reader without the lock rebuilds a view that changed while it was
 /// being opened.
@@ -628,26 +641,86 @@ impl Disk {
         )
     }
 
-    /// [`Disk::delete`] with options: delete_online, then every job run and finished, then
-    /// the maintenance merges.
+    /// [`Disk::delete`] with options: [`Disk::delete_online`], then [`Disk::run_merges`].
     pub fn delete_with(&mut self, name: &str, opts: &DeleteOptions) -> Result<DeleteReport> {
         let (mut report, jobs) = self.delete_online(name, opts)?;
-        self.run_to_end(jobs, &mut report)?;
-        let jobs = self.maintenance_merges(opts)?;
-        self.run_to_end(jobs, &mut report)?;
-        Ok(report)
-    }
-
-    fn run_to_end(&mut self, jobs: Vec<MergeJob>, report: &mut DeleteReport) -> Result<()> {
-        let never = AtomicBool::new(false);
-        for mut job in jobs {
-            job.run(&never)?;
-            let r = self.finish_merge(job)?;
+        for r in self.run_merges(jobs, opts, &mut |_| {})? {
             report.merge_jobs += 1;
             report.bytes_copied += r.bytes_copied;
             report.bytes_freed += r.bytes_freed;
         }
-        Ok(())
+        Ok(report)
+    }
+
+    /// Runs `jobs` to the end one at a time (each on a thread of its own while this one calls
+    /// `on` with its progress about every [`MERGE_POLL`]) and finishes them, then the
+    /// maintenance merges the journal wants after them (up to [`MAX_MAINTENANCE_ROUNDS`]
+    /// passes). The offline driver of merges: [`Disk::delete_with`] and `strata disk
+    /// delete` use it. A job that runs out of space stops it with [`Error::NoSpace`] (the
+    /// job's durable batches are kept: the next run resumes it); one that fails otherwise
+    /// is abandoned. Returns every report.
+    pub fn run_merges(
+        &mut self,
+        jobs: Vec<MergeJob>,
+        opts: &DeleteOptions,
+        on: &mut dyn FnMut(MergeEvent<'_>),
+    ) -> Result<Vec<MergeReport>> {
+        let mut reports = Vec::new();
+        let mut jobs = jobs;
+        for round in 0..=MAX_MAINTENANCE_ROUNDS {
+            if round > 0 {
+                jobs = self.maintenance_merges(opts)?;
+                if jobs.is_empty() {
+                    break;
+                }
+            }
+            for job in std::mem::take(&mut jobs) {
+                reports.push(self.run_merge(job, on)?);
+            }
+        }
+        Ok(reports)
+    }
+
+    /// Runs one job on a thread of its own while this one reports its progress, then
+    /// finishes it.
+    fn run_merge(
+        &mut self,
+        job: MergeJob,
+        on: &mut dyn FnMut(MergeEvent<'_>),
+    ) -> Result<MergeReport> {
+        let progress = job.progress();
+        let cancel = AtomicBool::new(false);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (job, ran) = std::thread::scope(|s| {
+            let worker = s.spawn(|| {
+                let mut job = job;
+                let r = job.run(&cancel);
+                let _ = tx.send(());
+                (job, r)
+            });
+            loop {
+                on(MergeEvent::Progress(&progress.status()));
+                match rx.recv_timeout(MERGE_POLL) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => break,
+                }
+            }
+            worker.join()
+        })
+        .map_err(|_| Error::Invalid("internal error: the merge thread panicked".into()))?;
+        match ran {
+            Ok(()) => {
+                let report = self.finish_merge(job)?;
+                on(MergeEvent::Done(&progress.status(), &report));
+                Ok(report)
+            }
+            // The job stays resumable: its durable batches are kept for the next run.
+            Err(e @ Error::NoSpace { .. }) => Err(e),
+            Err(e) => {
+                self.abandon_merge(job);
+                Err(e)
+            }
+        }
     }
 
     /// Deletes checkpoint `name` in one tree commit (the relink: a checkpoint with one child
@@ -1047,14 +1120,33 @@ impl Disk {
     /// For each of `layers` (one stack, oldest first), the blocks it holds the newest
     /// version of within the stack.
     fn live_counts(&self, layers: &[u64]) -> Result<Vec<u64>> {
+        let disk_blocks = self.disk_blocks();
+        let mut counts = vec![0u64; layers.len()];
+        // One slot per disk block (layer index + 1) when that is small and the stack fits a
+        // u16, a map otherwise.
+        let dense = disk_blocks <= DENSE_LIVE_BLOCKS && layers.len() < usize::from(u16::MAX);
+        if dense {
+            let mut newest = vec![0u16; disk_blocks as usize];
+            for (i, &l) in layers.iter().enumerate() {
+                let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, false)?;
+                for r in lf.scan_log(disk_blocks)?.records {
+                    if let Some(slot) = newest.get_mut(r.disk_block as usize) {
+                        *slot = i as u16 + 1;
+                    }
+                }
+            }
+            for &s in newest.iter().filter(|&&s| s > 0) {
+                counts[usize::from(s) - 1] += 1;
+            }
+            return Ok(counts);
+        }
         let mut newest: HashMap<u64, usize> = HashMap::new();
         for (i, &l) in layers.iter().enumerate() {
             let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, false)?;
-            for r in lf.scan_log(self.disk_blocks())?.records {
+            for r in lf.scan_log(disk_blocks)?.records {
                 newest.insert(r.disk_block, i);
             }
         }
-        let mut counts = vec![0u64; layers.len()];
         for i in newest.into_values() {
             counts[i] += 1;
         }
@@ -1673,6 +1765,10 @@ fn collapse_from(
         }
     }
 }
+
+/// Disks of at most this many blocks (16 GiB) count live blocks in a dense table (2 bytes
+/// per block) rather than a map.
+const DENSE_LIVE_BLOCKS: u64 = 1 << 22;
 
 /// Bytes of dead data a layer must hold before maintenance plans its reclaim.
 const RECLAIM_MIN_BYTES: u64 = 1 << 20;

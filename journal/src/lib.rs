@@ -27,7 +27,10 @@ mod volume;
 mod zeroing;
 
 pub use buf::{AlignedBuf, BUF_ALIGN};
-pub use disk::{CacheMode, CheckReport, CheckpointInfo, DeleteReport, Disk, DiskInfo, OpenOptions};
+pub use disk::{
+    CacheMode, CheckReport, CheckpointInfo, DeleteReport, Disk, DiskInfo, MergeEvent, OpenOptions,
+    MAX_MAINTENANCE_ROUNDS, MERGE_POLL,
+};
 pub use error::{Error, Result};
 pub use merge::{
     uring_copy, DeleteOptions, LayerStat, MergeJob, MergeProgress, MergeReport, MergeStatus, Move,

@@ -80,6 +80,10 @@ struct Work {
     blocks: Vec<u64>,
 }
 
+/// For each doomed layer its position (`None`: no longer where the job expects it), and
+/// the topmost position writing each disk block, in one numbering.
+type Shadows = (Vec<Option<usize>>, HashMap<u64, usize>);
+
 /// The state of a reclaim job.
 pub(crate) struct Reclaim {
     doomed: Vec<Doomed>,
@@ -221,7 +225,7 @@ impl Reclaim {
 
     /// For each doomed layer, its position and the topmost position writing each block, in
     /// one numbering; `None` for a layer no longer where the job expects it.
-    fn shadows(&self) -> Result<(Vec<Option<usize>>, HashMap<u64, usize>)> {
+    fn shadows(&self) -> Result<Shadows> {
         let position = |stack: &[Arc<LayerFiles>], id: u64| stack.iter().position(|l| l.id == id);
         match &self.above {
             Above::Sealed(stack) => {

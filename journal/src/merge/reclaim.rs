@@ -111,8 +111,9 @@ fn newest(records: &[Record]) -> HashMap<u64, Record> {
 }
 
 /// The data blocks of `files` that no view of a stack reads, given `shadowed` (true for a
-/// disk block some layer above overwrites): every block a record names, except those the
-/// newest record of a block nobody overwrites names. `None` when the log cannot be trusted.
+/// disk block some layer above overwrites): every block a record of an overwritten disk
+/// block names, except those the newest record of a block nobody overwrites names (a data
+/// block reused for another disk block). `None` when the log cannot be trusted.
 fn dead_blocks(
     files: &LayerFiles,
     disk_blocks: u64,
@@ -131,10 +132,14 @@ fn dead_blocks(
         .filter(|r| r.kind == RecordKind::Data && !shadowed(r.disk_block))
         .map(|r| r.data_block)
         .collect();
+    // Only versions of overwritten blocks: a block superseded within the layer is Now's
+    // (or a merge's) to free.
     let mut dead: Vec<u64> = scan
         .records
         .iter()
-        .filter(|r| r.kind == RecordKind::Data && !live.contains(&r.data_block))
+        .filter(|r| {
+            r.kind == RecordKind::Data && shadowed(r.disk_block) && !live.contains(&r.data_block)
+        })
         .map(|r| r.data_block)
         .collect();
     dead.sort_unstable();
@@ -522,6 +527,9 @@ mod tests {
         // Block 2 overwritten above: data block 0 is dead; block 1's newest (1) is not.
         let dead = dead_blocks(&lf, 16, |b| b == 2).unwrap().unwrap();
         assert_eq!(dead, vec![0]);
+        // Block 1 overwritten above: both its data blocks would be, but 0 is block 2's now.
+        let dead = dead_blocks(&lf, 16, |b| b == 1).unwrap().unwrap();
+        assert_eq!(dead, vec![1]);
         let dead = dead_blocks(&lf, 16, |b| b == 1 || b == 3).unwrap().unwrap();
         assert_eq!(dead, vec![1, 2]);
     }

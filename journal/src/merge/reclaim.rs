@@ -254,19 +254,33 @@ impl Reclaim {
                 let Some(lowest) = pos.iter().flatten().min().copied() else {
                     return Ok((pos, HashMap::new()));
                 };
-                let still_active = st.active.as_ref().is_some_and(|a| a.files.id == *active);
-                if still_active {
-                    // Every ordinal above the doomed layers is in Now's stack: the index
-                    // names the topmost layer writing each block.
-                    let top: HashMap<u64, usize> = st
-                        .index
-                        .iter()
-                        .filter(|(_, l)| usize::from(l.ordinal) > lowest)
-                        .map(|(b, l)| (b, usize::from(l.ordinal)))
-                        .collect();
+                if let Some(a) = st.active.clone().filter(|a| a.files.id == *active) {
+                    // Only records on disk count: the active layer's log as long as it is
+                    // now, made durable by the sync before it is read.
+                    let stack: Vec<Arc<LayerFiles>> = st.layers[lowest..].to_vec();
                     drop(st);
-                    // The overwrites the index shows are durable before anything is punched.
+                    let len0 = a
+                        .files
+                        .log
+                        .metadata()
+                        .map_err(|e| Error::io(&a.files.log_path, e))?
+                        .len();
                     now.sync_log(true)?;
+                    let keep = (len0.saturating_sub(crate::format::LOG_HEADER_SIZE)
+                        / crate::format::RECORD_SIZE as u64)
+                        as usize;
+                    let mut top = HashMap::new();
+                    let last = stack.len() - 1;
+                    for (i, lf) in stack.iter().enumerate() {
+                        let mut recs = lf.scan_log(self.disk_blocks)?.records;
+                        if i == last {
+                            recs.truncate(keep);
+                        }
+                        for r in recs {
+                            top.insert(r.disk_block, i);
+                        }
+                    }
+                    let pos = pos.into_iter().map(|p| p.map(|p| p - lowest)).collect();
                     return Ok((pos, top));
                 }
                 // A checkpoint sealed the stack: it ends at the old active layer.

@@ -112,6 +112,9 @@ fn crash_child() {
     println!("deleted {}", jobs.len());
     for mut j in jobs {
         j.progress().on_batch(|done| println!("batch {done}"));
+        if j.is_reclaim() {
+            println!("reclaiming {}", j.id());
+        }
         j.run(&never).unwrap();
         println!("copied {}", j.id());
         disk.finish_merge(j).unwrap();
@@ -178,6 +181,7 @@ fn merges_survive_sigkill() {
     ];
     let (mut rolled_back, mut rolled_forward, mut mid_merge) = (0, 0, 0);
     let (mut between_batches, mut resumed) = (0, 0);
+    let mut mid_reclaim = 0;
     let mut round = 0;
     while model.len() > 2 && round < 24 {
         let mut names: Vec<String> = model.keys().filter(|n| !n.is_empty()).cloned().collect();
@@ -231,6 +235,13 @@ fn merges_survive_sigkill() {
             .is_some_and(|(_, tail)| tail.contains("batch") && !tail.contains("copied"))
         {
             between_batches += 1;
+        }
+        if let Some(at) = out.find("reclaiming ") {
+            // Killed while punching: the reclaim did not report its end.
+            let id = out[at + 11..].lines().next().unwrap_or("");
+            if !out.contains(&format!("copied {id}")) {
+                mid_reclaim += 1;
+            }
         }
         if status.success() {
             assert!(out.contains("done"), "child output: {out}");
@@ -295,7 +306,7 @@ fn merges_survive_sigkill() {
         );
     }
     eprintln!(
-        "{round} kills: {rolled_back} rolled back, {rolled_forward} committed, {mid_merge} during merges, {between_batches} between batches; {resumed} merges resumed by the parent"
+        "{round} kills: {rolled_back} rolled back, {rolled_forward} committed, {mid_merge} during merges ({mid_reclaim} during a reclaim), {between_batches} between batches; {resumed} merges resumed by the parent"
     );
     assert!(
         between_batches >= 2,

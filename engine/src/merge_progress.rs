@@ -5,23 +5,18 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use journal::{Disk, MergeJob, MergeReport, MergeStatus};
+use journal::{Disk, MergeEvent, MergeJob, MergeReport, MergeStatus};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::disk_cmd::human;
 use crate::{Error, Result};
 
-/// How often the display is refreshed from the merges' progress.
-const POLL: Duration = Duration::from_millis(100);
 /// Plain progress lines: at most one per merge this often (and one per state change).
 const LINE_EVERY: Duration = Duration::from_secs(2);
-/// Maintenance passes after an offline delete's own merges (each may find more).
-const MAX_MAINTENANCE_ROUNDS: usize = 8;
 
 /// One merge as displayed: a [`MergeStatus`], locally or as sent over the control socket.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -209,6 +204,12 @@ impl Display {
                 "{}: discarded (the tree changed while it ran; nothing lost)",
                 m.label()
             ),
+            Some(r) if r.strategy == "reclaim" => format!(
+                "{}: done, {} freed in {:.1} s",
+                m.label(),
+                human(r.bytes_freed),
+                r.copy_seconds
+            ),
             Some(r) => format!(
                 "{}: done, {} copied in {:.1} s, {} freed, layers {} -> {}",
                 m.label(),
@@ -237,70 +238,30 @@ impl Default for Display {
 }
 
 /// Runs merges of a stopped disk in the foreground, one at a time, showing their progress,
-/// then the maintenance merges the journal wants after them. Returns every report.
+/// then the maintenance merges the journal wants after them ([`Disk::run_merges`]). Returns
+/// every report.
 pub fn run_offline(
     disk: &mut Disk,
     jobs: Vec<MergeJob>,
     opts: &journal::DeleteOptions,
     display: &mut Display,
 ) -> Result<Vec<MergeReport>> {
-    let mut reports = Vec::new();
-    let mut jobs = jobs;
-    for round in 0..=MAX_MAINTENANCE_ROUNDS {
-        if round > 0 {
-            jobs = disk.maintenance_merges(opts)?;
-            if jobs.is_empty() {
-                break;
-            }
-        }
-        for job in std::mem::take(&mut jobs) {
-            reports.push(run_one(disk, job, display)?);
-        }
-    }
-    Ok(reports)
-}
-
-/// Copies one job on a thread of its own while this one draws the progress, then swaps it in.
-fn run_one(disk: &mut Disk, job: MergeJob, display: &mut Display) -> Result<MergeReport> {
-    let progress = job.progress();
-    let cancel = AtomicBool::new(false);
-    let (job, copied) = std::thread::scope(|s| {
-        let worker = s.spawn(|| {
-            let mut job = job;
-            let r = job.run(&cancel);
-            (job, r)
-        });
-        while !worker.is_finished() {
-            display.update(&[progress.status().into()]);
-            std::thread::sleep(POLL);
-        }
-        worker.join()
-    })
-    .map_err(|_| Error::Protocol("internal error: the merge thread panicked".into()))?;
-    let view: MergeView = progress.status().into();
-    match copied {
-        Ok(()) => {
-            let report = disk.finish_merge(job)?;
-            let mut done = view;
+    disk.run_merges(jobs, opts, &mut |ev| match ev {
+        MergeEvent::Progress(s) => display.update(&[s.clone().into()]),
+        MergeEvent::Done(s, r) => {
+            let mut done = MergeView::from(s.clone());
             done.bytes_done = done.bytes_total;
             done.state = "done".into();
-            display.ended(&done, Some(&report));
-            Ok(report)
+            display.ended(&done, Some(r));
         }
-        Err(e) if crate::merge_worker::is_no_space(&e) => {
-            // The job stays resumable: its durable batches are kept for the next run.
-            drop(job);
-            Err(Error::Usage(format!(
-                "merge {} stopped: {}; the checkpoint is deleted and nothing is lost: free some space and run any delete (or serve the disk) to continue the merge",
-                view.id,
-                crate::cli::error_chain(&e)
-            )))
-        }
-        Err(e) => {
-            disk.abandon_merge(job);
-            Err(e.into())
-        }
-    }
+    })
+    .map_err(|e| match &e {
+        journal::Error::NoSpace { job, .. } => Error::Usage(format!(
+            "merge {job} stopped: {}; the checkpoint is deleted and nothing is lost: free some space and run any delete (or serve the disk) to continue the merge",
+            crate::cli::error_chain(&e)
+        )),
+        _ => e.into(),
+    })
 }
 
 #[cfg(test)]

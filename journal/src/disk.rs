@@ -14,8 +14,9 @@ use crate::format::{RecordKind, LOG_HEADER_SIZE, ZERO_BLOCK};
 use crate::layer::{self, LayerFiles, LAYERS_DIR};
 use crate::locking::{self, lock_reader, lock_writer, LOCK_FILE};
 use crate::merge::{
-    maintenance_moves, DeleteOptions, JobSetup, LayerStat, MergeJob, MergeReport, Move, Placement,
-    Registry, Situation, StackRef, StackStat, Target,
+    maintenance_moves, Above, DeleteOptions, Doomed, JobSetup, LayerStat, MergeJob, MergeReport,
+    MergeStatus, Move, Placement, Reclaim, ReclaimSetup, Reclaimed, Registry, Situation, StackRef,
+    StackStat, Target,
 };
 use crate::tree::{sync_dir, unix_now, Node, NowNode, PartialMerge, Tree, TREE_FILE, TREE_FORMAT};
 use crate::view::{build_state, build_view, DiskFiles, Tail};
@@ -113,6 +114,19 @@ pub struct DeleteReport {
     pub bytes_copied: u64,
 }
 
+/// What [`Disk::run_merges`] tells its caller while it runs jobs.
+pub enum MergeEvent<'a> {
+    /// A job's progress: when it starts, then about every [`MERGE_POLL`] while it runs.
+    Progress(&'a MergeStatus),
+    /// A job ran and was finished (swapped in, or discarded) with this report.
+    Done(&'a MergeStatus, &'a MergeReport),
+}
+
+/// How often [`Disk::run_merges`] reports a running job's progress.
+pub const MERGE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// Maintenance passes [`Disk::run_merges`] makes after its jobs (each may find more).
+pub const MAX_MAINTENANCE_ROUNDS: usize = 8;
+
 /// How many times a reader without the lock rebuilds a view that changed while it was
 /// being opened.
 const SHARED_OPEN_TRIES: usize = 5;
@@ -136,6 +150,8 @@ pub struct Disk {
     registry: Arc<Registry>,
     /// Layers a reader pinned when they joined Now's stack: never Now's own.
     not_own: HashSet<u64>,
+    /// Layers a reclaim job went through (maintenance does not plan them again unchanged).
+    reclaimed: Reclaimed,
 }
 
 /// The text of a base image error with its causes ("base image P: why", "I/O error on P: ...").
@@ -312,6 +328,7 @@ impl Disk {
             base_error,
             registry: Arc::new(Registry::default()),
             not_own: HashSet::new(),
+            reclaimed: Reclaimed::default(),
         })
     }
 
@@ -646,26 +663,86 @@ impl Disk {
         )
     }
 
-    /// [`Disk::delete`] with options: delete_online, then every job run and finished, then
-    /// the maintenance merges.
+    /// [`Disk::delete`] with options: [`Disk::delete_online`], then [`Disk::run_merges`].
     pub fn delete_with(&mut self, name: &str, opts: &DeleteOptions) -> Result<DeleteReport> {
         let (mut report, jobs) = self.delete_online(name, opts)?;
-        self.run_to_end(jobs, &mut report)?;
-        let jobs = self.maintenance_merges(opts)?;
-        self.run_to_end(jobs, &mut report)?;
-        Ok(report)
-    }
-
-    fn run_to_end(&mut self, jobs: Vec<MergeJob>, report: &mut DeleteReport) -> Result<()> {
-        let never = AtomicBool::new(false);
-        for mut job in jobs {
-            job.run(&never)?;
-            let r = self.finish_merge(job)?;
+        for r in self.run_merges(jobs, opts, &mut |_| {})? {
             report.merge_jobs += 1;
             report.bytes_copied += r.bytes_copied;
             report.bytes_freed += r.bytes_freed;
         }
-        Ok(())
+        Ok(report)
+    }
+
+    /// Runs `jobs` to the end one at a time (each on a thread of its own while this one calls
+    /// `on` with its progress about every [`MERGE_POLL`]) and finishes them, then the
+    /// maintenance merges the journal wants after them (up to [`MAX_MAINTENANCE_ROUNDS`]
+    /// passes). The offline driver of merges: [`Disk::delete_with`] and `strata disk
+    /// delete` use it. A job that runs out of space stops it with [`Error::NoSpace`] (the
+    /// job's durable batches are kept: the next run resumes it); one that fails otherwise
+    /// is abandoned. Returns every report.
+    pub fn run_merges(
+        &mut self,
+        jobs: Vec<MergeJob>,
+        opts: &DeleteOptions,
+        on: &mut dyn FnMut(MergeEvent<'_>),
+    ) -> Result<Vec<MergeReport>> {
+        let mut reports = Vec::new();
+        let mut jobs = jobs;
+        for round in 0..=MAX_MAINTENANCE_ROUNDS {
+            if round > 0 {
+                jobs = self.maintenance_merges(opts)?;
+                if jobs.is_empty() {
+                    break;
+                }
+            }
+            for job in std::mem::take(&mut jobs) {
+                reports.push(self.run_merge(job, on)?);
+            }
+        }
+        Ok(reports)
+    }
+
+    /// Runs one job on a thread of its own while this one reports its progress, then
+    /// finishes it.
+    fn run_merge(
+        &mut self,
+        job: MergeJob,
+        on: &mut dyn FnMut(MergeEvent<'_>),
+    ) -> Result<MergeReport> {
+        let progress = job.progress();
+        let cancel = AtomicBool::new(false);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (job, ran) = std::thread::scope(|s| {
+            let worker = s.spawn(|| {
+                let mut job = job;
+                let r = job.run(&cancel);
+                let _ = tx.send(());
+                (job, r)
+            });
+            loop {
+                on(MergeEvent::Progress(&progress.status()));
+                match rx.recv_timeout(MERGE_POLL) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => break,
+                }
+            }
+            worker.join()
+        })
+        .map_err(|_| Error::Invalid("internal error: the merge thread panicked".into()))?;
+        match ran {
+            Ok(()) => {
+                let report = self.finish_merge(job)?;
+                on(MergeEvent::Done(&progress.status(), &report));
+                Ok(report)
+            }
+            // The job stays resumable: its durable batches are kept for the next run.
+            Err(e @ Error::NoSpace { .. }) => Err(e),
+            Err(e) => {
+                self.abandon_merge(job);
+                Err(e)
+            }
+        }
     }
 
     /// Deletes checkpoint `name` in one tree commit (the relink: a checkpoint with one child
@@ -740,24 +817,43 @@ impl Disk {
             .iter()
             .flat_map(|m| m.parent_layers.iter().copied())
             .collect();
-        let measure: Vec<StackRef> = target.into_iter().collect();
+        // Live blocks are counted (the logs scanned) only for a strategy that looks at them.
+        let measure: Vec<StackRef> = target.into_iter().filter(|_| strategy.measures()).collect();
         let situation = self.situation(&tree, name, target, &moved, &measure)?;
         let moves = validate_moves(strategy.name(), &situation, strategy.plan(&situation))?;
         let mut ids = Vec::with_capacity(moves.len());
         for _ in &moves {
             ids.push(tree.alloc_id()?);
         }
+        // The relinked layers no move rewrites get a reclaim job per stack that received them.
+        let covered = covered_layers(&tree, &moves);
+        let mut reclaims: Vec<(StackRef, Vec<u64>, u64)> = Vec::new();
+        for m in merges.iter().filter(|_| opts.background_reclaim) {
+            let left: Vec<u64> = m
+                .parent_layers
+                .iter()
+                .copied()
+                .filter(|l| !covered.contains(l))
+                .collect();
+            if left.is_empty() {
+                continue;
+            }
+            match reclaims.iter_mut().find(|r| r.0 == m.child) {
+                Some(r) => r.1.extend(left),
+                None => reclaims.push((m.child, left, tree.alloc_id()?)),
+            }
+        }
         let old_own = self.tree.now.layers.len();
         self.commit_tree(tree)?;
         let jobs = self.build_jobs(&moves, &ids, name, strategy.name(), opts);
         // The tree is durable: now free space. A crash from here on only leaves garbage that
-        // the next open removes (whole layer files) or that stays allocated (shadowed blocks).
-        // Merged layers are punched only while no reader (another process reading a
-        // checkpoint without the lock) pins them and no merge job reads them; the claims are
-        // held until the punching is done. A reader pinning later finds the merged node
-        // changed in the tree and does not use the layers.
+        // the next open removes (whole layer files) or that stays allocated (shadowed blocks;
+        // with `background_reclaim` a maintenance pass reclaims them). A merge's replaced
+        // layers go when it finishes; the blocks the relinked layers' new stack overwrites
+        // are punched here, or by a reclaim job (see `merge::reclaim`).
         let new_own = self.tree.now.layers.len();
-        // Layers that become Now's own: their overwritten blocks get punched from now on.
+        // Layers that become Now's own: their overwritten blocks get punched from now on,
+        // unless a reader (another process reading a checkpoint without the lock) pins them.
         let becoming_own: Vec<u64> = if new_own != old_own {
             let st = self.now.state();
             let new_from = st.layers.len().saturating_sub(new_own);
@@ -768,16 +864,26 @@ impl Disk {
         } else {
             Vec::new()
         };
-        let mut to_claim: Vec<u64> = merges
+        let mut to_check: Vec<u64> = merges
             .iter()
             .flat_map(|m| m.parent_layers.iter().copied())
             .chain(becoming_own.iter().copied())
             .collect();
-        to_claim.sort_unstable();
-        to_claim.dedup();
+        to_check.sort_unstable();
+        to_check.dedup();
+        // Merged layers are punched only while no reader (another process reading a
+        // checkpoint without the lock) pins them and no merge job reads them; inline, the
+        // claims are held until the punching is done. A reader pinning later finds the
+        // merged node changed in the tree and does not use the layers.
         let mut claims = Vec::new();
         let mut pinned: HashSet<u64> = HashSet::new();
-        for l in to_claim {
+        for l in to_check {
+            if opts.background_reclaim {
+                if !claimable(&self.dir, l) {
+                    pinned.insert(l);
+                }
+                continue;
+            }
             match locking::claim(&layer::log_path(&self.dir, l)) {
                 Ok(Some(f)) => claims.push(f),
                 Ok(None) => {
@@ -802,19 +908,162 @@ impl Disk {
         for l in drop_layers {
             report.bytes_freed += self.remove_layer_files(l);
         }
-        if merges.iter().any(|m| m.child == StackRef::Now) || jobs_touch_now(&self.tree, &jobs) {
-            // Also frees, before any job reads, the blocks Now's writes superseded in layers
-            // that are no longer Now's own.
+        let inline_now =
+            !opts.background_reclaim && merges.iter().any(|m| m.child == StackRef::Now);
+        if inline_now || jobs_touch_now(&self.tree, &jobs) {
+            // Frees, before any job reads, the blocks Now's writes superseded in layers that
+            // are no longer Now's own.
             self.now.sync_log(true)?;
         }
-        let busy = self.registry.busy_layers();
-        let skip: HashSet<u64> = pinned.union(&busy).copied().collect();
-        for m in merges {
-            report.bytes_freed += self.free_shadowed(&m, &skip)?;
+        if !opts.background_reclaim {
+            let busy = self.registry.busy_layers();
+            let skip: HashSet<u64> = pinned.union(&busy).copied().collect();
+            for m in &merges {
+                report.bytes_freed += self.free_shadowed(m, &skip)?;
+            }
+        }
+        let mut first = Vec::new();
+        for (at, layers, id) in reclaims {
+            match self.reclaim_job(at, &layers, id, name, opts) {
+                Ok(j) => first.push(j),
+                Err(e) => tracing::warn!("reclaim of {at:?} not started: {e}"),
+            }
         }
         drop(claims);
-        let jobs = self.start_progressive(jobs);
-        Ok((report, jobs))
+        let mut jobs = self.start_progressive(jobs);
+        // Reclaims first: they are quick and give space back before any copy needs it.
+        first.append(&mut jobs);
+        Ok((report, first))
+    }
+
+    /// A reclaim job for `layers` of stack `at` (oldest first).
+    fn reclaim_job(
+        &self,
+        at: StackRef,
+        layers: &[u64],
+        id: u64,
+        checkpoint: &str,
+        opts: &DeleteOptions,
+    ) -> Result<MergeJob> {
+        let open = |l: u64, rw: bool| -> Result<Arc<LayerFiles>> {
+            LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, rw).map(Arc::new)
+        };
+        let doomed = layers
+            .iter()
+            .map(|&l| Doomed::new(open(l, true)?))
+            .collect::<Result<Vec<_>>>()?;
+        let above = match at {
+            StackRef::Now => {
+                let active = self
+                    .now
+                    .state()
+                    .active
+                    .as_ref()
+                    .map(|a| a.files.id)
+                    .ok_or(Error::ReadOnly)?;
+                Above::Now {
+                    now: self.now.clone(),
+                    active,
+                }
+            }
+            StackRef::Node(_) => {
+                let stack = self.tree.stack(at).unwrap_or(&[]);
+                Above::Sealed(
+                    stack
+                        .iter()
+                        .map(|&l| open(l, false))
+                        .collect::<Result<Vec<_>>>()?,
+                )
+            }
+        };
+        let plan = Reclaim::new(
+            doomed,
+            above,
+            self.disk_blocks(),
+            opts.rate_limit,
+            self.reclaimed.clone(),
+            self.now.clone(),
+        );
+        Ok(MergeJob::reclaim(
+            ReclaimSetup {
+                id,
+                checkpoint: checkpoint.to_string(),
+                dir: self.dir.clone(),
+                uuid: self.uuid,
+                cache: self.opts.cache,
+                disk_blocks: self.disk_blocks(),
+                registry: self.registry.clone(),
+            },
+            plan,
+        ))
+    }
+
+    /// Layers of each stack (oldest first) whose data files hold at least
+    /// [`RECLAIM_MIN_BYTES`] more than the blocks they hold the newest version of: blocks
+    /// the stack above overwrote (a relink whose reclaim a crash or a stop interrupted) or
+    /// superseded within the layer. Skips stacks in `skip`, layers a merge job reads, a
+    /// reader pins, or a reclaim already went through unchanged.
+    fn reclaim_candidates(
+        &self,
+        situation: &Situation,
+        skip: &HashSet<StackRef>,
+    ) -> Vec<(StackRef, Vec<u64>)> {
+        let busy = self.registry.busy_layers();
+        // Live data blocks per layer of Now's view, from its index.
+        let now_live: HashMap<u64, u64> = {
+            let st = self.now.state();
+            let mut per = vec![0u64; st.layers.len()];
+            for (_, l) in st.index.iter() {
+                if l.data_block != ZERO_BLOCK {
+                    if let Some(c) = per.get_mut(usize::from(l.ordinal)) {
+                        *c += 1;
+                    }
+                }
+            }
+            st.layers.iter().map(|l| l.id).zip(per).collect()
+        };
+        let reclaimed = self.reclaimed.lock().map(|m| m.clone()).unwrap_or_default();
+        let mut out = Vec::new();
+        for st in &situation.stacks {
+            if skip.contains(&st.at) || st.layers.len() < 2 {
+                continue;
+            }
+            // Every layer with a layer of its stack above it.
+            let candidates = match st.at {
+                StackRef::Now => st.sealed,
+                StackRef::Node(_) => st.sealed.saturating_sub(1),
+            };
+            let mut layers = Vec::new();
+            for l in &st.layers[..candidates] {
+                let live = match st.at {
+                    StackRef::Now => now_live.get(&l.id).copied(),
+                    StackRef::Node(_) => l.live,
+                };
+                let Some(live) = live else { continue };
+                let data = layer::allocated(&layer::data_path(&self.dir, l.id));
+                if data
+                    < live
+                        .saturating_mul(BLOCK_SIZE)
+                        .saturating_add(RECLAIM_MIN_BYTES)
+                {
+                    continue;
+                }
+                let log_len = fs::metadata(layer::log_path(&self.dir, l.id))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                if reclaimed.get(&l.id) == Some(&(log_len, data))
+                    || busy.contains(&l.id)
+                    || !claimable(&self.dir, l.id)
+                {
+                    continue;
+                }
+                layers.push(l.id);
+            }
+            if !layers.is_empty() {
+                out.push((st.at, layers));
+            }
+        }
+        out
     }
 
     /// Merges the layer-file bound wants now even without a delete: every lineage whose
@@ -836,7 +1085,14 @@ impl Disk {
         // in a stack that a move below compacts whole (that move subsumes them).
         let whole: Vec<StackRef> = moves.iter().map(|m| m.stack).collect();
         let mut jobs = self.resume_merges_except(opts, &whole)?;
-        if moves.is_empty() {
+        // Stacks a move compacts lose their garbage with it; the others are reclaimed.
+        let moved: HashSet<StackRef> = whole.iter().copied().collect();
+        let reclaims = if opts.background_reclaim {
+            self.reclaim_candidates(&situation, &moved)
+        } else {
+            Vec::new()
+        };
+        if moves.is_empty() && reclaims.is_empty() {
             return Ok(jobs);
         }
         let mut tree = self.tree.clone();
@@ -844,7 +1100,17 @@ impl Disk {
         for _ in &moves {
             ids.push(tree.alloc_id()?);
         }
+        let mut reclaim_ids = Vec::with_capacity(reclaims.len());
+        for _ in &reclaims {
+            reclaim_ids.push(tree.alloc_id()?);
+        }
         self.commit_tree(tree)?;
+        for ((at, layers), id) in reclaims.into_iter().zip(reclaim_ids) {
+            match self.reclaim_job(at, &layers, id, "", opts) {
+                Ok(j) => jobs.push(j),
+                Err(e) => tracing::warn!("reclaim of {at:?} not started: {e}"),
+            }
+        }
         let planned = self.build_jobs(&moves, &ids, "", "maintenance", opts);
         self.refresh_own_from();
         if jobs_touch_now(&self.tree, &planned) {
@@ -917,14 +1183,33 @@ impl Disk {
     /// For each of `layers` (one stack, oldest first), the blocks it holds the newest
     /// version of within the stack.
     fn live_counts(&self, layers: &[u64]) -> Result<Vec<u64>> {
+        let disk_blocks = self.disk_blocks();
+        let mut counts = vec![0u64; layers.len()];
+        // One slot per disk block (layer index + 1) when that is small and the stack fits a
+        // u16, a map otherwise.
+        let dense = disk_blocks <= DENSE_LIVE_BLOCKS && layers.len() < usize::from(u16::MAX);
+        if dense {
+            let mut newest = vec![0u16; disk_blocks as usize];
+            for (i, &l) in layers.iter().enumerate() {
+                let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, false)?;
+                for r in lf.scan_log(disk_blocks)?.records {
+                    if let Some(slot) = newest.get_mut(r.disk_block as usize) {
+                        *slot = i as u16 + 1;
+                    }
+                }
+            }
+            for &s in newest.iter().filter(|&&s| s > 0) {
+                counts[usize::from(s) - 1] += 1;
+            }
+            return Ok(counts);
+        }
         let mut newest: HashMap<u64, usize> = HashMap::new();
         for (i, &l) in layers.iter().enumerate() {
             let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, false)?;
-            for r in lf.scan_log(self.disk_blocks())?.records {
+            for r in lf.scan_log(disk_blocks)?.records {
                 newest.insert(r.disk_block, i);
             }
         }
-        let mut counts = vec![0u64; layers.len()];
         for i in newest.into_values() {
             counts[i] += 1;
         }
@@ -1056,6 +1341,9 @@ impl Disk {
                 job.id()
             ));
             return Err((Box::new(job), e));
+        }
+        if let Some(r) = crate::merge::finish_reclaim(&mut job) {
+            return Ok(r);
         }
         let run = job.run_layers();
         let progress = job.progress();
@@ -1728,7 +2016,7 @@ impl Drop for Disk {
     }
 }
 
-/// A parent merged into its only child: which blocks to free afterwards.
+/// A parent merged into its only child: its layers joined the child's stack.
 struct Merge {
     parent_layers: Vec<u64>,
     /// The stack that received them.
@@ -1805,6 +2093,40 @@ fn collapse_from(
             }
         }
     }
+}
+
+/// Disks of at most this many blocks (16 GiB) count live blocks in a dense table (2 bytes
+/// per block) rather than a map.
+const DENSE_LIVE_BLOCKS: u64 = 1 << 22;
+
+/// Bytes of dead data a layer must hold before maintenance plans its reclaim.
+const RECLAIM_MIN_BYTES: u64 = 1 << 20;
+
+/// True when no reader pins layer `id` (its claim could be taken; it is released at once).
+fn claimable(dir: &Path, id: u64) -> bool {
+    match locking::claim(&layer::log_path(dir, id)) {
+        Ok(Some(_)) => true,
+        Ok(None) => {
+            tracing::info!(
+                "layer {id} is pinned by a reader: its overwritten blocks stay allocated"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!("layer {id}: {e}: its overwritten blocks stay allocated");
+            false
+        }
+    }
+}
+
+/// The layers of `tree` that `moves` rewrite.
+fn covered_layers(tree: &Tree, moves: &[Move]) -> HashSet<u64> {
+    moves
+        .iter()
+        .filter_map(|m| tree.stack(m.stack)?.get(m.first..m.first + m.len))
+        .flatten()
+        .copied()
+        .collect()
 }
 
 /// True when some job's run lies in Now's stack.

@@ -33,7 +33,10 @@ mod zeroing;
 
 pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use compact_log::{ActiveSpace, CompactReport, COMPACT_MIN_RECORDS, COMPACT_RATIO};
-pub use disk::{CacheMode, CheckReport, CheckpointInfo, DeleteReport, Disk, DiskInfo, OpenOptions};
+pub use disk::{
+    CacheMode, CheckReport, CheckpointInfo, DeleteReport, Disk, DiskInfo, MergeEvent, OpenOptions,
+    MAX_MAINTENANCE_ROUNDS, MERGE_POLL,
+};
 pub use error::{Error, Result};
 pub use merge::{
     uring_copy, DeleteOptions, LayerStat, MergeJob, MergeProgress, MergeReport, MergeStatus, Move,

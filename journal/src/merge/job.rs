@@ -147,6 +147,8 @@ pub struct MergeJob {
     pub(crate) progressive: Option<Progressive>,
     /// Bytes freed from the sources batch by batch.
     pub(crate) freed: u64,
+    /// Set for a reclaim job ([`super::reclaim`]): `run` punches instead of copying.
+    pub(crate) reclaim: Option<Box<super::reclaim::Reclaim>>,
 }
 
 /// State of a progressive job.
@@ -220,6 +222,7 @@ impl MergeJob {
             peak_extra: 0,
             progressive: None,
             freed: 0,
+            reclaim: None,
         }
     }
 
@@ -342,6 +345,11 @@ impl MergeJob {
             return Ok(());
         }
         self.progress.copying();
+        if let Some(r) = self.reclaim.as_mut() {
+            return r
+                .run(self.s.id, cancel, &self.progress, &self.s.registry)
+                .map(|()| self.copied = true);
+        }
         if self.comp.is_none() {
             let absorber = match self.s.target {
                 Target::New => None,

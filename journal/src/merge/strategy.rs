@@ -171,6 +171,11 @@ pub struct Move {
 pub trait Strategy: Send + Sync {
     fn name(&self) -> &str;
     fn plan(&self, situation: &Situation) -> Vec<Move>;
+    /// Whether `plan` looks at [`LayerStat::live`] of the delete's target stack: counting
+    /// it scans the stack's logs while the delete holds the disk (false leaves it `None`).
+    fn measures(&self) -> bool {
+        true
+    }
 }
 
 /// The whole sealed part of `s`, if there is something to merge (two layers or more).
@@ -225,12 +230,18 @@ impl Strategy for Relink {
     fn plan(&self, _: &Situation) -> Vec<Move> {
         Vec::new()
     }
+    fn measures(&self) -> bool {
+        false
+    }
 }
 
 struct IntoChild;
 impl Strategy for IntoChild {
     fn name(&self) -> &str {
         "compact-into-child"
+    }
+    fn measures(&self) -> bool {
+        false
     }
     fn plan(&self, s: &Situation) -> Vec<Move> {
         s.target

@@ -151,7 +151,12 @@ impl Worker {
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    STOP_TOKEN => return Ok(()),
+                    STOP_TOKEN => {
+                        // Completions the poll above reaped (status written) still go to
+                        // the used ring: a request never finishes without its used entry.
+                        self.push_used(&mut states, &mut done, false);
+                        return Ok(());
+                    }
                     BACKEND_TOKEN => clear_eventfd(self.executor.eventfd()),
                     GATE_TOKEN => self.executor.gate_woken(),
                     SNAPSHOT_TOKEN => {

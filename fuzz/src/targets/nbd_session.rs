@@ -16,7 +16,7 @@ use engine::nbd::connection::{serve, Export};
 use engine::nbd::protocol::*;
 use engine::nbd::stream::Stream;
 use engine::quiesce::Gate;
-use engine::sys::EventFd;
+use engine::sys::new_eventfd;
 use journal::Disk;
 
 use super::Target;
@@ -45,7 +45,7 @@ fn exports() -> &'static [Arc<Export>; 2] {
         let ro = d.checkpoint_view("c").expect("view");
         // The disk outlives every export (the process ends with it).
         Box::leak(Box::new(d));
-        let shutdown = Arc::new(EventFd::new().expect("eventfd"));
+        let shutdown = Arc::new(new_eventfd().expect("eventfd"));
         let export = |volume: Arc<journal::Volume>, read_only| {
             Arc::new(Export {
                 limits: ExportLimits {

@@ -1578,15 +1578,7 @@ impl Disk {
             .ok_or_else(|| Error::Invalid("its run is not in the tree".into()))?;
         let id = job.id();
         let mut tree = self.tree.clone();
-        let stack = match at {
-            StackRef::Now => Some(&mut tree.now.layers),
-            StackRef::Node(n) => tree
-                .nodes
-                .iter_mut()
-                .find(|x| x.id == n)
-                .map(|x| &mut x.layers),
-        };
-        let Some(stack) = stack else {
+        let Some(stack) = tree.stack_mut(at) else {
             return Err(Error::Invalid("its stack is not in the tree".into()));
         };
         stack.insert(pos + run.len(), id);
@@ -1639,15 +1631,7 @@ impl Disk {
             .find_run(&run)
             .ok_or_else(|| Error::Invalid("its run is not in the tree".into()))?;
         let mut tree = self.tree.clone();
-        let stack = match at {
-            StackRef::Now => Some(&mut tree.now.layers),
-            StackRef::Node(n) => tree
-                .nodes
-                .iter_mut()
-                .find(|x| x.id == n)
-                .map(|x| &mut x.layers),
-        };
-        let Some(stack) = stack else {
+        let Some(stack) = tree.stack_mut(at) else {
             return Err(Error::Invalid("its stack is not in the tree".into()));
         };
         stack.remove(pos + run.len() - 1);

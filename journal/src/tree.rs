@@ -223,7 +223,7 @@ impl Tree {
         }
     }
 
-    fn stack_mut(&mut self, at: StackRef) -> Option<&mut Vec<u64>> {
+    pub(crate) fn stack_mut(&mut self, at: StackRef) -> Option<&mut Vec<u64>> {
         match at {
             StackRef::Now => Some(&mut self.now.layers),
             StackRef::Node(id) => self

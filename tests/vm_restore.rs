@@ -105,8 +105,11 @@ fn checkpoint(
     ctl: &VmController,
     gate: &Gate,
     disk: &mut journal::Disk,
+    console: &Console,
 ) -> (MachineState, GuestMemoryMmap) {
-    let stats = ctl.pause(Duration::from_secs(10)).expect("pause");
+    let stats = ctl
+        .pause(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("pause: {e:?}; the console:\n{}", console.text()));
     assert_eq!(stats.vcpus, 1);
     assert!(stats.stopped >= stats.requested);
     assert!(ctl.is_paused());
@@ -162,8 +165,11 @@ fn restored_vm_continues_the_workload_from_the_checkpoint() {
         ctl,
         runner,
     } = start_guest(dir.path(), 256 << 20);
-    std::thread::sleep(Duration::from_millis(300));
-    let (state, mem) = checkpoint(&ctl, &gate, &mut disk);
+    // The first progress line is printed at 10% of the ops: 90% of the workload is left, so
+    // the pause lands mid-workload however fast this machine runs the guest (a fixed sleep
+    // let it finish first once in CI).
+    wait_for(&console, "strata-guest: progress");
+    let (state, mem) = checkpoint(&ctl, &gate, &mut disk, &console);
     let at_pause = console.text();
     let queue = state.devices.virtio.as_ref().unwrap().queues[0];
     assert!(
@@ -215,12 +221,12 @@ fn damaged_states_are_refused_before_the_guest_runs() {
     let Started {
         mut disk,
         gate,
+        console,
         ctl,
         runner,
-        ..
     } = start_guest(dir.path(), 64 << 20);
-    std::thread::sleep(Duration::from_millis(200));
-    let (state, mem) = checkpoint(&ctl, &gate, &mut disk);
+    wait_for(&console, "strata-guest: progress");
+    let (state, mem) = checkpoint(&ctl, &gate, &mut disk, &console);
     assert!(
         state.devices.virtio.as_ref().unwrap().active,
         "the driver set DRIVER_OK"

@@ -727,3 +727,57 @@ fn zero_hole_before_valid_records_is_damage_and_keeps_them() {
         );
     }
 }
+
+/// A valid-looking older record of the layer at the end of its log (a filesystem that
+/// exposes freed blocks after a crash could put a block of the layer's replaced log there):
+/// replay takes it as the newest record of its block. Its data block was freed and reused
+/// since, so the read fails its checksum (never the old data) and `check` says which
+/// block. Format 1 records carry no sequence number, so a stale record whose data block
+/// still holds its old bytes (a superseded block of zeros, punched) would be served: see
+/// "Validating layer files at replay" in docs/FORMAT.md.
+#[test]
+fn stale_record_at_the_end_of_the_active_log_is_never_served_from_a_changed_block() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, _, _, active) = layered_disk(t.path());
+    let log = log_file(&disk, active);
+    let (stale, stale_block) = {
+        let d = open_disk(&disk, false);
+        d.now().write_at(&[4u8; BLK], 5 * BLK as u64, true).unwrap();
+        let bytes = std::fs::read(&log).unwrap();
+        let rec = bytes[bytes.len() - 32..].to_vec();
+        let data_block = u64::from_le_bytes(rec[8..16].try_into().unwrap());
+        // Block 5 is rewritten (its old data block is freed), then other blocks reuse it.
+        d.now().write_at(&[5u8; BLK], 5 * BLK as u64, true).unwrap();
+        d.now().flush().unwrap();
+        d.now().write_at(&[6u8; 2 * BLK], 0, true).unwrap();
+        d.now().flush().unwrap();
+        (rec, data_block)
+    };
+    let end = len_of(&log);
+    write_at(&log, &stale, end);
+    let expect_ok = vec![6, 6, 2, 2, 1, 5, 3, 1];
+    for read_only in [true, false] {
+        let d = open_disk(&disk, read_only);
+        let mut buf = vec![0u8; BLK];
+        let got = d.now().read_at(&mut buf, 5 * BLK as u64);
+        assert!(
+            got.is_err(),
+            "the stale record's data was served: {:?}",
+            &buf[..4]
+        );
+        assert_ne!(buf[..4], [4; 4]);
+        for b in (0..8).filter(|&b| b != 5) {
+            d.now().read_at(&mut buf, b * BLK as u64).unwrap();
+            assert_eq!(buf[0], expect_ok[b as usize], "block {b}");
+        }
+    }
+    let (rc, report, _) = strata_bounded(&["disk", "check", s(&disk)]);
+    assert_eq!(rc, 2, "{report}");
+    assert!(
+        report.contains(&format!(
+            "L{active}.data data block {stale_block} (disk offset {})",
+            5 * BLK
+        )),
+        "{report}"
+    );
+}

@@ -755,7 +755,7 @@ fn stale_record_at_the_end_of_the_active_log_is_never_served_from_a_changed_bloc
     };
     let end = len_of(&log);
     write_at(&log, &stale, end);
-    let expect_ok = vec![6, 6, 2, 2, 1, 5, 3, 1];
+    let expect_ok = [6, 6, 2, 2, 1, 5, 3, 1];
     for read_only in [true, false] {
         let d = open_disk(&disk, read_only);
         let mut buf = vec![0u8; BLK];

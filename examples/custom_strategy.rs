@@ -10,15 +10,16 @@
 //!
 //!     cargo run --release --example custom_strategy
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use common::{e, open, run_jobs, verify, Model, DISK_SIZE};
 use journal::{
-    CacheMode, DeleteOptions, Disk, MergeReport, Move, OpenOptions, Placement, Situation, Strategy,
-    StrategyKind, Volume, BLOCK_SIZE,
+    DeleteOptions, Disk, MergeReport, Move, Placement, Situation, Strategy, StrategyKind, Volume,
+    BLOCK_SIZE,
 };
 
 /// The research strategy: absorb the deleted layers into the child's newest sealed layer.
@@ -56,35 +57,15 @@ impl Strategy for AbsorbIntoChild {
     }
 }
 
-type Model = BTreeMap<u64, u8>;
-const DISK_SIZE: u64 = 64 << 20;
-
+/// Writes each of `blocks` (one write per block) as `byte`, in the disk and the model.
 fn write(
     now: &Volume,
     m: &mut Model,
     blocks: impl Iterator<Item = u64>,
     byte: u8,
 ) -> journal::Result<()> {
-    let data = vec![byte; BLOCK_SIZE as usize];
     for b in blocks {
-        now.write_at(&data, b * BLOCK_SIZE, false)?;
-        m.insert(b, byte);
-    }
-    Ok(())
-}
-
-fn compare(view: Arc<Volume>, model: &Model, what: &str) -> Result<(), String> {
-    let mut buf = vec![0u8; BLOCK_SIZE as usize];
-    let untouched = (0..DISK_SIZE / BLOCK_SIZE)
-        .step_by(499)
-        .filter(|b| !model.contains_key(b));
-    for b in model.keys().copied().chain(untouched) {
-        view.read_at(&mut buf, b * BLOCK_SIZE)
-            .map_err(|e| format!("{what}: reading block {b}: {e}"))?;
-        let want = model.get(&b).copied().unwrap_or(0);
-        if buf.iter().any(|&x| x != want) {
-            return Err(format!("{what}: block {b} does not read {want:#04x}"));
-        }
+        common::write(now, m, b, 1, byte)?;
     }
     Ok(())
 }
@@ -92,16 +73,8 @@ fn compare(view: Arc<Volume>, model: &Model, what: &str) -> Result<(), String> {
 /// The disk: `small` (64 scattered blocks) under `big` (2048 blocks, overwriting 16 of
 /// small's), Now on top with a few writes. Returns the models of big and Now.
 fn build(dir: &Path) -> Result<(Model, Model), String> {
-    let e = |what: &'static str| move |err: journal::Error| format!("{what}: {err}");
     Disk::create(dir, DISK_SIZE, None).map_err(e("create"))?;
-    let mut disk = Disk::open(
-        dir,
-        OpenOptions {
-            cache: CacheMode::None,
-            read_only: false,
-        },
-    )
-    .map_err(e("open"))?;
+    let mut disk = open(dir, false)?;
     let mut m = Model::new();
     write(&disk.now(), &mut m, (0..64).map(|i| i * 97), 0x51).map_err(e("write"))?;
     disk.checkpoint("small").map_err(e("checkpoint"))?;
@@ -126,46 +99,13 @@ fn delete_and_verify(
     big: &Model,
     now: &Model,
 ) -> Result<Vec<MergeReport>, String> {
-    let e = |what: &'static str| move |err: journal::Error| format!("{what}: {err}");
-    let mut disk = Disk::open(
-        dir,
-        OpenOptions {
-            cache: CacheMode::None,
-            read_only: false,
-        },
-    )
-    .map_err(e("open"))?;
+    let mut disk = open(dir, false)?;
     let (_, jobs) = disk.delete_online("small", opts).map_err(e("delete"))?;
-    let cancel = AtomicBool::new(false);
-    let mut reports = Vec::new();
-    for mut job in jobs {
-        job.run(&cancel).map_err(e("merge"))?;
-        reports.push(disk.finish_merge(job).map_err(e("finish"))?);
-    }
-    compare(disk.checkpoint_view("big").map_err(e("view"))?, big, "big")?;
-    compare(disk.now(), now, "Now")?;
+    let reports = run_jobs(&mut disk, jobs)?;
     if disk.list().iter().any(|c| c.name == "small") {
         return Err("small is still listed".into());
     }
-    drop(disk);
-    let disk = Disk::open(
-        dir,
-        OpenOptions {
-            cache: CacheMode::None,
-            read_only: true,
-        },
-    )
-    .map_err(e("reopen"))?;
-    compare(
-        disk.checkpoint_view("big").map_err(e("view"))?,
-        big,
-        "big after reopening",
-    )?;
-    compare(disk.now(), now, "Now after reopening")?;
-    let check = disk.check().map_err(e("check"))?;
-    if !check.is_clean() {
-        return Err(format!("check: {:?}", check.problems));
-    }
+    verify(disk, &[("big", big)], now)?;
     Ok(reports)
 }
 
@@ -218,21 +158,6 @@ fn run(root: &Path) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let tmp = match tempfile::tempdir() {
-        Ok(t) => t,
-        Err(err) => {
-            eprintln!("custom_strategy: creating a temporary directory: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(tmp.path()) {
-        Ok(()) => {
-            println!("custom_strategy: OK");
-            ExitCode::SUCCESS
-        }
-        Err(msg) => {
-            eprintln!("custom_strategy: FAILED: {msg}");
-            ExitCode::FAILURE
-        }
-    }
+    let result = common::tempdir().and_then(|tmp| run(tmp.path()));
+    common::finish("custom_strategy", result)
 }

@@ -1,6 +1,8 @@
 //! Hostile and damaged disk directories through the CLI: exports onto the disk's own files,
 //! FIFOs and devices where metadata should be, a damaged Now, an exhausted id counter, a
-//! failed metadata save, and a damaged tail of a checkpoint's log.
+//! failed metadata save, a damaged tail of a checkpoint's log, and what a crash can leave
+//! after the last record of a log whose size ran ahead of its writes (zero tails, a torn
+//! record before zeros, a zero hole before valid records, garbage).
 
 mod nbd_common;
 
@@ -10,14 +12,30 @@ use std::process::Command;
 
 use nbd_common::{run_strata, strata, STRATA};
 
+/// Held while a child process is spawned, and by tests while they hold a disk open in this
+/// process: a child forked by another test's thread holds copies of this process's
+/// descriptors until it execs, so a disk closed meanwhile would still look locked to the
+/// next open here.
+static SPAWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn spawn_lock() -> std::sync::MutexGuard<'static, ()> {
+    SPAWN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Runs `strata ARGS` under `timeout 60`, so a hang fails the test instead of stalling it.
 fn strata_bounded(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new("timeout")
-        .arg("60")
-        .arg(STRATA)
-        .args(args)
-        .output()
-        .expect("run timeout strata");
+    let child = {
+        let _spawning = spawn_lock();
+        Command::new("timeout")
+            .arg("60")
+            .arg(STRATA)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run timeout strata")
+    };
+    let out = child.wait_with_output().expect("wait for strata");
     let rc = out.status.code().unwrap_or(-1);
     assert_ne!(rc, 124, "strata {args:?} hung (killed by timeout)");
     (
@@ -31,6 +49,37 @@ fn ok(args: &[&str]) -> String {
     let (rc, out, err) = strata_bounded(args);
     assert_eq!(rc, 0, "strata {args:?} failed:\n{out}\n{err}");
     out
+}
+
+/// A disk open in this process (holding [`SPAWN`] until it is closed).
+struct Held {
+    disk: journal::Disk,
+    _spawning: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Held {
+    type Target = journal::Disk;
+    fn deref(&self) -> &journal::Disk {
+        &self.disk
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut journal::Disk {
+        &mut self.disk
+    }
+}
+
+fn open_disk(path: &Path, read_only: bool) -> Held {
+    let spawning = spawn_lock();
+    let opts = journal::OpenOptions {
+        read_only,
+        ..journal::OpenOptions::default()
+    };
+    Held {
+        disk: journal::Disk::open(path, opts).unwrap(),
+        _spawning: spawning,
+    }
 }
 
 fn s(p: &Path) -> &str {
@@ -137,12 +186,12 @@ fn damaged_checkpoint_tail_fails_export_and_leaves_no_output() {
     }
     // Blocks are written through the journal crate (the disk is not served here).
     {
-        let d = journal::Disk::open(&disk, journal::OpenOptions::default()).unwrap();
+        let d = open_disk(&disk, false);
         d.now().write_at(&content[..64 * 4096], 0, true).unwrap();
     }
     ok(&["disk", "checkpoint", s(&disk), "--name", "c1"]);
     {
-        let d = journal::Disk::open(&disk, journal::OpenOptions::default()).unwrap();
+        let d = open_disk(&disk, false);
         d.now().write_at(&vec![0xEE; 64 * 4096], 0, true).unwrap();
     }
     ok(&["disk", "checkpoint", s(&disk), "--name", "c2"]);
@@ -351,7 +400,14 @@ fn failed_metadata_save_leaves_no_temporary_file() {
             Ok(())
         });
     }
-    let out = cmd.output().unwrap();
+    let child = {
+        let _spawning = spawn_lock();
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "the save must fail");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("strata.json.tmp"), "{err}");
@@ -361,6 +417,7 @@ fn failed_metadata_save_leaves_no_temporary_file() {
     );
     assert_eq!(std::fs::read(disk.join("strata.json")).unwrap(), before);
     ok(&["disk", "checkpoint", s(&disk), "--name", "c2"]);
+    let _spawning = spawn_lock();
     let _ = run_strata(&["disk", "tree", s(&disk)]);
 }
 
@@ -369,7 +426,7 @@ fn changed_base_is_reported_with_the_other_damage() {
     let t = tempfile::tempdir().unwrap();
     let (disk, base) = disk_over_base(t.path());
     {
-        let d = journal::Disk::open(&disk, journal::OpenOptions::default()).unwrap();
+        let d = open_disk(&disk, false);
         d.now().write_at(&[7u8; 8192], 1 << 21, true).unwrap();
     }
     ok(&["disk", "checkpoint", s(&disk), "--name", "c2"]);
@@ -398,4 +455,329 @@ fn changed_base_is_reported_with_the_other_damage() {
     let (rc, _, err) = strata_bounded(&["disk", "checkpoint", s(&disk), "--name", "c3"]);
     assert_ne!(rc, 0);
     assert!(err.contains("content changed"), "{err}");
+}
+
+// ---- Log tails after a crash -------------------------------------------------------------
+
+const BLK: usize = 4096;
+
+/// A 4 MiB disk: "c1" holds blocks 0..8 as 1, "c2" (its child) rewrites blocks 0..4 as 2,
+/// Now (c2's child) writes block 6 as 3 and flushes. Returns (disk, c1's layer, c2's
+/// layer, Now's active layer).
+fn layered_disk(dir: &Path) -> (PathBuf, u64, u64, u64) {
+    let disk = dir.join("disk");
+    journal::Disk::create(&disk, 4 << 20, None).unwrap();
+    let mut d = open_disk(&disk, false);
+    d.now().write_at(&[1u8; 8 * BLK], 0, true).unwrap();
+    d.checkpoint("c1").unwrap();
+    d.now().write_at(&[2u8; 4 * BLK], 0, true).unwrap();
+    d.checkpoint("c2").unwrap();
+    d.now().write_at(&[3u8; BLK], 6 * BLK as u64, true).unwrap();
+    drop(d);
+    let tree: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(disk.join("strata.json")).unwrap()).unwrap();
+    let layer_of = |name: &str| {
+        tree["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap()["layers"][0]
+            .as_u64()
+            .unwrap()
+    };
+    let active = tree["now"]["layers"].as_array().unwrap().last().unwrap();
+    (
+        disk,
+        layer_of("c1"),
+        layer_of("c2"),
+        active.as_u64().unwrap(),
+    )
+}
+
+/// What each view of [`layered_disk`] reads in blocks 0..8.
+fn expected_blocks(view: &str) -> Vec<u8> {
+    match view {
+        "c1" => vec![1; 8],
+        "c2" => vec![2, 2, 2, 2, 1, 1, 1, 1],
+        _ => vec![2, 2, 2, 2, 1, 1, 3, 1],
+    }
+}
+
+fn read_blocks(v: &journal::Volume) -> journal::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 8 * BLK];
+    v.read_at(&mut buf, 0)?;
+    for b in buf.chunks(BLK) {
+        assert!(b.iter().all(|&x| x == b[0]), "a block reads mixed bytes");
+    }
+    Ok(buf.chunks(BLK).map(|b| b[0]).collect())
+}
+
+fn view(d: &Held, name: &str) -> std::sync::Arc<journal::Volume> {
+    if name == "Now" {
+        d.now()
+    } else {
+        d.checkpoint_view(name).unwrap()
+    }
+}
+
+/// Every view reads as [`expected_blocks`] says, read-only and read-write, and `check` (of
+/// the crate and of the CLI) is clean.
+fn assert_reads_as_before(disk: &Path) {
+    for read_only in [true, false] {
+        let d = open_disk(disk, read_only);
+        for name in ["c1", "c2", "Now"] {
+            let got = read_blocks(&view(&d, name));
+            assert_eq!(
+                got.as_ref().ok(),
+                Some(&expected_blocks(name)),
+                "{name} (read_only {read_only}): {got:?}"
+            );
+        }
+        let report = d.check().unwrap();
+        assert!(report.is_clean(), "{:?}", report.problems);
+    }
+    let out = ok(&["disk", "check", s(disk)]);
+    assert!(out.contains("clean"), "{out}");
+}
+
+fn log_file(disk: &Path, layer: u64) -> PathBuf {
+    disk.join(format!("layers/L{layer}.log"))
+}
+
+/// Extends `path` by `len` zero bytes with `fallocate` mode 0 (as a preallocating writer
+/// does before a crash that lands ahead of its write).
+fn fallocate_tail(path: &Path, len: u64) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let at = f.metadata().unwrap().len();
+    // SAFETY: fallocate only reads its integer arguments; `f` is open for the call.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, at as i64, len as i64) };
+    assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+}
+
+fn write_at(path: &Path, bytes: &[u8], at: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, bytes, at).unwrap();
+}
+
+fn len_of(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().len()
+}
+
+/// A sealed layer whose log ends in unwritten preallocated space (a compact-into-parent
+/// merge killed between its `fallocate` of the absorbing log and its records) is clean, and
+/// a later absorbing merge into that layer writes its records over the zeros.
+#[test]
+fn zero_tail_of_a_sealed_log_is_unwritten_space_not_damage() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, c1, c2, _) = layered_disk(t.path());
+    fallocate_tail(&log_file(&disk, c1), 64 << 10);
+    fallocate_tail(&log_file(&disk, c2), 100);
+    assert_reads_as_before(&disk);
+    // Deleting c1 absorbs c2's blocks into c1's layer (records appended at its last valid
+    // record, over the zero tail).
+    {
+        let mut d = open_disk(&disk, false);
+        d.delete_with(
+            "c1",
+            &journal::DeleteOptions::with(journal::StrategyKind::CompactIntoParent),
+        )
+        .unwrap();
+        assert_eq!(
+            read_blocks(&d.checkpoint_view("c2").unwrap()).unwrap(),
+            expected_blocks("c2")
+        );
+        assert_eq!(read_blocks(&d.now()).unwrap(), expected_blocks("Now"));
+        let report = d.check().unwrap();
+        assert!(report.is_clean(), "{:?}", report.problems);
+    }
+    let d = open_disk(&disk, false);
+    assert!(d.list().iter().all(|c| c.name != "c1"));
+    assert_eq!(
+        read_blocks(&d.checkpoint_view("c2").unwrap()).unwrap(),
+        expected_blocks("c2")
+    );
+    assert_eq!(read_blocks(&d.now()).unwrap(), expected_blocks("Now"));
+    assert!(d.check().unwrap().is_clean());
+}
+
+/// The active layer's log with a zero tail: a read-write open cuts it off, records stay.
+#[test]
+fn zero_tail_of_the_active_log_is_cut_at_a_writable_open() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, _, _, active) = layered_disk(t.path());
+    let log = log_file(&disk, active);
+    let len = len_of(&log);
+    fallocate_tail(&log, 1 << 20);
+    assert_reads_as_before(&disk);
+    assert_eq!(len_of(&log), len, "the writable open cuts the zero tail");
+    // Appends go where the zeros were, and survive a reopen.
+    {
+        let d = open_disk(&disk, false);
+        d.now().write_at(&[3u8; BLK], 7 * BLK as u64, true).unwrap();
+    }
+    let d = open_disk(&disk, false);
+    assert_eq!(read_blocks(&d.now()).unwrap(), vec![2, 2, 2, 2, 1, 1, 3, 3]);
+    assert!(d.check().unwrap().is_clean());
+}
+
+/// A torn record followed by zeros, and a garbage tail, are torn tails: damage in a sealed
+/// layer (reads of it fail, `check` says where), dropped from the active layer.
+#[test]
+fn torn_record_before_zeros_and_garbage_tails_are_torn() {
+    for garbage in [false, true] {
+        let t = tempfile::tempdir().unwrap();
+        let (disk, _, c2, active) = layered_disk(t.path());
+        for layer in [c2, active] {
+            let log = log_file(&disk, layer);
+            let end = len_of(&log);
+            if garbage {
+                let bytes: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 1) as u8).collect();
+                write_at(&log, &bytes, end);
+            } else {
+                fallocate_tail(&log, 4096);
+                write_at(&log, &[0xa5; 10], end);
+            }
+        }
+        let (rc, report, _) = strata_bounded(&["disk", "check", s(&disk)]);
+        assert_eq!(rc, 2, "{report}");
+        assert!(
+            report.contains(&format!(
+                "L{c2}.log: {} bytes after the last valid record",
+                if garbage { 4096 } else { 32 }
+            )),
+            "{report}"
+        );
+        assert!(!report.contains(&format!("L{active}.log")), "{report}");
+        let d = open_disk(&disk, false);
+        for name in ["c2", "Now"] {
+            let got = read_blocks(&view(&d, name));
+            assert!(
+                matches!(got, Err(journal::Error::Corrupt { .. })),
+                "{name} uses the damaged layer: {got:?}"
+            );
+        }
+        assert_eq!(
+            read_blocks(&d.checkpoint_view("c1").unwrap()).unwrap(),
+            expected_blocks("c1")
+        );
+        drop(d);
+        assert_eq!(
+            len_of(&log_file(&disk, active)),
+            journal_log_len(1),
+            "the active log's tail was cut"
+        );
+    }
+}
+
+/// Length of a log holding `records` records.
+fn journal_log_len(records: u64) -> u64 {
+    64 + 32 * records
+}
+
+/// A hole of zeros followed by valid records is damage (records that were durable may have
+/// been lost there), reported as zeros; the records after it are read, and a writable open
+/// never cuts them off.
+#[test]
+fn zero_hole_before_valid_records_is_damage_and_keeps_them() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, _, c2, active) = layered_disk(t.path());
+    for (layer, records) in [(c2, 4u64), (active, 1)] {
+        // The records move 256 bytes on, leaving 8 record slots of zeros before them.
+        let log = log_file(&disk, layer);
+        let bytes = std::fs::read(&log).unwrap();
+        assert_eq!(bytes.len() as u64, journal_log_len(records));
+        let mut holed = bytes[..64].to_vec();
+        holed.resize(64 + 256, 0);
+        holed.extend_from_slice(&bytes[64..]);
+        std::fs::write(&log, &holed).unwrap();
+    }
+    let before: Vec<Vec<u8>> = [c2, active]
+        .iter()
+        .map(|&l| std::fs::read(log_file(&disk, l)).unwrap())
+        .collect();
+    for read_only in [false, true] {
+        let d = open_disk(&disk, read_only);
+        for name in ["c2", "Now"] {
+            let got = read_blocks(&view(&d, name));
+            assert!(
+                matches!(got, Err(journal::Error::Corrupt { .. })),
+                "{name}: {got:?}"
+            );
+        }
+        assert_eq!(
+            read_blocks(&d.checkpoint_view("c1").unwrap()).unwrap(),
+            expected_blocks("c1")
+        );
+    }
+    let after: Vec<Vec<u8>> = [c2, active]
+        .iter()
+        .map(|&l| std::fs::read(log_file(&disk, l)).unwrap())
+        .collect();
+    assert!(before == after, "the records after the hole were kept");
+    let (rc, report, _) = strata_bounded(&["disk", "check", s(&disk)]);
+    assert_eq!(rc, 2, "{report}");
+    for l in [c2, active] {
+        assert!(
+            report.contains(&format!(
+                "L{l}.log: record at byte 64: 8 consecutive records are zero bytes"
+            )),
+            "{report}"
+        );
+    }
+}
+
+/// A valid-looking older record of the layer at the end of its log (a filesystem that
+/// exposes freed blocks after a crash could put a block of the layer's replaced log there):
+/// replay takes it as the newest record of its block. Its data block was freed and reused
+/// since, so the read fails its checksum (never the old data) and `check` says which
+/// block. Format 1 records carry no sequence number, so a stale record whose data block
+/// still holds its old bytes (a superseded block of zeros, punched) would be served: see
+/// "Validating layer files at replay" in docs/FORMAT.md.
+#[test]
+fn stale_record_at_the_end_of_the_active_log_is_never_served_from_a_changed_block() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, _, _, active) = layered_disk(t.path());
+    let log = log_file(&disk, active);
+    let (stale, stale_block) = {
+        let d = open_disk(&disk, false);
+        d.now().write_at(&[4u8; BLK], 5 * BLK as u64, true).unwrap();
+        let bytes = std::fs::read(&log).unwrap();
+        let rec = bytes[bytes.len() - 32..].to_vec();
+        let data_block = u64::from_le_bytes(rec[8..16].try_into().unwrap());
+        // Block 5 is rewritten (its old data block is freed), then other blocks reuse it.
+        d.now().write_at(&[5u8; BLK], 5 * BLK as u64, true).unwrap();
+        d.now().flush().unwrap();
+        d.now().write_at(&[6u8; 2 * BLK], 0, true).unwrap();
+        d.now().flush().unwrap();
+        (rec, data_block)
+    };
+    let end = len_of(&log);
+    write_at(&log, &stale, end);
+    let expect_ok = [6, 6, 2, 2, 1, 5, 3, 1];
+    for read_only in [true, false] {
+        let d = open_disk(&disk, read_only);
+        let mut buf = vec![0u8; BLK];
+        let got = d.now().read_at(&mut buf, 5 * BLK as u64);
+        assert!(
+            got.is_err(),
+            "the stale record's data was served: {:?}",
+            &buf[..4]
+        );
+        assert_ne!(buf[..4], [4; 4]);
+        for b in (0..8).filter(|&b| b != 5) {
+            d.now().read_at(&mut buf, b * BLK as u64).unwrap();
+            assert_eq!(buf[0], expect_ok[b as usize], "block {b}");
+        }
+    }
+    let (rc, report, _) = strata_bounded(&["disk", "check", s(&disk)]);
+    assert_eq!(rc, 2, "{report}");
+    assert!(
+        report.contains(&format!(
+            "L{active}.data data block {stale_block} (disk offset {})",
+            5 * BLK
+        )),
+        "{report}"
+    );
 }

@@ -319,3 +319,145 @@ fn merges_survive_sigkill() {
     );
     assert!(rolled_forward >= 1);
 }
+
+/// Ids of the layers of checkpoint `name` in strata.json.
+fn layers_of(dir: &Path, name: &str) -> Vec<u64> {
+    let t: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("strata.json")).unwrap()).unwrap();
+    t["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no checkpoint {name}"))["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_u64().unwrap())
+        .collect()
+}
+
+/// A compact-into-parent merge killed after it preallocated the absorbing layer's log and
+/// before it wrote the records there (`strace` delivers SIGKILL as the child enters its
+/// first `pwrite` of that log): the log ends in zeros. The reopened disk reads exactly as
+/// before, `check` is clean, and a later compact-into-parent merge into the same layer
+/// writes its records over the zeros.
+#[test]
+fn compact_into_parent_killed_between_log_preallocation_and_records() {
+    let strace = Command::new("strace").arg("-V").output();
+    assert!(
+        strace.is_ok_and(|o| o.status.success()),
+        "this test needs strace (apt-get install strace)"
+    );
+    let t = tempfile::tempdir_in(std::env::var_os("MERGE_CRASH_TMP").unwrap_or("/var/tmp".into()))
+        .unwrap();
+    let dir = t.path().join("disk");
+    Disk::create(&dir, SIZE, None).unwrap();
+    let mut rng = SmallRng::seed_from_u64(11);
+    let mut model: HashMap<String, Vec<u64>> = HashMap::new();
+    {
+        let mut disk = open(&dir);
+        let now = disk.now();
+        let mut buf = vec![0u8; 64 << 10];
+        // c1 is large, c2 (its child) and c3 small: deleting c1 absorbs c2 into c1's layer.
+        for (name, writes) in [("c1", 128), ("c2", 24), ("c3", 16)] {
+            for _ in 0..writes {
+                let b = rng.gen_range(0..BLOCKS - 16);
+                rng.fill(&mut buf[..]);
+                now.write_at(&buf, b * 4096, false).unwrap();
+            }
+            disk.checkpoint(name).unwrap();
+        }
+        now.write_at(&buf, 0, true).unwrap();
+        for c in disk.list() {
+            model.insert(
+                c.name.clone(),
+                digest(&disk.checkpoint_view(&c.name).unwrap()),
+            );
+        }
+        model.insert(String::new(), digest(&now));
+    }
+    let absorber = layers_of(&dir, "c1")[0];
+    let log = dir.join(format!("layers/L{absorber}.log"));
+    let log_len = std::fs::metadata(&log).unwrap().len();
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "signal=none", "-P"])
+        .arg(&log)
+        .args(["-e", "trace=pwrite64", "-e", "inject=pwrite64:signal=KILL"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "crash_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MERGE_CRASH_DIR", &dir)
+        .env("MERGE_CRASH_TARGET", "c1")
+        .env(
+            "MERGE_CRASH_STRATEGY",
+            StrategyKind::CompactIntoParent.to_string(),
+        )
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "the child was not killed: {said}");
+    assert!(
+        said.contains("deleted 1") && !said.contains("copied"),
+        "the kill landed elsewhere: {said}"
+    );
+    // The kill landed between the preallocation and the records.
+    let bytes = std::fs::read(&log).unwrap();
+    assert!(
+        bytes.len() as u64 > log_len,
+        "the absorbing log was not preallocated ({} bytes)",
+        bytes.len()
+    );
+    assert!(
+        bytes[log_len as usize..].iter().all(|&b| b == 0),
+        "records were written after the preallocation"
+    );
+    let check = |disk: &Disk, model: &HashMap<String, Vec<u64>>, when: &str| {
+        let names: HashSet<String> = disk.list().into_iter().map(|c| c.name).collect();
+        let expected: HashSet<String> = model.keys().filter(|n| !n.is_empty()).cloned().collect();
+        assert_eq!(names, expected, "{when}");
+        for name in &expected {
+            let v = disk.checkpoint_view(name).unwrap();
+            assert!(
+                digest(&v) == model[name],
+                "{when}: checkpoint {name} changed"
+            );
+        }
+        assert!(digest(&disk.now()) == model[""], "{when}: Now changed");
+        let report = disk.check().unwrap();
+        assert!(report.is_clean(), "{when}: {:?}", report.problems);
+    };
+    model.remove("c1");
+    for read_only in [true, false] {
+        let disk = Disk::open(
+            &dir,
+            OpenOptions {
+                cache: CacheMode::None,
+                read_only,
+            },
+        )
+        .unwrap();
+        check(&disk, &model, &format!("reopened (read_only {read_only})"));
+    }
+    // c1's layer, now the bottom of c3's stack [c1, c2, c3], absorbs c2 and c3.
+    let mut disk = open(&dir);
+    disk.delete_with("c2", &options(StrategyKind::CompactIntoParent))
+        .unwrap();
+    model.remove("c2");
+    check(&disk, &model, "after a second compact-into-parent");
+    assert_eq!(
+        layers_of(&dir, "c3"),
+        vec![absorber],
+        "c1's layer absorbed the stack"
+    );
+    drop(disk);
+    check(&open(&dir), &model, "reopened after the second merge");
+    assert_eq!(layer_files(&dir), tree_layers(&dir), "stray layer files");
+}

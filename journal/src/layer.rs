@@ -44,8 +44,15 @@ pub struct LogScan {
     pub valid_len: u64,
     /// Damaged records followed by valid ones: (byte offset, description).
     pub damaged: Vec<(u64, String)>,
-    /// Bytes after `valid_len` that hold no valid record (a torn tail).
+    /// Bytes after `valid_len` that hold no valid record and are not all zero (a torn
+    /// tail: a partial record, garbage), up to the end of the last record slot holding a
+    /// non-zero byte.
     pub torn_bytes: u64,
+    /// Zero bytes after those, to the end of the file: space the log was extended by
+    /// (`fallocate`, or a crash between a size change and the write) that no write reached.
+    /// No record was ever durable there, so it is not damage in any layer (see "Write,
+    /// flush and recovery" in `docs/FORMAT.md`).
+    pub zero_tail: u64,
     /// Valid records that are ignored (for blocks past the end of the disk).
     pub ignored: Vec<(u64, String)>,
     /// Problems beyond the first [`MAX_REPORTED`] of `damaged` or `ignored`, only counted.
@@ -167,27 +174,45 @@ impl LayerFiles {
             valid_len: LOG_HEADER_SIZE,
             ..LogScan::default()
         };
-        // A run of records with a bad checksum: (offset of the first, count). It is damage
-        // if a valid record follows, a torn tail otherwise.
-        let mut bad_run: Option<(u64, u64)> = None;
+        // A run of records with a bad checksum: (offset of the first, count, all zero
+        // bytes). It is damage if a valid record follows, a torn tail otherwise.
+        let mut bad_run: Option<(u64, u64, bool)> = None;
+        // End of the last record slot after a valid record that holds a non-zero byte.
+        let mut dirty_end = LOG_HEADER_SIZE;
         let mut chunk = vec![0u8; LOG_SCAN_CHUNK];
         let mut pos = LOG_HEADER_SIZE;
         loop {
             let n = self.read_log_at(&mut chunk, pos)?;
-            for (i, rec) in chunk[..n].chunks_exact(RECORD_SIZE).enumerate() {
+            let slots = chunk[..n].chunks_exact(RECORD_SIZE);
+            let rest = slots.remainder();
+            if rest.iter().any(|&b| b != 0) {
+                dirty_end = pos + n as u64;
+            }
+            for (i, rec) in slots.enumerate() {
                 let off = pos + (i * RECORD_SIZE) as u64;
                 let Some(r) = Record::decode(rec, self.seed) else {
+                    let zero = rec.iter().all(|&b| b == 0);
+                    if !zero {
+                        dirty_end = off + RECORD_SIZE as u64;
+                    }
                     match &mut bad_run {
-                        Some((_, count)) => *count += 1,
-                        None => bad_run = Some((off, 1)),
+                        Some((_, count, all_zero)) => {
+                            *count += 1;
+                            *all_zero &= zero;
+                        }
+                        None => bad_run = Some((off, 1, zero)),
                     }
                     continue;
                 };
-                if let Some((first, count)) = bad_run.take() {
-                    let why = if count == 1 {
-                        "record checksum mismatch".to_string()
-                    } else {
-                        format!("{count} consecutive records fail their checksum")
+                if let Some((first, count, zero)) = bad_run.take() {
+                    let why = match (count, zero) {
+                        (1, false) => "record checksum mismatch".to_string(),
+                        (_, false) => format!("{count} consecutive records fail their checksum"),
+                        // Zeros before a valid record: never-written space inside the log
+                        // (nothing appends past a hole) or records that were lost.
+                        (_, true) => format!(
+                            "{count} consecutive records are zero bytes (records lost, or never written) before a valid record"
+                        ),
                     };
                     scan.report_damage(first, why);
                 }
@@ -221,7 +246,9 @@ impl LayerFiles {
                 break;
             }
         }
-        scan.torn_bytes = pos.saturating_sub(scan.valid_len);
+        let torn_end = dirty_end.max(scan.valid_len);
+        scan.torn_bytes = torn_end - scan.valid_len;
+        scan.zero_tail = pos.saturating_sub(torn_end);
         Ok(scan)
     }
 
@@ -417,6 +444,77 @@ mod tests {
         );
         assert_eq!(s.valid_len, tail + 32);
         assert_eq!(s.torn_bytes, 0);
+    }
+
+    /// Every case of what a crash can leave after the last durable record of a log whose
+    /// size ran ahead of its writes (a preallocated absorbing log, an extended file).
+    #[test]
+    fn zero_tails_are_unwritten_space_and_other_tails_are_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
+        let l = LayerFiles::create(dir.path(), 9, 1, CacheMode::Writeback).unwrap();
+        l.data.set_len(16 * BLOCK_SIZE).unwrap();
+        let rec = |b| Record {
+            disk_block: b,
+            data_block: b,
+            crc: 0,
+            kind: RecordKind::Data,
+        };
+        let log = OpenOptions::new().write(true).open(&l.log_path).unwrap();
+        for b in 0..4 {
+            log.write_all_at(&rec(b).encode(l.seed), LOG_HEADER_SIZE + 32 * b)
+                .unwrap();
+        }
+        let end = LOG_HEADER_SIZE + 128;
+        // A zero tail: the records after the preallocation were never written.
+        preallocate(&log, end, 4096).unwrap();
+        let s = l.scan_log(1 << 20).unwrap();
+        assert_eq!(s.records.len(), 4);
+        assert_eq!((s.valid_len, s.torn_bytes, s.zero_tail), (end, 0, 4096));
+        assert!(s.damaged.is_empty());
+        // A torn record then zeros: torn up to the end of the torn record's slot.
+        log.write_all_at(&rec(4).encode(l.seed)[..10], end).unwrap();
+        let s = l.scan_log(1 << 20).unwrap();
+        assert_eq!(
+            (s.valid_len, s.torn_bytes, s.zero_tail),
+            (end, 32, 4096 - 32)
+        );
+        // Garbage at the very end: the whole tail is torn.
+        log.write_all_at(&[0x5a], end + 4095).unwrap();
+        let s = l.scan_log(1 << 20).unwrap();
+        assert_eq!((s.valid_len, s.torn_bytes, s.zero_tail), (end, 4096, 0));
+        // A partial last slot of zeros is zero tail too.
+        log.write_all_at(&[0; 32], end).unwrap();
+        log.write_all_at(&[0], end + 4095).unwrap();
+        log.set_len(end + 4096 + 7).unwrap();
+        let s = l.scan_log(1 << 20).unwrap();
+        assert_eq!((s.torn_bytes, s.zero_tail), (0, 4096 + 7));
+        // A zero hole followed by valid records: the records after it count, the hole is
+        // damage (records that were durable may be lost there), reported as zeros.
+        log.set_len(end + 4096).unwrap();
+        log.write_all_at(&rec(7).encode(l.seed), end + 256).unwrap();
+        let s = l.scan_log(1 << 20).unwrap();
+        assert_eq!(s.records.len(), 5);
+        assert_eq!(s.records[4], rec(7));
+        assert_eq!(s.valid_len, end + 288);
+        assert_eq!((s.torn_bytes, s.zero_tail), (0, 4096 - 288));
+        assert_eq!(s.damaged.len(), 1, "{:?}", s.damaged);
+        assert_eq!(s.damaged[0].0, end);
+        assert!(
+            s.damaged[0]
+                .1
+                .contains("8 consecutive records are zero bytes"),
+            "{:?}",
+            s.damaged
+        );
+        // A hole of garbage is reported as failed checksums.
+        log.write_all_at(&[1], end + 40).unwrap();
+        let s = l.scan_log(1 << 20).unwrap();
+        assert!(
+            s.damaged[0].1.contains("8 consecutive records fail"),
+            "{:?}",
+            s.damaged
+        );
     }
 
     #[test]

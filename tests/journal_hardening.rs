@@ -466,7 +466,12 @@ const BLK: usize = 4096;
 /// layer, Now's active layer).
 fn layered_disk(dir: &Path) -> (PathBuf, u64, u64, u64) {
     let disk = dir.join("disk");
-    journal::Disk::create(&disk, 4 << 20, None).unwrap();
+    {
+        // `create` holds the disk's lock for a moment: a `strata` another test spawns then
+        // would inherit it until its exec, and the open below would find the disk locked.
+        let _spawning = spawn_lock();
+        journal::Disk::create(&disk, 4 << 20, None).unwrap();
+    }
     let mut d = open_disk(&disk, false);
     d.now().write_at(&[1u8; 8 * BLK], 0, true).unwrap();
     d.checkpoint("c1").unwrap();

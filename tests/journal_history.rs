@@ -746,7 +746,11 @@ fn given_up_absorb(progressive: bool) {
     disk.checkpoint("d").unwrap();
     w(4, 5);
     disk.checkpoint("e").unwrap();
-    let relink = DeleteOptions::with(StrategyKind::Relink);
+    // Reclaims inline: this test is about the absorb's records, and counts the jobs.
+    let relink = DeleteOptions {
+        background_reclaim: false,
+        ..DeleteOptions::with(StrategyKind::Relink)
+    };
     for n in ["e", "d", "c"] {
         let (_, j) = disk.delete_online(n, &relink).unwrap();
         assert!(j.is_empty());
@@ -754,6 +758,7 @@ fn given_up_absorb(progressive: bool) {
     let with = |on, mv| DeleteOptions {
         custom: Some(Arc::new(OneMove { on, mv })),
         progressive,
+        background_reclaim: false,
         ..DeleteOptions::default()
     };
     // Now's stack: b c d e active. Absorb c into d, then give the job up.

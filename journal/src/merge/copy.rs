@@ -4,8 +4,9 @@
 //! with up to `depth` chunks in flight; and the hole punches that free a batch's sources,
 //! all in flight at once.
 //!
-//! Ownership: a chunk's [`AlignedBuf`] lives in its slot from the first SQE until its last
-//! completion is reaped; [`Copier::copy`] returns only once no SQE of it is in the kernel
+//! Ownership: each slot has one [`AlignedBuf`] for the copier's life, registered with the
+//! ring (fixed reads and writes); a slot takes a new chunk only once every completion of its
+//! last one is reaped, and [`Copier::copy`] returns only once no SQE of it is in the kernel
 //! (or, if the ring itself fails, leaks the buffers the kernel might still write).
 
 use std::os::fd::AsRawFd;
@@ -32,18 +33,22 @@ struct Chunk {
     /// Position of the chunk's first copy in the caller's list.
     first: usize,
     n: usize,
-    buf: AlignedBuf,
     /// SQEs of the chunk still in the kernel.
     pending: usize,
     writing: bool,
     err: Option<Error>,
 }
 
-/// A merge's ring and its buffer pool.
+/// A merge's ring and its buffers, one per slot, registered with the ring (fixed reads and
+/// writes: the kernel maps them once, not at every request).
 pub(crate) struct Copier {
+    /// Declared before `bufs`: dropped (unregistering them) first.
     ring: IoUring,
     depth: usize,
-    pool: Vec<AlignedBuf>,
+    /// One chunk buffer per slot; empty once a failed ring leaked them.
+    bufs: Vec<AlignedBuf>,
+    /// `bufs` are registered with `ring`.
+    fixed: bool,
 }
 
 const WRITE_BIT: u64 = 1 << 31;
@@ -62,19 +67,36 @@ impl Copier {
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
             .build(entries)?;
+        let mut bufs: Vec<AlignedBuf> = (0..depth)
+            .map(|_| AlignedBuf::new(CHUNK_BLOCKS * BLOCK_SIZE as usize))
+            .collect();
+        let iovecs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: the buffers live in `bufs` as long as the ring (which is dropped
+        // first), and their heap allocations never move.
+        let fixed = unsafe { ring.submitter().register_buffers(&iovecs) }
+            .map_err(|e| tracing::info!("merge copy: buffers not registered ({e})"))
+            .is_ok();
         Ok(Copier {
             ring,
             depth,
-            pool: Vec::new(),
+            bufs,
+            fixed,
         })
     }
 
     fn push(&mut self, entry: io_uring::squeue::Entry) -> Result<()> {
         loop {
-            // SAFETY: every buffer an SQE points into belongs to a chunk held in `slots` of
-            // `copy` until its completion is reaped (the heap allocation of an AlignedBuf
-            // never moves), and every fd belongs to an `Arc<LayerFiles>` the caller holds
-            // for the whole call.
+            // SAFETY: every buffer an SQE points into is the buffer of its slot in
+            // `self.bufs`, which lives as long as the ring (or is leaked) and is reused only
+            // once the slot's completions are reaped (the heap allocation of an AlignedBuf
+            // never moves); every fd belongs to an `Arc<LayerFiles>` the caller holds for
+            // the whole call.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
             }
@@ -94,6 +116,9 @@ impl Copier {
         out: &LayerFiles,
         out_first: u64,
     ) -> Result<()> {
+        if self.bufs.len() < self.depth {
+            return Err(Error::Invalid("the merge copy ring failed earlier".into()));
+        }
         let mut slots: Vec<Option<Chunk>> = (0..self.depth).map(|_| None).collect();
         let mut next = 0;
         let mut first_err: Option<Error> = None;
@@ -111,11 +136,7 @@ impl Copier {
                     break;
                 };
                 let n = CHUNK_BLOCKS.min(list.len() - next);
-                let mut buf = self
-                    .pool
-                    .pop()
-                    .unwrap_or_else(|| AlignedBuf::new(CHUNK_BLOCKS * bs));
-                let base = buf.as_mut_ptr();
+                let base = self.bufs[s].as_mut_ptr();
                 let mut reads = Vec::new();
                 let mut i = next;
                 while i < next + n {
@@ -143,22 +164,21 @@ impl Copier {
                             })?;
                     // SAFETY: (i - next + (j - i)) * bs <= n * bs <= the buffer's length.
                     let ptr = unsafe { base.add((i - next) * bs) };
-                    reads.push(
-                        opcode::Read::new(
-                            types::Fd(src.data.as_raw_fd()),
-                            ptr,
-                            ((j - i) * bs) as u32,
-                        )
-                        .offset(off)
-                        .build()
-                        .user_data(user_data(s, false, j - i)),
-                    );
+                    let fd = types::Fd(src.data.as_raw_fd());
+                    let len = ((j - i) * bs) as u32;
+                    let entry = if self.fixed {
+                        opcode::ReadFixed::new(fd, ptr, len, s as u16)
+                            .offset(off)
+                            .build()
+                    } else {
+                        opcode::Read::new(fd, ptr, len).offset(off).build()
+                    };
+                    reads.push(entry.user_data(user_data(s, false, j - i)));
                     i = j;
                 }
                 slots[s] = Some(Chunk {
                     first: next,
                     n,
-                    buf,
                     pending: reads.len(),
                     writing: false,
                     err: None,
@@ -223,7 +243,7 @@ impl Copier {
                     // Every read of the chunk is in: verify, then write it out.
                     for k in 0..chunk.n {
                         let it = items[list[chunk.first + k]];
-                        let got = crc32c::crc32c(&chunk.buf.as_slice()[k * bs..(k + 1) * bs]);
+                        let got = crc32c::crc32c(&self.bufs[s].as_slice()[k * bs..(k + 1) * bs]);
                         if got != it.crc {
                             let src = &sources[it.src as usize];
                             chunk.err = Some(Error::Corrupt {
@@ -243,7 +263,7 @@ impl Copier {
                     if chunk.err.is_none() {
                         // One write per run of consecutive output blocks.
                         let ids = &list[chunk.first..chunk.first + chunk.n];
-                        let base = chunk.buf.as_mut_ptr();
+                        let base = self.bufs[s].as_mut_ptr();
                         let mut writes = Vec::new();
                         let mut k = 0;
                         while k < ids.len() {
@@ -255,20 +275,16 @@ impl Copier {
                             // SAFETY: k * bs + (j - k) * bs <= chunk.n * bs <= the buffer's
                             // length.
                             let ptr = unsafe { base.add(k * bs) };
-                            writes.push(
-                                opcode::Write::new(
-                                    types::Fd(out.data.as_raw_fd()),
-                                    ptr,
-                                    ((j - k) * bs) as u32,
-                                )
-                                .offset(off)
-                                .build()
-                                .user_data(user_data(
-                                    s,
-                                    true,
-                                    j - k,
-                                )),
-                            );
+                            let fd = types::Fd(out.data.as_raw_fd());
+                            let len = ((j - k) * bs) as u32;
+                            let entry = if self.fixed {
+                                opcode::WriteFixed::new(fd, ptr, len, s as u16)
+                                    .offset(off)
+                                    .build()
+                            } else {
+                                opcode::Write::new(fd, ptr, len).offset(off).build()
+                            };
+                            writes.push(entry.user_data(user_data(s, true, j - k)));
                             k = j;
                         }
                         chunk.writing = true;
@@ -286,7 +302,6 @@ impl Copier {
                     if let Some(e) = c.err {
                         first_err.get_or_insert(e);
                     }
-                    self.pool.push(c.buf);
                 }
             }
         }
@@ -299,7 +314,16 @@ impl Copier {
     /// Punches holes (keeping the size) in `file` at the byte ranges `(offset, length)`, all
     /// submitted before waiting for any. Returns the first error once all completed.
     pub fn punch(&mut self, file: &std::fs::File, ranges: &[(u64, u64)]) -> Result<()> {
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        self.fallocate(
+            file,
+            ranges,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        )
+    }
+
+    /// `fallocate(mode)` of `file` at the byte ranges `(offset, length)`, all submitted
+    /// before waiting for any. Returns the first error once all completed.
+    fn fallocate(&mut self, file: &std::fs::File, ranges: &[(u64, u64)], mode: i32) -> Result<()> {
         let mut first_err: Option<std::io::Error> = None;
         let mut pending = 0usize;
         for &(off, len) in ranges {
@@ -341,17 +365,15 @@ impl Copier {
         }
     }
 
-    /// The ring failed with SQEs possibly in the kernel: their buffers are leaked rather
-    /// than freed under it.
+    /// The ring failed with SQEs possibly in the kernel: the buffers are leaked rather
+    /// than freed under it (and the copier copies no more).
     fn abandon(&mut self, slots: Vec<Option<Chunk>>, e: Error) -> Error {
         let left = slots.iter().filter(|s| s.is_some()).count();
         if left > 0 {
             tracing::error!(
                 "merge copy ring failed with {left} chunks in flight ({e}); leaking their buffers"
             );
-        }
-        for s in slots.into_iter().flatten() {
-            std::mem::forget(s.buf);
+            std::mem::forget(std::mem::take(&mut self.bufs));
         }
         e
     }

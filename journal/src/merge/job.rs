@@ -487,17 +487,7 @@ impl MergeJob {
             self.progress.set_done(self.done as u64 * BLOCK_SIZE);
             self.progress
                 .add_copy_time(len, t0.elapsed().as_nanos() as u64);
-            if let Some(rate) = self.s.rate_limit.filter(|&r| r > 0) {
-                let bytes = (self.done - start_done) as u64 * BLOCK_SIZE;
-                let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
-                while started.elapsed() < due {
-                    if cancel.load(Ordering::Acquire) {
-                        return Err(Error::MergeCancelled(self.s.id));
-                    }
-                    let left = due.saturating_sub(started.elapsed());
-                    std::thread::sleep(left.min(Duration::from_millis(20)));
-                }
-            }
+            self.pace(cancel, started, start_done)?;
         }
         // The data is durable before any record points at it.
         out.data

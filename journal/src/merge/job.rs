@@ -554,19 +554,13 @@ impl MergeJob {
         p: &mut Progressive,
         out: &Arc<LayerFiles>,
     ) -> Result<()> {
-        let run_ids: Vec<u64> = self.s.run.iter().map(|l| l.id).collect();
-        let top = run_ids.len() - 1;
-        let base = match p.base_alloc {
-            Some(b) => b,
-            None => *p.base_alloc.insert(self.run_alloc()),
-        };
         let plan = p.plan.take().unwrap_or_else(|| SourceOrder::new(comp));
-        let r = self.source_order_batches(cancel, comp, p, &plan, out, &run_ids, top, base);
+        let r = self.source_order_batches(cancel, comp, p, &plan, out);
         p.plan = Some(plan);
         r
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// [`MergeJob::progressive_batches`] with the plan taken out of `p`.
     fn source_order_batches(
         &mut self,
         cancel: &AtomicBool,
@@ -574,10 +568,13 @@ impl MergeJob {
         p: &mut Progressive,
         plan: &SourceOrder,
         out: &Arc<LayerFiles>,
-        run_ids: &[u64],
-        top: usize,
-        base: u64,
     ) -> Result<()> {
+        let run_ids: Vec<u64> = self.s.run.iter().map(|l| l.id).collect();
+        let top = run_ids.len() - 1;
+        let base = match p.base_alloc {
+            Some(b) => b,
+            None => *p.base_alloc.insert(self.run_alloc()),
+        };
         let total = comp.copies.len();
         let batch = batch_blocks(self.s.queue_depth, self.s.batch_bytes);
         let mut copier = Copier::new(self.s.queue_depth)?;
@@ -679,7 +676,7 @@ impl MergeJob {
                     .map_err(|e| Error::io(&out.log_path, e))?;
                 log.sync_data().map_err(|e| Error::io(&out.log_path, e))?;
                 let mut st = p.now.state_mut();
-                match st.find_run(run_ids) {
+                match st.find_run(&run_ids) {
                     Some(pos) => (true, st.move_to_output(pos, top, &recs)),
                     // Now reads part of the run without the output: free nothing.
                     None if st.layers.iter().any(|l| run_ids.contains(&l.id)) => {

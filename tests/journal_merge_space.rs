@@ -56,32 +56,38 @@ fn read_all(v: &journal::Volume) -> Vec<u8> {
     b
 }
 
-/// A 64 KiB write at a random 64 KiB-aligned offset (a progressive merge frees copied
-/// sources in ranges of at least 64 KiB; see DESIGN.md).
-fn write(rng: &mut SmallRng, now: &journal::Volume, model: &mut [u8]) {
-    let blocks = 16;
-    let b = rng.gen_range(0..BLOCKS / 16 - 1) * 16;
+/// A write of `blocks` 4 KiB blocks at a random offset aligned to its size.
+fn write_piece(rng: &mut SmallRng, now: &journal::Volume, model: &mut [u8], blocks: u64) {
+    let b = rng.gen_range(0..BLOCKS / blocks - 1) * blocks;
     let mut buf = vec![0u8; (blocks * 4096) as usize];
     rng.fill(&mut buf[..]);
     now.write_at(&buf, b * 4096, false).unwrap();
     model[(b * 4096) as usize..((b + blocks) * 4096) as usize].copy_from_slice(&buf);
 }
 
-/// Checkpoint `a` holds ~24 MiB of scattered 64 KiB pieces, `b` (its child) ~2 MiB; Now is b's
-/// child. Deleting `a` compacts b's relinked stack into a new layer.
-fn setup(dir: &Path) -> (Disk, Vec<u8>, Vec<u8>) {
+/// A 64 KiB write at a random 64 KiB-aligned offset.
+fn write(rng: &mut SmallRng, now: &journal::Volume, model: &mut [u8]) {
+    write_piece(rng, now, model, 16);
+}
+
+/// Checkpoint `a` holds ~24 MiB of scattered pieces of `piece` blocks (written in random
+/// order: a 4 KiB piece's place in a's data file says nothing about its disk offset), `b`
+/// (its child) ~2 MiB; Now is b's child. Deleting `a` compacts b's relinked stack into a new
+/// layer.
+fn setup_pieces(dir: &Path, piece: u64) -> (Disk, Vec<u8>, Vec<u8>) {
     Disk::create(dir, SIZE, None).unwrap();
     let disk = open(dir);
     let now = disk.now();
     let mut rng = SmallRng::seed_from_u64(11);
     let mut model = vec![0u8; SIZE as usize];
-    for _ in 0..420 {
-        write(&mut rng, &now, &mut model);
+    let per = |mib: u64| (mib << 20) / (piece * 4096);
+    for _ in 0..per(26) {
+        write_piece(&mut rng, &now, &mut model, piece);
     }
     let mut disk = disk;
     disk.checkpoint("a").unwrap();
-    for _ in 0..32 {
-        write(&mut rng, &now, &mut model);
+    for _ in 0..per(2) {
+        write_piece(&mut rng, &now, &mut model, piece);
     }
     disk.checkpoint("b").unwrap();
     let b = model.clone();
@@ -92,6 +98,11 @@ fn setup(dir: &Path) -> (Disk, Vec<u8>, Vec<u8>) {
     (disk, model, b)
 }
 
+/// 64 KiB pieces.
+fn setup(dir: &Path) -> (Disk, Vec<u8>, Vec<u8>) {
+    setup_pieces(dir, 16)
+}
+
 fn options() -> DeleteOptions {
     DeleteOptions {
         queue_depth: 8,
@@ -100,11 +111,12 @@ fn options() -> DeleteOptions {
     }
 }
 
-#[test]
-fn a_copying_merge_needs_about_one_batch_of_extra_space() {
+/// Runs the merge of `a` while Now is read and written, sampling the allocated size of the
+/// run's and the output's files at every batch's peak, and checks the bound and the data.
+fn merge_within_one_batch(piece: u64) {
     let t = tempfile::tempdir_in("/var/tmp").unwrap();
     let dir = t.path().join("disk");
-    let (mut disk, mut model, b_model) = setup(&dir);
+    let (mut disk, mut model, b_model) = setup_pieces(&dir, piece);
     let (_, jobs) = disk.delete_online("a", &options()).unwrap();
     assert_eq!(jobs.len(), 1);
     let mut job = jobs.into_iter().next().unwrap();
@@ -151,7 +163,7 @@ fn a_copying_merge_needs_about_one_batch_of_extra_space() {
     let r = disk.finish_merge(job).unwrap();
     let peak = peak.load(Ordering::SeqCst);
     eprintln!(
-        "{} batches, {} MiB copied, peak extra {} KiB sampled, {} KiB reported",
+        "{piece}-block pieces: {} batches, {} MiB copied, peak extra {} KiB sampled, {} KiB reported",
         batches.load(Ordering::SeqCst),
         r.bytes_copied >> 20,
         peak >> 10,
@@ -179,6 +191,18 @@ fn a_copying_merge_needs_about_one_batch_of_extra_space() {
     let disk = open(&dir);
     assert!(read_all(&disk.now()) == model, "Now after reopening");
     assert!(read_all(&disk.checkpoint_view("b").unwrap()) == b_model);
+}
+
+#[test]
+fn a_copying_merge_needs_about_one_batch_of_extra_space() {
+    merge_within_one_batch(16);
+}
+
+/// Sources written as scattered 4 KiB blocks in random order (each batch's blocks, in disk
+/// order, are spread over the whole source file) need no more than sequential ones.
+#[test]
+fn a_merge_of_scattered_4k_writes_needs_about_one_batch_of_extra_space() {
+    merge_within_one_batch(1);
 }
 
 /// A checkpoint view opened before the merge reads the run's layers: they keep their

@@ -1,9 +1,12 @@
-//! The bulk copy of a merge on its own io_uring: chunks of up to [`CHUNK_BLOCKS`] output
-//! blocks, each read (one SQE per run of consecutive source blocks), checksum-verified and
-//! written (one SQE), with up to `depth` chunks in flight.
+//! The bulk copy of a merge on its own io_uring: chunks of up to [`CHUNK_BLOCKS`] copies (in
+//! the order the caller lists them), each read (one SQE per run of consecutive source
+//! blocks), checksum-verified and written (one SQE per run of consecutive output blocks),
+//! with up to `depth` chunks in flight; and the hole punches that free a batch's sources,
+//! all in flight at once.
 //!
-//! Ownership: a chunk's [`AlignedBuf`] lives in its slot from the first SQE until its last
-//! completion is reaped; [`Copier::copy`] returns only once no SQE of it is in the kernel
+//! Ownership: each slot has one [`AlignedBuf`] for the copier's life, registered with the
+//! ring (fixed reads and writes); a slot takes a new chunk only once every completion of its
+//! last one is reaped, and [`Copier::copy`] returns only once no SQE of it is in the kernel
 //! (or, if the ring itself fails, leaks the buffers the kernel might still write).
 
 use std::os::fd::AsRawFd;
@@ -27,24 +30,30 @@ pub(crate) struct CopyItem {
 }
 
 struct Chunk {
-    /// First item of the chunk.
+    /// Position of the chunk's first copy in the caller's list.
     first: usize,
     n: usize,
-    buf: AlignedBuf,
     /// SQEs of the chunk still in the kernel.
     pending: usize,
     writing: bool,
     err: Option<Error>,
 }
 
-/// A merge's ring and its buffer pool.
+/// A merge's ring and its buffers, one per slot, registered with the ring (fixed reads and
+/// writes: the kernel maps them once, not at every request).
 pub(crate) struct Copier {
+    /// Declared before `bufs`: dropped (unregistering them) first.
     ring: IoUring,
     depth: usize,
-    pool: Vec<AlignedBuf>,
+    /// One chunk buffer per slot; empty once a failed ring leaked them.
+    bufs: Vec<AlignedBuf>,
+    /// `bufs` are registered with `ring`.
+    fixed: bool,
 }
 
 const WRITE_BIT: u64 = 1 << 31;
+/// User data of a hole punch's SQE (no copy slot has it: slots are below 256).
+const PUNCH_USER_DATA: u64 = u64::MAX;
 
 fn user_data(slot: usize, write: bool, blocks: usize) -> u64 {
     ((slot as u64) << 32) | if write { WRITE_BIT } else { 0 } | blocks as u64
@@ -58,19 +67,36 @@ impl Copier {
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
             .build(entries)?;
+        let mut bufs: Vec<AlignedBuf> = (0..depth)
+            .map(|_| AlignedBuf::new(CHUNK_BLOCKS * BLOCK_SIZE as usize))
+            .collect();
+        let iovecs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: the buffers live in `bufs` as long as the ring (which is dropped
+        // first), and their heap allocations never move.
+        let fixed = unsafe { ring.submitter().register_buffers(&iovecs) }
+            .map_err(|e| tracing::info!("merge copy: buffers not registered ({e})"))
+            .is_ok();
         Ok(Copier {
             ring,
             depth,
-            pool: Vec::new(),
+            bufs,
+            fixed,
         })
     }
 
     fn push(&mut self, entry: io_uring::squeue::Entry) -> Result<()> {
         loop {
-            // SAFETY: every buffer an SQE points into belongs to a chunk held in `slots` of
-            // `copy` until its completion is reaped (the heap allocation of an AlignedBuf
-            // never moves), and every fd belongs to an `Arc<LayerFiles>` the caller holds
-            // for the whole call.
+            // SAFETY: every buffer an SQE points into is the buffer of its slot in
+            // `self.bufs`, which lives as long as the ring (or is leaked) and is reused only
+            // once the slot's completions are reaped (the heap allocation of an AlignedBuf
+            // never moves); every fd belongs to an `Arc<LayerFiles>` the caller holds for
+            // the whole call.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
             }
@@ -78,69 +104,81 @@ impl Copier {
         }
     }
 
-    /// Copies `items[range]` from `sources` to `out`, item `i` to data block `out_first + i`.
+    /// Copies the items listed in `list` from `sources` to `out`, item `i` to data block
+    /// `out_first + i`, in the order of `list` (consecutive entries whose source blocks, or
+    /// whose output blocks, are consecutive share one read, or one write).
     /// Returns once every chunk is written (Ok) or the first error once nothing is in flight.
     pub fn copy(
         &mut self,
         sources: &[Arc<LayerFiles>],
-        items: &[crate::merge::copy::CopyItem],
-        range: std::ops::Range<usize>,
+        items: &[CopyItem],
+        list: &[usize],
         out: &LayerFiles,
         out_first: u64,
     ) -> Result<()> {
+        if self.bufs.len() < self.depth {
+            return Err(Error::Invalid("the merge copy ring failed earlier".into()));
+        }
         let mut slots: Vec<Option<Chunk>> = (0..self.depth).map(|_| None).collect();
-        let mut next = range.start;
+        let mut next = 0;
         let mut first_err: Option<Error> = None;
         let bs = BLOCK_SIZE as usize;
+        let item = |k: usize| -> Result<CopyItem> {
+            list.get(k)
+                .and_then(|&i| items.get(i))
+                .copied()
+                .ok_or_else(|| Error::Invalid("merge copy out of range".into()))
+        };
         loop {
             // Start chunks into free slots.
-            while first_err.is_none() && next < range.end {
+            while first_err.is_none() && next < list.len() {
                 let Some(s) = slots.iter().position(Option::is_none) else {
                     break;
                 };
-                let n = CHUNK_BLOCKS.min(range.end - next);
-                let mut buf = self
-                    .pool
-                    .pop()
-                    .unwrap_or_else(|| AlignedBuf::new(CHUNK_BLOCKS * bs));
-                let base = buf.as_mut_ptr();
+                let n = CHUNK_BLOCKS.min(list.len() - next);
+                let base = self.bufs[s].as_mut_ptr();
                 let mut reads = Vec::new();
                 let mut i = next;
                 while i < next + n {
+                    let first = item(i)?;
                     let mut j = i + 1;
-                    while j < next + n
-                        && items[j].src == items[i].src
-                        && items[j].src_block == items[j - 1].src_block + 1
-                    {
+                    let mut last = first;
+                    while j < next + n {
+                        let it = item(j)?;
+                        if it.src != first.src || it.src_block != last.src_block + 1 {
+                            break;
+                        }
+                        last = it;
                         j += 1;
                     }
                     let src = sources
-                        .get(items[i].src as usize)
+                        .get(first.src as usize)
                         .ok_or_else(|| Error::Invalid("merge source out of range".into()))?;
-                    let off = items[i].src_block.checked_mul(BLOCK_SIZE).ok_or_else(|| {
-                        Error::Corrupt {
-                            what: src.data_path.display().to_string(),
-                            why: format!("data block {} is out of range", items[i].src_block),
-                        }
-                    })?;
+                    let off =
+                        first
+                            .src_block
+                            .checked_mul(BLOCK_SIZE)
+                            .ok_or_else(|| Error::Corrupt {
+                                what: src.data_path.display().to_string(),
+                                why: format!("data block {} is out of range", first.src_block),
+                            })?;
                     // SAFETY: (i - next + (j - i)) * bs <= n * bs <= the buffer's length.
                     let ptr = unsafe { base.add((i - next) * bs) };
-                    reads.push(
-                        opcode::Read::new(
-                            types::Fd(src.data.as_raw_fd()),
-                            ptr,
-                            ((j - i) * bs) as u32,
-                        )
-                        .offset(off)
-                        .build()
-                        .user_data(user_data(s, false, j - i)),
-                    );
+                    let fd = types::Fd(src.data.as_raw_fd());
+                    let len = ((j - i) * bs) as u32;
+                    let entry = if self.fixed {
+                        opcode::ReadFixed::new(fd, ptr, len, s as u16)
+                            .offset(off)
+                            .build()
+                    } else {
+                        opcode::Read::new(fd, ptr, len).offset(off).build()
+                    };
+                    reads.push(entry.user_data(user_data(s, false, j - i)));
                     i = j;
                 }
                 slots[s] = Some(Chunk {
                     first: next,
                     n,
-                    buf,
                     pending: reads.len(),
                     writing: false,
                     err: None,
@@ -178,7 +216,8 @@ impl Copier {
                     let path = if write {
                         out.data_path.clone()
                     } else {
-                        sources[items[chunk.first].src as usize].data_path.clone()
+                        let src = items[list[chunk.first]].src as usize;
+                        sources[src].data_path.clone()
                     };
                     chunk
                         .err
@@ -203,8 +242,8 @@ impl Copier {
                 if chunk.err.is_none() && !chunk.writing {
                     // Every read of the chunk is in: verify, then write it out.
                     for k in 0..chunk.n {
-                        let it = items[chunk.first + k];
-                        let got = crc32c::crc32c(&chunk.buf.as_slice()[k * bs..(k + 1) * bs]);
+                        let it = items[list[chunk.first + k]];
+                        let got = crc32c::crc32c(&self.bufs[s].as_slice()[k * bs..(k + 1) * bs]);
                         if got != it.crc {
                             let src = &sources[it.src as usize];
                             chunk.err = Some(Error::Corrupt {
@@ -222,19 +261,38 @@ impl Copier {
                         }
                     }
                     if chunk.err.is_none() {
+                        // One write per run of consecutive output blocks.
+                        let ids = &list[chunk.first..chunk.first + chunk.n];
+                        let base = self.bufs[s].as_mut_ptr();
+                        let mut writes = Vec::new();
+                        let mut k = 0;
+                        while k < ids.len() {
+                            let mut j = k + 1;
+                            while j < ids.len() && ids[j] == ids[j - 1] + 1 {
+                                j += 1;
+                            }
+                            let off = (out_first + ids[k] as u64) * BLOCK_SIZE;
+                            // SAFETY: k * bs + (j - k) * bs <= chunk.n * bs <= the buffer's
+                            // length.
+                            let ptr = unsafe { base.add(k * bs) };
+                            let fd = types::Fd(out.data.as_raw_fd());
+                            let len = ((j - k) * bs) as u32;
+                            let entry = if self.fixed {
+                                opcode::WriteFixed::new(fd, ptr, len, s as u16)
+                                    .offset(off)
+                                    .build()
+                            } else {
+                                opcode::Write::new(fd, ptr, len).offset(off).build()
+                            };
+                            writes.push(entry.user_data(user_data(s, true, j - k)));
+                            k = j;
+                        }
                         chunk.writing = true;
-                        chunk.pending = 1;
-                        let off = (out_first + chunk.first as u64) * BLOCK_SIZE;
-                        let entry = opcode::Write::new(
-                            types::Fd(out.data.as_raw_fd()),
-                            chunk.buf.as_mut_ptr(),
-                            (chunk.n * bs) as u32,
-                        )
-                        .offset(off)
-                        .build()
-                        .user_data(user_data(s, true, chunk.n));
-                        if let Err(e) = self.push(entry) {
-                            return Err(self.abandon(slots, e));
+                        chunk.pending = writes.len();
+                        for entry in writes {
+                            if let Err(e) = self.push(entry) {
+                                return Err(self.abandon(slots, e));
+                            }
                         }
                         continue;
                     }
@@ -244,7 +302,6 @@ impl Copier {
                     if let Some(e) = c.err {
                         first_err.get_or_insert(e);
                     }
-                    self.pool.push(c.buf);
                 }
             }
         }
@@ -254,17 +311,69 @@ impl Copier {
         }
     }
 
-    /// The ring failed with SQEs possibly in the kernel: their buffers are leaked rather
-    /// than freed under it.
+    /// Punches holes (keeping the size) in `file` at the byte ranges `(offset, length)`, all
+    /// submitted before waiting for any. Returns the first error once all completed.
+    pub fn punch(&mut self, file: &std::fs::File, ranges: &[(u64, u64)]) -> Result<()> {
+        self.fallocate(
+            file,
+            ranges,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        )
+    }
+
+    /// `fallocate(mode)` of `file` at the byte ranges `(offset, length)`, all submitted
+    /// before waiting for any. Returns the first error once all completed.
+    fn fallocate(&mut self, file: &std::fs::File, ranges: &[(u64, u64)], mode: i32) -> Result<()> {
+        let mut first_err: Option<std::io::Error> = None;
+        let mut pending = 0usize;
+        for &(off, len) in ranges {
+            let entry = opcode::Fallocate::new(types::Fd(file.as_raw_fd()), len)
+                .offset(off)
+                .mode(mode)
+                .build()
+                .user_data(PUNCH_USER_DATA);
+            loop {
+                // SAFETY: a fallocate SQE points to no memory; the fd is `file`'s, borrowed
+                // until every completion is reaped below.
+                if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                    break;
+                }
+                self.ring.submit()?;
+            }
+            pending += 1;
+        }
+        while pending > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                // Nothing of ours is in memory the kernel could write: giving up is safe.
+                Err(e) => return Err(Error::RawIo(e)),
+            }
+            for c in self.ring.completion() {
+                if c.user_data() != PUNCH_USER_DATA {
+                    continue;
+                }
+                pending -= 1;
+                if c.result() < 0 {
+                    first_err.get_or_insert(std::io::Error::from_raw_os_error(-c.result()));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(Error::RawIo(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// The ring failed with SQEs possibly in the kernel: the buffers are leaked rather
+    /// than freed under it (and the copier copies no more).
     fn abandon(&mut self, slots: Vec<Option<Chunk>>, e: Error) -> Error {
         let left = slots.iter().filter(|s| s.is_some()).count();
         if left > 0 {
             tracing::error!(
                 "merge copy ring failed with {left} chunks in flight ({e}); leaking their buffers"
             );
-        }
-        for s in slots.into_iter().flatten() {
-            std::mem::forget(s.buf);
+            std::mem::forget(std::mem::take(&mut self.bufs));
         }
         e
     }

@@ -155,44 +155,80 @@ pub struct MergeJob {
 pub(crate) struct Progressive {
     /// Now's volume (its index is moved batch by batch when it reads the run).
     now: Arc<Volume>,
-    /// Records appended so far.
-    rec_done: usize,
-    /// Copies the records written so far cover.
-    rec_copies: usize,
-    /// The copied source blocks are too scattered to free as ranges (see
-    /// [`fragmented`]): records are written once, after the last batch, and the sources
-    /// are freed by the swap, as in a whole-output merge.
-    fragmented: Option<bool>,
+    /// The order batches take the copies in, made when the copy starts.
+    plan: Option<SourceOrder>,
+    /// Zero records appended so far.
+    zeros_done: usize,
+    /// Records appended so far (data and zero).
+    rec_written: usize,
     /// Allocated bytes of the run's files when the job started copying.
     base_alloc: Option<u64>,
     /// Source layers opened for punching, by run index.
     punchers: HashMap<usize, LayerFiles>,
-    /// Copied source blocks not freed yet, by run index: freed once they form a range of
-    /// [`MIN_PUNCH_BLOCKS`] (a hole punch per scattered 4 KiB block costs more than the
-    /// copy), or with the source files at the swap.
-    deferred: HashMap<usize, std::collections::BTreeSet<u64>>,
+    /// Per source layer (run index): every data block below this one is freed (or was
+    /// kept); the next punch of the layer starts here.
+    freed_to: HashMap<usize, u64>,
 }
 
-/// Shortest range of copied source blocks a progressive merge punches (64 KiB).
-const MIN_PUNCH_BLOCKS: usize = 16;
+/// The copies of a progressive job in source order.
+///
+/// Batches take the copies in the order of their source blocks ((layer, data block)), not
+/// of their disk blocks, and each copy still goes to its disk-order place in the output. So
+/// a batch's source blocks are one range of each source layer (two at a layer boundary):
+/// every block of that range is copied by this batch, was copied by an earlier one, or is
+/// dead in every view that holds the run (superseded inside the run, hidden above it, or
+/// never referenced), and one hole punch per range frees the batch whether the sources were
+/// written sequentially or in scattered 4 KiB pieces (a punch per scattered block costs a
+/// discard each on a filesystem mounted with `discard`: ~0.2-1 ms).
+pub(crate) struct SourceOrder {
+    /// Copy indices in source order.
+    order: Vec<usize>,
+    /// Index in `Composition::records` of each copy's data record.
+    rec_of: Vec<usize>,
+    /// Indices of the zero records (appended, a batch's worth at a time, with the first
+    /// batches).
+    zeros: Vec<usize>,
+}
 
-/// True when the source blocks of each batch of `batch` copies form ranges shorter than
-/// 4 blocks on average (4 KiB random writes, whose disk order is not their order in the
-/// source file): freeing them batch by batch would cost a hole punch per block or two.
-fn fragmented(copies: &[super::copy::CopyItem], batch: usize) -> bool {
-    if copies.is_empty() {
-        return false;
+impl SourceOrder {
+    fn new(comp: &Composition) -> SourceOrder {
+        let mut order: Vec<usize> = (0..comp.copies.len()).collect();
+        order.sort_unstable_by_key(|&i| (comp.copies[i].src, comp.copies[i].src_block));
+        let mut rec_of = Vec::with_capacity(comp.copies.len());
+        let mut zeros = Vec::new();
+        for (i, r) in comp.records.iter().enumerate() {
+            match r.kind {
+                RecordKind::Data => rec_of.push(i),
+                RecordKind::Zero => zeros.push(i),
+            }
+        }
+        SourceOrder {
+            order,
+            rec_of,
+            zeros,
+        }
     }
-    let mut runs = 0;
-    for chunk in copies.chunks(batch.max(1)) {
-        let mut v: Vec<(u32, u64)> = chunk.iter().map(|c| (c.src, c.src_block)).collect();
-        v.sort_unstable();
-        runs += 1 + v
-            .windows(2)
-            .filter(|w| w[1].0 != w[0].0 || w[1].1 != w[0].1 + 1)
-            .count();
+}
+
+/// The span of output blocks a batch writes is preallocated when it is at most this much
+/// larger than the batch (in eighths): a batch of sequential sources then lands in one
+/// extent, and a scattered one (whose span is most of the output) allocates as it writes.
+const SPAN_EIGHTHS: usize = 9;
+
+/// Allocates a byte range of a file without changing its size (a log keeps no zeroed tail,
+/// which a scan would take for a torn record).
+fn reserve(f: &std::fs::File, off: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: fallocate only reads its integer arguments; the fd is valid for `f`'s lifetime.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off, len) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    copies.len() < runs * 4
 }
 
 fn no_space(e: &Error) -> bool {
@@ -232,12 +268,12 @@ impl MergeJob {
     pub(crate) fn make_progressive(&mut self, now: Arc<Volume>) {
         self.progressive = Some(Progressive {
             now,
-            rec_done: 0,
-            rec_copies: 0,
-            fragmented: None,
+            plan: None,
+            zeros_done: 0,
+            rec_written: 0,
             base_alloc: None,
             punchers: HashMap::new(),
-            deferred: HashMap::new(),
+            freed_to: HashMap::new(),
         });
     }
 
@@ -443,30 +479,15 @@ impl MergeJob {
                     return Err(Error::io(&out.data_path, e));
                 }
             }
-            copier.copy(
-                &self.s.run,
-                &comp.copies,
-                self.done..end,
-                &out,
-                comp.out_first,
-            )?;
+            let list: Vec<usize> = (self.done..end).collect();
+            copier.copy(&self.s.run, &comp.copies, &list, &out, comp.out_first)?;
             self.done = end;
             self.peak_extra = self.peak_extra.max(self.done as u64 * BLOCK_SIZE);
             self.progress.batch_written(self.done as u64 * BLOCK_SIZE);
             self.progress.set_done(self.done as u64 * BLOCK_SIZE);
             self.progress
                 .add_copy_time(len, t0.elapsed().as_nanos() as u64);
-            if let Some(rate) = self.s.rate_limit.filter(|&r| r > 0) {
-                let bytes = (self.done - start_done) as u64 * BLOCK_SIZE;
-                let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
-                while started.elapsed() < due {
-                    if cancel.load(Ordering::Acquire) {
-                        return Err(Error::MergeCancelled(self.s.id));
-                    }
-                    let left = due.saturating_sub(started.elapsed());
-                    std::thread::sleep(left.min(Duration::from_millis(20)));
-                }
-            }
+            self.pace(cancel, started, start_done)?;
         }
         // The data is durable before any record points at it.
         out.data
@@ -521,15 +542,31 @@ impl MergeJob {
             .sum()
     }
 
-    /// Per batch: copy, make the data and then the batch's records durable, move Now's
-    /// index entries of the batch's blocks from the run to the output (holding the
-    /// registry's build lock, so every view either sees the records or is known), wait for
-    /// the reads that may still use the old blocks, and free the copied source blocks.
+    /// Per batch (copies in source order, see [`SourceOrder`]): copy, make the data and
+    /// then the batch's records durable, move Now's index entries of the batch's blocks from
+    /// the run to the output (holding the registry's build lock, so every view either sees
+    /// the records or is known), wait for the reads that may still use the old blocks, and
+    /// free the batch's source ranges.
     fn progressive_batches(
         &mut self,
         cancel: &AtomicBool,
         comp: &Composition,
         p: &mut Progressive,
+        out: &Arc<LayerFiles>,
+    ) -> Result<()> {
+        let plan = p.plan.take().unwrap_or_else(|| SourceOrder::new(comp));
+        let r = self.source_order_batches(cancel, comp, p, &plan, out);
+        p.plan = Some(plan);
+        r
+    }
+
+    /// [`MergeJob::progressive_batches`] with the plan taken out of `p`.
+    fn source_order_batches(
+        &mut self,
+        cancel: &AtomicBool,
+        comp: &Composition,
+        p: &mut Progressive,
+        plan: &SourceOrder,
         out: &Arc<LayerFiles>,
     ) -> Result<()> {
         let run_ids: Vec<u64> = self.s.run.iter().map(|l| l.id).collect();
@@ -558,71 +595,78 @@ impl MergeJob {
             }
             Err(e) => return Err(e),
         };
-        let fragmented = *p
-            .fragmented
-            .get_or_insert_with(|| fragmented(&comp.copies, batch));
         let started = Instant::now();
         let start_done = self.done;
-        while self.done < total || p.rec_done < comp.records.len() {
+        while self.done < total || p.zeros_done < plan.zeros.len() {
             if cancel.load(Ordering::Acquire) {
                 return Err(Error::MergeCancelled(self.s.id));
             }
             let end = (self.done + batch).min(total);
-            // The batch's records: up to the first data record past its last copy.
-            let mut rend = p.rec_done;
-            let mut c = p.rec_copies;
-            while rend < comp.records.len() {
-                if comp.records[rend].kind == RecordKind::Data {
-                    if c == end {
-                        break;
-                    }
-                    c += 1;
-                }
-                rend += 1;
-            }
+            let zend = (p.zeros_done + batch).min(plan.zeros.len());
+            let list = &plan.order[self.done..end];
             let t0 = Instant::now();
-            let len = (end - self.done) as u64 * BLOCK_SIZE;
-            if end > self.done {
-                let off = (comp.out_first + self.done as u64) * BLOCK_SIZE;
-                if let Err(e) = preallocate(&out.data, off, len) {
-                    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                        // A failed fallocate may leave part of the range allocated: give it
-                        // back (nothing references data from `off` on).
-                        if let Err(t) = out.data.set_len(off) {
-                            tracing::warn!("could not trim {}: {t}", out.data_path.display());
-                        }
-                        return Err(Error::io(&out.data_path, e));
-                    }
+            let len = list.len() as u64 * BLOCK_SIZE;
+            let nrec = list.len() + zend - p.zeros_done;
+            let at = comp.log_at + (p.rec_written * RECORD_SIZE) as u64;
+            // The log's space first: once the copy is done, appending the records cannot
+            // run out of space (which would leave the output in the tree with a batch of
+            // data that nothing references yet).
+            if let Err(e) = reserve(&log, at, (nrec * RECORD_SIZE) as u64) {
+                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(Error::io(&out.log_path, e));
                 }
-                copier.copy(
-                    &self.s.run,
-                    &comp.copies,
-                    self.done..end,
-                    out,
-                    comp.out_first,
-                )?;
             }
-            if fragmented && end < total {
-                // Records only after the last batch (see `Progressive::fragmented`).
-                self.peak_extra = self.peak_extra.max(self.run_alloc().saturating_sub(base));
-                self.progress.batch_written(end as u64 * BLOCK_SIZE);
-                self.done = end;
-                self.progress.set_done(self.done as u64 * BLOCK_SIZE);
-                self.progress
-                    .add_copy_time(len, t0.elapsed().as_nanos() as u64);
-                self.pace(cancel, started, start_done)?;
-                continue;
+            if let (Some(&lo), Some(&hi)) = (list.iter().min(), list.iter().max()) {
+                let end_before = out
+                    .data
+                    .metadata()
+                    .map_err(|e| Error::io(&out.data_path, e))?
+                    .len();
+                let span = (hi - lo + 1) * 8 <= list.len() * SPAN_EIGHTHS;
+                if span {
+                    self.preallocate_span(out, comp.out_first + lo as u64, hi - lo + 1)?;
+                }
+                if let Err(e) = copier.copy(&self.s.run, &comp.copies, list, out, comp.out_first) {
+                    // Nothing references the batch's output blocks yet: give them back (out
+                    // of space, the tree commit that takes an empty output out needs them).
+                    let mut blocks: Vec<u64> = if span {
+                        (lo..=hi).map(|i| comp.out_first + i as u64).collect()
+                    } else {
+                        list.iter().map(|&i| comp.out_first + i as u64).collect()
+                    };
+                    blocks.retain(|&b| b < end_before / BLOCK_SIZE);
+                    let mut ranges = Vec::new();
+                    blocks.sort_unstable();
+                    for b in blocks {
+                        match ranges.last_mut() {
+                            Some((o, l)) if *o + *l == b * BLOCK_SIZE => *l += BLOCK_SIZE,
+                            _ => ranges.push((b * BLOCK_SIZE, BLOCK_SIZE)),
+                        }
+                    }
+                    let cut = out.data.set_len(end_before).map_err(Error::RawIo);
+                    if let Err(t) = cut.and_then(|()| copier.punch(&out.data, &ranges)) {
+                        tracing::warn!("could not trim {}: {t}", out.data_path.display());
+                    }
+                    return Err(e);
+                }
             }
             // The data is durable before any record points at it.
             out.data
                 .sync_data()
                 .map_err(|e| Error::io(&out.data_path, e))?;
-            let recs = &comp.records[p.rec_done..rend];
+            let recs: Vec<crate::format::Record> = list
+                .iter()
+                .map(|&i| comp.records[plan.rec_of[i]])
+                .chain(
+                    plan.zeros[p.zeros_done..zend]
+                        .iter()
+                        .map(|&i| comp.records[i]),
+                )
+                .collect();
             let mut bytes = Vec::with_capacity(recs.len() * RECORD_SIZE);
-            for r in recs {
+            for r in &recs {
                 bytes.extend_from_slice(&r.encode(out.seed));
             }
-            let at = comp.log_at + (p.rec_done * RECORD_SIZE) as u64;
             let (moved, kept) = {
                 let _views = self.s.registry.build_lock();
                 self.log_started = true;
@@ -633,7 +677,7 @@ impl MergeJob {
                 log.sync_data().map_err(|e| Error::io(&out.log_path, e))?;
                 let mut st = p.now.state_mut();
                 match st.find_run(&run_ids) {
-                    Some(pos) => (true, st.move_to_output(pos, top, recs)),
+                    Some(pos) => (true, st.move_to_output(pos, top, &recs)),
                     // Now reads part of the run without the output: free nothing.
                     None if st.layers.iter().any(|l| run_ids.contains(&l.id)) => {
                         (false, recs.iter().map(|r| r.disk_block).collect())
@@ -644,26 +688,52 @@ impl MergeJob {
             self.peak_extra = self.peak_extra.max(self.run_alloc().saturating_sub(base));
             self.progress.batch_written(end as u64 * BLOCK_SIZE);
             // Reads planned before the move may still read the old blocks.
-            let drained = fragmented || !moved || p.now.merge_gate.drain(Duration::from_secs(10));
-            if fragmented {
-                // The swap frees the sources.
+            let drained = !moved || p.now.merge_gate.drain(Duration::from_secs(10));
+            if !moved && !kept.is_empty() {
+                // Now reads part of the run without the output: free nothing.
             } else if drained {
-                self.freed += self.free_sources(comp, p, p.rec_copies, p.rec_done..rend, &kept);
+                self.freed += self.free_sources(comp, p, plan, list, &kept, &mut copier);
             } else {
                 tracing::warn!(
-                    "merge {}: a read of Now did not finish in 10 s; this batch's sources stay allocated",
+                    "merge {}: a read of Now did not finish in 10 s; this batch's sources stay allocated for now",
                     self.s.id
                 );
             }
             self.done = end;
-            p.rec_done = rend;
-            p.rec_copies = end;
+            p.zeros_done = zend;
+            p.rec_written += recs.len();
             self.progress.set_done(self.done as u64 * BLOCK_SIZE);
             self.progress
                 .add_copy_time(len, t0.elapsed().as_nanos() as u64);
             self.pace(cancel, started, start_done)?;
         }
         log.sync_all().map_err(|e| Error::io(&out.log_path, e))?;
+        Ok(())
+    }
+
+    /// Reserves output blocks `first..first + n` (ENOSPC here gives back what the call
+    /// added past the file's end and pauses the job).
+    fn preallocate_span(&self, out: &LayerFiles, first: u64, n: usize) -> Result<()> {
+        let off = first * BLOCK_SIZE;
+        let len = n as u64 * BLOCK_SIZE;
+        let end_before = out
+            .data
+            .metadata()
+            .map_err(|e| Error::io(&out.data_path, e))?
+            .len();
+        if let Err(e) = preallocate(&out.data, off, len) {
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                return Ok(());
+            }
+            // A failed fallocate may leave part of the range allocated: give back what lies
+            // past the old end (no record references data there).
+            if off + len > end_before {
+                if let Err(t) = out.data.set_len(end_before.max(off.min(end_before))) {
+                    tracing::warn!("could not trim {}: {t}", out.data_path.display());
+                }
+            }
+            return Err(Error::io(&out.data_path, e));
+        }
         Ok(())
     }
 
@@ -683,29 +753,36 @@ impl MergeJob {
         Ok(())
     }
 
-    /// Punches the source blocks of copies `first_copy..` (those of `recs`), except blocks
-    /// in `kept`, in layers no other job reads, no open in-process view reads and no
-    /// reader of another process pins. Returns the bytes freed.
+    /// Frees the source ranges of the batch `list` (copies in source order): per source
+    /// layer below the output, from where its last punch ended to the batch's last block of
+    /// it, except the source blocks of `kept` (disk blocks whose Now entry was not moved), in
+    /// layers no other job reads, no open in-process view reads and no reader of another
+    /// process pins (a layer skipped now is covered by its next punch). Returns the bytes
+    /// freed.
     fn free_sources(
         &self,
         comp: &Composition,
         p: &mut Progressive,
-        first_copy: usize,
-        recs: std::ops::Range<usize>,
+        plan: &SourceOrder,
+        list: &[usize],
         kept: &[u64],
+        copier: &mut Copier,
     ) -> u64 {
         let kept: HashSet<u64> = kept.iter().copied().collect();
         let top = self.s.run.len() - 1;
-        let mut per: HashMap<usize, Vec<u64>> = HashMap::new();
-        let mut c = first_copy;
-        for r in &comp.records[recs] {
-            if r.kind != RecordKind::Data {
+        // Per source layer: the batch's last block, and the blocks to keep.
+        let mut per: HashMap<usize, (u64, Vec<u64>)> = HashMap::new();
+        for &i in list {
+            let it = comp.copies[i];
+            if it.src as usize >= top {
                 continue;
             }
-            let Some(it) = comp.copies.get(c) else { break };
-            c += 1;
-            if !kept.contains(&r.disk_block) && (it.src as usize) < top {
-                per.entry(it.src as usize).or_default().push(it.src_block);
+            let e = per
+                .entry(it.src as usize)
+                .or_insert((it.src_block, Vec::new()));
+            e.0 = e.0.max(it.src_block);
+            if kept.contains(&comp.records[plan.rec_of[i]].disk_block) {
+                e.1.push(it.src_block);
             }
         }
         if per.is_empty() {
@@ -714,30 +791,21 @@ impl MergeJob {
         let busy = self.s.registry.busy_except(self.s.id);
         let viewed = self.s.registry.viewed_layers();
         let mut freed = 0;
-        for (src, blocks) in per {
+        for (src, (last, mut keep)) in per {
             let id = self.s.run[src].id;
-            let set = p.deferred.entry(src).or_default();
-            set.extend(blocks);
             if busy.contains(&id) || viewed.contains(&id) {
                 continue;
             }
-            // The ranges long enough to punch now.
-            let mut blocks = Vec::new();
-            let mut run: Vec<u64> = Vec::new();
-            for &b in set.iter() {
-                if run.last().is_some_and(|&l| l + 1 != b) {
-                    if run.len() >= MIN_PUNCH_BLOCKS {
-                        blocks.append(&mut run);
-                    }
-                    run.clear();
+            let from = p.freed_to.get(&src).copied().unwrap_or(0);
+            let to = last + 1;
+            keep.sort_unstable();
+            let mut ranges = Vec::new();
+            let mut at = from;
+            for k in keep.into_iter().chain([to]) {
+                if k > at {
+                    ranges.push((at * BLOCK_SIZE, (k - at) * BLOCK_SIZE));
                 }
-                run.push(b);
-            }
-            if run.len() >= MIN_PUNCH_BLOCKS {
-                blocks.append(&mut run);
-            }
-            if blocks.is_empty() {
-                continue;
+                at = at.max(k + 1);
             }
             let log_path = layer::log_path(&self.s.dir, id);
             let _claim = match locking::claim(&log_path) {
@@ -761,14 +829,14 @@ impl MergeJob {
                 }
             };
             let before = layer::allocated(&files.data_path);
-            for b in &blocks {
-                set.remove(b);
-            }
-            if let Err(e) = files.punch(&mut blocks) {
-                tracing::warn!(
+            match copier.punch(&files.data, &ranges) {
+                Ok(()) => {
+                    p.freed_to.insert(src, to);
+                }
+                Err(e) => tracing::warn!(
                     "merge {}: could not free blocks of layer {id}: {e}",
                     self.s.id
-                );
+                ),
             }
             freed += before.saturating_sub(layer::allocated(&files.data_path));
         }

@@ -8,7 +8,11 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use journal::{CacheMode, DeleteOptions, Disk, OpenOptions, StrategyKind};
+use std::sync::Arc;
+
+use journal::{
+    CacheMode, DeleteOptions, Disk, Move, OpenOptions, Placement, Situation, Strategy, StrategyKind,
+};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 96 * MIB;
@@ -296,4 +300,83 @@ fn an_open_view_of_the_deleted_checkpoint_keeps_reading_what_it_read() {
         }
         assert!(disk.check().unwrap().is_clean(), "{what}");
     }
+}
+
+/// Merges the first two sealed layers of the stack that received the deleted checkpoint,
+/// the newer absorbing the older (as `tests/journal_merge.rs`'s research strategy does).
+struct Pairs;
+impl Strategy for Pairs {
+    fn name(&self) -> &str {
+        "pairs"
+    }
+    fn plan(&self, s: &Situation) -> Vec<Move> {
+        let Some(st) = s.target.and_then(|t| s.stack(t)) else {
+            return Vec::new();
+        };
+        if st.sealed < 2 || st.busy {
+            return Vec::new();
+        }
+        vec![Move {
+            stack: st.at,
+            first: 0,
+            len: 2,
+            placement: Placement::Absorb(1),
+        }]
+    }
+}
+
+/// A given-up absorbing merge appended records for blocks of the layer below to the
+/// absorbing layer; Now's index, built before, still reads those blocks from the layer
+/// below. The reclaim of a later relink trusts the logs, so the appended records must be
+/// gone again (they are cut back when the job is given up), or it punches what Now reads.
+#[test]
+fn a_given_up_absorb_leaves_no_records_that_make_a_reclaim_punch_what_now_reads() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("disk");
+    Disk::create(&dir, 8 * MIB, None).unwrap();
+    let mut disk = open(&dir);
+    let now = disk.now();
+    for b in 0..256 {
+        now.write_at(&block(b, 1), b * 4096, false).unwrap();
+    }
+    disk.checkpoint("x").unwrap();
+    now.write_at(&block(300, 2), 300 * 4096, false).unwrap();
+    disk.checkpoint("d").unwrap();
+    now.write_at(&block(301, 3), 301 * 4096, false).unwrap();
+    disk.checkpoint("e").unwrap();
+    // x's layer joins d's stack; d's layer absorbs it (not progressively), then gives up.
+    let opts = DeleteOptions {
+        custom: Some(Arc::new(Pairs)),
+        progressive: false,
+        ..DeleteOptions::default()
+    };
+    let (_, jobs) = disk.delete_online("x", &opts).unwrap();
+    let mut absorbed = false;
+    for mut j in jobs {
+        j.run(&AtomicBool::new(false)).unwrap();
+        absorbed |= !j.is_reclaim();
+        disk.abandon_merge(j);
+    }
+    assert!(absorbed, "no absorbing merge ran");
+    // d's stack (both layers) joins e's, which Now's lineage holds: a reclaim job.
+    let (_, jobs) = disk
+        .delete_online("d", &DeleteOptions::with(StrategyKind::Relink))
+        .unwrap();
+    assert!(jobs.iter().any(|j| j.is_reclaim()));
+    for mut j in jobs {
+        j.run(&AtomicBool::new(false)).unwrap();
+        disk.finish_merge(j).unwrap();
+    }
+    let mut buf = vec![0u8; 4096];
+    for b in 0..256 {
+        now.read_at(&mut buf, b * 4096)
+            .unwrap_or_else(|e| panic!("Now's block {b}: {e}"));
+        assert!(buf == block(b, 1), "Now's block {b}");
+    }
+    let e = disk.checkpoint_view("e").unwrap();
+    for b in 0..256 {
+        e.read_at(&mut buf, b * 4096).unwrap();
+        assert!(buf == block(b, 1), "e's block {b}");
+    }
+    assert!(disk.check().unwrap().is_clean());
 }

@@ -88,6 +88,7 @@ struct Work {
     files: Arc<LayerFiles>,
     log_len: u64,
     blocks: Vec<u64>,
+    named: Named,
 }
 
 /// For each doomed layer its position (`None`: no longer where the job expects it), and
@@ -126,11 +127,21 @@ fn newest(records: &[Record]) -> HashMap<u64, Record> {
 /// disk block some layer above overwrites): every block a record of an overwritten disk
 /// block names, except those the newest record of a block nobody overwrites names (a data
 /// block reused for another disk block). `None` when the log cannot be trusted.
+#[cfg(test)]
 fn dead_blocks(
     files: &LayerFiles,
     disk_blocks: u64,
     shadowed: impl Fn(u64) -> bool,
 ) -> Result<Option<Vec<u64>>> {
+    Ok(dead_and_named(files, disk_blocks, shadowed)?.map(|(dead, _)| dead))
+}
+
+/// [`dead_blocks`], with the disk blocks every record naming each dead block is for.
+fn dead_and_named(
+    files: &LayerFiles,
+    disk_blocks: u64,
+    shadowed: impl Fn(u64) -> bool,
+) -> Result<Option<(Vec<u64>, Named)>> {
     let scan = files.scan_log(disk_blocks)?;
     if !scan.damaged.is_empty() || scan.omitted > 0 {
         tracing::warn!(
@@ -156,7 +167,38 @@ fn dead_blocks(
         .collect();
     dead.sort_unstable();
     dead.dedup();
-    Ok(Some(dead))
+    let mut named: Named = HashMap::new();
+    for r in scan.records.iter().filter(|r| r.kind == RecordKind::Data) {
+        if dead.binary_search(&r.data_block).is_ok() {
+            named.entry(r.data_block).or_default().push(r.disk_block);
+        }
+    }
+    Ok(Some((dead, named)))
+}
+
+/// For each dead data block of a layer, the disk blocks of the records that name it.
+type Named = HashMap<u64, Vec<u64>>;
+
+/// Drops from `batch` (data blocks of layer `id`) the blocks Now's index reads from that
+/// layer, for any disk block a record names them for; returns how many. None should be:
+/// the plan follows the logs, and Now's index agrees with them. This is the check that
+/// keeps a disagreement (a bug elsewhere) from becoming a punched block Now reads.
+fn keep_what_now_reads(now: &Volume, id: u64, named: &Named, batch: &mut Vec<u64>) -> usize {
+    let st = now.state();
+    let Some(ord) = st.layers.iter().position(|l| l.id == id) else {
+        return 0;
+    };
+    let before = batch.len();
+    batch.retain(|d| {
+        !named.get(d).is_some_and(|disk| {
+            disk.iter().any(|&b| {
+                st.index
+                    .get(b)
+                    .is_some_and(|l| usize::from(l.ordinal) == ord && l.data_block == *d)
+            })
+        })
+    });
+    before - batch.len()
 }
 
 /// The allocated extents of `f` as block ranges (start, end), sorted; the whole file when
@@ -336,7 +378,7 @@ impl Reclaim {
             if len.len() != d.log_len || len.nlink() == 0 {
                 continue;
             }
-            let Some(dead) = dead_blocks(&d.files, self.disk_blocks, |b| {
+            let Some((dead, named)) = dead_and_named(&d.files, self.disk_blocks, |b| {
                 top.get(&b).is_some_and(|&t| t > p)
             })?
             else {
@@ -353,6 +395,7 @@ impl Reclaim {
                 files: d.files.clone(),
                 log_len: d.log_len,
                 blocks,
+                named,
             });
         }
         Ok(work)
@@ -441,6 +484,13 @@ impl Reclaim {
             let mut batch = w.blocks[self.at.1..end].to_vec();
             if audit_on() {
                 audit_unread(&self.now, w.files.id, &batch);
+            }
+            let kept = keep_what_now_reads(&self.now, w.files.id, &w.named, &mut batch);
+            if kept > 0 {
+                tracing::warn!(
+                    "reclaim {id}: layer {}: {kept} planned blocks are still read by Now (its index and the logs disagree): they stay allocated",
+                    w.files.id
+                );
             }
             let before = data_allocated(&w.files);
             w.files.punch(&mut batch)?;

@@ -4,6 +4,7 @@
 //! after the last record of a log whose size ran ahead of its writes (zero tails, a torn
 //! record before zeros, a zero hole before valid records, garbage).
 
+mod journal_common;
 mod nbd_common;
 
 use std::os::unix::process::CommandExt;
@@ -474,25 +475,10 @@ fn layered_disk(dir: &Path) -> (PathBuf, u64, u64, u64) {
     d.checkpoint("c2").unwrap();
     d.now().write_at(&[3u8; BLK], 6 * BLK as u64, true).unwrap();
     drop(d);
-    let tree: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(disk.join("strata.json")).unwrap()).unwrap();
-    let layer_of = |name: &str| {
-        tree["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["name"] == name)
-            .unwrap()["layers"][0]
-            .as_u64()
-            .unwrap()
-    };
-    let active = tree["now"]["layers"].as_array().unwrap().last().unwrap();
-    (
-        disk,
-        layer_of("c1"),
-        layer_of("c2"),
-        active.as_u64().unwrap(),
-    )
+    let c1 = journal_common::checkpoint_layers(&disk, "c1");
+    let c2 = journal_common::checkpoint_layers(&disk, "c2");
+    let active = *journal_common::now_layers(&disk).last().unwrap();
+    (disk, c1[0], c2[0], active)
 }
 
 /// What each view of [`layered_disk`] reads in blocks 0..8.
@@ -542,7 +528,7 @@ fn assert_reads_as_before(disk: &Path) {
 }
 
 fn log_file(disk: &Path, layer: u64) -> PathBuf {
-    disk.join(format!("layers/L{layer}.log"))
+    journal_common::layer_paths(disk, layer).0
 }
 
 /// Extends `path` by `len` zero bytes with `fallocate` mode 0 (as a preallocating writer

@@ -3,10 +3,14 @@
 //! nothing; superseded records are compacted away; freed data blocks are reused, also
 //! across a SIGKILL of a process writing (checked against a model).
 
+mod journal_common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+
+use journal_common::allocated;
 
 use journal::{Disk, OpenOptions, Volume, BLOCK_SIZE, COMPACT_MIN_RECORDS, COMPACT_RATIO};
 use rand::rngs::SmallRng;
@@ -18,30 +22,19 @@ const RECORD: u64 = 32;
 const BS: usize = BLOCK_SIZE as usize;
 
 fn open(dir: &Path) -> Disk {
-    Disk::open(dir, OpenOptions::default()).expect("open disk")
+    journal_common::open(dir, OpenOptions::default().cache)
 }
 
 fn len(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
 }
 
-fn allocated(p: &Path) -> u64 {
-    std::fs::metadata(p).unwrap().blocks() * 512
-}
-
+/// Paths of the log and data file of Now's active layer.
 fn active_files(disk: &Disk) -> (std::path::PathBuf, std::path::PathBuf) {
-    let tree: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(disk.dir().join("strata.json")).unwrap()).unwrap();
-    let id = tree["now"]["layers"]
-        .as_array()
-        .and_then(|l| l.last())
-        .and_then(|v| v.as_u64())
-        .expect("Now's layers in strata.json");
-    let layers = disk.dir().join("layers");
-    (
-        layers.join(format!("L{id}.log")),
-        layers.join(format!("L{id}.data")),
-    )
+    let id = *journal_common::now_layers(disk.dir())
+        .last()
+        .expect("Now has a layer");
+    journal_common::layer_paths(disk.dir(), id)
 }
 
 #[test]

@@ -5,6 +5,8 @@
 //! there (old tree) or gone (new tree), that no file outside the tree is left, and that
 //! `check` is clean.
 
+mod journal_common;
+
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
@@ -45,6 +47,20 @@ fn digest(v: &journal::Volume) -> Vec<u64> {
         out.extend(buf.chunks(4096).map(hash));
     }
     out
+}
+
+/// The digest of every checkpoint (by name) and of Now (by "").
+fn snapshot(disk: &Disk) -> HashMap<String, Vec<u64>> {
+    let mut model: HashMap<String, Vec<u64>> = disk
+        .list()
+        .into_iter()
+        .map(|c| {
+            let d = digest(&disk.checkpoint_view(&c.name).unwrap());
+            (c.name, d)
+        })
+        .collect();
+    model.insert(String::new(), digest(&disk.now()));
+    model
 }
 
 /// Layer ids strata.json references.
@@ -137,7 +153,7 @@ fn merges_survive_sigkill() {
     let mut rng = SmallRng::seed_from_u64(7);
     // A chain of checkpoints, each holding a few MiB of scattered blocks, with two branches
     // so that hidden nodes and relinks into checkpoints happen too.
-    let mut model: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut model: HashMap<String, Vec<u64>>;
     {
         let mut disk = open(&dir);
         let now = disk.now();
@@ -163,13 +179,7 @@ fn merges_survive_sigkill() {
             now.write_at(&buf, b * 4096, false).unwrap();
         }
         now.flush().unwrap();
-        for c in disk.list() {
-            model.insert(
-                c.name.clone(),
-                digest(&disk.checkpoint_view(&c.name).unwrap()),
-            );
-        }
-        model.insert(String::new(), digest(&now));
+        model = snapshot(&disk);
     }
     let exe = std::env::current_exe().unwrap();
     let strategies = [
@@ -320,23 +330,6 @@ fn merges_survive_sigkill() {
     assert!(rolled_forward >= 1);
 }
 
-/// Ids of the layers of checkpoint `name` in strata.json.
-fn layers_of(dir: &Path, name: &str) -> Vec<u64> {
-    let t: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("strata.json")).unwrap()).unwrap();
-    t["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == name)
-        .unwrap_or_else(|| panic!("no checkpoint {name}"))["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_u64().unwrap())
-        .collect()
-}
-
 /// A compact-into-parent merge killed after it preallocated the absorbing layer's log and
 /// before it wrote the records there (`strace` delivers SIGKILL as the child enters its
 /// first `pwrite` of that log): the log ends in zeros. The reopened disk reads exactly as
@@ -354,7 +347,7 @@ fn compact_into_parent_killed_between_log_preallocation_and_records() {
     let dir = t.path().join("disk");
     Disk::create(&dir, SIZE, None).unwrap();
     let mut rng = SmallRng::seed_from_u64(11);
-    let mut model: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut model: HashMap<String, Vec<u64>>;
     {
         let mut disk = open(&dir);
         let now = disk.now();
@@ -369,15 +362,9 @@ fn compact_into_parent_killed_between_log_preallocation_and_records() {
             disk.checkpoint(name).unwrap();
         }
         now.write_at(&buf, 0, true).unwrap();
-        for c in disk.list() {
-            model.insert(
-                c.name.clone(),
-                digest(&disk.checkpoint_view(&c.name).unwrap()),
-            );
-        }
-        model.insert(String::new(), digest(&now));
+        model = snapshot(&disk);
     }
-    let absorber = layers_of(&dir, "c1")[0];
+    let absorber = journal_common::checkpoint_layers(&dir, "c1")[0];
     let log = dir.join(format!("layers/L{absorber}.log"));
     let log_len = std::fs::metadata(&log).unwrap().len();
     let exe = std::env::current_exe().unwrap();
@@ -453,7 +440,7 @@ fn compact_into_parent_killed_between_log_preallocation_and_records() {
     model.remove("c2");
     check(&disk, &model, "after a second compact-into-parent");
     assert_eq!(
-        layers_of(&dir, "c3"),
+        journal_common::checkpoint_layers(&dir, "c3"),
         vec![absorber],
         "c1's layer absorbed the stack"
     );

@@ -560,6 +560,21 @@ fn zero_tail_of_a_sealed_log_is_unwritten_space_not_damage() {
     let (disk, c1, c2, _) = layered_disk(t.path());
     fallocate_tail(&log_file(&disk, c1), 64 << 10);
     fallocate_tail(&log_file(&disk, c2), 100);
+    let out = ok(&["disk", "check", s(&disk)]);
+    for (l, zeros) in [(c1, 65536), (c2, 100)] {
+        assert!(
+            out.contains(&format!(
+                "note: checkpoint \"c{}\": {}: {zeros} zero bytes at byte",
+                if l == c1 { 1 } else { 2 },
+                log_file(&disk, l).display()
+            )),
+            "{out}"
+        );
+    }
+    assert!(
+        out.contains("not damage; the next append writes over it"),
+        "{out}"
+    );
     assert_reads_as_before(&disk);
     // Deleting c1 absorbs c2's blocks into c1's layer (records appended at its last valid
     // record, over the zero tail).
@@ -596,7 +611,16 @@ fn zero_tail_of_the_active_log_is_cut_at_a_writable_open() {
     let log = log_file(&disk, active);
     let len = len_of(&log);
     fallocate_tail(&log, 1 << 20);
+    let out = ok(&["disk", "check", s(&disk)]);
+    assert!(
+        out.contains(&format!(
+            "note: Now: {}: 1048576 zero bytes at byte {len} after the last record",
+            log.display()
+        )) && out.contains("a writable open cuts it off"),
+        "{out}"
+    );
     assert_reads_as_before(&disk);
+    assert!(!ok(&["disk", "check", s(&disk)]).contains("note:"));
     assert_eq!(len_of(&log), len, "the writable open cuts the zero tail");
     // Appends go where the zeros were, and survive a reopen.
     {

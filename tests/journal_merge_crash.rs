@@ -20,6 +20,17 @@ use rand::{Rng, SeedableRng};
 const SIZE: u64 = 48 << 20;
 const BLOCKS: u64 = SIZE / 4096;
 
+fn open_ro(dir: &Path) -> Disk {
+    Disk::open(
+        dir,
+        OpenOptions {
+            cache: CacheMode::None,
+            read_only: true,
+        },
+    )
+    .expect("open disk read-only")
+}
+
 fn open(dir: &Path) -> Disk {
     Disk::open(
         dir,
@@ -421,6 +432,11 @@ fn compact_into_parent_killed_between_log_preallocation_and_records() {
         "records were written after the preallocation"
     );
     model.remove("c1");
+    let notes = open_ro(&dir).check().unwrap().notes;
+    assert!(
+        notes.len() == 1 && notes[0].contains(&format!("L{absorber}.log: ")),
+        "check notes the absorbing log's zero tail: {notes:?}"
+    );
     for read_only in [true, false] {
         let disk = Disk::open(
             &dir,

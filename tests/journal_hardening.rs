@@ -4,6 +4,7 @@
 //! after the last record of a log whose size ran ahead of its writes (zero tails, a torn
 //! record before zeros, a zero hole before valid records, garbage).
 
+mod journal_common;
 mod nbd_common;
 
 use std::os::unix::process::CommandExt;
@@ -479,25 +480,10 @@ fn layered_disk(dir: &Path) -> (PathBuf, u64, u64, u64) {
     d.checkpoint("c2").unwrap();
     d.now().write_at(&[3u8; BLK], 6 * BLK as u64, true).unwrap();
     drop(d);
-    let tree: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(disk.join("strata.json")).unwrap()).unwrap();
-    let layer_of = |name: &str| {
-        tree["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["name"] == name)
-            .unwrap()["layers"][0]
-            .as_u64()
-            .unwrap()
-    };
-    let active = tree["now"]["layers"].as_array().unwrap().last().unwrap();
-    (
-        disk,
-        layer_of("c1"),
-        layer_of("c2"),
-        active.as_u64().unwrap(),
-    )
+    let c1 = journal_common::checkpoint_layers(&disk, "c1");
+    let c2 = journal_common::checkpoint_layers(&disk, "c2");
+    let active = *journal_common::now_layers(&disk).last().unwrap();
+    (disk, c1[0], c2[0], active)
 }
 
 /// What each view of [`layered_disk`] reads in blocks 0..8.
@@ -547,7 +533,7 @@ fn assert_reads_as_before(disk: &Path) {
 }
 
 fn log_file(disk: &Path, layer: u64) -> PathBuf {
-    disk.join(format!("layers/L{layer}.log"))
+    journal_common::layer_paths(disk, layer).0
 }
 
 /// Extends `path` by `len` zero bytes with `fallocate` mode 0 (as a preallocating writer
@@ -579,6 +565,21 @@ fn zero_tail_of_a_sealed_log_is_unwritten_space_not_damage() {
     let (disk, c1, c2, _) = layered_disk(t.path());
     fallocate_tail(&log_file(&disk, c1), 64 << 10);
     fallocate_tail(&log_file(&disk, c2), 100);
+    let out = ok(&["disk", "check", s(&disk)]);
+    for (l, zeros) in [(c1, 65536), (c2, 100)] {
+        assert!(
+            out.contains(&format!(
+                "note: checkpoint \"c{}\": {}: {zeros} zero bytes at byte",
+                if l == c1 { 1 } else { 2 },
+                log_file(&disk, l).display()
+            )),
+            "{out}"
+        );
+    }
+    assert!(
+        out.contains("not damage; the next append writes over it"),
+        "{out}"
+    );
     assert_reads_as_before(&disk);
     // Deleting c1 absorbs c2's blocks into c1's layer (records appended at its last valid
     // record, over the zero tail).
@@ -615,7 +616,16 @@ fn zero_tail_of_the_active_log_is_cut_at_a_writable_open() {
     let log = log_file(&disk, active);
     let len = len_of(&log);
     fallocate_tail(&log, 1 << 20);
+    let out = ok(&["disk", "check", s(&disk)]);
+    assert!(
+        out.contains(&format!(
+            "note: Now: {}: 1048576 zero bytes at byte {len} after the last record",
+            log.display()
+        )) && out.contains("a writable open cuts it off"),
+        "{out}"
+    );
     assert_reads_as_before(&disk);
+    assert!(!ok(&["disk", "check", s(&disk)]).contains("note:"));
     assert_eq!(len_of(&log), len, "the writable open cuts the zero tail");
     // Appends go where the zeros were, and survive a reopen.
     {
@@ -655,25 +665,28 @@ fn torn_record_before_zeros_and_garbage_tails_are_torn() {
             "{report}"
         );
         assert!(!report.contains(&format!("L{active}.log")), "{report}");
-        let d = open_disk(&disk, false);
-        for name in ["c2", "Now"] {
-            let got = read_blocks(&view(&d, name));
-            assert!(
-                matches!(got, Err(journal::Error::Corrupt { .. })),
-                "{name} uses the damaged layer: {got:?}"
-            );
-        }
-        assert_eq!(
-            read_blocks(&d.checkpoint_view("c1").unwrap()).unwrap(),
-            expected_blocks("c1")
-        );
-        drop(d);
+        assert_only_c1_reads(&open_disk(&disk, false));
         assert_eq!(
             len_of(&log_file(&disk, active)),
             journal_log_len(1),
             "the active log's tail was cut"
         );
     }
+}
+
+/// c2's layer is damaged: c2 and Now (which build on it) fail to read, c1 reads as before.
+fn assert_only_c1_reads(d: &Held) {
+    for name in ["c2", "Now"] {
+        let got = read_blocks(&view(d, name));
+        assert!(
+            matches!(got, Err(journal::Error::Corrupt { .. })),
+            "{name} uses the damaged layer: {got:?}"
+        );
+    }
+    assert_eq!(
+        read_blocks(&d.checkpoint_view("c1").unwrap()).unwrap(),
+        expected_blocks("c1")
+    );
 }
 
 /// Length of a log holding `records` records.
@@ -703,18 +716,7 @@ fn zero_hole_before_valid_records_is_damage_and_keeps_them() {
         .map(|&l| std::fs::read(log_file(&disk, l)).unwrap())
         .collect();
     for read_only in [false, true] {
-        let d = open_disk(&disk, read_only);
-        for name in ["c2", "Now"] {
-            let got = read_blocks(&view(&d, name));
-            assert!(
-                matches!(got, Err(journal::Error::Corrupt { .. })),
-                "{name}: {got:?}"
-            );
-        }
-        assert_eq!(
-            read_blocks(&d.checkpoint_view("c1").unwrap()).unwrap(),
-            expected_blocks("c1")
-        );
+        assert_only_c1_reads(&open_disk(&disk, read_only));
     }
     let after: Vec<Vec<u8>> = [c2, active]
         .iter()

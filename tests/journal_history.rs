@@ -3,10 +3,14 @@
 //! nothing; superseded records are compacted away; freed data blocks are reused, also
 //! across a SIGKILL of a process writing (checked against a model).
 
+mod journal_common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+
+use journal_common::allocated;
 
 use journal::{Disk, OpenOptions, Volume, BLOCK_SIZE, COMPACT_MIN_RECORDS, COMPACT_RATIO};
 use rand::rngs::SmallRng;
@@ -18,30 +22,19 @@ const RECORD: u64 = 32;
 const BS: usize = BLOCK_SIZE as usize;
 
 fn open(dir: &Path) -> Disk {
-    Disk::open(dir, OpenOptions::default()).expect("open disk")
+    journal_common::open(dir, OpenOptions::default().cache)
 }
 
 fn len(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
 }
 
-fn allocated(p: &Path) -> u64 {
-    std::fs::metadata(p).unwrap().blocks() * 512
-}
-
+/// Paths of the log and data file of Now's active layer.
 fn active_files(disk: &Disk) -> (std::path::PathBuf, std::path::PathBuf) {
-    let tree: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(disk.dir().join("strata.json")).unwrap()).unwrap();
-    let id = tree["now"]["layers"]
-        .as_array()
-        .and_then(|l| l.last())
-        .and_then(|v| v.as_u64())
-        .expect("Now's layers in strata.json");
-    let layers = disk.dir().join("layers");
-    (
-        layers.join(format!("L{id}.log")),
-        layers.join(format!("L{id}.data")),
-    )
+    let id = *journal_common::now_layers(disk.dir())
+        .last()
+        .expect("Now has a layer");
+    journal_common::layer_paths(disk.dir(), id)
 }
 
 #[test]
@@ -179,15 +172,23 @@ fn rewriting_one_region_forever_keeps_files_proportional_to_live_data() {
             max_log = max_log.max(len(&log));
             max_apparent = max_apparent.max(len(&data));
             max_alloc = max_alloc.max(allocated(&data));
-            assert!(len(&log) <= log_bound, "log {} > {log_bound}", len(&log));
+            assert!(
+                len(&log) <= log_bound,
+                "op {op}: log bound broken: {} bytes > {log_bound} (header + records for \
+                 max(COMPACT_MIN_RECORDS, COMPACT_RATIO x {region} live blocks) + {max_unflushed} \
+                 unflushed)",
+                len(&log)
+            );
             assert!(
                 len(&data) <= apparent_bound,
-                "data file {} bytes",
+                "op {op}: data file size bound broken: {} bytes > {apparent_bound} (2 x {live_bytes} \
+                 live + 3 MiB preallocation)",
                 len(&data)
             );
             assert!(
                 allocated(&data) <= allocated_bound,
-                "{} allocated",
+                "op {op}: data file allocation bound broken: {} bytes > {allocated_bound} \
+                 ({live_bytes} live + 3 MiB preallocation)",
                 allocated(&data)
             );
         }
@@ -197,19 +198,29 @@ fn rewriting_one_region_forever_keeps_files_proportional_to_live_data() {
             disk = open(&dir);
             let now = disk.now();
             verify_region(&now, &model, first);
-            assert!(now.index_stats().0 as u64 <= region);
+            let entries = now.index_stats().0 as u64;
+            assert!(
+                entries <= region,
+                "op {op}: index bound broken after reopening: {entries} entries > {region} live blocks"
+            );
             let space = now.active_space().unwrap();
-            assert!(space.live_entries <= region, "{space:?}");
+            assert!(
+                space.live_entries <= region,
+                "op {op}: live entries bound broken: {} > {region}: {space:?}",
+                space.live_entries
+            );
             assert!(
                 space.used_blocks <= apparent_bound / BLOCK_SIZE,
-                "{space:?}"
+                "op {op}: used data blocks bound broken: {} > {} (the data file size bound): {space:?}",
+                space.used_blocks,
+                apparent_bound / BLOCK_SIZE
             );
         }
     }
     verify_region(&disk.now(), &model, first);
     assert!(
         written > 100 * live_bytes,
-        "the history is long: {written} bytes written"
+        "the history is too short to test the bounds: {written} bytes written"
     );
     eprintln!(
         "{written} bytes written over {live_bytes} live: max log {max_log}, max data file {max_apparent} (allocated {max_alloc})"
@@ -222,7 +233,11 @@ fn rewriting_one_region_forever_keeps_files_proportional_to_live_data() {
         LOG_HEADER + RECORD * report.records_after,
         "{report:?}"
     );
-    assert!(report.records_after <= region);
+    assert!(
+        report.records_after <= region,
+        "compacted log bound broken: {} records > {region} live blocks",
+        report.records_after
+    );
     verify_region(&now, &model, first);
 }
 
@@ -656,16 +671,22 @@ fn thousands_of_checkpoint_delete_cycles_stay_bounded() {
         max_depth = max_depth.max(depth);
         assert!(
             (data_files as u64) <= layers && log_files == data_files,
-            "cycle {c}: {data_files} data and {log_files} log files, bound {layers} layers"
+            "cycle {c}: layer file bound broken: {data_files} data and {log_files} log files, \
+             bound {layers} layers (keep + 2 + 1 + LINEAGE_SLACK + active), one log each"
         );
-        assert!(depth <= layers, "cycle {c}: lineage of {depth} layers");
+        assert!(
+            depth <= layers,
+            "cycle {c}: lineage bound broken: {depth} layers > {layers}"
+        );
         assert!(
             alloc <= alloc_bound,
-            "cycle {c}: {alloc} bytes allocated > {alloc_bound}"
+            "cycle {c}: allocation bound broken: {alloc} bytes allocated > {alloc_bound} \
+             (3 views x {live} live + 2 MiB)"
         );
         assert!(
             log_bytes <= log_bound,
-            "cycle {c}: {log_bytes} log bytes > {log_bound}"
+            "cycle {c}: log bound broken: {log_bytes} log bytes > {log_bound} ({layers} layers x \
+             (header + 2 x {region} + {cycle_records} records))"
         );
         if c % 500 == 0 {
             verify_region(&disk.now(), &model, 0);
@@ -676,13 +697,22 @@ fn thousands_of_checkpoint_delete_cycles_stay_bounded() {
             let (_, _, n) = layer_files(&dir, ".data");
             // Open time: what an open replays is the logs of Now's lineage.
             let (log_bytes, _, _) = layer_files(&dir, ".log");
-            assert!(log_bytes <= log_bound, "open replays {log_bytes} log bytes");
-            assert!(n as u64 <= layers);
+            assert!(
+                log_bytes <= log_bound,
+                "cycle {c}: open-time bound broken: the reopened disk has {log_bytes} log bytes > {log_bound}"
+            );
+            assert!(
+                n as u64 <= layers,
+                "cycle {c}: layer file bound broken after reopening: {n} > {layers}"
+            );
             let r = disk.check().unwrap();
             assert!(r.is_clean(), "cycle {c}: {:?}", r.problems);
         }
     }
-    assert!(merges > cycles / 4, "only {merges} merges finished");
+    assert!(
+        merges > cycles / 4,
+        "only {merges} merges finished in {cycles} cycles: the history did not exercise merges"
+    );
     eprintln!(
         "{cycles} cycles, {merges} delete merges + {maintenance} maintenance merges: max {max_files} \
          layer files, {max_alloc} bytes allocated (bound {alloc_bound}), {max_log} log bytes \

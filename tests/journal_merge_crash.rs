@@ -5,6 +5,8 @@
 //! there (old tree) or gone (new tree), that no file outside the tree is left, and that
 //! `check` is clean.
 
+mod journal_common;
+
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
@@ -17,6 +19,17 @@ use rand::{Rng, SeedableRng};
 
 const SIZE: u64 = 48 << 20;
 const BLOCKS: u64 = SIZE / 4096;
+
+fn open_ro(dir: &Path) -> Disk {
+    Disk::open(
+        dir,
+        OpenOptions {
+            cache: CacheMode::None,
+            read_only: true,
+        },
+    )
+    .expect("open disk read-only")
+}
 
 fn open(dir: &Path) -> Disk {
     Disk::open(
@@ -45,6 +58,78 @@ fn digest(v: &journal::Volume) -> Vec<u64> {
         out.extend(buf.chunks(4096).map(hash));
     }
     out
+}
+
+/// A new disk of [`SIZE`] bytes in a temporary directory (in `MERGE_CRASH_TMP`, default
+/// /var/tmp).
+fn fresh_disk() -> (tempfile::TempDir, std::path::PathBuf) {
+    let t = tempfile::tempdir_in(std::env::var_os("MERGE_CRASH_TMP").unwrap_or("/var/tmp".into()))
+        .unwrap();
+    let dir = t.path().join("disk");
+    Disk::create(&dir, SIZE, None).unwrap();
+    (t, dir)
+}
+
+/// `n` writes of `buf` filled with random bytes, each at a random block of `now`.
+fn scatter(now: &journal::Volume, rng: &mut SmallRng, buf: &mut [u8], n: usize) {
+    for _ in 0..n {
+        let b = rng.gen_range(0..BLOCKS - 16);
+        rng.fill(&mut buf[..]);
+        now.write_at(buf, b * 4096, false).unwrap();
+    }
+}
+
+/// `cmd` (this test binary, or a command that runs it) running `crash_child`, which deletes
+/// `target` with `strategy` in the disk at `dir`.
+fn crash_child_command(
+    mut cmd: Command,
+    dir: &Path,
+    target: &str,
+    strategy: StrategyKind,
+) -> Command {
+    cmd.args([
+        "--exact",
+        "crash_child",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("MERGE_CRASH_DIR", dir)
+    .env("MERGE_CRASH_TARGET", target)
+    .env("MERGE_CRASH_STRATEGY", strategy.to_string());
+    cmd
+}
+
+/// The digest of every checkpoint (by name) and of Now (by "").
+fn snapshot(disk: &Disk) -> HashMap<String, Vec<u64>> {
+    let mut model: HashMap<String, Vec<u64>> = disk
+        .list()
+        .into_iter()
+        .map(|c| {
+            let d = digest(&disk.checkpoint_view(&c.name).unwrap());
+            (c.name, d)
+        })
+        .collect();
+    model.insert(String::new(), digest(&disk.now()));
+    model
+}
+
+/// The disk lists exactly the checkpoints of `model` (by name; "" is Now), every view
+/// reads as its digest there, and `check` is clean.
+fn assert_views(disk: &Disk, model: &HashMap<String, Vec<u64>>, when: &str) {
+    let names: HashSet<String> = disk.list().into_iter().map(|c| c.name).collect();
+    let expected: HashSet<String> = model.keys().filter(|n| !n.is_empty()).cloned().collect();
+    assert_eq!(names, expected, "{when}: checkpoints");
+    for name in &expected {
+        let v = disk.checkpoint_view(name).unwrap();
+        assert!(
+            digest(&v) == model[name],
+            "{when}: checkpoint {name} changed"
+        );
+    }
+    assert!(digest(&disk.now()) == model[""], "{when}: Now changed");
+    let report = disk.check().unwrap();
+    assert!(report.is_clean(), "{when}: {:?}", report.problems);
 }
 
 /// Layer ids strata.json references.
@@ -130,24 +215,17 @@ fn crash_child() {
 
 #[test]
 fn merges_survive_sigkill() {
-    let t = tempfile::tempdir_in(std::env::var_os("MERGE_CRASH_TMP").unwrap_or("/var/tmp".into()))
-        .unwrap();
-    let dir = t.path().join("disk");
-    Disk::create(&dir, SIZE, None).unwrap();
+    let (_t, dir) = fresh_disk();
     let mut rng = SmallRng::seed_from_u64(7);
     // A chain of checkpoints, each holding a few MiB of scattered blocks, with two branches
     // so that hidden nodes and relinks into checkpoints happen too.
-    let mut model: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut model: HashMap<String, Vec<u64>>;
     {
         let mut disk = open(&dir);
         let now = disk.now();
         let mut buf = vec![0u8; 64 << 10];
         for i in 0..10 {
-            for _ in 0..96 {
-                let b = rng.gen_range(0..BLOCKS - 16);
-                rng.fill(&mut buf[..]);
-                now.write_at(&buf, b * 4096, false).unwrap();
-            }
+            scatter(&now, &mut rng, &mut buf, 96);
             // Some discards too.
             let b = rng.gen_range(0..BLOCKS - 64);
             now.discard(b * 4096, 64 * 4096).unwrap();
@@ -157,19 +235,9 @@ fn merges_survive_sigkill() {
                 disk.apply("c1", None).unwrap();
             }
         }
-        for _ in 0..32 {
-            let b = rng.gen_range(0..BLOCKS - 16);
-            rng.fill(&mut buf[..]);
-            now.write_at(&buf, b * 4096, false).unwrap();
-        }
+        scatter(&now, &mut rng, &mut buf, 32);
         now.flush().unwrap();
-        for c in disk.list() {
-            model.insert(
-                c.name.clone(),
-                digest(&disk.checkpoint_view(&c.name).unwrap()),
-            );
-        }
-        model.insert(String::new(), digest(&now));
+        model = snapshot(&disk);
     }
     let exe = std::env::current_exe().unwrap();
     let strategies = [
@@ -189,17 +257,7 @@ fn merges_survive_sigkill() {
         let target = names[rng.gen_range(0..names.len())].clone();
         let strategy = strategies[round % strategies.len()];
         round += 1;
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "crash_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("MERGE_CRASH_DIR", &dir)
-            .env("MERGE_CRASH_TARGET", &target)
-            .env("MERGE_CRASH_STRATEGY", strategy.to_string())
+        let mut child = crash_child_command(Command::new(&exe), &dir, &target, strategy)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -285,16 +343,11 @@ fn merges_survive_sigkill() {
                 assert!(!r.discarded, "round {round}: {r:?}");
                 resumed += 1;
             }
-            for name in &expected {
-                let v = disk.checkpoint_view(name).unwrap();
-                assert!(
-                    digest(&v) == model[name],
-                    "round {round}: checkpoint {name} changed by the resumed merge"
-                );
-            }
-            assert!(digest(&disk.now()) == model[""], "round {round}: Now");
-            let report = disk.check().unwrap();
-            assert!(report.is_clean(), "round {round}: {:?}", report.problems);
+            assert_views(
+                &disk,
+                &model,
+                &format!("round {round}, after the resumed merge"),
+            );
             assert!(disk.resume_merges(&options(strategy)).unwrap().is_empty());
         }
         drop(disk);
@@ -320,23 +373,6 @@ fn merges_survive_sigkill() {
     assert!(rolled_forward >= 1);
 }
 
-/// Ids of the layers of checkpoint `name` in strata.json.
-fn layers_of(dir: &Path, name: &str) -> Vec<u64> {
-    let t: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("strata.json")).unwrap()).unwrap();
-    t["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == name)
-        .unwrap_or_else(|| panic!("no checkpoint {name}"))["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_u64().unwrap())
-        .collect()
-}
-
 /// A compact-into-parent merge killed after it preallocated the absorbing layer's log and
 /// before it wrote the records there (`strace` delivers SIGKILL as the child enters its
 /// first `pwrite` of that log): the log ends in zeros. The reopened disk reads exactly as
@@ -349,56 +385,32 @@ fn compact_into_parent_killed_between_log_preallocation_and_records() {
         strace.is_ok_and(|o| o.status.success()),
         "this test needs strace (apt-get install strace)"
     );
-    let t = tempfile::tempdir_in(std::env::var_os("MERGE_CRASH_TMP").unwrap_or("/var/tmp".into()))
-        .unwrap();
-    let dir = t.path().join("disk");
-    Disk::create(&dir, SIZE, None).unwrap();
+    let (_t, dir) = fresh_disk();
     let mut rng = SmallRng::seed_from_u64(11);
-    let mut model: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut model: HashMap<String, Vec<u64>>;
     {
         let mut disk = open(&dir);
         let now = disk.now();
         let mut buf = vec![0u8; 64 << 10];
         // c1 is large, c2 (its child) and c3 small: deleting c1 absorbs c2 into c1's layer.
         for (name, writes) in [("c1", 128), ("c2", 24), ("c3", 16)] {
-            for _ in 0..writes {
-                let b = rng.gen_range(0..BLOCKS - 16);
-                rng.fill(&mut buf[..]);
-                now.write_at(&buf, b * 4096, false).unwrap();
-            }
+            scatter(&now, &mut rng, &mut buf, writes);
             disk.checkpoint(name).unwrap();
         }
         now.write_at(&buf, 0, true).unwrap();
-        for c in disk.list() {
-            model.insert(
-                c.name.clone(),
-                digest(&disk.checkpoint_view(&c.name).unwrap()),
-            );
-        }
-        model.insert(String::new(), digest(&now));
+        model = snapshot(&disk);
     }
-    let absorber = layers_of(&dir, "c1")[0];
+    let absorber = journal_common::checkpoint_layers(&dir, "c1")[0];
     let log = dir.join(format!("layers/L{absorber}.log"));
     let log_len = std::fs::metadata(&log).unwrap().len();
     let exe = std::env::current_exe().unwrap();
-    let out = Command::new("strace")
+    let mut strace = Command::new("strace");
+    strace
         .args(["-f", "-qq", "-o", "/dev/null", "-e", "signal=none", "-P"])
         .arg(&log)
         .args(["-e", "trace=pwrite64", "-e", "inject=pwrite64:signal=KILL"])
-        .arg(&exe)
-        .args([
-            "--exact",
-            "crash_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("MERGE_CRASH_DIR", &dir)
-        .env("MERGE_CRASH_TARGET", "c1")
-        .env(
-            "MERGE_CRASH_STRATEGY",
-            StrategyKind::CompactIntoParent.to_string(),
-        )
+        .arg(&exe);
+    let out = crash_child_command(strace, &dir, "c1", StrategyKind::CompactIntoParent)
         .stderr(Stdio::null())
         .output()
         .unwrap();
@@ -419,22 +431,12 @@ fn compact_into_parent_killed_between_log_preallocation_and_records() {
         bytes[log_len as usize..].iter().all(|&b| b == 0),
         "records were written after the preallocation"
     );
-    let check = |disk: &Disk, model: &HashMap<String, Vec<u64>>, when: &str| {
-        let names: HashSet<String> = disk.list().into_iter().map(|c| c.name).collect();
-        let expected: HashSet<String> = model.keys().filter(|n| !n.is_empty()).cloned().collect();
-        assert_eq!(names, expected, "{when}");
-        for name in &expected {
-            let v = disk.checkpoint_view(name).unwrap();
-            assert!(
-                digest(&v) == model[name],
-                "{when}: checkpoint {name} changed"
-            );
-        }
-        assert!(digest(&disk.now()) == model[""], "{when}: Now changed");
-        let report = disk.check().unwrap();
-        assert!(report.is_clean(), "{when}: {:?}", report.problems);
-    };
     model.remove("c1");
+    let notes = open_ro(&dir).check().unwrap().notes;
+    assert!(
+        notes.len() == 1 && notes[0].contains(&format!("L{absorber}.log: ")),
+        "check notes the absorbing log's zero tail: {notes:?}"
+    );
     for read_only in [true, false] {
         let disk = Disk::open(
             &dir,
@@ -444,20 +446,20 @@ fn compact_into_parent_killed_between_log_preallocation_and_records() {
             },
         )
         .unwrap();
-        check(&disk, &model, &format!("reopened (read_only {read_only})"));
+        assert_views(&disk, &model, &format!("reopened (read_only {read_only})"));
     }
     // c1's layer, now the bottom of c3's stack [c1, c2, c3], absorbs c2 and c3.
     let mut disk = open(&dir);
     disk.delete_with("c2", &options(StrategyKind::CompactIntoParent))
         .unwrap();
     model.remove("c2");
-    check(&disk, &model, "after a second compact-into-parent");
+    assert_views(&disk, &model, "after a second compact-into-parent");
     assert_eq!(
-        layers_of(&dir, "c3"),
+        journal_common::checkpoint_layers(&dir, "c3"),
         vec![absorber],
         "c1's layer absorbed the stack"
     );
     drop(disk);
-    check(&open(&dir), &model, "reopened after the second merge");
+    assert_views(&open(&dir), &model, "reopened after the second merge");
     assert_eq!(layer_files(&dir), tree_layers(&dir), "stray layer files");
 }

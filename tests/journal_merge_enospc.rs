@@ -2,11 +2,13 @@
 //! root): the merge stops with an error naming the disk, every view reads as before, `check`
 //! is clean, and the job resumes once space is freed, or is abandoned leaving nothing.
 
+mod journal_common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
-use journal::{CacheMode, DeleteOptions, Disk, Error, OpenOptions, StrategyKind};
+use journal::{CacheMode, DeleteOptions, Disk, Error, StrategyKind};
 
 /// A loop-mounted ext4 filesystem, unmounted and removed on drop.
 struct SmallFs {
@@ -94,14 +96,33 @@ impl Drop for SmallFs {
 }
 
 fn open(dir: &Path) -> Disk {
-    Disk::open(
-        dir,
-        OpenOptions {
-            cache: CacheMode::None,
-            read_only: false,
-        },
-    )
-    .unwrap()
+    journal_common::open(dir, CacheMode::None)
+}
+
+/// A 96 MiB loop-mounted ext4 filesystem holding a 64 MiB disk whose checkpoint "a" holds
+/// `chunks` 64 KiB writes of patterned bytes at scattered blocks (drawn from `seed`).
+/// Returns the filesystem, the disk's directory, the open disk and the last chunk written
+/// (the later writes' data).
+fn disk_with_checkpoint_a(seed: u64, chunks: u64) -> (SmallFs, PathBuf, Disk, Vec<u8>) {
+    let fs = SmallFs::new(96);
+    let dir = fs.mnt.join("disk");
+    Disk::create(&dir, 64 << 20, None).unwrap();
+    let mut disk = open(&dir);
+    let now = disk.now();
+    let mut x = seed;
+    let mut buf = vec![0u8; 64 << 10];
+    for _ in 0..chunks {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        buf.iter_mut()
+            .enumerate()
+            .for_each(|(k, b)| *b = (x >> 24) as u8 ^ k as u8);
+        let blk = (x >> 33) % (16384 - 16);
+        now.write_at(&buf, blk * 4096, false).unwrap();
+    }
+    disk.checkpoint("a").unwrap();
+    (fs, dir, disk, buf)
 }
 
 fn contents(disk: &Disk) -> Vec<(String, Vec<u8>)> {
@@ -139,25 +160,9 @@ fn assert_same(disk: &Disk, before: &[(String, Vec<u8>)], skip: &str, what: &str
 const BATCH: u64 = 4 << 20;
 
 fn scenario(strategy: StrategyKind) {
-    let fs = SmallFs::new(96);
-    let dir = fs.mnt.join("disk");
-    Disk::create(&dir, 64 << 20, None).unwrap();
-    let mut disk = open(&dir);
-    let now = disk.now();
     // 20 MiB in checkpoint a (scattered), 2 MiB in b, a little in Now.
-    let mut x: u64 = 0x9e37_79b9;
-    let mut buf = vec![0u8; 64 << 10];
-    for _ in 0..320u64 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        buf.iter_mut()
-            .enumerate()
-            .for_each(|(k, b)| *b = (x >> 24) as u8 ^ k as u8);
-        let blk = (x >> 33) % (16384 - 16);
-        now.write_at(&buf, blk * 4096, false).unwrap();
-    }
-    disk.checkpoint("a").unwrap();
+    let (fs, dir, mut disk, buf) = disk_with_checkpoint_a(0x9e37_79b9, 320);
+    let now = disk.now();
     for i in 0..32u64 {
         now.write_at(&buf, (i * 97 % 16000) * 4096, false).unwrap();
     }
@@ -238,24 +243,8 @@ fn scenario(strategy: StrategyKind) {
 /// batch (4 MiB) of extra space, not the whole output.
 #[test]
 fn a_new_layer_merge_fits_in_a_few_batches_of_free_space() {
-    let fs = SmallFs::new(96);
-    let dir = fs.mnt.join("disk");
-    Disk::create(&dir, 64 << 20, None).unwrap();
-    let mut disk = open(&dir);
+    let (fs, _dir, mut disk, buf) = disk_with_checkpoint_a(0x5151_7777, 360);
     let now = disk.now();
-    let mut x: u64 = 0x5151_7777;
-    let mut buf = vec![0u8; 64 << 10];
-    for _ in 0..360u64 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        buf.iter_mut()
-            .enumerate()
-            .for_each(|(k, b)| *b = (x >> 24) as u8 ^ k as u8);
-        let blk = (x >> 33) % (16384 - 16);
-        now.write_at(&buf, blk * 4096, false).unwrap();
-    }
-    disk.checkpoint("a").unwrap();
     now.write_at(&buf, 0, false).unwrap();
     disk.checkpoint("b").unwrap();
     now.write_at(&buf, 4096 * 64, true).unwrap();

@@ -188,6 +188,9 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
             for s in &r.skipped {
                 println!("skipped: {s}");
             }
+            for n in &r.notes {
+                println!("note: {n}");
+            }
             println!(
                 "{} layers, {} blocks checked: {}",
                 r.layers_checked,

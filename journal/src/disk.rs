@@ -88,6 +88,8 @@ pub struct CheckReport {
     pub problems: Vec<String>,
     /// Views that were not checked, and why.
     pub skipped: Vec<String>,
+    /// Findings that are not damage (a log's unwritten zero tail), one line each.
+    pub notes: Vec<String>,
 }
 
 impl CheckReport {
@@ -1839,6 +1841,15 @@ impl Disk {
                         lf.log_path.display(),
                         scan.torn_bytes,
                         scan.valid_len
+                    ));
+                }
+                if scan.zero_tail > 0 {
+                    report.notes.push(format!(
+                        "{label}: {}: {} zero bytes at byte {} after the last record (space the log was extended by that no write reached, as a crash after preallocating leaves it: not damage{})",
+                        lf.log_path.display(),
+                        scan.zero_tail,
+                        scan.valid_len + scan.torn_bytes,
+                        if Some(l) == active_id { "; a writable open cuts it off" } else { "; the next append writes over it" }
                     ));
                 }
                 for r in scan.records {

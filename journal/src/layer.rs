@@ -371,23 +371,34 @@ pub fn preallocate(f: &File, off: u64, len: u64) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn scan_stops_at_torn_tail_and_reports_damage() {
+    /// A layer of a disk with uuid 9 whose data file is `blocks` blocks long, and its log
+    /// open for writing.
+    fn test_layer(blocks: u64) -> (tempfile::TempDir, LayerFiles, File) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
         let l = LayerFiles::create(dir.path(), 9, 1, CacheMode::Writeback).unwrap();
-        let rec = |b| Record {
+        l.data.set_len(blocks * BLOCK_SIZE).unwrap();
+        let log = OpenOptions::new().write(true).open(&l.log_path).unwrap();
+        (dir, l, log)
+    }
+
+    /// A data record of disk block `b` at data block `b`.
+    fn rec(b: u64) -> Record {
+        Record {
             disk_block: b,
             data_block: b,
             crc: 0,
             kind: RecordKind::Data,
-        };
-        l.data.set_len(10 * BLOCK_SIZE).unwrap();
+        }
+    }
+
+    #[test]
+    fn scan_stops_at_torn_tail_and_reports_damage() {
+        let (_dir, l, log) = test_layer(10);
         let mut bytes = Vec::new();
         for b in 0..4 {
             bytes.extend_from_slice(&rec(b).encode(l.seed));
         }
-        let log = OpenOptions::new().write(true).open(&l.log_path).unwrap();
         log.write_all_at(&bytes, LOG_HEADER_SIZE).unwrap();
         // A torn tail: half a record.
         log.write_all_at(&rec(9).encode(l.seed)[..10], LOG_HEADER_SIZE + 128)
@@ -416,17 +427,7 @@ mod tests {
 
     #[test]
     fn a_long_damaged_stretch_is_one_problem() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
-        let l = LayerFiles::create(dir.path(), 9, 1, CacheMode::Writeback).unwrap();
-        l.data.set_len(4 * BLOCK_SIZE).unwrap();
-        let rec = |b| Record {
-            disk_block: b,
-            data_block: b,
-            crc: 0,
-            kind: RecordKind::Data,
-        };
-        let log = OpenOptions::new().write(true).open(&l.log_path).unwrap();
+        let (_dir, l, log) = test_layer(4);
         log.write_all_at(&rec(0).encode(l.seed), LOG_HEADER_SIZE)
             .unwrap();
         // 64 MiB of zeros (2 Mi records that fail their checksum, spanning several scan
@@ -450,17 +451,7 @@ mod tests {
     /// size ran ahead of its writes (a preallocated absorbing log, an extended file).
     #[test]
     fn zero_tails_are_unwritten_space_and_other_tails_are_torn() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
-        let l = LayerFiles::create(dir.path(), 9, 1, CacheMode::Writeback).unwrap();
-        l.data.set_len(16 * BLOCK_SIZE).unwrap();
-        let rec = |b| Record {
-            disk_block: b,
-            data_block: b,
-            crc: 0,
-            kind: RecordKind::Data,
-        };
-        let log = OpenOptions::new().write(true).open(&l.log_path).unwrap();
+        let (_dir, l, log) = test_layer(16);
         for b in 0..4 {
             log.write_all_at(&rec(b).encode(l.seed), LOG_HEADER_SIZE + 32 * b)
                 .unwrap();

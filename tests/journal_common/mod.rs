@@ -1,10 +1,12 @@
-//! Helpers of the randomized journal model tests (`journal_model`, `journal_merge`): an
-//! in-memory model of Now and every checkpoint's content and parent, random writes and
-//! zeroings applied to both a real disk and the model, and the comparison of the two.
+//! Helpers of the journal tests: for the randomized model tests (`journal_model`,
+//! `journal_merge`) an in-memory model of Now and every checkpoint's content and parent,
+//! random writes and zeroings applied to both a real disk and the model, and the
+//! comparison of the two; for the others, opening a disk and finding layer files by what
+//! strata.json says.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use journal::{CacheMode, Disk, OpenOptions, Volume};
 use rand::rngs::SmallRng;
@@ -117,6 +119,53 @@ pub fn open(dir: &Path, cache: CacheMode) -> Disk {
         },
     )
     .expect("open disk")
+}
+
+/// The disk's strata.json.
+pub fn tree(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("strata.json")).expect("read strata.json"))
+        .expect("strata.json is JSON")
+}
+
+fn ids(layers: &serde_json::Value) -> Vec<u64> {
+    layers
+        .as_array()
+        .expect("a layers array")
+        .iter()
+        .map(|l| l.as_u64().expect("a layer id"))
+        .collect()
+}
+
+/// Layer ids of checkpoint `name`, oldest first.
+pub fn checkpoint_layers(dir: &Path, name: &str) -> Vec<u64> {
+    let t = tree(dir);
+    let node = t["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no checkpoint {name} in strata.json"));
+    ids(&node["layers"])
+}
+
+/// Layer ids of Now, oldest first (the last is the active layer).
+pub fn now_layers(dir: &Path) -> Vec<u64> {
+    ids(&tree(dir)["now"]["layers"])
+}
+
+/// Paths of layer `id`'s log and data file.
+pub fn layer_paths(dir: &Path, id: u64) -> (PathBuf, PathBuf) {
+    let layers = dir.join("layers");
+    (
+        layers.join(format!("L{id}.log")),
+        layers.join(format!("L{id}.data")),
+    )
+}
+
+/// Bytes the filesystem allocated for `path`.
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
 }
 
 /// All of a volume's bytes.

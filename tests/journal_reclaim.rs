@@ -225,3 +225,75 @@ fn reclaiming(opts: DeleteOptions) -> DeleteOptions {
         ..opts
     }
 }
+
+/// A view of the deleted checkpoint opened before the delete reads the versions the stack
+/// above overwrote: the reclaim (background or inline) and an absorbing merge's finish keep
+/// them while the view is open; maintenance reclaims them once it is closed.
+#[test]
+fn an_open_view_of_the_deleted_checkpoint_keeps_reading_what_it_read() {
+    let cases = [
+        (StrategyKind::Relink, true, true),
+        (StrategyKind::Relink, true, false),
+        (StrategyKind::Relink, false, true),
+        (StrategyKind::Relink, false, false),
+        (StrategyKind::CompactIntoParent, true, false),
+    ];
+    for (kind, background, into_now) in cases {
+        let what = format!("{kind} background={background} into_now={into_now}");
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("disk");
+        Disk::create(&dir, 8 * MIB, None).unwrap();
+        let mut disk = open(&dir);
+        let now = disk.now();
+        // "old": 4 MiB of generation 1; above it every other block of generation 2.
+        for b in 0..1024 {
+            now.write_at(&block(b, 1), b * 4096, false).unwrap();
+        }
+        disk.checkpoint("old").unwrap();
+        for b in (0..1024).step_by(2) {
+            now.write_at(&block(b, 2), b * 4096, false).unwrap();
+        }
+        now.flush().unwrap();
+        if !into_now {
+            disk.checkpoint("mid").unwrap();
+        }
+        let view = disk.checkpoint_view("old").unwrap();
+        let opts = DeleteOptions {
+            background_reclaim: background,
+            ..DeleteOptions::with(kind)
+        };
+        let (_, jobs) = disk.delete_online("old", &opts).unwrap();
+        for mut j in jobs {
+            j.run(&AtomicBool::new(false)).unwrap();
+            disk.finish_merge(j).unwrap();
+        }
+        let mut buf = vec![0u8; 4096];
+        for b in 0..1024 {
+            view.read_at(&mut buf, b * 4096)
+                .unwrap_or_else(|e| panic!("{what}: block {b}: {e}"));
+            assert!(buf == block(b, 1), "{what}: block {b}");
+        }
+        drop(view);
+        let kept = allocated(&disk);
+        for j in disk.maintenance_merges(&DeleteOptions::default()).unwrap() {
+            let mut j = j;
+            j.run(&AtomicBool::new(false)).unwrap();
+            disk.finish_merge(j).unwrap();
+        }
+        if kind == StrategyKind::Relink {
+            assert!(
+                allocated(&disk) + MIB <= kept,
+                "{what}: maintenance did not reclaim the kept blocks ({kept} -> {})",
+                allocated(&disk)
+            );
+        }
+        for b in 0..1024 {
+            now.read_at(&mut buf, b * 4096).unwrap();
+            assert!(
+                buf == block(b, 2 - (b % 2) as u8),
+                "{what}: Now's block {b}"
+            );
+        }
+        assert!(disk.check().unwrap().is_clean(), "{what}");
+    }
+}

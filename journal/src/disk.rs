@@ -828,7 +828,7 @@ impl Disk {
         // The relinked layers no move rewrites get a reclaim job per stack that received them.
         let covered = covered_layers(&tree, &moves);
         let mut reclaims: Vec<(StackRef, Vec<u64>, u64)> = Vec::new();
-        for m in merges.iter().filter(|_| opts.background_reclaim) {
+        for m in &merges {
             let left: Vec<u64> = m
                 .parent_layers
                 .iter()
@@ -847,10 +847,10 @@ impl Disk {
         self.commit_tree(tree)?;
         let jobs = self.build_jobs(&moves, &ids, name, strategy.name(), opts);
         // The tree is durable: now free space. A crash from here on only leaves garbage that
-        // the next open removes (whole layer files) or that stays allocated (shadowed blocks;
-        // with `background_reclaim` a maintenance pass reclaims them). A merge's replaced
-        // layers go when it finishes; the blocks the relinked layers' new stack overwrites
-        // are punched here, or by a reclaim job (see `merge::reclaim`).
+        // the next open removes (whole layer files) or that stays allocated (shadowed blocks,
+        // which a maintenance pass reclaims). A merge's replaced layers go when it finishes;
+        // the blocks the relinked layers' new stack overwrites are punched by a reclaim job
+        // (see `merge::reclaim`), returned first or, without `background_reclaim`, run here.
         let new_own = self.tree.now.layers.len();
         // Layers that become Now's own: their overwritten blocks get punched from now on,
         // unless a reader (another process reading a checkpoint without the lock) pins them.
@@ -871,33 +871,12 @@ impl Disk {
             .collect();
         to_check.sort_unstable();
         to_check.dedup();
-        // Merged layers are punched only while no reader (another process reading a
-        // checkpoint without the lock) pins them and no merge job reads them; inline, the
-        // claims are held until the punching is done. A reader pinning later finds the
-        // merged node changed in the tree and does not use the layers.
-        let mut claims = Vec::new();
-        let mut pinned: HashSet<u64> = HashSet::new();
-        for l in to_check {
-            if opts.background_reclaim {
-                if !claimable(&self.dir, l) {
-                    pinned.insert(l);
-                }
-                continue;
-            }
-            match locking::claim(&layer::log_path(&self.dir, l)) {
-                Ok(Some(f)) => claims.push(f),
-                Ok(None) => {
-                    tracing::info!(
-                        "layer {l} is pinned by a reader: its overwritten blocks stay allocated"
-                    );
-                    pinned.insert(l);
-                }
-                Err(e) => {
-                    tracing::warn!("layer {l}: {e}: its overwritten blocks stay allocated");
-                    pinned.insert(l);
-                }
-            }
-        }
+        // A layer a reader pins is reported (its overwritten blocks stay allocated: the
+        // reclaim claims each layer before it punches) and never becomes Now's own.
+        let pinned: HashSet<u64> = to_check
+            .into_iter()
+            .filter(|&l| !claimable(&self.dir, l))
+            .collect();
         report.kept_for_readers = pinned.len();
         for l in &becoming_own {
             if pinned.contains(l) {
@@ -908,28 +887,27 @@ impl Disk {
         for l in drop_layers {
             report.bytes_freed += self.remove_layer_files(l);
         }
-        let inline_now =
-            !opts.background_reclaim && merges.iter().any(|m| m.child == StackRef::Now);
-        if inline_now || jobs_touch_now(&self.tree, &jobs) {
+        if jobs_touch_now(&self.tree, &jobs) {
             // Frees, before any job reads, the blocks Now's writes superseded in layers that
             // are no longer Now's own.
             self.now.sync_log(true)?;
         }
-        if !opts.background_reclaim {
-            let busy = self.registry.busy_layers();
-            let skip: HashSet<u64> = pinned.union(&busy).copied().collect();
-            for m in &merges {
-                report.bytes_freed += self.free_shadowed(m, &skip)?;
-            }
-        }
         let mut first = Vec::new();
         for (at, layers, id) in reclaims {
             match self.reclaim_job(at, &layers, id, name, opts) {
-                Ok(j) => first.push(j),
+                Ok(j) if opts.background_reclaim => first.push(j),
+                // Inline (for comparisons): the same job, run before the delete returns.
+                Ok(mut j) => match j.run(&AtomicBool::new(false)) {
+                    Ok(()) => {
+                        if let Some(r) = crate::merge::finish_reclaim(&mut j) {
+                            report.bytes_freed += r.bytes_freed;
+                        }
+                    }
+                    Err(e) => tracing::warn!("reclaim of {at:?} failed: {e}"),
+                },
                 Err(e) => tracing::warn!("reclaim of {at:?} not started: {e}"),
             }
         }
-        drop(claims);
         let mut jobs = self.start_progressive(jobs);
         // Reclaims first: they are quick and give space back before any copy needs it.
         first.append(&mut jobs);
@@ -1439,15 +1417,25 @@ impl Disk {
         if !dead.is_empty() && !self.registry.busy_layers().contains(&out_id) {
             // The absorbing layer may be pinned by a reader of an older view.
             // A progressive output was in the tree while the job ran: a reader may pin it.
-            let (punch_ok, _claim) = if out_id == job.id() && job.progressive.is_none() {
-                (true, None)
+            let (mut kept, _claim) = if out_id == job.id() && job.progressive.is_none() {
+                (None, None)
             } else {
                 match locking::claim(&out.log_path) {
-                    Ok(Some(f)) => (true, Some(f)),
-                    _ => (false, None),
+                    Ok(Some(f)) => (None, Some(f)),
+                    _ => (Some("is pinned by a reader"), None),
                 }
             };
-            if punch_ok {
+            // An open in-process view of an older lineage (a deleted checkpoint's, opened
+            // before the delete) may read the absorbing layer's blocks the run shadowed.
+            if kept.is_none() && self.registry.viewed_layers().contains(&out_id) {
+                kept = Some("is read by an open checkpoint view");
+            }
+            // A read of Now that resolved one of these blocks before Now overwrote it (or
+            // before the swap) may still be running: wait for the reads begun so far.
+            if kept.is_none() && !now.merge_gate.drain(GATE_DRAIN) {
+                kept = Some("has reads of Now in flight that did not end");
+            }
+            if kept.is_none() {
                 let before = layer::allocated(&out.data_path);
                 if let Err(e) = out.punch(&mut dead) {
                     tracing::warn!("could not free blocks of layer {out_id}: {e}");
@@ -1455,7 +1443,8 @@ impl Disk {
                 report.bytes_freed += before.saturating_sub(layer::allocated(&out.data_path));
             } else {
                 tracing::info!(
-                    "layer {out_id} is pinned by a reader: its unreferenced blocks stay allocated"
+                    "layer {out_id} {}: its unreferenced blocks stay allocated",
+                    kept.unwrap_or_default()
                 );
             }
         }
@@ -1649,53 +1638,6 @@ impl Disk {
         drop(st);
         self.remove_layer_files(out);
         Ok(())
-    }
-
-    /// Frees the blocks of a merged parent's layers that the child's layers overwrite.
-    fn free_shadowed(&self, m: &Merge, pinned: &HashSet<u64>) -> Result<u64> {
-        let child_blocks: HashSet<u64> = if m.into_now {
-            let st = self.now.state();
-            let first_child = st.layers.len() - m.child_layers;
-            st.index
-                .iter()
-                .filter(|(_, l)| usize::from(l.ordinal) >= first_child)
-                .map(|(b, _)| b)
-                .collect()
-        } else {
-            let mut set = HashSet::new();
-            for &l in &m.child_layer_ids {
-                let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, false)?;
-                set.extend(
-                    lf.scan_log(self.disk_blocks())?
-                        .records
-                        .iter()
-                        .map(|r| r.disk_block),
-                );
-            }
-            set
-        };
-        let mut freed = 0;
-        for &l in m.parent_layers.iter().filter(|l| !pinned.contains(l)) {
-            let lf = LayerFiles::open(&self.dir, self.uuid, l, self.opts.cache, true)?;
-            // Only the newest record of each disk block counts: an older one may name a data
-            // block that was reused for another disk block (see "Reusing freed blocks").
-            let scan = lf.scan_log(self.disk_blocks())?;
-            let mut newest: HashMap<u64, &crate::format::Record> = HashMap::new();
-            for r in &scan.records {
-                newest.insert(r.disk_block, r);
-            }
-            let mut dead: Vec<u64> = newest
-                .values()
-                .filter(|r| r.kind == RecordKind::Data && child_blocks.contains(&r.disk_block))
-                .map(|r| r.data_block)
-                .collect();
-            dead.sort_unstable();
-            dead.dedup();
-            let before = layer::allocated(&lf.data_path);
-            lf.punch(&mut dead)?;
-            freed += before.saturating_sub(layer::allocated(&lf.data_path));
-        }
-        Ok(freed)
     }
 
     /// Renames a checkpoint.
@@ -2005,9 +1947,6 @@ struct Merge {
     parent_layers: Vec<u64>,
     /// The stack that received them.
     child: StackRef,
-    child_layer_ids: Vec<u64>,
-    child_layers: usize,
-    into_now: bool,
 }
 
 /// Starting at hidden node `id`, removes or merges hidden nodes that no longer have two or
@@ -2040,9 +1979,6 @@ fn collapse_from(
                     merges.push(Merge {
                         parent_layers: node.layers.clone(),
                         child: StackRef::Now,
-                        child_layer_ids: tree.now.layers.clone(),
-                        child_layers: tree.now.layers.len(),
-                        into_now: true,
                     });
                     let mut layers = node.layers.clone();
                     layers.extend(&tree.now.layers);
@@ -2052,9 +1988,6 @@ fn collapse_from(
                     merges.push(Merge {
                         parent_layers: node.layers.clone(),
                         child: StackRef::Node(child.id),
-                        child_layer_ids: child.layers.clone(),
-                        child_layers: child.layers.len(),
-                        into_now: false,
                     });
                     let mut layers = node.layers.clone();
                     layers.extend(&child.layers);
@@ -2085,6 +2018,11 @@ const DENSE_LIVE_BLOCKS: u64 = 1 << 22;
 
 /// Bytes of dead data a layer must hold before maintenance plans its reclaim.
 const RECLAIM_MIN_BYTES: u64 = 1 << 20;
+
+/// Longest wait of `finish_merge` for Now's reads in flight before it punches the merged
+/// layer's unreferenced blocks (the engine drains client I/O first, so it waits for none);
+/// blocks whose reads do not end by then stay allocated.
+const GATE_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// True when no reader pins layer `id` (its claim could be taken; it is released at once).
 fn claimable(dir: &Path, id: u64) -> bool {
@@ -2182,5 +2120,69 @@ fn remove_orphans(dir: &Path, tree: &Tree) {
                 let _ = fs::remove_file(e.path());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod race_tests {
+    use super::*;
+    use crate::merge::reclaim_tests::{finished_or_draining, small_disk};
+    use crate::merge::StrategyKind;
+
+    /// `finish_merge` punches the merged layer's blocks Now overwrote during the merge; a
+    /// read that resolved one of them before the overwrite is still in flight: the punch
+    /// waits for it.
+    #[test]
+    fn finishing_a_merge_waits_for_a_read_of_a_block_now_overwrote() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("disk");
+        let mut disk = small_disk(&dir);
+        let now = disk.now();
+        for (g, name) in [(1u8, "a"), (2, "b"), (3, "c")] {
+            now.write_at(&[g; 8192], 0, false).unwrap();
+            disk.checkpoint(name).unwrap();
+        }
+        // c's layer joins Now's stack, then b's: Now's stack holds two sealed layers.
+        for (name, kind) in [
+            ("c", StrategyKind::Relink),
+            ("b", StrategyKind::CompactIntoChild),
+        ] {
+            let (_, jobs) = disk
+                .delete_online(name, &DeleteOptions::with(kind))
+                .unwrap();
+            let mut merge = None;
+            for mut j in jobs {
+                j.run(&AtomicBool::new(false)).unwrap();
+                if j.is_reclaim() {
+                    disk.finish_merge(j).unwrap();
+                } else {
+                    merge = Some(j);
+                }
+            }
+            if let Some(job) = merge {
+                // Resolved to the merged layer (the progressive merge moved Now's entries).
+                let plan = now.plan_read(0, 4096).unwrap();
+                assert!(plan.checks.iter().all(|c| c.layer == job.output_layer()));
+                now.write_at(&[9; 4096], 0, false).unwrap();
+                let e0 = now.merge_gate.epoch();
+                std::thread::scope(|s| {
+                    let h = s.spawn(|| disk.finish_merge(job).unwrap());
+                    finished_or_draining(&h, &now.merge_gate, e0);
+                    let mut buf = crate::AlignedBuf::new(4096);
+                    let read = Volume::execute_read(&plan, buf.as_mut_slice());
+                    assert!(
+                        read.is_ok() && buf.as_slice() == [3; 4096],
+                        "the read planned before the overwrite got a punched block: {read:?}"
+                    );
+                    drop(plan);
+                    let r = h.join().unwrap();
+                    assert!(r.bytes_freed > 0, "nothing was punched: {r:?}");
+                });
+            }
+        }
+        let mut buf = [0u8; 8192];
+        now.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..4096] == [9; 4096] && buf[4096..] == [3; 4096]);
+        assert!(disk.check().unwrap().is_clean());
     }
 }

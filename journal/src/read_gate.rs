@@ -56,6 +56,12 @@ impl ReadGate {
         self.readers[((e + 1) & 1) as usize].load(SeqCst) == 0
     }
 
+    /// The current epoch (tests watch a drain flip it).
+    #[cfg(test)]
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(SeqCst)
+    }
+
     /// Starts a new epoch. The caller serialises flips and only flips when
     /// [`ReadGate::previous_drained`] (the previous epoch's counter is reused).
     pub fn flip(&self) {

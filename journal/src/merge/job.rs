@@ -67,7 +67,7 @@ impl Registry {
         v.push((Arc::downgrade(view), layers));
     }
     /// Layers that open in-process views read.
-    fn viewed_layers(&self) -> HashSet<u64> {
+    pub(crate) fn viewed_layers(&self) -> HashSet<u64> {
         let mut v = self.views.lock().unwrap_or_else(|p| p.into_inner());
         v.retain(|(w, _)| w.strong_count() > 0);
         v.iter().flat_map(|(_, l)| l.iter().copied()).collect()

@@ -30,6 +30,9 @@ pub(crate) use reclaim::{
 pub(crate) use strategy::{builtin, maintenance_moves};
 pub(crate) use view_hooks::MergeGate;
 
+#[cfg(test)]
+pub(crate) use reclaim::tests as reclaim_tests;
+
 use std::sync::Arc;
 
 /// Options of a delete (and of maintenance merges).
@@ -51,10 +54,11 @@ pub struct DeleteOptions {
     /// Let copying merges whose output tops their run free their sources batch by batch
     /// (default true; false keeps every source until the swap, for comparisons).
     pub progressive: bool,
-    /// Punch a relink's shadowed blocks in a background reclaim job (returned with the
-    /// other jobs) instead of inline in the delete; maintenance then also plans reclaims of
-    /// layers holding overwritten blocks. Default false: a rare punch of blocks a view
-    /// still reads was seen with it under load and is not explained yet.
+    /// Punch a relink's shadowed blocks in a background reclaim job (returned first among
+    /// the jobs) instead of inline in the delete; maintenance then also plans reclaims of
+    /// layers holding overwritten blocks. Default true. False runs the same reclaim job
+    /// inside `delete_online` before it returns (and maintenance plans no reclaims): the
+    /// old behaviour, kept for comparisons.
     pub background_reclaim: bool,
 }
 
@@ -68,7 +72,7 @@ impl Default for DeleteOptions {
             queue_depth: 32,
             batch_bytes: None,
             progressive: true,
-            background_reclaim: false,
+            background_reclaim: true,
         }
     }
 }

@@ -14,10 +14,16 @@
 //!   (only the newest record per disk block is trusted: an older record's data block may
 //!   have been reused for another block);
 //! - anything of a layer whose log changed since the job was planned (an absorbing merge
-//!   appended to it), whose log is damaged, that a merge job registered, or that a reader
-//!   without the lock pinned (the claim is held while a batch is punched);
+//!   appended to it), whose log is damaged, that a merge job registered, that an open
+//!   in-process view reads (a view of the deleted checkpoint, opened before the delete,
+//!   reads the versions the stack above overwrites), or that a reader without the lock
+//!   pinned (the claim is held while a batch is punched); all checked again before every
+//!   batch, not only when the job is planned;
 //! - in Now's stack, a block whose overwrite is not durable yet (Now's log is synced after
-//!   its index is read and before the first punch).
+//!   its index is read and before the first punch);
+//! - a block a read of Now may still be reading: before every batch the job waits for the
+//!   reads of Now that began before it (Now's merge gate), so a read that resolved a block
+//!   before Now overwrote it has ended when the block goes.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -390,8 +396,21 @@ impl Reclaim {
                     w.files.id
                 );
             };
+            // Checked before every batch: the plan may be old by now (a merge, an absorb, a
+            // view opened since).
             if registry.busy_layers().contains(&w.files.id) {
                 skip("is read by a merge job");
+                self.at = (self.at.0 + 1, 0);
+                continue;
+            }
+            if registry.viewed_layers().contains(&w.files.id) {
+                skip("is read by an open checkpoint view");
+                self.kept_for_readers += 1;
+                self.at = (self.at.0 + 1, 0);
+                continue;
+            }
+            if !unchanged(&w.files, w.log_len) {
+                skip("changed since the job was planned");
                 self.at = (self.at.0 + 1, 0);
                 continue;
             }
@@ -409,7 +428,8 @@ impl Reclaim {
                     continue;
                 }
             };
-            // Reads of Now begun before this point may still use a block about to go.
+            // Reads of Now begun before this point may still use a block about to go (one
+            // that resolved it before Now overwrote it).
             if !self.now.merge_gate.drain(GATE_DRAIN) {
                 skip("has reads in flight that did not end");
                 drop(claim);
@@ -445,6 +465,14 @@ impl Reclaim {
         }
         Ok(())
     }
+}
+
+/// True while `files` is linked and its log is `log_len` bytes long (as planned).
+fn unchanged(files: &LayerFiles, log_len: u64) -> bool {
+    files
+        .log
+        .metadata()
+        .is_ok_and(|m| m.len() == log_len && m.nlink() > 0)
 }
 
 /// `STRATA_AUDIT_RECLAIM` set: every batch is checked against Now's index first.
@@ -543,8 +571,82 @@ pub(crate) fn finish(job: &mut MergeJob) -> Option<MergeReport> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    use crate::{CacheMode, DeleteOptions, Disk, OpenOptions, StrategyKind};
+
+    /// A disk of 1 MiB, open for writing.
+    pub(crate) fn small_disk(dir: &std::path::Path) -> Disk {
+        Disk::create(dir, 1 << 20, None).unwrap();
+        Disk::open(
+            dir,
+            OpenOptions {
+                cache: CacheMode::Writeback,
+                read_only: false,
+            },
+        )
+        .unwrap()
+    }
+
+    /// Waits until `h` has finished or a drain of `gate` flipped its epoch past `e0` (then
+    /// it is waiting for the reads pinned before, since the test holds one).
+    pub(crate) fn finished_or_draining<T>(
+        h: &std::thread::ScopedJoinHandle<'_, T>,
+        gate: &crate::merge::MergeGate,
+        e0: u64,
+    ) {
+        while !h.is_finished() && gate.epoch() == e0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A read of Now that resolved block 0 to the relinked layer, planned before Now
+    /// overwrote the block, is still in flight when the reclaim (planned after the
+    /// overwrite, so block 0 of that layer is dead) gets to its batch: the batch waits for it.
+    #[test]
+    fn a_batch_waits_for_a_read_that_resolved_its_block_before_now_overwrote_it() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("disk");
+        let mut disk = small_disk(&dir);
+        let now = disk.now();
+        now.write_at(&[1; 4096], 0, false).unwrap();
+        disk.checkpoint("old").unwrap();
+        let (_, jobs) = disk
+            .delete_online("old", &DeleteOptions::with(StrategyKind::Relink))
+            .unwrap();
+        let mut job = jobs.into_iter().next().expect("a reclaim job");
+        assert!(job.is_reclaim());
+        // Resolved to the old layer's block; read later (as the io_uring engine does).
+        let plan = now.plan_read(0, 4096).unwrap();
+        // Durable, so the reclaim counts it (Now's own free of the block waits for the read
+        // on the active layer's gate).
+        now.write_at(&[2; 4096], 0, true).unwrap();
+        let e0 = now.merge_gate.epoch();
+        let freed = std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                job.run(&AtomicBool::new(false)).unwrap();
+                job
+            });
+            finished_or_draining(&h, &now.merge_gate, e0);
+            let mut buf = crate::AlignedBuf::new(4096);
+            let read = Volume::execute_read(&plan, buf.as_mut_slice());
+            assert!(
+                read.is_ok() && buf.as_slice() == [1; 4096],
+                "the read planned before the overwrite got a punched block: {read:?}"
+            );
+            drop(plan);
+            let job = h.join().unwrap();
+            disk.finish_merge(job).unwrap().bytes_freed
+        });
+        assert!(
+            freed >= 4096,
+            "the block was not reclaimed at all ({freed})"
+        );
+        let mut buf = [0u8; 4096];
+        now.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [2; 4096]);
+    }
 
     #[test]
     fn only_allocated_dead_blocks_are_kept() {

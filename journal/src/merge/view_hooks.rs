@@ -25,6 +25,13 @@ impl MergeGate {
         self.gate.pin()
     }
 
+    /// The gate's epoch: a drain moves it on before it waits (tests use it to see a drain
+    /// waiting for their read).
+    #[cfg(test)]
+    pub fn epoch(&self) -> u64 {
+        self.gate.epoch()
+    }
+
     /// Waits until every read pinned before this call has finished; false if that took
     /// longer than `limit` (a reader that hangs only keeps blocks allocated).
     pub fn drain(&self, limit: Duration) -> bool {

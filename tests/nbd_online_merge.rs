@@ -578,3 +578,164 @@ fn sigkill_during_online_merges_loses_nothing() {
     r.stop_server();
     r.check_clean();
 }
+
+/// fio's NBD engine writing 4 KiB blocks at random with `depth` requests in flight over `size`
+/// bytes of the served disk: `io` bytes in all, or (with `io` = None) until killed, at most
+/// `secs` seconds.
+fn fio(sock: &Path, depth: u32, size: &str, io: Option<&str>, secs: u64) -> std::process::Command {
+    let mut c = std::process::Command::new("fio");
+    c.args([
+        "--name=load",
+        "--ioengine=nbd",
+        "--rw=randwrite",
+        "--bs=4096",
+        "--randrepeat=0",
+        "--norandommap",
+        "--output=/dev/null",
+    ])
+    .arg(format!("--uri=nbd+unix:///?socket={}", sock.display()))
+    .arg(format!("--iodepth={depth}"))
+    .arg(format!("--size={size}"))
+    .arg(format!("--runtime={secs}"))
+    .stdin(std::process::Stdio::null());
+    match io {
+        Some(io) => c.arg(format!("--io_size={io}")),
+        None => c.arg("--time_based"),
+    };
+    c
+}
+
+/// Waits for `child` at most `limit`; kills it and fails with `what` past that.
+fn wait_bounded(mut child: std::process::Child, limit: Duration, what: &str) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            let (o, e) = (
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
+            assert!(out.status.success(), "{what} failed: {o}{e}");
+            return format!("{o}{e}");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what} did not end within {limit:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// fio keeps 32 requests in flight (the other tests' clients send one at a time) while checkpoints are deleted with every strategy and `--wait`; each merge must
+/// be swapped in (its swap drains those 32 requests with the gate closed) within a bound, and
+/// every checkpoint left must read exactly as before.
+#[test]
+fn deletes_under_a_qd32_fio_load_finish_and_keep_every_checkpoint() {
+    require_tool("fio", "fio");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = nbd_common::create_disk(dir.path(), "disk", "64M");
+    let server = Server::start(&disk, dir.path(), &[]);
+    let api = server.api.display().to_string();
+    let export = |name: &str| -> Vec<u8> {
+        let out = dir.path().join(format!("{name}.raw"));
+        run_ok(
+            strata(&["disk", "export"])
+                .arg(&disk)
+                .arg(name)
+                .arg("--output")
+                .arg(&out),
+        );
+        let data = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        data
+    };
+    let names: Vec<String> = (0..7).map(|i| format!("q{i}")).collect();
+    for name in &names {
+        let fill = fio(&server.sock, 32, "48M", Some("8M"), 120)
+            .spawn()
+            .unwrap();
+        wait_bounded(fill, Duration::from_secs(180), "an fio fill");
+        run_ok(strata(&[
+            "checkpoint",
+            "create",
+            "--api",
+            &api,
+            "--name",
+            name,
+        ]));
+    }
+    let kept = ["q0", "q6"];
+    let before: Vec<Vec<u8>> = kept.iter().map(|n| export(n)).collect();
+    let load = fio(&server.sock, 32, "48M", None, 600).spawn().unwrap();
+    let strategies = [
+        "compact-into-child",
+        "relink",
+        "compact-into-parent",
+        "threshold",
+        "auto",
+    ];
+    for (victim, strategy) in names[1..6].iter().zip(strategies) {
+        std::thread::sleep(Duration::from_millis(300));
+        let del = strata(&[
+            "checkpoint",
+            "delete",
+            "--api",
+            &api,
+            victim,
+            "--strategy",
+            strategy,
+            "--wait",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        let out = wait_bounded(
+            del,
+            Duration::from_secs(300),
+            &format!("delete {victim} --strategy {strategy} --wait under fio"),
+        );
+        assert!(out.contains(&format!("deleted {victim}")), "{out}");
+        let s = run_ok(strata(&["checkpoint", "status", "--api", &api, "--json"]));
+        let s: Value = serde_json::from_str(&s).unwrap();
+        for f in s["finished"].as_array().unwrap() {
+            let state = f["status"]["state"].as_str().unwrap();
+            assert!(
+                !state.starts_with("failed"),
+                "{strategy}: a merge failed: {f}"
+            );
+        }
+    }
+    let mut load = load;
+    assert!(
+        load.try_wait().unwrap().is_none(),
+        "fio stopped during the deletes"
+    );
+    load.kill().unwrap();
+    load.wait().unwrap();
+    for (name, want) in kept.iter().zip(&before) {
+        assert_same(
+            &export(name),
+            want,
+            &format!("checkpoint {name} after the deletes"),
+        );
+    }
+    let listed = run_ok(strata(&["checkpoint", "list", "--api", &api, "--json"]));
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    let listed: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, kept);
+    server.stop();
+    let (rc, out, err) = run_strata(&["disk", "check", disk.to_str().unwrap()]);
+    assert_eq!(rc, 0, "disk check: {out}{err}");
+    assert!(out.contains("clean"), "{out}");
+}

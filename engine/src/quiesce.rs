@@ -11,11 +11,14 @@
 //! NBD or virtio.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use crate::sys::{self, EventFd, Flag};
 use crate::{Error, Result};
+
+/// How often a controller checks whether another one's pause has ended.
+const PAUSER_POLL: Duration = Duration::from_millis(1);
 
 /// Top bit of the state word: a pause is requested. The other bits count admitted requests.
 const PAUSED: u64 = 1 << 63;
@@ -92,10 +95,30 @@ impl Gate {
     }
 
     /// Closes the gate and waits up to `timeout` for every admitted request to be released.
-    /// On timeout the gate is reopened and [`Error::DrainTimeout`] is returned.
+    /// On timeout the gate is reopened and [`Error::DrainTimeout`] is returned. The timeout
+    /// also bounds the wait for another controller's pause to end (the gate stays as that
+    /// one left it): a controller that pauses while holding a lock the other one waits for
+    /// (a VM's checkpoint holds the disk; a merge's swap, paused, takes the disk) gets a
+    /// timeout instead of a deadlock.
     pub fn pause(&self, timeout: Duration) -> Result<PauseGuard<'_>> {
-        let serial = lock(&self.pauser);
         let start = Instant::now();
+        let serial = loop {
+            match self.pauser.try_lock() {
+                Ok(g) => break g,
+                // The guarded data is nothing: a panicked holder leaves nothing to repair.
+                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    let waited = start.elapsed();
+                    if waited >= timeout {
+                        return Err(Error::DrainTimeout {
+                            waited,
+                            in_flight: self.in_flight(),
+                        });
+                    }
+                    std::thread::sleep(PAUSER_POLL.min(timeout - waited));
+                }
+            }
+        };
         self.state.fetch_or(PAUSED, Ordering::SeqCst);
         let mut wakers = lock(&self.wakers);
         loop {
@@ -305,6 +328,42 @@ mod tests {
         );
         assert!(m.try_admit());
         m.release();
+    }
+
+    /// A controller that holds a lock another one needs while pausing (a VM checkpoint holds
+    /// the disk and pauses; a merge swap pauses and then takes the disk) gets a timeout, not
+    /// a deadlock.
+    #[test]
+    fn waiting_for_another_pause_is_bounded_by_the_timeout() {
+        let gate = Gate::new();
+        let disk = Arc::new(Mutex::new(()));
+        let first = gate.pause(Duration::from_secs(1)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let second = {
+            let (gate, disk) = (gate.clone(), disk.clone());
+            std::thread::spawn(move || {
+                let _disk = disk.lock().unwrap();
+                let r = gate.pause(Duration::from_millis(50)).map(drop);
+                tx.send(r).unwrap();
+            })
+        };
+        // Bounded here too, so that a pause that waits forever fails the test instead of
+        // hanging it.
+        let r = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the second pause waited for the first one without a bound");
+        match r {
+            Err(Error::DrainTimeout { in_flight, .. }) => assert_eq!(in_flight, 0),
+            other => panic!("unexpected {other:?}"),
+        }
+        second.join().unwrap();
+        // The first pause is untouched and the "disk" is free again.
+        assert!(gate.is_paused());
+        drop(disk.lock().unwrap());
+        drop(first);
+        assert!(!gate.is_paused());
+        assert!(gate.try_admit());
+        gate.release();
     }
 
     #[test]

@@ -281,11 +281,27 @@ impl Target for DiskTarget {
             ));
         }
         journal::validate_name(name)?;
+        // Now's committed writes are made durable before I/O is paused, so that the sync
+        // `Disk::checkpoint` does with I/O paused has only the last moment's writes left. That
+        // sync also frees the blocks the synced writes superseded, one hole punch each (on this
+        // machine's ext4, mounted with `discard`, a synchronous discard of 10-60 ms holding the
+        // file's locks): after an fio fill of 32 MiB of random 4 KiB writes, 4.6 s of punches
+        // inside the pause (strace). Here, with I/O running, they slow the clients instead of
+        // stopping them. (Not done before a delete or a merge's swap: their syncs inside the
+        // pause were measured cheap, and a sync before them moved punches into the merge, fg
+        // IOPS 0.53-0.65x instead of 0.87-1.10x.) A failure is reported by the next sync.
+        let now = self.lock()?.now();
+        if let Err(e) = now.sync_log(true) {
+            tracing::debug!("sync of Now before a checkpoint: {e}");
+        }
+        // The disk first, then the gate, like every controller (see `MergeWorker::delete`).
+        let mut disk = self.lock()?;
         let start = std::time::Instant::now();
         let paused = self.gate.pause(self.drain_timeout)?;
         let drained = start.elapsed();
-        let info = self.lock()?.checkpoint(name)?;
+        let info = disk.checkpoint(name)?;
         drop(paused);
+        drop(disk);
         tracing::info!(
             "checkpoint {name:?}: I/O paused for {:?} (drain {drained:?})",
             start.elapsed()

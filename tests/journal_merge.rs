@@ -10,38 +10,14 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use journal::{
-    CacheMode, DeleteOptions, Disk, Error, MergeJob, Move, Placement, Situation, Strategy,
-    StrategyKind, LINEAGE_SLACK,
+use journal::{CacheMode, DeleteOptions, Disk, Error, MergeJob, StrategyKind, LINEAGE_SLACK};
+use journal_common::{
+    assert_model, open, random_data_write, random_zeroing, read_all, Model, Pairs,
 };
-use journal_common::{assert_model, open, random_data_write, random_zeroing, read_all, Model};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 const SIZE: usize = 2 << 20;
-
-/// A research strategy: merge the first two sealed layers of the stack that received the
-/// deleted checkpoint, the newer one absorbing the older.
-struct Pairs;
-impl Strategy for Pairs {
-    fn name(&self) -> &str {
-        "pairs"
-    }
-    fn plan(&self, s: &Situation) -> Vec<Move> {
-        let Some(st) = s.target.and_then(|t| s.stack(t)) else {
-            return Vec::new();
-        };
-        if st.sealed < 2 || st.busy {
-            return Vec::new();
-        }
-        vec![Move {
-            stack: st.at,
-            first: 0,
-            len: 2,
-            placement: Placement::Absorb(1),
-        }]
-    }
-}
 
 /// A random write (most of the time) or zeroing of Now, in the disk and the model.
 fn random_write(rng: &mut SmallRng, now: &journal::Volume, m: &mut Model) {

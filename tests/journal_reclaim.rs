@@ -3,6 +3,8 @@
 //! SIGKILL between the two leaves them allocated, and the next maintenance pass reclaims
 //! them.
 
+mod journal_common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -10,9 +12,7 @@ use std::time::Instant;
 
 use std::sync::Arc;
 
-use journal::{
-    CacheMode, DeleteOptions, Disk, Move, OpenOptions, Placement, Situation, Strategy, StrategyKind,
-};
+use journal::{CacheMode, DeleteOptions, Disk, OpenOptions, StrategyKind};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 96 * MIB;
@@ -302,29 +302,6 @@ fn an_open_view_of_the_deleted_checkpoint_keeps_reading_what_it_read() {
     }
 }
 
-/// Merges the first two sealed layers of the stack that received the deleted checkpoint,
-/// the newer absorbing the older (as `tests/journal_merge.rs`'s research strategy does).
-struct Pairs;
-impl Strategy for Pairs {
-    fn name(&self) -> &str {
-        "pairs"
-    }
-    fn plan(&self, s: &Situation) -> Vec<Move> {
-        let Some(st) = s.target.and_then(|t| s.stack(t)) else {
-            return Vec::new();
-        };
-        if st.sealed < 2 || st.busy {
-            return Vec::new();
-        }
-        vec![Move {
-            stack: st.at,
-            first: 0,
-            len: 2,
-            placement: Placement::Absorb(1),
-        }]
-    }
-}
-
 /// A given-up absorbing merge appended records for blocks of the layer below to the
 /// absorbing layer; Now's index, built before, still reads those blocks from the layer
 /// below. The reclaim of a later relink trusts the logs, so the appended records must be
@@ -346,7 +323,7 @@ fn a_given_up_absorb_leaves_no_records_that_make_a_reclaim_punch_what_now_reads(
     disk.checkpoint("e").unwrap();
     // x's layer joins d's stack; d's layer absorbs it (not progressively), then gives up.
     let opts = DeleteOptions {
-        custom: Some(Arc::new(Pairs)),
+        custom: Some(Arc::new(journal_common::Pairs)),
         progressive: false,
         ..DeleteOptions::default()
     };

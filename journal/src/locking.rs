@@ -48,13 +48,27 @@ fn open_lock_file(dir: &Path) -> Result<File> {
     open_regular(&path, &opts, Links::Refuse)
 }
 
-/// Takes the writer's exclusive lock; [`Error::Locked`] if anyone else holds it.
+/// How long [`lock_writer`] keeps trying while the lock is held. A `flock` belongs to the
+/// open file description, which `fork` shares: a child this process forks (to exec a
+/// tool, or a test's `strata`) holds a copy of every lock fd until its exec closes them,
+/// so a disk closed and reopened by this process meanwhile finds its own old lock still
+/// held for that moment (milliseconds). A lock a running writer holds outlasts this.
+const WRITER_LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Takes the writer's exclusive lock; [`Error::Locked`] if anyone else holds it (still,
+/// after [`WRITER_LOCK_PATIENCE`]).
 pub fn lock_writer(dir: &Path) -> Result<File> {
     let f = open_lock_file(dir)?;
-    match flock_nb(&f, libc::LOCK_EX) {
-        Ok(true) => Ok(f),
-        Ok(false) => Err(Error::Locked(dir.to_path_buf())),
-        Err(e) => Err(Error::io(dir.join(LOCK_FILE), e)),
+    let deadline = std::time::Instant::now() + WRITER_LOCK_PATIENCE;
+    loop {
+        match flock_nb(&f, libc::LOCK_EX) {
+            Ok(true) => return Ok(f),
+            Ok(false) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Ok(false) => return Err(Error::Locked(dir.to_path_buf())),
+            Err(e) => return Err(Error::io(dir.join(LOCK_FILE), e)),
+        }
     }
 }
 
@@ -83,5 +97,39 @@ pub fn claim(log_path: &Path) -> Result<Option<File>> {
         Ok(true) => Ok(Some(f)),
         Ok(false) => Ok(None),
         Err(e) => Err(Error::io(log_path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A second open file description of the lock file, locked exclusively: what a forked
+    /// child's inherited copy of a writer's lock fd is.
+    fn hold(dir: &Path) -> File {
+        let f = open_lock_file(dir).unwrap();
+        assert!(flock_nb(&f, libc::LOCK_EX).unwrap());
+        f
+    }
+
+    #[test]
+    fn a_lock_released_soon_after_is_taken() {
+        let t = tempfile::tempdir().unwrap();
+        let held = hold(t.path());
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            drop(held);
+        });
+        lock_writer(t.path()).expect("taken once the inherited copy is closed");
+        release.join().unwrap();
+    }
+
+    #[test]
+    fn a_lock_that_stays_held_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let _held = hold(t.path());
+        assert!(matches!(lock_writer(t.path()), Err(Error::Locked(_))));
+        // A reader does not wait: it reads checkpoints only while a writer runs.
+        assert!(lock_reader(t.path()).unwrap().is_none());
     }
 }

@@ -251,3 +251,26 @@ pub fn assert_model(disk: &Disk, m: &Model, what: &str) {
     assert_tree(disk, m, what);
     assert_checkpoints(disk, m, what);
 }
+
+/// A research strategy (`journal_merge`, `journal_reclaim`): merge the first two sealed layers of the stack that received the
+/// deleted checkpoint, the newer one absorbing the older.
+pub struct Pairs;
+impl journal::Strategy for Pairs {
+    fn name(&self) -> &str {
+        "pairs"
+    }
+    fn plan(&self, s: &journal::Situation) -> Vec<journal::Move> {
+        let Some(st) = s.target.and_then(|t| s.stack(t)) else {
+            return Vec::new();
+        };
+        if st.sealed < 2 || st.busy {
+            return Vec::new();
+        }
+        vec![journal::Move {
+            stack: st.at,
+            first: 0,
+            len: 2,
+            placement: journal::Placement::Absorb(1),
+        }]
+    }
+}

@@ -664,7 +664,14 @@ fn torn_record_before_zeros_and_garbage_tails_are_torn() {
             )),
             "{report}"
         );
-        assert!(!report.contains(&format!("L{active}.log")), "{report}");
+        // The active log's torn record is no problem (a writable open drops it); its zero
+        // tail may be a note.
+        assert!(
+            !report
+                .lines()
+                .any(|l| !l.starts_with("note: ") && l.contains(&format!("L{active}.log"))),
+            "{report}"
+        );
         assert_only_c1_reads(&open_disk(&disk, false));
         assert_eq!(
             len_of(&log_file(&disk, active)),

@@ -763,7 +763,11 @@ fn stale_record_at_the_end_of_the_active_log_is_never_served_from_a_changed_bloc
         // Block 5 is rewritten (its old data block is freed), then other blocks reuse it.
         d.now().write_at(&[5u8; BLK], 5 * BLK as u64, true).unwrap();
         d.now().flush().unwrap();
-        d.now().write_at(&[6u8; 2 * BLK], 0, true).unwrap();
+        // One block at a time, so each write takes a single free block (best fit: the freed
+        // one). A freed block is no longer punched before it is reused (up to a bound it is
+        // kept as it is), so it is its reuse that changes it.
+        d.now().write_at(&[6u8; BLK], 0, true).unwrap();
+        d.now().write_at(&[6u8; BLK], BLK as u64, true).unwrap();
         d.now().flush().unwrap();
         (rec, data_block)
     };

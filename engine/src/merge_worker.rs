@@ -141,27 +141,6 @@ pub fn is_no_space(e: &journal::Error) -> bool {
     false
 }
 
-/// Frees, on the calling thread, the blocks the journal has ready to free: a log append
-/// without sync (`Volume::sync_log(false)`) ends in `release_dead`, which punches the blocks
-/// earlier durable syncs retired and no read can still see. Whichever thread ends the next
-/// batch does those punches otherwise, usually a client's connection thread (its engine's
-/// log appends), and there each punch is a synchronous discard on this machine's ext4: while
-/// it punches, the connection reaps nothing, so its requests stay admitted at the gate and a
-/// drain waits for them (sampled during drain timeouts under fio qd32: the nbd-conn thread in
-/// `ext4_free_blocks -> blkdev_issue_discard -> submit_bio_wait`, 32 requests in flight).
-/// Called after a swap's drain timed out, before it is tried again. Not before every pause:
-/// that moved punches the clients' threads would do later into the merge (bench: `auto` fg
-/// IOPS 0.42-0.75x with it before every delete and swap, 0.97-1.33x without).
-pub fn release_ready_frees(disk: &Mutex<Disk>) {
-    let now = match lock_disk(disk) {
-        Ok(d) => d.now(),
-        Err(_) => return,
-    };
-    if let Err(e) = now.sync_log(false) {
-        tracing::debug!("log append before a pause: {e}");
-    }
-}
-
 /// Largest `--rate` accepted, in MB/s (a petabyte per second: effectively unlimited).
 const MAX_RATE_MB: f64 = 1e9;
 
@@ -624,9 +603,6 @@ impl Shared {
                         drain_retries += 1;
                         tracing::info!("merge {id}: {why}; retrying in {DRAIN_RETRY:?}");
                         self.set_paused(Some(why));
-                        // A connection thread busy punching is the usual reason: do the
-                        // punches here, so that it can reap before the next attempt.
-                        release_ready_frees(&self.disk);
                         self.sleep(DRAIN_RETRY);
                         self.set_paused(None);
                     } else {

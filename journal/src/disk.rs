@@ -558,6 +558,8 @@ impl Disk {
 
     /// Summary.
     pub fn info(&self) -> Result<DiskInfo> {
+        // Allocated sizes count the hole punches queued so far as done.
+        self.now.wait_punches();
         let (index_blocks, index_bytes) = self.now.index_stats();
         Ok(DiskInfo {
             path: self.dir.clone(),
@@ -1766,6 +1768,7 @@ impl Disk {
     /// Verifies every log record, and the checksum of every block that some checkpoint or
     /// Now can read.
     pub fn check(&self) -> Result<CheckReport> {
+        self.now.wait_punches();
         let mut report = CheckReport::default();
         if let Some(why) = &self.base_error {
             report.problems.push(format!("{why} (no view can be read)"));

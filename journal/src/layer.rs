@@ -280,6 +280,8 @@ impl LayerFiles {
 
     /// Frees data blocks that nothing references any more (punches holes).
     pub fn punch(&self, blocks: &mut [u64]) -> Result<u64> {
+        #[cfg(test)]
+        PUNCHES.with(|c| c.set(c.get() + 1));
         blocks.sort_unstable();
         let mut freed = 0;
         let mut i = 0;
@@ -305,6 +307,12 @@ impl LayerFiles {
         }
         Ok(freed)
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Calls of [`LayerFiles::punch`] on this thread (tests see which thread punches).
+    pub(crate) static PUNCHES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Bytes the host filesystem allocated for `path` (0 if it cannot be read).

@@ -21,6 +21,7 @@ mod index;
 mod layer;
 mod locking;
 mod merge;
+mod punch;
 mod rangelock;
 mod read_gate;
 mod safe_open;

@@ -3,8 +3,10 @@
 //! New writes take freed blocks first (best fit, so a run of `n` blocks stays contiguous),
 //! and only extend the file when no free run is long enough. A block is retired when the
 //! record that superseded it is durable (see "Reusing freed blocks" in `docs/DESIGN.md`),
-//! waits in the [`ReadGate`] generations until no read can still be reading it, is then
-//! punched (also blocks of Now's older own layers), and only after that reused.
+//! waits in the [`ReadGate`] generations until no read can still be reading it, and is then
+//! either kept (this file's own blocks, up to [`Alloc::keep_room`]) and reused unpunched, or
+//! handed to the punch worker (`punch.rs`; also blocks of Now's older own layers), which
+//! gives this file's blocks back to [`Alloc::reuse`] once they are punched.
 
 use std::sync::Arc;
 
@@ -19,6 +21,13 @@ const PREALLOC_MAX: u64 = 64 << 20;
 /// Retired blocks held back for slow readers beyond which the rest are neither punched nor
 /// reused (they stay allocated until the next open rebuilds the free list).
 const LIMBO_MAX: usize = 1 << 22;
+
+/// Freed blocks of the active layer kept for reuse without a punch: at least this many...
+const KEEP_MIN_BLOCKS: u64 = 64;
+/// ...or an eighth of the used part of the data file, but never more than 64 MiB. Beyond
+/// that, freed blocks are punched (a large discard gives its space back to the host).
+const KEEP_FRACTION: u64 = 8;
+const KEEP_MAX_BLOCKS: u64 = (64 << 20) / BLOCK_SIZE;
 
 /// A data block of one layer.
 pub(crate) type Block = (Arc<LayerFiles>, u64);
@@ -156,7 +165,18 @@ impl Alloc {
         ready
     }
 
-    /// Makes punched blocks of this file allocatable again.
+    /// How many more of this file's freed blocks may go to the free list without a punch:
+    /// the bound (`KEEP_*`) less what the free list already holds (punched or not, so the
+    /// unpunched free blocks never exceed the bound). 0 when nothing is reused.
+    pub fn keep_room(&self) -> u64 {
+        if !self.reuse {
+            return 0;
+        }
+        let bound = (self.next_block / KEEP_FRACTION).clamp(KEEP_MIN_BLOCKS, KEEP_MAX_BLOCKS);
+        bound.saturating_sub(self.free.blocks())
+    }
+
+    /// Makes punched (or kept) blocks of this file allocatable again.
     pub fn reuse(&mut self, mut blocks: Vec<u64>) {
         if !self.reuse {
             return;

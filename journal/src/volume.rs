@@ -15,6 +15,7 @@ use crate::base::BaseImage;
 use crate::format::{Record, RecordKind, LOG_HEADER_SIZE, RECORD_SIZE, ZERO_BLOCK};
 use crate::index::{Index, Loc};
 use crate::layer::LayerFiles;
+use crate::punch::Puncher;
 use crate::rangelock::{RangeGuard, RangeLock};
 use crate::read_gate::{ReadGate, ReadPin};
 use crate::safe_open::{open_regular, Links};
@@ -32,7 +33,9 @@ const MAX_PENDING_RECORDS: usize = 1 << 18;
 pub(crate) struct ActiveLayer {
     pub files: Arc<LayerFiles>,
     log: File,
-    alloc: Mutex<Alloc>,
+    alloc: Arc<Mutex<Alloc>>,
+    /// Punches ready freed blocks off the sync path (see `punch.rs`).
+    puncher: Puncher,
     journal: Mutex<Pending>,
     /// Signalled when a log append (a sync batch) ends.
     sync_done: Condvar,
@@ -79,10 +82,12 @@ impl ActiveLayer {
             .map_err(|e| Error::io(&files.data_path, e))?
             .len();
         crate::compact_log::remove_leftover(&files.log_path);
+        let alloc = Arc::new(Mutex::new(Alloc::new(next_block, size)));
         Ok(ActiveLayer {
+            puncher: Puncher::new(files.clone(), alloc.clone()),
             files,
             log,
-            alloc: Mutex::new(Alloc::new(next_block, size)),
+            alloc,
             journal: Mutex::new(Pending {
                 log_len,
                 ..Pending::default()
@@ -116,23 +121,39 @@ impl ActiveLayer {
 
 /// Space reuse and log compaction support (see `space.rs` and `compact_log.rs`).
 impl ActiveLayer {
-    /// Frees blocks whose superseding records are durable. They are punched once no read
-    /// in flight can still be reading them (a read resolved before the supersession would
-    /// otherwise read a hole), and then this layer's own blocks become reusable.
+    /// Frees blocks whose superseding records are durable, once no read in flight can
+    /// still be reading them (a read resolved before the supersession would otherwise read
+    /// a hole or another block's data). This layer's own blocks are reused at once, without
+    /// a punch, up to [`Alloc::keep_room`]; the rest go to the punch worker, which makes this
+    /// layer's blocks reusable only after their punch. Never punches on the calling thread.
     fn release_dead(&self, dead: Vec<(Arc<LayerFiles>, u64)>) {
-        let ready = lock(&self.alloc).retire(dead, &self.gate);
+        let mut a = lock(&self.alloc);
+        let ready = a.retire(dead, &self.gate);
         if ready.is_empty() {
             return;
         }
-        let mine: Vec<u64> = ready
-            .iter()
-            .filter(|(l, _)| l.id == self.files.id)
-            .map(|&(_, b)| b)
-            .collect();
-        free_blocks(ready);
-        if !mine.is_empty() {
-            lock(&self.alloc).reuse(mine);
-        }
+        // Own blocks are this file object's (not this layer id's: see `punch.rs`).
+        let (mut mine, mut punch): (Vec<_>, Vec<_>) = ready
+            .into_iter()
+            .partition(|(l, _)| Arc::ptr_eq(l, &self.files));
+        mine.sort_unstable_by_key(|&(_, b)| b);
+        let keep = (a.keep_room() as usize).min(mine.len());
+        // The lowest blocks are kept (the file's used part stays compact at its start).
+        punch.extend(mine.drain(keep..));
+        a.reuse(mine.into_iter().map(|(_, b)| b).collect());
+        drop(a);
+        self.puncher.enqueue(punch);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn puncher_for_tests(&self) -> &Puncher {
+        &self.puncher
+    }
+
+    /// Waits until the punches queued so far are done and their blocks reusable; false if
+    /// that took longer than `limit`.
+    pub(crate) fn wait_punches(&self, limit: std::time::Duration) -> bool {
+        self.puncher.wait(limit)
     }
 
     fn check_log(&self) -> Result<()> {
@@ -225,33 +246,13 @@ impl ActiveLayer {
         self.release_dead(dead);
     }
 
-    /// Allocation figures: (used blocks, reusable free blocks, blocks waiting for readers).
+    /// Allocation figures: (used blocks, reusable free blocks, blocks waiting for readers
+    /// or for their punch).
     pub(crate) fn space(&self) -> (u64, u64, u64) {
+        let queued = self.puncher.pending();
         let a = lock(&self.alloc);
         let (free, limbo) = a.free_blocks();
-        (a.used_blocks(), free, limbo)
-    }
-}
-
-/// Punches holes for blocks nothing references any more (best effort: a failure only costs
-/// space).
-fn free_blocks(mut dead: Vec<(Arc<LayerFiles>, u64)>) {
-    dead.sort_by_key(|(l, b)| (l.id, *b));
-    let mut i = 0;
-    while i < dead.len() {
-        let layer = dead[i].0.clone();
-        let mut blocks = Vec::new();
-        while i < dead.len() && dead[i].0.id == layer.id {
-            blocks.push(dead[i].1);
-            i += 1;
-        }
-        if let Err(e) = layer.punch(&mut blocks) {
-            tracing::warn!(
-                "could not free {} blocks of layer {}: {e}",
-                blocks.len(),
-                layer.id
-            );
-        }
+        (a.used_blocks(), free, limbo + queued)
     }
 }
 
@@ -1029,6 +1030,17 @@ impl Volume {
     /// checkpoint changes.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes(offset, len, false)
+    }
+
+    /// Waits until the hole punches queued so far (blocks freed by durable syncs, punched
+    /// by a background worker) are done, so that allocated sizes reflect them. Bounded (a
+    /// minute); a sync or flush never waits for punches itself.
+    pub fn wait_punches(&self) {
+        if let Some(a) = self.active_layer() {
+            if !a.wait_punches(crate::punch::DRAIN_LIMIT) {
+                tracing::warn!("queued hole punches did not complete in time");
+            }
+        }
     }
 
     /// Makes every completed write durable (and compacts the log when most of it is

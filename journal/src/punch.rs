@@ -1,0 +1,462 @@
+//! The background hole-punch worker of an active layer (see "Reusing freed blocks" in
+//! `docs/DESIGN.md`).
+//!
+//! A durable sync ends by retiring the blocks its records superseded; those no read can
+//! still read come out of [`crate::space::Alloc::retire`] ready. Up to a bound the active
+//! layer's own ready blocks go straight back to its free list, unpunched (overwrite churn
+//! then costs neither a punch nor a filesystem allocation); every other ready block is
+//! handed to this worker, so that no sync, flush or client thread ever waits for a punch
+//! (on a filesystem mounted with `discard` each punch is a synchronous discard).
+//!
+//! The worker takes everything queued at once (many syncs' worth), sorts it per file,
+//! merges adjacent blocks into ranges, punches them, and only then hands the active layer's
+//! own punched blocks to [`crate::space::Alloc::reuse`]. A queued block of a file that was
+//! since replaced or unlinked is punched through the descriptor the queue holds: harmless.
+//! Dropping the worker (the active layer closes or is replaced by a checkpoint) drains the
+//! queue, bounded by [`DRAIN_LIMIT`].
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::layer::LayerFiles;
+use crate::space::{Alloc, Block};
+
+/// Longest wait of a drop (and of [`Puncher::wait`]) for the queued punches; past it the
+/// rest is left to the worker thread (or, if it is gone, stays allocated: space only).
+pub(crate) const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct Queue {
+    blocks: Vec<Block>,
+    /// Blocks of the batch being punched.
+    punching: u64,
+    /// Batches queued so far, and the newest one whose punches have completed.
+    queued: u64,
+    done: u64,
+    closing: bool,
+    /// The worker thread ended (or never started).
+    exited: bool,
+    /// Blocks handed to a punch so far (tests: kept blocks are never punched).
+    punched: u64,
+    /// Tests hold the worker before it punches (a close releases it).
+    #[cfg(test)]
+    held: bool,
+}
+
+struct Shared {
+    q: Mutex<Queue>,
+    /// Signalled when work is queued, when a batch is done and when the worker exits.
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.q.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Punches the blocks an active layer queues, on a thread of its own (started with the
+/// first batch).
+pub(crate) struct Puncher {
+    shared: Arc<Shared>,
+    /// The active layer's data file and allocator: its own blocks go back there once
+    /// punched (matched by the file object, never by layer id, so a replaced active layer's
+    /// successor never gets another file's blocks).
+    own: Arc<LayerFiles>,
+    alloc: Arc<Mutex<Alloc>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Puncher {
+    pub fn new(own: Arc<LayerFiles>, alloc: Arc<Mutex<Alloc>>) -> Puncher {
+        Puncher {
+            shared: Arc::new(Shared {
+                q: Mutex::new(Queue {
+                    exited: true,
+                    ..Queue::default()
+                }),
+                cv: Condvar::new(),
+            }),
+            own,
+            alloc,
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// Queues `blocks` (ready: no read can still read them) to be punched; never blocks on
+    /// a punch. If no worker thread can be started they are punched here.
+    pub fn enqueue(&self, blocks: Vec<Block>) {
+        if blocks.is_empty() {
+            return;
+        }
+        let mut q = self.shared.lock();
+        q.blocks.extend(blocks);
+        q.queued += 1;
+        if q.exited && !q.closing {
+            let mut t = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(old) = t.take() {
+                // An earlier worker that ended (it only ends when closing or on a panic).
+                let _ = old.join();
+            }
+            let shared = self.shared.clone();
+            let own = self.own.clone();
+            let alloc = self.alloc.clone();
+            match std::thread::Builder::new()
+                .name("strata-punch".into())
+                .spawn(move || worker(&shared, &own, &alloc))
+            {
+                Ok(h) => {
+                    q.exited = false;
+                    *t = Some(h);
+                }
+                Err(e) => {
+                    tracing::warn!("no punch worker ({e}): punching on the syncing thread");
+                    let blocks = std::mem::take(&mut q.blocks);
+                    let gen = q.queued;
+                    q.punched += blocks.len() as u64;
+                    drop(q);
+                    punch_batch(blocks, &self.own, &self.alloc);
+                    let mut q = self.shared.lock();
+                    q.done = q.done.max(gen);
+                    drop(q);
+                    self.shared.cv.notify_all();
+                    return;
+                }
+            }
+        }
+        drop(q);
+        self.shared.cv.notify_all();
+    }
+
+    /// Waits until every punch queued before this call has completed (and the punched own
+    /// blocks are back in the free list); false if that took longer than `limit`.
+    pub fn wait(&self, limit: Duration) -> bool {
+        let start = Instant::now();
+        let mut q = self.shared.lock();
+        let target = q.queued;
+        while q.done < target {
+            if q.exited {
+                return false;
+            }
+            let left = limit.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return false;
+            }
+            q = self
+                .shared
+                .cv
+                .wait_timeout(q, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Blocks handed to a punch so far.
+    #[cfg(test)]
+    pub fn punched(&self) -> u64 {
+        self.shared.lock().punched
+    }
+
+    /// Holds (or releases) the worker before its next punch.
+    #[cfg(test)]
+    pub fn hold(&self, held: bool) {
+        self.shared.lock().held = held;
+        self.shared.cv.notify_all();
+    }
+
+    /// Blocks queued and not yet punched (including a batch being punched).
+    pub fn pending(&self) -> u64 {
+        let q = self.shared.lock();
+        q.blocks.len() as u64 + q.punching
+    }
+}
+
+impl Drop for Puncher {
+    /// Drains the queue: waits (bounded) for the worker to punch what is queued and exit.
+    fn drop(&mut self) {
+        let mut q = self.shared.lock();
+        q.closing = true;
+        self.shared.cv.notify_all();
+        let start = Instant::now();
+        while !q.exited {
+            let left = DRAIN_LIMIT.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                tracing::warn!(
+                    "layer {}: the punch worker did not drain in {DRAIN_LIMIT:?} ({} blocks \
+                     queued); it finishes on its own, and what it does not punch stays \
+                     allocated until the layer is reopened",
+                    self.own.id,
+                    q.blocks.len()
+                );
+                return;
+            }
+            q = self
+                .shared
+                .cv
+                .wait_timeout(q, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(q);
+        if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Marks the worker as gone even if a punch panics (so that waiters do not wait forever).
+struct ExitGuard<'a>(&'a Shared);
+
+impl Drop for ExitGuard<'_> {
+    fn drop(&mut self) {
+        let mut q = self.0.lock();
+        q.exited = true;
+        drop(q);
+        self.0.cv.notify_all();
+    }
+}
+
+fn worker(shared: &Shared, own: &Arc<LayerFiles>, alloc: &Arc<Mutex<Alloc>>) {
+    let _exit = ExitGuard(shared);
+    let mut q = shared.lock();
+    loop {
+        #[cfg(test)]
+        if q.held && !q.closing {
+            q = shared.cv.wait(q).unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
+        if q.blocks.is_empty() {
+            q.done = q.queued;
+            shared.cv.notify_all();
+            if q.closing {
+                return;
+            }
+            q = shared.cv.wait(q).unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
+        let blocks = std::mem::take(&mut q.blocks);
+        let gen = q.queued;
+        q.punching = blocks.len() as u64;
+        q.punched += blocks.len() as u64;
+        drop(q);
+        punch_batch(blocks, own, alloc);
+        q = shared.lock();
+        q.punching = 0;
+        q.done = q.done.max(gen);
+        shared.cv.notify_all();
+    }
+}
+
+/// Punches `blocks` coalesced into ranges per file, then makes `own`'s blocks reusable.
+fn punch_batch(mut blocks: Vec<Block>, own: &Arc<LayerFiles>, alloc: &Mutex<Alloc>) {
+    // Grouped by file object (a file replaced under the same layer id is another group).
+    blocks.sort_by_key(|(l, b)| (Arc::as_ptr(l) as usize, *b));
+    let mut mine = Vec::new();
+    let mut i = 0;
+    while i < blocks.len() {
+        let layer = blocks[i].0.clone();
+        let mut group = Vec::new();
+        while i < blocks.len() && Arc::ptr_eq(&blocks[i].0, &layer) {
+            group.push(blocks[i].1);
+            i += 1;
+        }
+        if let Err(e) = layer.punch(&mut group) {
+            // Best effort: an unpunched block only costs space, and reusing it is safe (a
+            // write overwrites it before any record points at it).
+            tracing::warn!(
+                "could not free {} blocks of layer {}: {e}",
+                group.len(),
+                layer.id
+            );
+        }
+        if Arc::ptr_eq(&layer, own) {
+            mine.append(&mut group);
+        }
+    }
+    if !mine.is_empty() {
+        alloc.lock().unwrap_or_else(|p| p.into_inner()).reuse(mine);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use crate::layer::{allocated, PUNCHES};
+    use crate::volume::ActiveLayer;
+    use crate::{CacheMode, Disk, OpenOptions, BLOCK_SIZE};
+
+    const BLOCKS: u64 = 1024;
+
+    fn disk() -> (tempfile::TempDir, PathBuf, Disk) {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("disk");
+        Disk::create(&d, 64 << 20, None).unwrap();
+        let opts = OpenOptions {
+            cache: CacheMode::None,
+            read_only: false,
+        };
+        let disk = Disk::open(&d, opts).unwrap();
+        (t, d, disk)
+    }
+
+    fn active(disk: &Disk) -> Arc<ActiveLayer> {
+        disk.now().active_layer().unwrap()
+    }
+
+    fn data_path(disk: &Disk) -> PathBuf {
+        active(disk).files.data_path.clone()
+    }
+
+    /// Writes `n` blocks at block `at`, each with its own contents, and flushes.
+    fn write(disk: &Disk, at: u64, n: u64, tag: u8) {
+        let mut buf = vec![tag; (n * BLOCK_SIZE) as usize];
+        for (i, c) in buf.chunks_mut(BLOCK_SIZE as usize).enumerate() {
+            c[..8].copy_from_slice(&(at + i as u64).to_le_bytes());
+        }
+        disk.now().write_at(&buf, at * BLOCK_SIZE, false).unwrap();
+        disk.now().flush().unwrap();
+    }
+
+    fn punches_here() -> u64 {
+        PUNCHES.with(|c| c.get())
+    }
+
+    fn alloc_of(p: &Path) -> u64 {
+        allocated(p)
+    }
+
+    /// Blocks 0..BLOCKS and a tail block written, then 0..BLOCKS discarded and flushed: the
+    /// discard frees BLOCKS of the active layer's own blocks (the tail keeps the used part
+    /// from shrinking).
+    fn free_a_range(disk: &Disk) {
+        write(disk, 0, BLOCKS, 1);
+        write(disk, BLOCKS, 1, 2);
+        disk.now().discard(0, BLOCKS * BLOCK_SIZE).unwrap();
+        disk.now().flush().unwrap();
+    }
+
+    #[test]
+    fn a_flush_never_punches_on_its_thread_and_the_worker_punches_beyond_the_bound() {
+        let (_t, _d, disk) = disk();
+        let data = data_path(&disk);
+        let a = active(&disk);
+        write(&disk, 0, BLOCKS, 1);
+        write(&disk, BLOCKS, 1, 2);
+        let before = alloc_of(&data);
+        let here = punches_here();
+        disk.now().discard(0, BLOCKS * BLOCK_SIZE).unwrap();
+        disk.now().flush().unwrap();
+        assert_eq!(punches_here(), here, "the flushing thread punched");
+        disk.now().wait_punches();
+        assert_eq!(punches_here(), here, "waiting punched on this thread");
+        // 1025 blocks used: the bound keeps max(64, 1025 / 8) = 128 blocks unpunched.
+        let kept = 128;
+        assert_eq!(a.puncher_for_tests().punched(), BLOCKS - kept);
+        let freed = before - alloc_of(&data);
+        assert!(
+            freed >= (BLOCKS - kept) * BLOCK_SIZE && freed < BLOCKS * BLOCK_SIZE,
+            "freed {freed} bytes"
+        );
+        // Every freed block is reusable: kept ones at once, punched ones after the punch.
+        let space = disk.now().active_space().unwrap();
+        assert_eq!(
+            (space.free_blocks, space.waiting_blocks),
+            (BLOCKS, 0),
+            "{space:?}"
+        );
+        write(&disk, 5000, BLOCKS, 3);
+        assert_eq!(disk.now().active_space().unwrap().used_blocks, BLOCKS + 1);
+        assert!(disk.check().unwrap().is_clean());
+    }
+
+    #[test]
+    fn overwrite_churn_reuses_kept_blocks_without_a_punch() {
+        let (_t, _d, disk) = disk();
+        let a = active(&disk);
+        write(&disk, 0, BLOCKS, 1);
+        let used = disk.now().active_space().unwrap().used_blocks;
+        for round in 0..200u64 {
+            // 16 blocks overwritten per flush: fewer than the bound keeps.
+            write(&disk, (round * 37) % (BLOCKS - 16), 16, round as u8);
+        }
+        disk.now().wait_punches();
+        assert_eq!(a.puncher_for_tests().punched(), 0, "churn was punched");
+        let space = disk.now().active_space().unwrap();
+        // Runs of 16 need a free extent of 16: fragments below that stay free, so the
+        // used part may grow by up to the kept bound (128 blocks here) plus one write.
+        assert!(
+            space.used_blocks <= used + 128 + 16,
+            "the file grew instead of reusing: {space:?} (was {used})"
+        );
+        assert!(disk.check().unwrap().is_clean());
+    }
+
+    #[test]
+    fn punched_blocks_are_reused_only_after_their_punch() {
+        let (_t, _d, disk) = disk();
+        let a = active(&disk);
+        a.puncher_for_tests().hold(true);
+        free_a_range(&disk);
+        // The worker holds 1024 - 128 blocks: they are not in the free list yet.
+        let space = disk.now().active_space().unwrap();
+        assert_eq!(space.free_blocks, 128, "{space:?}");
+        assert_eq!(space.waiting_blocks, BLOCKS - 128, "{space:?}");
+        // A write larger than the kept blocks goes to the end, not into queued blocks.
+        write(&disk, 6000, 256, 4);
+        assert!(disk.now().active_space().unwrap().used_blocks >= BLOCKS + 1 + 256);
+        a.puncher_for_tests().hold(false);
+        disk.now().wait_punches();
+        let space = disk.now().active_space().unwrap();
+        assert_eq!(space.waiting_blocks, 0, "{space:?}");
+        assert!(space.free_blocks >= BLOCKS - 128, "{space:?}");
+        assert!(disk.check().unwrap().is_clean());
+    }
+
+    #[test]
+    fn dropping_the_disk_drains_queued_punches() {
+        let (_t, d, disk) = disk();
+        let a = active(&disk);
+        let data = data_path(&disk);
+        drop(a);
+        active(&disk).puncher_for_tests().hold(true);
+        write(&disk, 0, BLOCKS, 1);
+        write(&disk, BLOCKS, 1, 2);
+        let before = alloc_of(&data);
+        disk.now().discard(0, BLOCKS * BLOCK_SIZE).unwrap();
+        disk.now().flush().unwrap();
+        assert_eq!(alloc_of(&data), before, "held: nothing punched yet");
+        // The close releases the hold and waits for the queue.
+        drop(disk);
+        let freed = before - alloc_of(&data);
+        assert!(freed >= (BLOCKS - 128) * BLOCK_SIZE, "freed {freed} bytes");
+        let opts = OpenOptions {
+            cache: CacheMode::None,
+            read_only: false,
+        };
+        assert!(Disk::open(&d, opts).unwrap().check().unwrap().is_clean());
+    }
+
+    #[test]
+    fn a_checkpoint_never_gives_the_new_active_layer_the_old_ones_blocks() {
+        let (_t, _d, mut disk) = disk();
+        let old = active(&disk);
+        old.puncher_for_tests().hold(true);
+        free_a_range(&disk);
+        // The old active layer (still referenced here) has punches queued; the checkpoint
+        // replaces it. Its blocks go back to its own (retired) allocator only.
+        disk.checkpoint("c").unwrap();
+        let new = active(&disk);
+        assert!(!Arc::ptr_eq(&old.files, &new.files));
+        old.puncher_for_tests().hold(false);
+        assert!(old.wait_punches(super::DRAIN_LIMIT));
+        let space = disk.now().active_space().unwrap();
+        assert_eq!((space.used_blocks, space.free_blocks), (0, 0), "{space:?}");
+        write(&disk, 0, 8, 9);
+        assert_eq!(disk.now().active_space().unwrap().used_blocks, 8);
+        assert!(disk.check().unwrap().is_clean());
+    }
+}

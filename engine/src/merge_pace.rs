@@ -12,15 +12,18 @@
 //! client writing without pause would hold an idle-class merge to a few requests per 10 s.
 //!
 //! Pacing: the copy runs in time slices. While the disk's quiesce gate has client requests in
-//! flight (sampled every millisecond, smoothed over about 50 ms), a slice ends after
-//! [`Pacing::slice`] (the job stops at the end of its current batch: `MergeJob::run` returns
-//! `MergeCancelled` and resumes from there when called again) and the worker then waits
-//! `copy time x (1 / share - 1) x busy fraction`, at most [`Pacing::max_wait`], ending the
-//! wait early once the clients have been idle for [`Pacing::idle_resume`]. With no client I/O
-//! the copy is never interrupted. The merge keeps at least `share` of the time whatever the
-//! clients do, so every merge finishes.
+//! flight (sampled every millisecond, smoothed over about 50 ms), the copy pauses once it has
+//! worked [`Pacing::slice`] since its last pause: it starts no new chunk (128 KiB), lets the
+//! ones in flight finish and waits `worked x (1 / share - 1) x busy fraction`, at most
+//! [`Pacing::max_wait`], ending the wait early once the clients have been idle for
+//! [`Pacing::idle_resume`] (`journal::CopyPacer`: the pause comes between two chunks, also in
+//! the middle of a batch, so a slice is a slice however long a batch takes; `worked` counts
+//! everything the job did since the last pause: copies, syncs, record appends, punches). With
+//! no client I/O the copy is never interrupted. The merge keeps at least `share` of the time
+//! whatever the clients do, so every merge finishes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use journal::MergeJob;
@@ -133,6 +136,13 @@ const SAMPLE: Duration = Duration::from_millis(1);
 /// Weight of one sample in the smoothed busy fraction (time constant about 50 samples).
 const EWMA: f64 = 0.02;
 
+/// Milliseconds since the Unix epoch (debug lines lined up with other tools' logs).
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn busy_sample(gate: &Gate) -> f64 {
     if gate.in_flight() > 0 {
         1.0
@@ -141,9 +151,94 @@ fn busy_sample(gate: &Gate) -> f64 {
     }
 }
 
+/// True when a copy that has worked `worked` since its last pause should pause before its
+/// next chunk, the clients' smoothed busy fraction being `busy`.
+pub fn pause_due(pacing: &Pacing, worked: Duration, busy: f64) -> bool {
+    pacing.adaptive && busy > pacing.busy_above && worked >= pacing.slice
+}
+
+/// How long a copy that worked `worked` since its last pause waits for the clients, busy
+/// `busy` of the time: `worked x (1 / share - 1) x busy`, at most [`Pacing::max_wait`]. While
+/// `worked` is at most about `max_wait x share / (1 - share)` (0.22 s with the defaults; a
+/// pause comes after each slice of 50 ms and a chunk), the copy keeps `share` of the time
+/// when the clients are busy all of it.
+pub fn pause_length(pacing: &Pacing, worked: Duration, busy: f64) -> Duration {
+    let share = pacing.share.clamp(0.01, 1.0);
+    worked
+        .mul_f64((1.0 / share - 1.0) * busy.clamp(0.0, 1.0))
+        .min(pacing.max_wait)
+}
+
+/// The copy's side of the pacing: [`journal::CopyPacer`] over the busy fraction the worker
+/// thread samples.
+struct Duty<'a> {
+    pacing: &'a Pacing,
+    gate: &'a Gate,
+    cancel: &'a AtomicBool,
+    /// The smoothed busy fraction (f64 bits), written by the sampling thread.
+    busy: AtomicU64,
+    /// Start of the current work period (the copy's start or the end of its last pause).
+    since: Mutex<Instant>,
+    /// A pause is under way (the sampling thread reports it through `waiting`).
+    pausing: AtomicBool,
+    yields: AtomicU64,
+    waited_ns: AtomicU64,
+}
+
+impl Duty<'_> {
+    fn busy(&self) -> f64 {
+        f64::from_bits(self.busy.load(Ordering::Acquire))
+    }
+    fn since(&self) -> Instant {
+        *self.since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl journal::CopyPacer for Duty<'_> {
+    fn due(&self) -> bool {
+        pause_due(self.pacing, self.since().elapsed(), self.busy())
+    }
+
+    fn wait(&self) {
+        let worked = self.since().elapsed();
+        let wait = pause_length(self.pacing, worked, self.busy());
+        self.pausing.store(true, Ordering::Release);
+        let t = Instant::now();
+        let mut idle_since: Option<Instant> = None;
+        while t.elapsed() < wait && !self.cancel.load(Ordering::Acquire) {
+            std::thread::sleep(SAMPLE);
+            if self.gate.in_flight() == 0 {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.pacing.idle_resume {
+                    break;
+                }
+            } else {
+                idle_since = None;
+            }
+        }
+        let waited = t.elapsed();
+        tracing::debug!(
+            "merge paced: worked {:.1} ms, busy {:.2}, waited {:.1} of {:.1} ms, until {} ms",
+            worked.as_secs_f64() * 1000.0,
+            self.busy(),
+            waited.as_secs_f64() * 1000.0,
+            wait.as_secs_f64() * 1000.0,
+            epoch_ms(),
+        );
+        self.yields.fetch_add(1, Ordering::AcqRel);
+        self.waited_ns
+            .fetch_add(waited.as_nanos() as u64, Ordering::AcqRel);
+        *self.since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.pausing.store(false, Ordering::Release);
+    }
+}
+
 /// Runs `job`'s copy to its end on a background-priority thread, pacing it against the
-/// client I/O admitted by `gate`. `cancel` stops it (the job's `MergeCancelled` error);
-/// `waiting` is told when a wait for the clients starts (true) and ends (false).
+/// client I/O admitted by `gate`: the copy pauses between two of its chunks (also in the
+/// middle of a batch) once it worked a slice while the clients are busy (see
+/// [`pause_due`], [`pause_length`]). `cancel` stops it (the job's `MergeCancelled` error, at
+/// the end of the current batch); `waiting` is told when a wait for the clients starts
+/// (true) and ends (false).
 pub fn run_paced(
     job: &mut MergeJob,
     cancel: &AtomicBool,
@@ -151,88 +246,60 @@ pub fn run_paced(
     pacing: &Pacing,
     mut waiting: impl FnMut(bool),
 ) -> journal::Result<Paced> {
-    let progress = job.progress();
-    let mut stats = Paced::default();
-    let mut busy = 0.0f64;
-    let mut slice = pacing.slice;
-    loop {
-        if cancel.load(Ordering::Acquire) {
-            return Err(journal::Error::MergeCancelled(job.id()));
-        }
-        let stop = AtomicBool::new(false);
-        let finished = AtomicBool::new(false);
-        let copy_before = progress.copy_seconds();
-        let done_before = progress.status().bytes_done;
-        let started = Instant::now();
-        let (result, busy_now) = std::thread::scope(|s| {
-            let copier = std::thread::Builder::new()
-                .name("merge-copy".into())
-                .spawn_scoped(s, || {
-                    if let Err(e) = lower_this_thread() {
-                        tracing::warn!("merge copy: cannot lower its priority: {e}");
-                    }
-                    let r = job.run(&stop);
-                    finished.store(true, Ordering::Release);
-                    r
-                });
-            let copier = match copier {
-                Ok(c) => c,
-                Err(e) => return (Err(journal::Error::RawIo(e)), busy),
-            };
-            let mut ewma = busy;
-            while !finished.load(Ordering::Acquire) {
-                std::thread::sleep(SAMPLE);
-                ewma = ewma * (1.0 - EWMA) + busy_sample(gate) * EWMA;
-                if cancel.load(Ordering::Acquire)
-                    || (pacing.adaptive
-                        && started.elapsed() >= slice
-                        && ewma > pacing.busy_above
-                        && progress.status().bytes_total > 0)
-                {
-                    stop.store(true, Ordering::Release);
-                }
-            }
-            let r = copier
-                .join()
-                .unwrap_or_else(|_| Err(journal::Error::Invalid("the merge copy panicked".into())));
-            (r, ewma)
-        });
-        busy = busy_now;
-        match result {
-            Err(journal::Error::MergeCancelled(_)) if !cancel.load(Ordering::Acquire) => {}
-            Err(e) => return Err(e),
-            Ok(()) => return Ok(stats),
-        }
-        stats.yields += 1;
-        if progress.status().bytes_done == done_before {
-            // Stopped before a batch began (the set-up took the whole slice): longer next time.
-            slice = (slice * 2).min(Duration::from_secs(1));
-            continue;
-        }
-        slice = pacing.slice;
-        let copied = Duration::from_secs_f64((progress.copy_seconds() - copy_before).max(0.0))
-            .min(started.elapsed());
-        let wait = copied
-            .mul_f64((1.0 / pacing.share - 1.0) * busy.clamp(0.0, 1.0))
-            .min(pacing.max_wait);
-        waiting(true);
-        let t = Instant::now();
-        let mut idle_since: Option<Instant> = None;
-        while t.elapsed() < wait && !cancel.load(Ordering::Acquire) {
-            std::thread::sleep(SAMPLE);
-            busy = busy * (1.0 - EWMA) + busy_sample(gate) * EWMA;
-            if gate.in_flight() == 0 {
-                let since = *idle_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= pacing.idle_resume {
-                    break;
-                }
-            } else {
-                idle_since = None;
-            }
-        }
-        stats.waited += t.elapsed();
-        waiting(false);
+    if cancel.load(Ordering::Acquire) {
+        return Err(journal::Error::MergeCancelled(job.id()));
     }
+    let duty = Duty {
+        pacing,
+        gate,
+        cancel,
+        busy: AtomicU64::new(0f64.to_bits()),
+        since: Mutex::new(Instant::now()),
+        pausing: AtomicBool::new(false),
+        yields: AtomicU64::new(0),
+        waited_ns: AtomicU64::new(0),
+    };
+    let finished = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        let copier = std::thread::Builder::new()
+            .name("merge-copy".into())
+            .spawn_scoped(s, || {
+                if let Err(e) = lower_this_thread() {
+                    tracing::warn!("merge copy: cannot lower its priority: {e}");
+                }
+                *duty.since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                let r = job.run_paced(cancel, &duty);
+                finished.store(true, Ordering::Release);
+                r
+            });
+        let copier = match copier {
+            Ok(c) => c,
+            Err(e) => return Err(journal::Error::RawIo(e)),
+        };
+        let mut ewma = 0.0f64;
+        let mut shown = false;
+        while !finished.load(Ordering::Acquire) {
+            std::thread::sleep(SAMPLE);
+            ewma = ewma * (1.0 - EWMA) + busy_sample(gate) * EWMA;
+            duty.busy.store(ewma.to_bits(), Ordering::Release);
+            let pausing = duty.pausing.load(Ordering::Acquire);
+            if pausing != shown {
+                shown = pausing;
+                waiting(pausing);
+            }
+        }
+        if shown {
+            waiting(false);
+        }
+        copier
+            .join()
+            .unwrap_or_else(|_| Err(journal::Error::Invalid("the merge copy panicked".into())))
+    });
+    result?;
+    Ok(Paced {
+        yields: duty.yields.load(Ordering::Acquire),
+        waited: Duration::from_nanos(duty.waited_ns.load(Ordering::Acquire)),
+    })
 }
 
 #[cfg(test)]
@@ -329,11 +396,82 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_pause_is_due_only_after_a_slice_of_work_with_busy_clients() {
+        let p = Pacing::default();
+        let ms = Duration::from_millis;
+        assert!(!pause_due(&p, ms(49), 1.0), "before the slice ends");
+        assert!(pause_due(&p, ms(50), 1.0));
+        assert!(pause_due(&p, ms(5000), 0.06));
+        assert!(!pause_due(&p, ms(5000), 0.05), "clients not busy enough");
+        assert!(!pause_due(&p, ms(5000), 0.0));
+        let off = Pacing {
+            adaptive: false,
+            ..p
+        };
+        assert!(
+            !pause_due(&off, ms(5000), 1.0),
+            "an explicit rate paces instead"
+        );
+    }
+
+    #[test]
+    fn pauses_keep_the_share_up_to_the_longest_wait() {
+        let p = Pacing::default();
+        let ms = Duration::from_millis;
+        let close = |a: Duration, b: Duration| a.abs_diff(b) < Duration::from_micros(10);
+        // Busy all the time: 9 x the work (share 10 %).
+        assert!(close(pause_length(&p, ms(50), 1.0), ms(450)));
+        // Busy half the time: half as long.
+        assert!(close(pause_length(&p, ms(50), 0.5), ms(225)));
+        assert_eq!(pause_length(&p, ms(50), 0.0), Duration::ZERO);
+        // A long stretch of work (a slow batch end) waits at most max_wait: the merge keeps
+        // going whatever the clients do.
+        assert_eq!(pause_length(&p, ms(1000), 1.0), p.max_wait);
+        // Out-of-range busy fractions are clamped.
+        assert!(close(pause_length(&p, ms(50), 7.0), ms(450)));
+        // The time share of the copy over a pause cycle at the default slice.
+        let cycle = ms(50) + pause_length(&p, ms(50), 1.0);
+        let share = 0.05 / cycle.as_secs_f64();
+        assert!((share - p.share).abs() < 1e-3, "{share}");
+    }
+
+    /// The copy pauses in the middle of a batch: with one batch of 24 MiB and 1 ms slices, a
+    /// busy gate makes it yield many times before the batch (the whole copy) ends.
+    #[test]
+    fn busy_clients_pause_the_copy_inside_a_batch() {
+        let (_t, disk, mut job, model) = job_with_batch(Some(32 * MIB as u64));
+        let gate = Gate::new();
+        assert!(gate.try_admit());
+        let pacing = Pacing {
+            slice: Duration::from_millis(1),
+            max_wait: Duration::from_millis(2),
+            ..Pacing::default()
+        };
+        let mut shown = 0;
+        let p = run_paced(&mut job, &AtomicBool::new(false), &gate, &pacing, |w| {
+            shown += usize::from(w)
+        })
+        .unwrap();
+        gate.release();
+        assert!(p.yields >= 4, "{p:?}");
+        assert!(shown >= 1, "the worker shows the pauses");
+        assert!(job.is_copied());
+        finish_and_check(disk, job, &model);
+    }
+
     const MIB: usize = 1 << 20;
 
     /// A disk whose checkpoint `a` holds 24 MiB, deleted with compact-into-child: a job of
     /// three batches at the background queue depth.
     fn job() -> (tempfile::TempDir, Disk, journal::MergeJob, Vec<u8>) {
+        job_with_batch(None)
+    }
+
+    /// [`job`] with the given batch size (`DeleteOptions::batch_bytes`).
+    fn job_with_batch(
+        batch_bytes: Option<u64>,
+    ) -> (tempfile::TempDir, Disk, journal::MergeJob, Vec<u8>) {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("disk");
         let size = 32 * MIB;
@@ -359,6 +497,7 @@ mod tests {
         disk.checkpoint("b").unwrap();
         let opts = DeleteOptions {
             queue_depth: crate::merge_worker::BACKGROUND_QUEUE_DEPTH,
+            batch_bytes,
             ..DeleteOptions::with(StrategyKind::CompactIntoChild)
         };
         let (_, mut jobs) = disk.delete_online("a", &opts).unwrap();

@@ -40,8 +40,9 @@ pub use disk::{
 };
 pub use error::{Error, Result};
 pub use merge::{
-    uring_copy, DeleteOptions, LayerStat, MergeJob, MergeProgress, MergeReport, MergeStatus, Move,
-    Placement, Situation, StackRef, StackStat, Strategy, StrategyKind, LINEAGE_SLACK,
+    uring_copy, CopyPacer, DeleteOptions, LayerStat, MergeJob, MergeProgress, MergeReport,
+    MergeStatus, Move, Placement, Situation, StackRef, StackStat, Strategy, StrategyKind,
+    LINEAGE_SLACK,
 };
 pub use tree::validate_name;
 pub use uring::{Completion, IoEngine, Rejected, Request};

@@ -88,10 +88,21 @@ impl Server {
             disk.display(),
             cache_name(cache)
         );
+        // Measurement aid: STRATA_BENCH_SERVER_LOG=FILE appends the servers' stderr (their
+        // tracing output, see STRATA_LOG) to FILE instead of keeping it for error messages.
+        let stderr = match std::env::var_os("STRATA_BENCH_SERVER_LOG") {
+            Some(path) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map(Stdio::from)
+                .map_err(|e| Error::io(format!("opening {}", Path::new(&path).display()), e))?,
+            None => Stdio::piped(),
+        };
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| Error::io(format!("starting {what}"), e))?;
         let mut line = String::new();

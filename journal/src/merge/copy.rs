@@ -20,6 +20,29 @@ use crate::{AlignedBuf, Error, Result, BLOCK_SIZE};
 /// Output blocks per chunk (128 KiB).
 pub(crate) const CHUNK_BLOCKS: usize = 32;
 
+/// Lets the caller of a merge pause its bulk copy in the middle of a batch (see
+/// [`crate::MergeJob::run_paced`]). The copier asks [`CopyPacer::due`] before it starts each
+/// chunk; once that says yes it starts no more chunks, lets the ones in flight finish, and
+/// calls [`CopyPacer::wait`] with none of its I/O in the kernel, then goes on. Nothing of the
+/// job (no lock, no record) is held across the wait except the batch's partly written output
+/// blocks, which nothing references yet.
+pub trait CopyPacer: Sync {
+    /// True when the copy should pause before its next chunk.
+    fn due(&self) -> bool;
+    /// Blocks for the pause (returns early when the pause should end).
+    fn wait(&self);
+}
+
+/// A pacer that never pauses.
+pub(crate) struct Unpaced;
+
+impl CopyPacer for Unpaced {
+    fn due(&self) -> bool {
+        false
+    }
+    fn wait(&self) {}
+}
+
 /// One block to copy.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CopyItem {
@@ -49,6 +72,8 @@ pub(crate) struct Copier {
     bufs: Vec<AlignedBuf>,
     /// `bufs` are registered with `ring`.
     fixed: bool,
+    /// Time spent in [`CopyPacer::wait`] since the last [`Copier::take_paused`].
+    paused: std::time::Duration,
 }
 
 const WRITE_BIT: u64 = 1 << 31;
@@ -87,6 +112,7 @@ impl Copier {
             depth,
             bufs,
             fixed,
+            paused: std::time::Duration::ZERO,
         })
     }
 
@@ -108,6 +134,7 @@ impl Copier {
     /// `out_first + i`, in the order of `list` (consecutive entries whose source blocks, or
     /// whose output blocks, are consecutive share one read, or one write).
     /// Returns once every chunk is written (Ok) or the first error once nothing is in flight.
+    /// `pacer` may pause the copy between chunks (with nothing of it in flight).
     pub fn copy(
         &mut self,
         sources: &[Arc<LayerFiles>],
@@ -115,6 +142,7 @@ impl Copier {
         list: &[usize],
         out: &LayerFiles,
         out_first: u64,
+        pacer: &dyn CopyPacer,
     ) -> Result<()> {
         if self.bufs.len() < self.depth {
             return Err(Error::Invalid("the merge copy ring failed earlier".into()));
@@ -129,12 +157,18 @@ impl Copier {
                 .copied()
                 .ok_or_else(|| Error::Invalid("merge copy out of range".into()))
         };
+        // The pacer asked for a pause: no new chunk until the ones in flight are done.
+        let mut holding = false;
         loop {
             // Start chunks into free slots.
-            while first_err.is_none() && next < list.len() {
+            while first_err.is_none() && next < list.len() && !holding {
                 let Some(s) = slots.iter().position(Option::is_none) else {
                     break;
                 };
+                if pacer.due() {
+                    holding = true;
+                    break;
+                }
                 let n = CHUNK_BLOCKS.min(list.len() - next);
                 let base = self.bufs[s].as_mut_ptr();
                 let mut reads = Vec::new();
@@ -191,6 +225,13 @@ impl Copier {
                 }
             }
             if slots.iter().all(Option::is_none) {
+                if holding && first_err.is_none() && next < list.len() {
+                    let t = std::time::Instant::now();
+                    pacer.wait();
+                    self.paused += t.elapsed();
+                    holding = false;
+                    continue;
+                }
                 break;
             }
             match self.ring.submit_and_wait(1) {
@@ -309,6 +350,11 @@ impl Copier {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// The time the copies spent paused by their pacer since the last call.
+    pub fn take_paused(&mut self) -> std::time::Duration {
+        std::mem::take(&mut self.paused)
     }
 
     /// Punches holes (keeping the size) in `file` at the byte ranges `(offset, length)`, all

@@ -17,7 +17,7 @@ use crate::volume::Volume;
 use crate::{locking, Error, Result, BLOCK_SIZE};
 
 use super::compose::{compose, Composition};
-use super::copy::{Copier, CHUNK_BLOCKS};
+use super::copy::{Copier, CopyPacer, Unpaced, CHUNK_BLOCKS};
 use super::progress::MergeProgress;
 
 /// Layers that merge jobs read: they are never punched while a job lives (and never
@@ -231,6 +231,15 @@ fn reserve(f: &std::fs::File, off: u64, len: u64) -> std::io::Result<()> {
     }
 }
 
+/// `at` as milliseconds since the Unix epoch (for debug lines that are lined up with other
+/// tools' logs).
+fn epoch_ms(at: Instant) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.saturating_sub(at.elapsed()).as_millis() as u64
+}
+
 fn no_space(e: &Error) -> bool {
     let errno = match e {
         Error::Io { source, .. } | Error::RawIo(source) => source.raw_os_error(),
@@ -338,7 +347,13 @@ impl MergeJob {
     /// The bulk copy on io_uring, in batches. An error leaves the job resumable: `run` again
     /// continues from the last completed batch. `cancel` is polled between batches.
     pub fn run(&mut self, cancel: &AtomicBool) -> Result<()> {
-        match self.run_inner(cancel) {
+        self.run_paced(cancel, &Unpaced)
+    }
+
+    /// [`MergeJob::run`] whose bulk copy `pacer` may pause between two chunks, also in the
+    /// middle of a batch (a background merge yields to client I/O this way).
+    pub fn run_paced(&mut self, cancel: &AtomicBool, pacer: &dyn CopyPacer) -> Result<()> {
+        match self.run_inner(cancel, pacer) {
             Ok(()) => {
                 self.progress.done();
                 Ok(())
@@ -376,7 +391,7 @@ impl MergeJob {
         }
     }
 
-    fn run_inner(&mut self, cancel: &AtomicBool) -> Result<()> {
+    fn run_inner(&mut self, cancel: &AtomicBool, pacer: &dyn CopyPacer) -> Result<()> {
         if self.copied {
             return Ok(());
         }
@@ -455,7 +470,7 @@ impl MergeJob {
             self.out = Some(Arc::new(out));
         }
         if self.progressive.is_some() {
-            return self.run_progressive(cancel);
+            return self.run_progressive(cancel, pacer);
         }
         let (Some(comp), Some(out)) = (self.comp.as_ref(), self.out.clone()) else {
             return Err(Error::Invalid("merge job lost its state".into()));
@@ -480,19 +495,34 @@ impl MergeJob {
                 }
             }
             let list: Vec<usize> = (self.done..end).collect();
-            copier.copy(&self.s.run, &comp.copies, &list, &out, comp.out_first)?;
+            copier.copy(
+                &self.s.run,
+                &comp.copies,
+                &list,
+                &out,
+                comp.out_first,
+                pacer,
+            )?;
+            tracing::debug!(
+                "merge {} batch at {} ms: copy {:.1} ms",
+                self.s.id,
+                epoch_ms(t0),
+                t0.elapsed().as_secs_f64() * 1000.0
+            );
             self.done = end;
             self.peak_extra = self.peak_extra.max(self.done as u64 * BLOCK_SIZE);
             self.progress.batch_written(self.done as u64 * BLOCK_SIZE);
             self.progress.set_done(self.done as u64 * BLOCK_SIZE);
-            self.progress
-                .add_copy_time(len, t0.elapsed().as_nanos() as u64);
+            let worked = t0.elapsed().saturating_sub(copier.take_paused());
+            self.progress.add_copy_time(len, worked.as_nanos() as u64);
             self.pace(cancel, started, start_done)?;
         }
+        let t_copied = Instant::now();
         // The data is durable before any record points at it.
         out.data
             .sync_data()
             .map_err(|e| Error::io(&out.data_path, e))?;
+        let t_synced = Instant::now();
         let mut bytes = Vec::with_capacity(comp.records.len() * RECORD_SIZE);
         for r in &comp.records {
             bytes.extend_from_slice(&r.encode(out.seed));
@@ -511,6 +541,13 @@ impl MergeJob {
                 .map_err(|e| Error::io(&out.log_path, e))?;
         }
         log.sync_all().map_err(|e| Error::io(&out.log_path, e))?;
+        tracing::debug!(
+            "merge {} output at {} ms: data sync {:.1} ms, log {:.1} ms",
+            self.s.id,
+            epoch_ms(t_copied),
+            t_synced.duration_since(t_copied).as_secs_f64() * 1000.0,
+            t_synced.elapsed().as_secs_f64() * 1000.0
+        );
         self.peak_extra = self
             .peak_extra
             .max(self.done as u64 * BLOCK_SIZE + bytes.len() as u64);
@@ -520,13 +557,13 @@ impl MergeJob {
 
     /// The progressive copy (see [`Progressive`] and "journal: progressive merges" in
     /// `docs/DESIGN.md`).
-    fn run_progressive(&mut self, cancel: &AtomicBool) -> Result<()> {
+    fn run_progressive(&mut self, cancel: &AtomicBool, pacer: &dyn CopyPacer) -> Result<()> {
         let (Some(comp), Some(mut p), Some(out)) =
             (self.comp.take(), self.progressive.take(), self.out.clone())
         else {
             return Err(Error::Invalid("merge job lost its state".into()));
         };
-        let r = self.progressive_batches(cancel, &comp, &mut p, &out);
+        let r = self.progressive_batches(cancel, pacer, &comp, &mut p, &out);
         self.comp = Some(comp);
         self.progressive = Some(p);
         r?;
@@ -550,20 +587,23 @@ impl MergeJob {
     fn progressive_batches(
         &mut self,
         cancel: &AtomicBool,
+        pacer: &dyn CopyPacer,
         comp: &Composition,
         p: &mut Progressive,
         out: &Arc<LayerFiles>,
     ) -> Result<()> {
         let plan = p.plan.take().unwrap_or_else(|| SourceOrder::new(comp));
-        let r = self.source_order_batches(cancel, comp, p, &plan, out);
+        let r = self.source_order_batches(cancel, pacer, comp, p, &plan, out);
         p.plan = Some(plan);
         r
     }
 
     /// [`MergeJob::progressive_batches`] with the plan taken out of `p`.
+    #[allow(clippy::too_many_arguments)]
     fn source_order_batches(
         &mut self,
         cancel: &AtomicBool,
+        pacer: &dyn CopyPacer,
         comp: &Composition,
         p: &mut Progressive,
         plan: &SourceOrder,
@@ -626,7 +666,9 @@ impl MergeJob {
                 if span {
                     self.preallocate_span(out, comp.out_first + lo as u64, hi - lo + 1)?;
                 }
-                if let Err(e) = copier.copy(&self.s.run, &comp.copies, list, out, comp.out_first) {
+                let copied =
+                    copier.copy(&self.s.run, &comp.copies, list, out, comp.out_first, pacer);
+                if let Err(e) = copied {
                     // Nothing references the batch's output blocks yet: give them back (out
                     // of space, the tree commit that takes an empty output out needs them).
                     let mut blocks: Vec<u64> = if span {
@@ -650,10 +692,13 @@ impl MergeJob {
                     return Err(e);
                 }
             }
+            let t_copied = Instant::now();
+            let paused = copier.take_paused();
             // The data is durable before any record points at it.
             out.data
                 .sync_data()
                 .map_err(|e| Error::io(&out.data_path, e))?;
+            let t_synced = Instant::now();
             let recs: Vec<crate::format::Record> = list
                 .iter()
                 .map(|&i| comp.records[plan.rec_of[i]])
@@ -685,10 +730,12 @@ impl MergeJob {
                     None => (false, Vec::new()),
                 }
             };
+            let t_logged = Instant::now();
             self.peak_extra = self.peak_extra.max(self.run_alloc().saturating_sub(base));
             self.progress.batch_written(end as u64 * BLOCK_SIZE);
             // Reads planned before the move may still read the old blocks.
             let drained = !moved || p.now.merge_gate.drain(Duration::from_secs(10));
+            let t_drained = Instant::now();
             if !moved && !kept.is_empty() {
                 // Now reads part of the run without the output: free nothing.
             } else if drained {
@@ -699,12 +746,24 @@ impl MergeJob {
                     self.s.id
                 );
             }
+            let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1000.0;
+            tracing::debug!(
+                "merge {} batch at {} ms: copy {:.1} ms (paused {:.1} ms), data sync {:.1} ms, log {:.1} ms, drain {:.1} ms, free {:.1} ms",
+                self.s.id,
+                epoch_ms(t0),
+                ms(t0, t_copied),
+                paused.as_secs_f64() * 1000.0,
+                ms(t_copied, t_synced),
+                ms(t_synced, t_logged),
+                ms(t_logged, t_drained),
+                ms(t_drained, Instant::now()),
+            );
             self.done = end;
             p.zeros_done = zend;
             p.rec_written += recs.len();
             self.progress.set_done(self.done as u64 * BLOCK_SIZE);
-            self.progress
-                .add_copy_time(len, t0.elapsed().as_nanos() as u64);
+            let worked = t0.elapsed().saturating_sub(paused);
+            self.progress.add_copy_time(len, worked.as_nanos() as u64);
             self.pace(cancel, started, start_done)?;
         }
         log.sync_all().map_err(|e| Error::io(&out.log_path, e))?;

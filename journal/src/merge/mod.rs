@@ -16,7 +16,7 @@ mod reclaim;
 mod strategy;
 mod view_hooks;
 
-pub use copy::uring_copy;
+pub use copy::{uring_copy, CopyPacer};
 pub use job::MergeJob;
 pub use progress::{MergeProgress, MergeReport, MergeStatus};
 pub use strategy::{

@@ -508,7 +508,7 @@ impl Disk {
             Ok(id) => id,
             Err(e) => return Err(self.abandon_layer(layer_id, e)),
         };
-        let new_active = match ActiveLayer::new(files.clone(), 0, LOG_HEADER_SIZE) {
+        let new_active = match ActiveLayer::after(files.clone(), &active) {
             Ok(a) => Arc::new(a),
             Err(e) => return Err(self.abandon_layer(layer_id, e)),
         };
@@ -1952,6 +1952,9 @@ impl Drop for Disk {
             if let Err(e) = self.now.flush() {
                 tracing::warn!("flush on close failed: {e}");
             }
+            // Queued hole punches end before the disk lock goes (another writer may reuse
+            // those blocks once it has the lock).
+            self.now.wait_punches();
         }
     }
 }

@@ -12,8 +12,10 @@
 //! merges adjacent blocks into ranges, punches them, and only then hands the active layer's
 //! own punched blocks to [`crate::space::Alloc::reuse`]. A queued block of a file that was
 //! since replaced or unlinked is punched through the descriptor the queue holds: harmless.
-//! Dropping the worker (the active layer closes or is replaced by a checkpoint) drains the
-//! queue, bounded by [`DRAIN_LIMIT`].
+//! One worker serves a view's active layer and its successors (a checkpoint hands the
+//! worker on, so dropping the replaced layer never waits); dropping the last (the disk
+//! closes) drains the queue, bounded by [`DRAIN_LIMIT`], and `Disk`'s drop waits for it
+//! before the disk lock goes.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -26,9 +28,21 @@ use crate::space::{Alloc, Block};
 /// rest is left to the worker thread (or, if it is gone, stays allocated: space only).
 pub(crate) const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
+/// Blocks one active layer queued, with where its own blocks go back once punched.
+struct Batch {
+    blocks: Vec<Block>,
+    /// The active layer's data file and allocator: its own blocks go back there (matched by
+    /// the file object, never by layer id, so a successor active layer never gets another
+    /// file's blocks).
+    own: Arc<LayerFiles>,
+    alloc: Arc<Mutex<Alloc>>,
+}
+
 #[derive(Default)]
 struct Queue {
-    blocks: Vec<Block>,
+    batches: Vec<Batch>,
+    /// Blocks in `batches`.
+    queued_blocks: u64,
     /// Blocks of the batch being punched.
     punching: u64,
     /// Batches queued so far, and the newest one whose punches have completed.
@@ -37,9 +51,13 @@ struct Queue {
     closing: bool,
     /// The worker thread ended (or never started).
     exited: bool,
+    /// A drop gave up waiting: the worker punches nothing more (space only).
+    abandon: bool,
     /// Blocks handed to a punch so far (tests: kept blocks are never punched).
     punched: u64,
-    /// Tests hold the worker before it punches (a close releases it).
+    /// Threads in [`Puncher::wait`].
+    waiters: u64,
+    /// Tests hold the worker before it punches (a close or a wait releases it).
     #[cfg(test)]
     held: bool,
 }
@@ -56,20 +74,16 @@ impl Shared {
     }
 }
 
-/// Punches the blocks an active layer queues, on a thread of its own (started with the
-/// first batch).
+/// Punches the blocks the active layers of one view queue, on a thread of its own (started
+/// with the first batch). Shared by an active layer and the successors a checkpoint makes,
+/// so that dropping a replaced active layer never waits; drained when the last goes.
 pub(crate) struct Puncher {
     shared: Arc<Shared>,
-    /// The active layer's data file and allocator: its own blocks go back there once
-    /// punched (matched by the file object, never by layer id, so a replaced active layer's
-    /// successor never gets another file's blocks).
-    own: Arc<LayerFiles>,
-    alloc: Arc<Mutex<Alloc>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Puncher {
-    pub fn new(own: Arc<LayerFiles>, alloc: Arc<Mutex<Alloc>>) -> Puncher {
+    pub fn new() -> Puncher {
         Puncher {
             shared: Arc::new(Shared {
                 q: Mutex::new(Queue {
@@ -78,20 +92,24 @@ impl Puncher {
                 }),
                 cv: Condvar::new(),
             }),
-            own,
-            alloc,
             thread: Mutex::new(None),
         }
     }
 
-    /// Queues `blocks` (ready: no read can still read them) to be punched; never blocks on
-    /// a punch. If no worker thread can be started they are punched here.
-    pub fn enqueue(&self, blocks: Vec<Block>) {
+    /// Queues `blocks` (ready: no read can still read them) to be punched; `own` and
+    /// `alloc` are the queuing active layer's file and allocator. Never blocks on a punch;
+    /// if no worker thread can be started they are punched here.
+    pub fn enqueue(&self, blocks: Vec<Block>, own: &Arc<LayerFiles>, alloc: &Arc<Mutex<Alloc>>) {
         if blocks.is_empty() {
             return;
         }
         let mut q = self.shared.lock();
-        q.blocks.extend(blocks);
+        q.queued_blocks += blocks.len() as u64;
+        q.batches.push(Batch {
+            blocks,
+            own: own.clone(),
+            alloc: alloc.clone(),
+        });
         q.queued += 1;
         if q.exited && !q.closing {
             let mut t = self.thread.lock().unwrap_or_else(|p| p.into_inner());
@@ -100,11 +118,9 @@ impl Puncher {
                 let _ = old.join();
             }
             let shared = self.shared.clone();
-            let own = self.own.clone();
-            let alloc = self.alloc.clone();
             match std::thread::Builder::new()
                 .name("strata-punch".into())
-                .spawn(move || worker(&shared, &own, &alloc))
+                .spawn(move || worker(&shared))
             {
                 Ok(h) => {
                     q.exited = false;
@@ -112,11 +128,12 @@ impl Puncher {
                 }
                 Err(e) => {
                     tracing::warn!("no punch worker ({e}): punching on the syncing thread");
-                    let blocks = std::mem::take(&mut q.blocks);
+                    let batches = std::mem::take(&mut q.batches);
                     let gen = q.queued;
-                    q.punched += blocks.len() as u64;
+                    q.punched += q.queued_blocks;
+                    q.queued_blocks = 0;
                     drop(q);
-                    punch_batch(blocks, &self.own, &self.alloc);
+                    punch_batches(batches);
                     let mut q = self.shared.lock();
                     q.done = q.done.max(gen);
                     drop(q);
@@ -135,13 +152,14 @@ impl Puncher {
         let start = Instant::now();
         let mut q = self.shared.lock();
         let target = q.queued;
+        q.waiters += 1;
+        self.shared.cv.notify_all();
+        let mut ok = true;
         while q.done < target {
-            if q.exited {
-                return false;
-            }
             let left = limit.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                return false;
+            if q.exited || left.is_zero() {
+                ok = false;
+                break;
             }
             q = self
                 .shared
@@ -150,7 +168,8 @@ impl Puncher {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        true
+        q.waiters -= 1;
+        ok
     }
 
     /// Blocks handed to a punch so far.
@@ -169,7 +188,7 @@ impl Puncher {
     /// Blocks queued and not yet punched (including a batch being punched).
     pub fn pending(&self) -> u64 {
         let q = self.shared.lock();
-        q.blocks.len() as u64 + q.punching
+        q.queued_blocks + q.punching
     }
 }
 
@@ -184,12 +203,14 @@ impl Drop for Puncher {
             let left = DRAIN_LIMIT.saturating_sub(start.elapsed());
             if left.is_zero() {
                 tracing::warn!(
-                    "layer {}: the punch worker did not drain in {DRAIN_LIMIT:?} ({} blocks \
-                     queued); it finishes on its own, and what it does not punch stays \
-                     allocated until the layer is reopened",
-                    self.own.id,
-                    q.blocks.len()
+                    "the punch worker did not drain in {DRAIN_LIMIT:?} ({} blocks queued): \
+                     they stay allocated (space only; a reopen frees the active layer's, a \
+                     reclaim the others)",
+                    q.queued_blocks
                 );
+                // Nothing more is punched once the files may be another writer's.
+                q.abandon = true;
+                q.batches.clear();
                 return;
             }
             q = self
@@ -218,16 +239,17 @@ impl Drop for ExitGuard<'_> {
     }
 }
 
-fn worker(shared: &Shared, own: &Arc<LayerFiles>, alloc: &Arc<Mutex<Alloc>>) {
+fn worker(shared: &Shared) {
     let _exit = ExitGuard(shared);
     let mut q = shared.lock();
     loop {
         #[cfg(test)]
-        if q.held && !q.closing {
+        if q.held && !q.closing && q.waiters == 0 {
             q = shared.cv.wait(q).unwrap_or_else(|p| p.into_inner());
             continue;
         }
-        if q.blocks.is_empty() {
+        if q.batches.is_empty() || q.abandon {
+            q.batches.clear();
             q.done = q.queued;
             shared.cv.notify_all();
             if q.closing {
@@ -236,12 +258,13 @@ fn worker(shared: &Shared, own: &Arc<LayerFiles>, alloc: &Arc<Mutex<Alloc>>) {
             q = shared.cv.wait(q).unwrap_or_else(|p| p.into_inner());
             continue;
         }
-        let blocks = std::mem::take(&mut q.blocks);
+        let batches = std::mem::take(&mut q.batches);
         let gen = q.queued;
-        q.punching = blocks.len() as u64;
-        q.punched += blocks.len() as u64;
+        q.punching = q.queued_blocks;
+        q.punched += q.queued_blocks;
+        q.queued_blocks = 0;
         drop(q);
-        punch_batch(blocks, own, alloc);
+        punch_batches(batches);
         q = shared.lock();
         q.punching = 0;
         q.done = q.done.max(gen);
@@ -249,17 +272,21 @@ fn worker(shared: &Shared, own: &Arc<LayerFiles>, alloc: &Arc<Mutex<Alloc>>) {
     }
 }
 
-/// Punches `blocks` coalesced into ranges per file, then makes `own`'s blocks reusable.
-fn punch_batch(mut blocks: Vec<Block>, own: &Arc<LayerFiles>, alloc: &Mutex<Alloc>) {
+/// Punches the blocks of `batches` coalesced into ranges per file (many syncs' worth at
+/// once), then makes each batch's own blocks reusable in its allocator.
+fn punch_batches(batches: Vec<Batch>) {
+    let mut all: Vec<Block> = batches
+        .iter()
+        .flat_map(|b| b.blocks.iter().cloned())
+        .collect();
     // Grouped by file object (a file replaced under the same layer id is another group).
-    blocks.sort_by_key(|(l, b)| (Arc::as_ptr(l) as usize, *b));
-    let mut mine = Vec::new();
+    all.sort_by_key(|(l, b)| (Arc::as_ptr(l) as usize, *b));
     let mut i = 0;
-    while i < blocks.len() {
-        let layer = blocks[i].0.clone();
+    while i < all.len() {
+        let layer = all[i].0.clone();
         let mut group = Vec::new();
-        while i < blocks.len() && Arc::ptr_eq(&blocks[i].0, &layer) {
-            group.push(blocks[i].1);
+        while i < all.len() && Arc::ptr_eq(&all[i].0, &layer) {
+            group.push(all[i].1);
             i += 1;
         }
         if let Err(e) = layer.punch(&mut group) {
@@ -271,12 +298,20 @@ fn punch_batch(mut blocks: Vec<Block>, own: &Arc<LayerFiles>, alloc: &Mutex<Allo
                 layer.id
             );
         }
-        if Arc::ptr_eq(&layer, own) {
-            mine.append(&mut group);
-        }
     }
-    if !mine.is_empty() {
-        alloc.lock().unwrap_or_else(|p| p.into_inner()).reuse(mine);
+    for b in batches {
+        let mine: Vec<u64> = b
+            .blocks
+            .iter()
+            .filter(|(l, _)| Arc::ptr_eq(l, &b.own))
+            .map(|&(_, n)| n)
+            .collect();
+        if !mine.is_empty() {
+            b.alloc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .reuse(mine);
+        }
     }
 }
 
@@ -419,9 +454,7 @@ mod tests {
     #[test]
     fn dropping_the_disk_drains_queued_punches() {
         let (_t, d, disk) = disk();
-        let a = active(&disk);
         let data = data_path(&disk);
-        drop(a);
         active(&disk).puncher_for_tests().hold(true);
         write(&disk, 0, BLOCKS, 1);
         write(&disk, BLOCKS, 1, 2);
@@ -429,7 +462,7 @@ mod tests {
         disk.now().discard(0, BLOCKS * BLOCK_SIZE).unwrap();
         disk.now().flush().unwrap();
         assert_eq!(alloc_of(&data), before, "held: nothing punched yet");
-        // The close releases the hold and waits for the queue.
+        // The close waits for the queue (a wait releases the hold).
         drop(disk);
         let freed = before - alloc_of(&data);
         assert!(freed >= (BLOCKS - 128) * BLOCK_SIZE, "freed {freed} bytes");
@@ -445,18 +478,30 @@ mod tests {
         let (_t, _d, mut disk) = disk();
         let old = active(&disk);
         old.puncher_for_tests().hold(true);
+        // The old active layer queues blocks 128..1024 (its own: 0..128 are kept).
         free_a_range(&disk);
-        // The old active layer (still referenced here) has punches queued; the checkpoint
-        // replaces it. Its blocks go back to its own (retired) allocator only.
         disk.checkpoint("c").unwrap();
         let new = active(&disk);
         assert!(!Arc::ptr_eq(&old.files, &new.files));
+        // The new one (same worker) queues its own: 200 blocks and a tail at 200, the 200
+        // discarded: 64 kept, 136 queued. One worker pass then punches both batches.
+        write(&disk, 0, 200, 5);
+        write(&disk, 200, 1, 6);
+        disk.now().discard(0, 200 * BLOCK_SIZE).unwrap();
+        disk.now().flush().unwrap();
         old.puncher_for_tests().hold(false);
-        assert!(old.wait_punches(super::DRAIN_LIMIT));
+        assert!(new.wait_punches(super::DRAIN_LIMIT));
+        // Only its own blocks came back: 0..200 free, the tail at 200 (which is block 200 of
+        // the old file's queued range) still in use.
         let space = disk.now().active_space().unwrap();
-        assert_eq!((space.used_blocks, space.free_blocks), (0, 0), "{space:?}");
-        write(&disk, 0, 8, 9);
-        assert_eq!(disk.now().active_space().unwrap().used_blocks, 8);
+        assert_eq!(
+            (space.used_blocks, space.free_blocks),
+            (201, 200),
+            "{space:?}"
+        );
         assert!(disk.check().unwrap().is_clean());
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        disk.now().read_at(&mut buf, 200 * BLOCK_SIZE).unwrap();
+        assert_eq!(buf[8], 6);
     }
 }

@@ -34,8 +34,9 @@ pub(crate) struct ActiveLayer {
     pub files: Arc<LayerFiles>,
     log: File,
     alloc: Arc<Mutex<Alloc>>,
-    /// Punches ready freed blocks off the sync path (see `punch.rs`).
-    puncher: Puncher,
+    /// Punches ready freed blocks off the sync path (see `punch.rs`); shared with the
+    /// active layers a checkpoint makes after this one.
+    puncher: Arc<Puncher>,
     journal: Mutex<Pending>,
     /// Signalled when a log append (a sync batch) ends.
     sync_done: Condvar,
@@ -71,6 +72,21 @@ impl ActiveLayer {
     /// Wraps an open layer for appending; `next_block` is the first free data block and
     /// `log_len` the valid length of the log.
     pub fn new(files: Arc<LayerFiles>, next_block: u64, log_len: u64) -> Result<ActiveLayer> {
+        Self::with_puncher(files, next_block, log_len, Arc::new(Puncher::new()))
+    }
+
+    /// A new active layer that takes over `prev`'s punch worker (a checkpoint replacing
+    /// `prev`: its queued punches go on without anyone waiting for them).
+    pub fn after(files: Arc<LayerFiles>, prev: &ActiveLayer) -> Result<ActiveLayer> {
+        Self::with_puncher(files, 0, LOG_HEADER_SIZE, prev.puncher.clone())
+    }
+
+    fn with_puncher(
+        files: Arc<LayerFiles>,
+        next_block: u64,
+        log_len: u64,
+        puncher: Arc<Puncher>,
+    ) -> Result<ActiveLayer> {
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true);
         let log = open_regular(&files.log_path, &opts, Links::Refuse)?;
@@ -84,7 +100,7 @@ impl ActiveLayer {
         crate::compact_log::remove_leftover(&files.log_path);
         let alloc = Arc::new(Mutex::new(Alloc::new(next_block, size)));
         Ok(ActiveLayer {
-            puncher: Puncher::new(files.clone(), alloc.clone()),
+            puncher,
             files,
             log,
             alloc,
@@ -142,7 +158,7 @@ impl ActiveLayer {
         punch.extend(mine.drain(keep..));
         a.reuse(mine.into_iter().map(|(_, b)| b).collect());
         drop(a);
-        self.puncher.enqueue(punch);
+        self.puncher.enqueue(punch, &self.files, &self.alloc);
     }
 
     #[cfg(test)]

@@ -472,12 +472,12 @@ mod tests {
         let path = dir.path().join("api.sock");
         let _server = ControlServer::start(&path, Arc::new(fake())).unwrap();
         let max = ControlLimits::default().max_clients;
-        // More silent clients than the server serves at once, one of them half-way through
-        // a request line.
-        let mut idle: Vec<UnixStream> = (0..max + 4)
-            .map(|_| UnixStream::connect(&path).unwrap())
-            .collect();
+        // More silent clients than the server serves at once, the first one half-way through
+        // a request line (written before the others connect: once the server is full it may
+        // already have displaced that client, and a write would then fail).
+        let mut idle = vec![UnixStream::connect(&path).unwrap()];
         idle[0].write_all(b"{\"op\":").unwrap();
+        idle.extend((0..max + 3).map(|_| UnixStream::connect(&path).unwrap()));
         let v = super::super::client::call(
             &path,
             &super::super::Request::CheckpointCreate {

@@ -72,6 +72,29 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.q.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Waits on the condition variable until `done(q)` or `limit` from `start` has passed;
+    /// returns the guard and whether `done` held.
+    fn wait_until<'a>(
+        &self,
+        mut q: MutexGuard<'a, Queue>,
+        start: Instant,
+        limit: Duration,
+        done: impl Fn(&Queue) -> bool,
+    ) -> (MutexGuard<'a, Queue>, bool) {
+        while !done(&q) {
+            let left = limit.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return (q, false);
+            }
+            q = self
+                .cv
+                .wait_timeout(q, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        (q, true)
+    }
 }
 
 /// Punches the blocks the active layers of one view queue, on a thread of its own (started
@@ -154,22 +177,11 @@ impl Puncher {
         let target = q.queued;
         q.waiters += 1;
         self.shared.cv.notify_all();
-        let mut ok = true;
-        while q.done < target {
-            let left = limit.saturating_sub(start.elapsed());
-            if q.exited || left.is_zero() {
-                ok = false;
-                break;
-            }
-            q = self
-                .shared
-                .cv
-                .wait_timeout(q, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        let (mut q, _) = self
+            .shared
+            .wait_until(q, start, limit, |q| q.done >= target || q.exited);
         q.waiters -= 1;
-        ok
+        q.done >= target
     }
 
     /// Blocks handed to a punch so far.
@@ -198,27 +210,20 @@ impl Drop for Puncher {
         let mut q = self.shared.lock();
         q.closing = true;
         self.shared.cv.notify_all();
-        let start = Instant::now();
-        while !q.exited {
-            let left = DRAIN_LIMIT.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                tracing::warn!(
-                    "the punch worker did not drain in {DRAIN_LIMIT:?} ({} blocks queued): \
-                     they stay allocated (space only; a reopen frees the active layer's, a \
-                     reclaim the others)",
-                    q.queued_blocks
-                );
-                // Nothing more is punched once the files may be another writer's.
-                q.abandon = true;
-                q.batches.clear();
-                return;
-            }
-            q = self
-                .shared
-                .cv
-                .wait_timeout(q, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let (mut q, exited) = self
+            .shared
+            .wait_until(q, Instant::now(), DRAIN_LIMIT, |q| q.exited);
+        if !exited {
+            tracing::warn!(
+                "the punch worker did not drain in {DRAIN_LIMIT:?} ({} blocks queued): \
+                 they stay allocated (space only; a reopen frees the active layer's, a \
+                 reclaim the others)",
+                q.queued_blocks
+            );
+            // Nothing more is punched once the files may be another writer's.
+            q.abandon = true;
+            q.batches.clear();
+            return;
         }
         drop(q);
         if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {

@@ -398,7 +398,7 @@ impl MergeJob {
         self.progress.copying();
         if let Some(r) = self.reclaim.as_mut() {
             return r
-                .run(self.s.id, cancel, &self.progress, &self.s.registry)
+                .run(self.s.id, cancel, &self.progress, &self.s.registry, pacer)
                 .map(|()| self.copied = true);
         }
         if self.comp.is_none() {

@@ -653,7 +653,12 @@ pub(crate) mod tests {
 
     /// A disk of 1 MiB, open for writing.
     pub(crate) fn small_disk(dir: &std::path::Path) -> Disk {
-        Disk::create(dir, 1 << 20, None).unwrap();
+        disk_of(dir, 1 << 20)
+    }
+
+    /// A fresh disk of `size` bytes, open for writing (write-back cache).
+    pub(crate) fn disk_of(dir: &std::path::Path, size: u64) -> Disk {
+        Disk::create(dir, size, None).unwrap();
         Disk::open(
             dir,
             OpenOptions {
@@ -755,15 +760,7 @@ pub(crate) mod tests {
     fn a_paced_reclaim_pauses_between_slices_with_no_claim_held() {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("disk");
-        Disk::create(&dir, 8 << 20, None).unwrap();
-        let mut disk = Disk::open(
-            &dir,
-            OpenOptions {
-                cache: CacheMode::Writeback,
-                read_only: false,
-            },
-        )
-        .unwrap();
+        let mut disk = disk_of(&dir, 8 << 20);
         let now = disk.now();
         let blocks = 4 * SLICE_BLOCKS as u64;
         // Every other block: the dead blocks are scattered (one punch each).

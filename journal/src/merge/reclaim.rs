@@ -441,15 +441,12 @@ impl Reclaim {
                 self.at = (self.at.0 + 1, 0);
                 continue;
             }
+            if pacer.due() {
+                // Nothing of the job is held here (the wait ends early on a cancel).
+                pacer.wait();
+            }
             if cancel.load(Ordering::Acquire) {
                 return Err(Error::MergeCancelled(id));
-            }
-            if pacer.due() {
-                // Nothing of the job is held here.
-                pacer.wait();
-                if cancel.load(Ordering::Acquire) {
-                    return Err(Error::MergeCancelled(id));
-                }
             }
             let skip = |why: &str| {
                 tracing::info!(

@@ -1,7 +1,9 @@
 //! Online merges against a model: random writes, discards, flushes, checkpoints, applies and
 //! deletes with every strategy (and a custom one); jobs run on a thread while Now keeps being
-//! written, some are finished late (after more deletes), dropped or abandoned. After every
-//! finished merge every checkpoint and Now equal the model.
+//! written, some are finished late (after more deletes), dropped or abandoned. Some deletes
+//! are deferred (`delete_deferred`): their strategy plans later, after more writes,
+//! checkpoints, applies and deletes have changed the tree, or never. After every finished
+//! merge every checkpoint and Now equal the model.
 
 mod journal_common;
 
@@ -10,7 +12,9 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use journal::{CacheMode, DeleteOptions, Disk, Error, MergeJob, StrategyKind, LINEAGE_SLACK};
+use journal::{
+    CacheMode, DeleteOptions, Disk, Error, MergeJob, PendingPlan, StrategyKind, LINEAGE_SLACK,
+};
 use journal_common::{
     assert_model, open, random_data_write, random_zeroing, read_all, Model, Pairs,
 };
@@ -121,6 +125,9 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode, qemu_compare: bool) {
     let mut next_name = 0;
     // Jobs made by earlier deletes, finished later (their layers may be gone by then).
     let mut late: Vec<MergeJob> = Vec::new();
+    // Deferred deletes whose strategy has not planned yet.
+    let mut unplanned: Vec<(PendingPlan, DeleteOptions)> = Vec::new();
+    let mut planned = 0;
     let mut merged = 0;
     let mut discarded = 0;
     for step in 0..steps {
@@ -153,7 +160,7 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode, qemu_compare: bool) {
             let subtree = rng.gen_bool(0.15);
             let opts = options(&mut rng, subtree);
             let refused = subtree && m.descends(m.now_parent.clone(), &target);
-            let mode = rng.gen_range(0..5);
+            let mode = rng.gen_range(0..6);
             what = format!(
                 "delete {target} subtree={subtree} strategy={:?} mode={mode}",
                 opts.custom
@@ -161,7 +168,17 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode, qemu_compare: bool) {
                     .map(|c| c.name().to_string())
                     .unwrap_or(opts.strategy.to_string())
             );
-            if mode == 0 {
+            if mode == 5 {
+                let r = disk.delete_deferred(&target, &opts);
+                if refused {
+                    assert!(matches!(r, Err(Error::Invalid(_))), "{what}");
+                } else {
+                    let (_, plan) = r.unwrap();
+                    m.delete(&target, subtree);
+                    assert_model(&disk, &m, &format!("step {step} ({what}) before planning"));
+                    unplanned.push((plan, opts));
+                }
+            } else if mode == 0 {
                 let r = disk.delete_with(&target, &opts);
                 if refused {
                     assert!(matches!(r, Err(Error::Invalid(_))), "{what}");
@@ -203,7 +220,18 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode, qemu_compare: bool) {
                 }
             }
         } else if op < 98 {
-            // The late jobs: run (while Now is written) and finish; some are stale.
+            // The deferred deletes plan on today's tree (in any order), then the late jobs
+            // run (while Now is written) and finish; some are stale.
+            while !unplanned.is_empty() {
+                let (plan, opts) = unplanned.swap_remove(rng.gen_range(0..unplanned.len()));
+                let id = plan.id();
+                let (jobs, _) = disk.plan_deferred(plan, &opts).unwrap();
+                for j in &jobs {
+                    assert_eq!(j.progress().status().delete, Some(id));
+                }
+                planned += 1;
+                late.extend(jobs);
+            }
             let jobs = std::mem::take(&mut late);
             let n = jobs.len();
             let done = run_online(&mut disk, jobs, &mut rng, &mut m, "late jobs");
@@ -224,6 +252,8 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode, qemu_compare: bool) {
             what = format!("late jobs ({n})");
         } else {
             late.clear();
+            // A plan dropped unplanned leaves only garbage for a maintenance pass.
+            unplanned.clear();
             drop(disk);
             disk = open(&dir, cache);
             what = "reopen".into();
@@ -234,10 +264,14 @@ fn run_model(seed: u64, steps: usize, cache: CacheMode, qemu_compare: bool) {
         assert_model(&disk, &m, &format!("step {step} ({what})"));
     }
     drop(late);
+    drop(unplanned);
     let report = disk.check().unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
     assert!(merged > 5, "only {merged} merges ran");
-    eprintln!("seed {seed}: {merged} merges finished, {discarded} stale jobs discarded");
+    assert!(planned > 0 || steps < 200, "no deferred delete was planned");
+    eprintln!(
+        "seed {seed}: {merged} merges finished, {discarded} stale jobs discarded, {planned} deferred plans"
+    );
     if qemu_compare {
         let img = t.path().join("model.raw");
         let out = t.path().join("now.raw");

@@ -200,9 +200,12 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
                         .take();
                     let jobs = crate::control::job_ids(&v);
                     println!(
-                        "deleted {} ({} merges queued{})",
+                        "deleted {} (its merges are planned in the background as delete {}{})",
                         deleted_names(&v),
-                        jobs.len(),
+                        jobs.iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         match v["gone_us"].as_u64() {
                             Some(us) =>
                                 format!(", gone from the tree in {:.1} ms", us as f64 / 1000.0),
@@ -325,7 +328,7 @@ fn wait_for_merges(api: &Path, jobs: &[u64]) -> Result<()> {
         let v = call(api, &Request::CheckpointStatus)?;
         let running: Vec<MergeView> = MergeView::list(&v["merges"])
             .into_iter()
-            .filter(|m| jobs.contains(&m.id))
+            .filter(|m| m.is_of(jobs))
             .collect();
         display.update(&running);
         let empty = Vec::new();
@@ -334,7 +337,7 @@ fn wait_for_merges(api: &Path, jobs: &[u64]) -> Result<()> {
             let Some(m) = MergeView::list(&Value::Array(vec![f.clone()])).pop() else {
                 continue;
             };
-            if !jobs.contains(&m.id) || shown_end.contains(&m.id) {
+            if !m.is_of(jobs) || shown_end.contains(&m.id) {
                 continue;
             }
             display.ended(&m, None);

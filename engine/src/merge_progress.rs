@@ -29,6 +29,9 @@ pub struct MergeView {
     pub bytes_total: u64,
     pub rate_bytes_per_sec: f64,
     pub eta_secs: Option<f64>,
+    /// The deferred delete that planned this merge (absent for maintenance merges).
+    #[serde(default)]
+    pub delete: Option<u64>,
 }
 
 impl From<MergeStatus> for MergeView {
@@ -42,6 +45,7 @@ impl From<MergeStatus> for MergeView {
             bytes_total: s.bytes_total,
             rate_bytes_per_sec: s.rate_bytes_per_sec,
             eta_secs: s.eta_secs,
+            delete: s.delete,
         }
     }
 }
@@ -59,6 +63,11 @@ impl MergeView {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// True for merge `ids` or one a delete in `ids` planned.
+    pub fn is_of(&self, ids: &[u64]) -> bool {
+        ids.contains(&self.id) || self.delete.is_some_and(|d| ids.contains(&d))
     }
 
     fn label(&self) -> String {
@@ -278,6 +287,7 @@ mod tests {
             bytes_total: 4 << 20,
             rate_bytes_per_sec: 2e6,
             eta_secs: Some(75.0),
+            delete: None,
         }
     }
 

@@ -1,8 +1,10 @@
 //! The merge worker of one open, writable disk: the background half of an online delete.
 //!
-//! `Disk::delete_online` takes a checkpoint out of the tree at once and hands back the data
-//! movements still to do ([`journal::MergeJob`]s). The worker queues them and runs them one
-//! at a time on its own thread, never holding the `Disk` mutex while it copies (the copy only
+//! `Disk::delete_deferred` takes a checkpoint out of the tree at once (one tree commit, no
+//! log read, so its cost does not grow with the checkpoint's data) and hands back a pending
+//! plan. The worker queues the plan; on its thread the strategy plans with the disk locked
+//! but client I/O flowing (a measuring strategy scans the target stack's logs there), and
+//! the data movements it wants ([`journal::MergeJob`]s) run next, one at a time, never holding the `Disk` mutex while it copies (the copy only
 //! reads sealed layer files the job holds). A finished copy is swapped into the tree by
 //! `Disk::finish_merge` with the I/O gate closed and drained, which takes a few
 //! milliseconds. A job that runs out of space is paused and retried with a growing back-off;
@@ -28,7 +30,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use journal::{DeleteOptions, Disk, MergeJob, MergeProgress, MergeReport, MergeStatus};
+use std::collections::HashMap;
+
+use journal::{
+    DeleteOptions, Disk, MergeJob, MergeProgress, MergeReport, MergeStatus, PendingPlan,
+};
 use serde::Serialize;
 
 use crate::merge_pace::{self, Pacing};
@@ -78,20 +84,76 @@ pub struct Finished {
     pub report: Option<MergeReport>,
 }
 
-/// One queued job with what the worker knows about it.
+/// What the worker runs next.
+enum Work {
+    /// A merge or reclaim job.
+    Job(MergeJob, Arc<MergeProgress>),
+    /// A deferred delete's planning: its jobs are queued at the front when it has run.
+    Plan(PendingPlan, DeleteOptions),
+}
+
+/// One queued piece of work with what the worker knows about it.
 struct Queued {
-    job: MergeJob,
-    progress: Arc<MergeProgress>,
+    work: Work,
     pacing: Pacing,
 }
+
+impl Queued {
+    fn job(job: MergeJob, pacing: Pacing) -> Queued {
+        Queued {
+            work: {
+                let progress = job.progress();
+                Work::Job(job, progress)
+            },
+            pacing,
+        }
+    }
+
+    /// How `status` shows it while it waits in the queue.
+    fn status(&self) -> MergeStatus {
+        let mut s = match &self.work {
+            Work::Job(_, progress) => progress.status(),
+            Work::Plan(p, opts) => plan_status(p, opts),
+        };
+        s.state = "queued".into();
+        s
+    }
+}
+
+/// A delete's planning as a status entry (nothing copied yet).
+fn plan_status(p: &PendingPlan, opts: &DeleteOptions) -> MergeStatus {
+    MergeStatus {
+        id: p.id(),
+        checkpoint: p.checkpoint().to_string(),
+        strategy: opts.custom.as_ref().map_or_else(
+            || opts.strategy.name().to_string(),
+            |c| c.name().to_string(),
+        ),
+        state: PLANNING.into(),
+        bytes_done: 0,
+        bytes_total: 0,
+        rate_bytes_per_sec: 0.0,
+        eta_secs: None,
+        delete: None,
+    }
+}
+
+/// What the status of a delete whose strategy has not planned yet says.
+pub const PLANNING: &str = "planning";
 
 #[derive(Default)]
 struct State {
     queue: VecDeque<Queued>,
     /// The running job's progress and, while it waits to retry, why.
     running: Option<(Arc<MergeProgress>, Option<String>)>,
+    /// The delete whose strategy is planning now.
+    planning: Option<MergeStatus>,
+    /// Deletes whose plan gave jobs, with those jobs' ids: a delete's id stays pending
+    /// until none of them is.
+    groups: HashMap<u64, Vec<u64>>,
     finished: VecDeque<Finished>,
-    /// Ids queued or running (what `wait` waits for).
+    /// Ids queued or running, and of deletes not planned or with jobs pending (what `wait`
+    /// waits for).
     pending: HashSet<u64>,
     /// A delete happened since the last maintenance pass (or the worker just started).
     maintenance_due: bool,
@@ -177,12 +239,14 @@ pub struct MergeWorker {
     thread: Option<JoinHandle<()>>,
 }
 
-/// What a delete did: the tree change and the jobs now queued.
+/// What a delete did: the tree change, and what to wait for.
 #[derive(Clone, Debug, Serialize)]
 pub struct Deleted {
     #[serde(flatten)]
     pub report: journal::DeleteReport,
-    /// Ids of the merges this delete queued.
+    /// What to wait for: the delete's id. Its strategy plans in the background; the merges
+    /// it plans name this id as their `delete` in the status, and `wait` on it returns
+    /// when they have all ended.
     pub jobs: Vec<u64>,
     /// Microseconds from the request to the checkpoint being gone from the tree.
     pub gone_us: u64,
@@ -240,12 +304,12 @@ impl MergeWorker {
         drain_timeout: Duration,
     ) -> Result<Deleted> {
         self.delete_with(name, opts, drain_timeout, |disk, opts| {
-            Ok(disk.delete_online(name, opts)?)
+            Ok(disk.delete_deferred(name, opts)?)
         })
     }
 
     /// Like [`MergeWorker::delete`] with the tree change done by `tree_change` (under the
-    /// disk lock, I/O paused), which returns the journal's delete report and jobs.
+    /// disk lock, I/O paused), which returns the journal's delete report and pending plan.
     pub fn delete_with<F>(
         &self,
         name: &str,
@@ -254,7 +318,7 @@ impl MergeWorker {
         tree_change: F,
     ) -> Result<Deleted>
     where
-        F: FnOnce(&mut Disk, &DeleteOptions) -> Result<(journal::DeleteReport, Vec<MergeJob>)>,
+        F: FnOnce(&mut Disk, &DeleteOptions) -> Result<(journal::DeleteReport, PendingPlan)>,
     {
         let start = Instant::now();
         // Check the name before pausing anyone's I/O.
@@ -290,20 +354,29 @@ impl MergeWorker {
         let pausing = Instant::now();
         let paused = self.shared.gate.pause(drain_timeout)?;
         let drained = pausing.elapsed();
-        let (report, jobs) = tree_change(&mut disk, &opts)?;
+        let (report, plan) = tree_change(&mut disk, &opts)?;
         drop(paused);
         let paused_for = pausing.elapsed();
         drop(disk);
         let gone_us = start.elapsed().as_micros() as u64;
         drop(held);
-        let ids = self.enqueue_paced(jobs, pacing);
+        let id = plan.id();
+        {
+            let mut st = lock(&self.shared.state);
+            st.pending.insert(id);
+            st.queue.push_back(Queued {
+                work: Work::Plan(plan, opts),
+                pacing,
+            });
+            st.maintenance_due = true;
+            self.shared.changed.notify_all();
+        }
         tracing::info!(
-            "delete {name:?}: gone from the tree after {gone_us} us (disk locked at {locked:?}; I/O paused for {paused_for:?}, drained in {drained:?}), {} merges queued",
-            ids.len()
+            "delete {name:?}: gone from the tree after {gone_us} us (disk locked at {locked:?}; I/O paused for {paused_for:?}, drained in {drained:?}), planning queued as {id}"
         );
         Ok(Deleted {
             report,
-            jobs: ids,
+            jobs: vec![id],
             gone_us,
         })
     }
@@ -320,11 +393,7 @@ impl MergeWorker {
         for job in jobs {
             ids.push(job.id());
             st.pending.insert(job.id());
-            st.queue.push_back(Queued {
-                progress: job.progress(),
-                job,
-                pacing,
-            });
+            st.queue.push_back(Queued::job(job, pacing));
         }
         st.maintenance_due = true;
         self.shared.changed.notify_all();
@@ -361,9 +430,9 @@ impl MergeWorker {
             }
         }
         let mut st = lock(&self.shared.state);
+        // `pending` stays: a waiter for what was dropped learns that it did not end.
         let dropped = st.queue.len();
         st.queue.clear();
-        st.pending.clear();
         self.shared.changed.notify_all();
         if dropped > 0 {
             tracing::info!("{dropped} queued merges left for the next open");
@@ -385,7 +454,8 @@ pub struct Waiter {
 
 impl Waiter {
     /// Blocks until none of `ids` is queued or running (or the worker stops); returns how
-    /// each ended, as far as the worker still remembers.
+    /// each ended, as far as the worker still remembers. A delete's id stands for the
+    /// merges its plan queued (their ends are returned).
     pub fn wait(&self, ids: &[u64]) -> Result<Vec<Finished>> {
         let mut st = lock(&self.shared.state);
         while !st.stopping && ids.iter().any(|id| st.pending.contains(id)) {
@@ -398,14 +468,14 @@ impl Waiter {
         let ended: Vec<Finished> = st
             .finished
             .iter()
-            .filter(|f| ids.contains(&f.status.id))
+            .filter(|f| {
+                ids.contains(&f.status.id) || f.status.delete.is_some_and(|d| ids.contains(&d))
+            })
             .cloned()
             .collect();
-        let really_ended = ended
-            .iter()
-            .filter(|f| !f.status.state.starts_with("stopped"))
-            .count();
-        if st.stopping && really_ended < ids.len() {
+        let cut_short = ids.iter().any(|id| st.pending.contains(id))
+            || ended.iter().any(|f| f.status.state.starts_with("stopped"));
+        if st.stopping && cut_short {
             return Err(Error::Usage(
                 "the server is stopping; the unfinished merges continue when the disk is next opened"
                     .into(),
@@ -423,7 +493,10 @@ impl Waiter {
 impl Shared {
     fn status(&self) -> WorkerStatus {
         let st = lock(&self.state);
-        let mut merges = Vec::with_capacity(st.queue.len() + 1);
+        let mut merges = Vec::with_capacity(st.queue.len() + 2);
+        if let Some(p) = &st.planning {
+            merges.push(p.clone());
+        }
         if let Some((p, paused)) = &st.running {
             let mut s = p.status();
             if let Some(why) = paused {
@@ -434,11 +507,7 @@ impl Shared {
             }
             merges.push(s);
         }
-        for q in &st.queue {
-            let mut s = q.progress.status();
-            s.state = "queued".into();
-            merges.push(s);
-        }
+        merges.extend(st.queue.iter().map(Queued::status));
         WorkerStatus {
             merges,
             finished: st.finished.iter().cloned().collect(),
@@ -477,7 +546,10 @@ impl Shared {
                         return;
                     }
                     if let Some(q) = st.queue.pop_front() {
-                        st.running = Some((q.progress.clone(), None));
+                        match &q.work {
+                            Work::Job(_, progress) => st.running = Some((progress.clone(), None)),
+                            Work::Plan(p, opts) => st.planning = Some(plan_status(p, opts)),
+                        }
                         break Some(q);
                     }
                     if st.maintenance_due {
@@ -492,7 +564,14 @@ impl Shared {
                 }
             };
             match next {
-                Some(q) => self.run_job(q),
+                Some(Queued {
+                    work: Work::Job(job, progress),
+                    pacing,
+                }) => self.run_job(job, progress, pacing),
+                Some(Queued {
+                    work: Work::Plan(plan, opts),
+                    pacing,
+                }) => self.run_plan(plan, opts, pacing),
                 None => {
                     rounds += 1;
                     if rounds <= MAX_MAINTENANCE_ROUNDS {
@@ -523,11 +602,7 @@ impl Shared {
                 let mut st = lock(&self.state);
                 for job in jobs {
                     st.pending.insert(job.id());
-                    st.queue.push_back(Queued {
-                        progress: job.progress(),
-                        job,
-                        pacing: self.pacing,
-                    });
+                    st.queue.push_back(Queued::job(job, self.pacing));
                 }
                 // Their completion may make more work due (a threshold crossed again).
                 st.maintenance_due = true;
@@ -537,13 +612,59 @@ impl Shared {
         }
     }
 
+    /// Lets a deferred delete's strategy plan (disk locked, client I/O flowing) and queues
+    /// its jobs at the front, in the plan's order. A plan that fails is listed as a failed
+    /// merge: the checkpoint is gone all the same, and a maintenance pass reclaims later
+    /// what its jobs would have.
+    fn run_plan(&self, plan: PendingPlan, opts: DeleteOptions, pacing: Pacing) {
+        let id = plan.id();
+        let mut status = plan_status(&plan, &opts);
+        let start = Instant::now();
+        let planned =
+            lock_disk(&self.disk).and_then(|mut disk| Ok(disk.plan_deferred(plan, &opts)?));
+        let took = start.elapsed();
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        st.planning = None;
+        match planned {
+            Ok((jobs, _)) => {
+                let ids: Vec<u64> = jobs.iter().map(MergeJob::id).collect();
+                tracing::info!(
+                    "delete {:?} ({id}): planned in {took:?}, merges {ids:?}",
+                    status.checkpoint
+                );
+                for job in jobs.into_iter().rev() {
+                    st.pending.insert(job.id());
+                    st.queue.push_front(Queued::job(job, pacing));
+                }
+                if ids.is_empty() {
+                    st.pending.remove(&id);
+                } else {
+                    st.groups.insert(id, ids);
+                }
+            }
+            Err(e) => {
+                let why = crate::cli::error_chain(&e);
+                tracing::error!(
+                    "delete {:?} ({id}): planning failed: {why}",
+                    status.checkpoint
+                );
+                st.pending.remove(&id);
+                status.state = format!("failed: planning: {why}");
+                push_finished(
+                    st,
+                    Finished {
+                        status,
+                        report: None,
+                    },
+                );
+            }
+        }
+        self.changed.notify_all();
+    }
+
     /// Runs one job to its end: done, failed, or left for the next open (stopping).
-    fn run_job(&self, q: Queued) {
-        let Queued {
-            mut job,
-            progress,
-            pacing,
-        } = q;
+    fn run_job(&self, mut job: MergeJob, progress: Arc<MergeProgress>, pacing: Pacing) {
         let id = job.id();
         let mut backoff = FIRST_BACKOFF;
         let mut copied = false;
@@ -617,9 +738,21 @@ impl Shared {
                 }
             }
         };
-        let mut st = lock(&self.state);
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
         st.running = None;
         st.pending.remove(&id);
+        // A delete whose jobs all ended is no longer pending.
+        let ended_groups: Vec<u64> = st
+            .groups
+            .iter()
+            .filter(|(_, jobs)| !jobs.iter().any(|j| st.pending.contains(j)))
+            .map(|(&g, _)| g)
+            .collect();
+        for g in ended_groups {
+            st.groups.remove(&g);
+            st.pending.remove(&g);
+        }
         let mut status = progress.status();
         let report = match ended {
             // Left unfinished by a stop: shown with where the copy stood ("paused:
@@ -643,10 +776,7 @@ impl Shared {
                 }
             },
         };
-        st.finished.push_back(Finished { status, report });
-        while st.finished.len() > KEEP_FINISHED {
-            st.finished.pop_front();
-        }
+        push_finished(st, Finished { status, report });
         self.changed.notify_all();
     }
 
@@ -703,6 +833,14 @@ impl Shared {
             start.elapsed()
         );
         finish
+    }
+}
+
+/// Remembers an ended merge (the last [`KEEP_FINISHED`]).
+fn push_finished(st: &mut State, f: Finished) {
+    st.finished.push_back(f);
+    while st.finished.len() > KEEP_FINISHED {
+        st.finished.pop_front();
     }
 }
 
@@ -869,11 +1007,15 @@ mod tests {
                 !lock(&f.disk).list().iter().any(|c| c.name == "a"),
                 "{kind}: a still listed"
             );
+            // What to wait for is the delete; its plan's jobs name it.
+            assert_eq!(d.jobs.len(), 1, "{kind}: {d:?}");
             let ended = w.waiter().wait(&d.jobs).unwrap();
-            assert_eq!(ended.len(), d.jobs.len(), "{kind}: {ended:?}");
+            assert!(!ended.is_empty(), "{kind}: nothing ran");
             for e in &ended {
+                assert_eq!(e.status.delete, Some(d.jobs[0]), "{kind}: {e:?}");
                 assert!(!e.status.state.starts_with("failed"), "{kind}: {e:?}");
             }
+            assert!(w.waiter().status().merges.iter().all(|m| m.id != d.jobs[0]));
             wait_idle(&w);
             let disk = lock(&f.disk);
             assert!(read(&disk.now()) == f.now, "{kind}: Now changed");
@@ -924,22 +1066,31 @@ mod tests {
             assert_eq!(d.jobs.len(), 1, "{victim}: {d:?}");
             all.extend(d.jobs);
         }
-        // The worker takes the first job at once; the others wait behind it.
+        // The worker plans the first delete and starts its merge at once; the later deletes
+        // wait, unplanned, behind it.
         let s = loop {
             let s = w.status();
-            if s.merges.first().is_some_and(|m| m.state != "queued") {
+            if s.merges
+                .first()
+                .is_some_and(|m| m.delete.is_some() && m.state != "queued")
+            {
                 break s;
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-        let ids: Vec<u64> = s.merges.iter().map(|m| m.id).collect();
-        assert_eq!(ids, all, "{s:?}");
-        assert_ne!(s.merges[0].state, "queued", "{s:?}");
-        assert_eq!(s.merges[1].state, "queued", "{s:?}");
-        assert_eq!(s.merges[2].state, "queued", "{s:?}");
+        assert_eq!(s.merges.len(), 3, "{s:?}");
+        assert_eq!(s.merges[0].delete, Some(all[0]), "{s:?}");
+        for (m, &id) in s.merges[1..].iter().zip(&all[1..]) {
+            assert_eq!(
+                (m.id, m.delete, m.state.as_str()),
+                (id, None, "queued"),
+                "{s:?}"
+            );
+        }
         let ended = w.waiter().wait(&all).unwrap();
-        let order: Vec<u64> = ended.iter().map(|e| e.status.id).collect();
-        assert_eq!(order, all, "merges ran out of order");
+        let order: Vec<Option<u64>> = ended.iter().map(|e| e.status.delete).collect();
+        let expected: Vec<Option<u64>> = all.iter().map(|&d| Some(d)).collect();
+        assert_eq!(order, expected, "merges ran out of order");
         assert!(ended.iter().all(|e| e.status.state == "done"), "{ended:?}");
         wait_idle(&w);
         let d = lock(&disk);
@@ -976,7 +1127,7 @@ mod tests {
         let stopped = s
             .finished
             .iter()
-            .find(|e| e.status.id == d.jobs[0])
+            .find(|e| e.status.delete == Some(d.jobs[0]))
             .unwrap();
         assert_eq!(
             stopped.status.state, "stopped (paused: cancelled): continues at the next open",

@@ -16,7 +16,7 @@ use crate::locking::{self, lock_reader, lock_writer, LOCK_FILE};
 use crate::merge::{
     maintenance_moves, Above, DeleteOptions, Doomed, JobSetup, LayerStat, MergeJob, MergeReport,
     MergeStatus, Move, Placement, Reclaim, ReclaimSetup, Reclaimed, Registry, Situation, StackRef,
-    StackStat, Target,
+    StackStat, Strategy, Target,
 };
 use crate::tree::{sync_dir, unix_now, Node, NowNode, PartialMerge, Tree, TREE_FILE, TREE_FORMAT};
 use crate::view::{build_state, build_view, DiskFiles, Tail};
@@ -754,15 +754,95 @@ impl Disk {
     /// hidden node until it has at most one). When this returns the checkpoint is gone from
     /// `list()` and from the tree on disk; every other checkpoint and Now read as before.
     /// Returns the data movements the strategy wants (see [`MergeJob`]); dropping a job
-    /// without running it is safe.
+    /// without running it is safe. The strategy plans before the commit: a strategy that
+    /// measures live blocks scans the target stack's logs here (an online delete that must
+    /// be quick uses [`Disk::delete_deferred`]), and a plan it gets wrong fails the delete
+    /// with nothing changed.
     pub fn delete_online(
         &mut self,
         name: &str,
         opts: &DeleteOptions,
     ) -> Result<(DeleteReport, Vec<MergeJob>)> {
+        let mut change = self.relink(name, opts)?;
+        let strategy = opts.strategy_impl();
+        let planned = self.plan_moves(&change.tree, name, &change.merges, &*strategy)?;
+        let ids = planned.reserve(&mut change.tree)?;
+        let mut report = self.commit_relink(change)?;
+        let (jobs, freed) = self.start_planned(planned, ids, name, strategy.name(), opts);
+        report.bytes_freed += freed;
+        Ok((report, jobs))
+    }
+
+    /// The first half of [`Disk::delete_online`]: the relink, committed, and nothing else.
+    /// Its cost does not depend on how much data the checkpoint holds (no log is read), so
+    /// the checkpoint is gone within a tree commit whatever its size. The strategy plans
+    /// later, in [`Disk::plan_deferred`], on the tree as it is then; dropping the returned
+    /// plan instead is safe (a maintenance pass reclaims what the relink left shadowed).
+    pub fn delete_deferred(
+        &mut self,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> Result<(DeleteReport, PendingPlan)> {
+        let mut change = self.relink(name, opts)?;
+        let id = change.tree.alloc_id()?;
+        let received = change.merges.clone();
+        let report = self.commit_relink(change)?;
+        Ok((
+            report,
+            PendingPlan {
+                id,
+                checkpoint: name.to_string(),
+                received,
+            },
+        ))
+    }
+
+    /// The second half of a deferred delete: the strategy plans on the current tree (a
+    /// checkpoint, delete or merge since the relink may have moved the received layers to
+    /// another stack, or replaced them), its outputs' ids are reserved in a second tree
+    /// commit, and the jobs come back, each status naming `plan.id()` as its `delete`.
+    /// Also returns the bytes an inline reclaim (no `background_reclaim`) freed.
+    pub fn plan_deferred(
+        &mut self,
+        plan: PendingPlan,
+        opts: &DeleteOptions,
+    ) -> Result<(Vec<MergeJob>, u64)> {
+        self.writable()?;
+        let mut merges: Vec<Merge> = Vec::new();
+        for m in &plan.received {
+            for &l in &m.parent_layers {
+                let Some((at, _)) = self.tree.find_run(&[l]) else {
+                    continue;
+                };
+                match merges.iter_mut().find(|g| g.child == at) {
+                    Some(g) => g.parent_layers.push(l),
+                    None => merges.push(Merge {
+                        parent_layers: vec![l],
+                        child: at,
+                    }),
+                }
+            }
+        }
+        let strategy = opts.strategy_impl();
+        let planned = self.plan_moves(&self.tree, &plan.checkpoint, &merges, &*strategy)?;
+        if planned.moves.is_empty() && planned.reclaims.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let mut tree = self.tree.clone();
+        let ids = planned.reserve(&mut tree)?;
+        self.commit_tree(tree)?;
+        let (jobs, freed) =
+            self.start_planned(planned, ids, &plan.checkpoint, strategy.name(), opts);
+        for j in &jobs {
+            j.progress().made_by_delete(plan.id);
+        }
+        Ok((jobs, freed))
+    }
+
+    /// The tree after deleting `name` (not committed), with what the relink moved.
+    fn relink(&self, name: &str, opts: &DeleteOptions) -> Result<Relinked> {
         self.writable()?;
         let id = self.tree.by_name(name)?.id;
-        let subtree = opts.subtree;
         if self.now.writes_in_flight() > 0 {
             return Err(Error::Busy);
         }
@@ -771,7 +851,7 @@ impl Disk {
         let mut drop_layers: Vec<u64> = Vec::new();
         let mut merges: Vec<Merge> = Vec::new();
         let now_path = tree.path_to(tree.now.parent)?;
-        if subtree {
+        if opts.subtree {
             if now_path.contains(&id) {
                 return Err(Error::Invalid(format!(
                     "Now descends from checkpoint {name:?}; apply another checkpoint before deleting its subtree"
@@ -813,48 +893,30 @@ impl Disk {
                 &mut report,
             );
         }
-        // The strategy looks at the relinked tree; the ids of its outputs are reserved in
-        // the same commit.
-        let strategy = opts.strategy_impl();
-        let target = merges.first().map(|m| m.child);
-        let moved: HashSet<u64> = merges
-            .iter()
-            .flat_map(|m| m.parent_layers.iter().copied())
-            .collect();
-        // Live blocks are counted (the logs scanned) only for a strategy that looks at them.
-        let measure: Vec<StackRef> = target.into_iter().filter(|_| strategy.measures()).collect();
-        let situation = self.situation(&tree, name, target, &moved, &measure)?;
-        let moves = validate_moves(strategy.name(), &situation, strategy.plan(&situation))?;
-        let mut ids = Vec::with_capacity(moves.len());
-        for _ in &moves {
-            ids.push(tree.alloc_id()?);
-        }
-        // The relinked layers no move rewrites get a reclaim job per stack that received them.
-        let covered = covered_layers(&tree, &moves);
-        let mut reclaims: Vec<(StackRef, Vec<u64>, u64)> = Vec::new();
-        for m in &merges {
-            let left: Vec<u64> = m
-                .parent_layers
-                .iter()
-                .copied()
-                .filter(|l| !covered.contains(l))
-                .collect();
-            if left.is_empty() {
-                continue;
-            }
-            match reclaims.iter_mut().find(|r| r.0 == m.child) {
-                Some(r) => r.1.extend(left),
-                None => reclaims.push((m.child, left, tree.alloc_id()?)),
-            }
-        }
+        Ok(Relinked {
+            tree,
+            report,
+            drop_layers,
+            merges,
+        })
+    }
+
+    /// Commits a relink and frees what it can at once: the dropped layers' files, and Now's
+    /// superseded blocks in the layers that became its own.
+    fn commit_relink(&mut self, change: Relinked) -> Result<DeleteReport> {
+        let Relinked {
+            tree,
+            mut report,
+            drop_layers,
+            merges,
+        } = change;
         let old_own = self.tree.now.layers.len();
         self.commit_tree(tree)?;
-        let jobs = self.build_jobs(&moves, &ids, name, strategy.name(), opts);
         // The tree is durable: now free space. A crash from here on only leaves garbage that
         // the next open removes (whole layer files) or that stays allocated (shadowed blocks,
         // which a maintenance pass reclaims). A merge's replaced layers go when it finishes;
         // the blocks the relinked layers' new stack overwrites are punched by a reclaim job
-        // (see `merge::reclaim`), returned first or, without `background_reclaim`, run here.
+        // (see `merge::reclaim`).
         let new_own = self.tree.now.layers.len();
         // Layers that become Now's own: their overwritten blocks get punched from now on,
         // unless a reader (another process reading a checkpoint without the lock) pins them.
@@ -891,20 +953,77 @@ impl Disk {
         for l in drop_layers {
             report.bytes_freed += self.remove_layer_files(l);
         }
+        Ok(report)
+    }
+
+    /// What `strategy` wants after a relink that moved `merges` (as found in `tree`): its
+    /// validated moves, and a reclaim per stack for the received layers no move rewrites.
+    fn plan_moves(
+        &self,
+        tree: &Tree,
+        name: &str,
+        merges: &[Merge],
+        strategy: &dyn Strategy,
+    ) -> Result<Planned> {
+        let target = merges.first().map(|m| m.child);
+        let moved: HashSet<u64> = merges
+            .iter()
+            .flat_map(|m| m.parent_layers.iter().copied())
+            .collect();
+        // Live blocks are counted (the logs scanned) only for a strategy that looks at them.
+        let measure: Vec<StackRef> = target.into_iter().filter(|_| strategy.measures()).collect();
+        let situation = self.situation(tree, name, target, &moved, &measure)?;
+        let moves = validate_moves(strategy.name(), &situation, strategy.plan(&situation))?;
+        let covered = covered_layers(tree, &moves);
+        let mut reclaims: Vec<(StackRef, Vec<u64>)> = Vec::new();
+        for m in merges {
+            let left: Vec<u64> = m
+                .parent_layers
+                .iter()
+                .copied()
+                .filter(|l| !covered.contains(l))
+                .collect();
+            if left.is_empty() {
+                continue;
+            }
+            match reclaims.iter_mut().find(|r| r.0 == m.child) {
+                Some(r) => r.1.extend(left),
+                None => reclaims.push((m.child, left)),
+            }
+        }
+        Ok(Planned { moves, reclaims })
+    }
+
+    /// Makes and starts the jobs of a plan whose ids the committed tree reserves: the
+    /// reclaims first (quick, they give space back before any copy needs it), returned or,
+    /// without `background_reclaim`, run here (the bytes they freed are returned).
+    fn start_planned(
+        &mut self,
+        planned: Planned,
+        ids: ReservedIds,
+        name: &str,
+        strategy: &str,
+        opts: &DeleteOptions,
+    ) -> (Vec<MergeJob>, u64) {
+        let jobs = self.build_jobs(&planned.moves, &ids.moves, name, strategy, opts);
+        self.refresh_own_from();
         if jobs_touch_now(&self.tree, &jobs) {
             // Frees, before any job reads, the blocks Now's writes superseded in layers that
             // are no longer Now's own.
-            self.now.sync_log(true)?;
+            if let Err(e) = self.now.sync_log(true) {
+                tracing::warn!("delete of {name:?}: freeing Now's superseded blocks: {e}");
+            }
         }
+        let mut freed = 0;
         let mut first = Vec::new();
-        for (at, layers, id) in reclaims {
+        for ((at, layers), id) in planned.reclaims.into_iter().zip(ids.reclaims) {
             match self.reclaim_job(at, &layers, id, name, opts) {
                 Ok(j) if opts.background_reclaim => first.push(j),
                 // Inline (for comparisons): the same job, run before the delete returns.
                 Ok(mut j) => match j.run(&AtomicBool::new(false)) {
                     Ok(()) => {
                         if let Some(r) = crate::merge::finish_reclaim(&mut j) {
-                            report.bytes_freed += r.bytes_freed;
+                            freed += r.bytes_freed;
                         }
                     }
                     Err(e) => tracing::warn!("reclaim of {at:?} failed: {e}"),
@@ -913,9 +1032,8 @@ impl Disk {
             }
         }
         let mut jobs = self.start_progressive(jobs);
-        // Reclaims first: they are quick and give space back before any copy needs it.
         first.append(&mut jobs);
-        Ok((report, first))
+        (first, freed)
     }
 
     /// A reclaim job for `layers` of stack `at` (oldest first).
@@ -1960,10 +2078,71 @@ impl Drop for Disk {
 }
 
 /// A parent merged into its only child: its layers joined the child's stack.
+#[derive(Clone, Debug)]
 struct Merge {
     parent_layers: Vec<u64>,
     /// The stack that received them.
     child: StackRef,
+}
+
+/// A delete's tree, computed and not committed yet.
+struct Relinked {
+    tree: Tree,
+    report: DeleteReport,
+    /// Layers whose files go once the tree is committed.
+    drop_layers: Vec<u64>,
+    merges: Vec<Merge>,
+}
+
+/// A strategy's validated moves and the reclaims of what they leave.
+struct Planned {
+    moves: Vec<Move>,
+    /// Per stack, the received layers no move rewrites (oldest first).
+    reclaims: Vec<(StackRef, Vec<u64>)>,
+}
+
+/// Tree ids reserved for a plan's jobs.
+struct ReservedIds {
+    moves: Vec<u64>,
+    reclaims: Vec<u64>,
+}
+
+impl Planned {
+    fn reserve(&self, tree: &mut Tree) -> Result<ReservedIds> {
+        let moves = self
+            .moves
+            .iter()
+            .map(|_| tree.alloc_id())
+            .collect::<Result<_>>()?;
+        let reclaims = self
+            .reclaims
+            .iter()
+            .map(|_| tree.alloc_id())
+            .collect::<Result<_>>()?;
+        Ok(ReservedIds { moves, reclaims })
+    }
+}
+
+/// A committed relink whose merges are not planned yet (see [`Disk::delete_deferred`]).
+#[derive(Debug)]
+pub struct PendingPlan {
+    id: u64,
+    checkpoint: String,
+    /// What each stack received in the relink, as the tree stood then.
+    received: Vec<Merge>,
+}
+
+impl PendingPlan {
+    /// An id the relink's commit reserved for this delete: the jobs it plans name it as
+    /// their `delete`; no job or layer has it.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The deleted checkpoint.
+    pub fn checkpoint(&self) -> &str {
+        &self.checkpoint
+    }
 }
 
 /// Starting at hidden node `id`, removes or merges hidden nodes that no longer have two or

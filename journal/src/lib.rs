@@ -36,7 +36,7 @@ pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use compact_log::{ActiveSpace, CompactReport, COMPACT_MIN_RECORDS, COMPACT_RATIO};
 pub use disk::{
     CacheMode, CheckReport, CheckpointInfo, DeleteReport, Disk, DiskInfo, MergeEvent, OpenOptions,
-    MAX_MAINTENANCE_ROUNDS, MERGE_POLL,
+    PendingPlan, MAX_MAINTENANCE_ROUNDS, MERGE_POLL,
 };
 pub use error::{Error, Result};
 pub use merge::{

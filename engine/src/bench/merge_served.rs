@@ -32,7 +32,8 @@ const MERGE_TIMEOUT: Duration = Duration::from_secs(1800);
 /// The state of the server's merge worker: ids running or queued, and finished reports.
 struct Status {
     active: usize,
-    finished: Vec<(u64, Option<MergeReport>)>,
+    /// Each ended merge's id, the delete that planned it, and its report.
+    finished: Vec<(u64, Option<u64>, Option<MergeReport>)>,
 }
 
 /// The fields of a merge report the bench uses, from its JSON (None if absent).
@@ -62,7 +63,7 @@ fn status(api: &Path) -> Result<Status> {
                 .filter_map(|f| {
                     let id = f["status"]["id"].as_u64()?;
                     let report = report_from_json(&f["report"]);
-                    Some((id, report))
+                    Some((id, f["status"]["delete"].as_u64(), report))
                 })
                 .collect()
         })
@@ -113,7 +114,7 @@ pub fn loaded_delete(
     let server = Server::strata_api(exe, cell, &nbd, &api, CacheMode::None)?;
     // Merges the server starts by itself (maintenance on open) end before the reference.
     let before = wait_idle(&api, &mut None)?;
-    let seen: HashSet<u64> = before.finished.iter().map(|(id, _)| *id).collect();
+    let seen: HashSet<u64> = before.finished.iter().map(|(id, ..)| *id).collect();
     let mut load = FioLoad::start(&nbd, layout.disk_size, LOAD_QD, &work.join("fio-load"))?;
     std::thread::sleep(Duration::from_millis(WARMUP_MS) + Duration::from_secs_f64(baseline_secs));
     load.check_running()?;
@@ -159,13 +160,13 @@ pub fn loaded_delete(
     server.stop()?;
 
     let mut reports = Vec::new();
-    for (id, report) in after.finished {
+    for (id, delete, report) in after.finished {
         if seen.contains(&id) {
             continue;
         }
         match report {
             Some(r) => reports.push(r),
-            None if jobs.contains(&id) => {
+            None if jobs.contains(&id) || delete.is_some_and(|d| jobs.contains(&d)) => {
                 return Err(fail(
                     "bench merge",
                     format!("merge {id} of the delete did not finish"),

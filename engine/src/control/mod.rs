@@ -80,7 +80,8 @@ pub trait Target: Send + Sync {
     fn checkpoint_apply(&self, _name: &str, _save_current: Option<&str>) -> Result<Value> {
         Err(unsupported("apply"))
     }
-    /// Takes the checkpoint out of the tree; the reply's `jobs` lists the merges queued.
+    /// Takes the checkpoint out of the tree; the reply's `jobs` is what to wait for (the
+    /// delete's id, which its merges name as their `delete`).
     fn checkpoint_delete(&self, _name: &str, _args: &DeleteArgs) -> Result<Value> {
         Err(unsupported("delete"))
     }

@@ -18,6 +18,9 @@ pub struct MergeStatus {
     pub bytes_total: u64,
     pub rate_bytes_per_sec: f64,
     pub eta_secs: Option<f64>,
+    /// The id of the deferred delete that planned this job ([`crate::PendingPlan::id`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delete: Option<u64>,
 }
 
 /// What a finished (or discarded) merge did.
@@ -60,7 +63,11 @@ pub struct MergeProgress {
     copied: AtomicU64,
     started: Instant,
     observer: Mutex<Option<Observer>>,
+    /// The deferred delete that planned the job ([`NO_DELETE`] for none).
+    delete: AtomicU64,
 }
+
+const NO_DELETE: u64 = u64::MAX;
 
 /// A callback run after each batch (see [`MergeProgress::on_batch`]).
 type Observer = Arc<dyn Fn(u64) + Send + Sync>;
@@ -79,6 +86,7 @@ impl MergeProgress {
             copied: AtomicU64::new(0),
             started: Instant::now(),
             observer: Mutex::new(None),
+            delete: AtomicU64::new(NO_DELETE),
         }
     }
 
@@ -99,6 +107,11 @@ impl MergeProgress {
         if let Some(f) = f {
             f(bytes_done);
         }
+    }
+
+    /// Records that the deferred delete `id` planned this job (shown in its status).
+    pub(crate) fn made_by_delete(&self, id: u64) {
+        self.delete.store(id, Ordering::Release);
     }
 
     fn set(&self, state: u8, why: &str) {
@@ -166,6 +179,7 @@ impl MergeProgress {
             bytes_total: total,
             rate_bytes_per_sec: rate,
             eta_secs: (rate > 0.0).then(|| total.saturating_sub(done) as f64 / rate),
+            delete: Some(self.delete.load(Ordering::Acquire)).filter(|&d| d != NO_DELETE),
         }
     }
 }

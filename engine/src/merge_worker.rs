@@ -87,7 +87,7 @@ pub struct Finished {
 /// What the worker runs next.
 enum Work {
     /// A merge or reclaim job.
-    Job(MergeJob, Arc<MergeProgress>),
+    Job(Box<MergeJob>, Arc<MergeProgress>),
     /// A deferred delete's planning: its jobs are queued at the front when it has run.
     Plan(PendingPlan, DeleteOptions),
 }
@@ -103,7 +103,7 @@ impl Queued {
         Queued {
             work: {
                 let progress = job.progress();
-                Work::Job(job, progress)
+                Work::Job(Box::new(job), progress)
             },
             pacing,
         }
@@ -567,7 +567,7 @@ impl Shared {
                 Some(Queued {
                     work: Work::Job(job, progress),
                     pacing,
-                }) => self.run_job(job, progress, pacing),
+                }) => self.run_job(*job, progress, pacing),
                 Some(Queued {
                     work: Work::Plan(plan, opts),
                     pacing,

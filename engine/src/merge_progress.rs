@@ -67,7 +67,7 @@ impl MergeView {
 
     /// True for merge `ids` or one a delete in `ids` planned.
     pub fn is_of(&self, ids: &[u64]) -> bool {
-        ids.contains(&self.id) || self.delete.is_some_and(|d| ids.contains(&d))
+        is_of(ids, self.id, self.delete)
     }
 
     fn label(&self) -> String {
@@ -96,6 +96,12 @@ impl MergeView {
         }
         s
     }
+}
+
+/// True when merge `id`, planned by `delete` (if any), is one of `ids` or was planned by a
+/// delete in `ids` (a delete's id stands for the merges it planned).
+pub fn is_of(ids: &[u64], id: u64, delete: Option<u64>) -> bool {
+    ids.contains(&id) || delete.is_some_and(|d| ids.contains(&d))
 }
 
 fn secs(s: f64) -> String {

@@ -4,8 +4,9 @@
 //! log read, so its cost does not grow with the checkpoint's data) and hands back a pending
 //! plan. The worker queues the plan; on its thread the strategy plans with the disk locked
 //! but client I/O flowing (a measuring strategy scans the target stack's logs there), and
-//! the data movements it wants ([`journal::MergeJob`]s) run next, one at a time, never holding the `Disk` mutex while it copies (the copy only
-//! reads sealed layer files the job holds). A finished copy is swapped into the tree by
+//! the data movements it wants ([`journal::MergeJob`]s) run next, one at a time, never
+//! holding the `Disk` mutex while it copies (the copy only reads sealed layer files the job
+//! holds). A finished copy is swapped into the tree by
 //! `Disk::finish_merge` with the I/O gate closed and drained, which takes a few
 //! milliseconds. A job that runs out of space is paused and retried with a growing back-off;
 //! any other failure abandons the job (the tree is already correct without it; a later
@@ -30,14 +31,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use std::collections::HashMap;
-
 use journal::{
     DeleteOptions, Disk, MergeJob, MergeProgress, MergeReport, MergeStatus, PendingPlan,
 };
 use serde::Serialize;
 
 use crate::merge_pace::{self, Pacing};
+use crate::merge_progress;
 use crate::quiesce::Gate;
 use crate::{Error, Result};
 
@@ -148,12 +148,9 @@ struct State {
     running: Option<(Arc<MergeProgress>, Option<String>)>,
     /// The delete whose strategy is planning now.
     planning: Option<MergeStatus>,
-    /// Deletes whose plan gave jobs, with those jobs' ids: a delete's id stays pending
-    /// until none of them is.
-    groups: HashMap<u64, Vec<u64>>,
     finished: VecDeque<Finished>,
-    /// Ids queued or running, and of deletes not planned or with jobs pending (what `wait`
-    /// waits for).
+    /// Ids queued or running, and of deletes not planned yet or whose jobs are queued or
+    /// running (what `wait` waits for).
     pending: HashSet<u64>,
     /// A delete happened since the last maintenance pass (or the worker just started).
     maintenance_due: bool,
@@ -468,9 +465,7 @@ impl Waiter {
         let ended: Vec<Finished> = st
             .finished
             .iter()
-            .filter(|f| {
-                ids.contains(&f.status.id) || f.status.delete.is_some_and(|d| ids.contains(&d))
-            })
+            .filter(|f| merge_progress::is_of(ids, f.status.id, f.status.delete))
             .cloned()
             .collect();
         let cut_short = ids.iter().any(|id| st.pending.contains(id))
@@ -639,8 +634,6 @@ impl Shared {
                 }
                 if ids.is_empty() {
                     st.pending.remove(&id);
-                } else {
-                    st.groups.insert(id, ids);
                 }
             }
             Err(e) => {
@@ -742,16 +735,16 @@ impl Shared {
         let st = &mut *guard;
         st.running = None;
         st.pending.remove(&id);
-        // A delete whose jobs all ended is no longer pending.
-        let ended_groups: Vec<u64> = st
-            .groups
-            .iter()
-            .filter(|(_, jobs)| !jobs.iter().any(|j| st.pending.contains(j)))
-            .map(|(&g, _)| g)
-            .collect();
-        for g in ended_groups {
-            st.groups.remove(&g);
-            st.pending.remove(&g);
+        // A delete is no longer pending when the last of its jobs (queued together at the
+        // front when it planned) has ended.
+        if let Some(d) = progress.delete() {
+            let more = st.queue.iter().any(|q| match &q.work {
+                Work::Job(_, p) => p.delete() == Some(d),
+                Work::Plan(..) => false,
+            });
+            if !more {
+                st.pending.remove(&d);
+            }
         }
         let mut status = progress.status();
         let report = match ended {

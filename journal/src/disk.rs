@@ -768,7 +768,7 @@ impl Disk {
         let planned = self.plan_moves(&change.tree, name, &change.merges, &*strategy)?;
         let ids = planned.reserve(&mut change.tree)?;
         let mut report = self.commit_relink(change)?;
-        let (jobs, freed) = self.start_planned(planned, ids, name, strategy.name(), opts);
+        let (jobs, freed) = self.start_planned(planned, ids, name, strategy.name(), opts)?;
         report.bytes_freed += freed;
         Ok((report, jobs))
     }
@@ -832,7 +832,7 @@ impl Disk {
         let ids = planned.reserve(&mut tree)?;
         self.commit_tree(tree)?;
         let (jobs, freed) =
-            self.start_planned(planned, ids, &plan.checkpoint, strategy.name(), opts);
+            self.start_planned(planned, ids, &plan.checkpoint, strategy.name(), opts)?;
         for j in &jobs {
             j.progress().made_by_delete(plan.id);
         }
@@ -1004,15 +1004,13 @@ impl Disk {
         name: &str,
         strategy: &str,
         opts: &DeleteOptions,
-    ) -> (Vec<MergeJob>, u64) {
+    ) -> Result<(Vec<MergeJob>, u64)> {
         let jobs = self.build_jobs(&planned.moves, &ids.moves, name, strategy, opts);
         self.refresh_own_from();
         if jobs_touch_now(&self.tree, &jobs) {
             // Frees, before any job reads, the blocks Now's writes superseded in layers that
             // are no longer Now's own.
-            if let Err(e) = self.now.sync_log(true) {
-                tracing::warn!("delete of {name:?}: freeing Now's superseded blocks: {e}");
-            }
+            self.now.sync_log(true)?;
         }
         let mut freed = 0;
         let mut first = Vec::new();
@@ -1033,7 +1031,7 @@ impl Disk {
         }
         let mut jobs = self.start_progressive(jobs);
         first.append(&mut jobs);
-        (first, freed)
+        Ok((first, freed))
     }
 
     /// A reclaim job for `layers` of stack `at` (oldest first).

@@ -166,7 +166,7 @@ pub fn loaded_delete(
         }
         match report {
             Some(r) => reports.push(r),
-            None if jobs.contains(&id) || delete.is_some_and(|d| jobs.contains(&d)) => {
+            None if crate::merge_progress::is_of(&jobs, id, delete) => {
                 return Err(fail(
                     "bench merge",
                     format!("merge {id} of the delete did not finish"),

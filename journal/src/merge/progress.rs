@@ -114,6 +114,11 @@ impl MergeProgress {
         self.delete.store(id, Ordering::Release);
     }
 
+    /// The deferred delete that planned this job, if one did.
+    pub fn delete(&self) -> Option<u64> {
+        Some(self.delete.load(Ordering::Acquire)).filter(|&d| d != NO_DELETE)
+    }
+
     fn set(&self, state: u8, why: &str) {
         *self.why.lock().unwrap_or_else(|p| p.into_inner()) = why.to_string();
         self.state.store(state, Ordering::Release);
@@ -179,7 +184,7 @@ impl MergeProgress {
             bytes_total: total,
             rate_bytes_per_sec: rate,
             eta_secs: (rate > 0.0).then(|| total.saturating_sub(done) as f64 / rate),
-            delete: Some(self.delete.load(Ordering::Acquire)).filter(|&d| d != NO_DELETE),
+            delete: self.delete(),
         }
     }
 }

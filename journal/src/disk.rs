@@ -1481,9 +1481,8 @@ impl Disk {
             return Err((Box::new(job), Error::Busy));
         }
         let now_pos = st.find_run(&run);
-        let locate = |b: u64| comp.locate(b);
         if let Some(p) = now_pos {
-            if let Err(e) = st.check_merged_run(p, run.len(), locate) {
+            if let Err(e) = st.check_merged_run(p, run.len(), &comp.map) {
                 drop(st);
                 job.comp = Some(comp);
                 return Err((Box::new(job), e));
@@ -1499,7 +1498,7 @@ impl Disk {
         // (when the layer is Now's alone) those Now superseded above it.
         let mut dead: Vec<u64> = comp.unreferenced.clone();
         if let Some(p) = now_pos {
-            st.swap_merged_run(p, run.len(), out.clone(), locate);
+            st.swap_merged_run(p, run.len(), out.clone(), &comp.map);
             if at == StackRef::Now {
                 for &(b, d, _) in &comp.map {
                     if d == ZERO_BLOCK {
@@ -1556,11 +1555,12 @@ impl Disk {
                 kept = Some("has reads of Now in flight that did not end");
             }
             if kept.is_none() {
-                let before = layer::allocated(&out.data_path);
-                if let Err(e) = out.punch(&mut dead) {
-                    tracing::warn!("could not free blocks of layer {out_id}: {e}");
-                }
-                report.bytes_freed += before.saturating_sub(layer::allocated(&out.data_path));
+                // Punched in the background (the swap is done; nothing reads them): the
+                // report counts them freed once queued.
+                dead.sort_unstable();
+                dead.dedup();
+                report.bytes_freed += dead.len() as u64 * BLOCK_SIZE;
+                now.punch_later(&out, dead);
             } else {
                 tracing::info!(
                     "layer {out_id} {}: its unreferenced blocks stay allocated",

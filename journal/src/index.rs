@@ -52,6 +52,12 @@ impl Index {
         self.map.get(&block).copied()
     }
 
+    /// The location of `block`, to change in place.
+    #[inline]
+    pub fn get_mut(&mut self, block: u64) -> Option<&mut Loc> {
+        self.map.get_mut(&block)
+    }
+
     /// Records a newer version of `block`; returns the one it replaces.
     #[inline]
     pub fn insert(&mut self, block: u64, loc: Loc) -> Option<Loc> {

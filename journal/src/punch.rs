@@ -327,7 +327,7 @@ mod tests {
 
     use crate::layer::{allocated, PUNCHES};
     use crate::volume::ActiveLayer;
-    use crate::{CacheMode, Disk, OpenOptions, BLOCK_SIZE};
+    use crate::{CacheMode, DeleteOptions, Disk, OpenOptions, StrategyKind, BLOCK_SIZE};
 
     const BLOCKS: u64 = 1024;
 
@@ -508,5 +508,62 @@ mod tests {
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
         disk.now().read_at(&mut buf, 200 * BLOCK_SIZE).unwrap();
         assert_eq!(buf[8], 6);
+    }
+
+    /// Deleting "old" (0..BLOCKS of tag 1) with compact-into-parent absorbs the layer above
+    /// (every other block, tag 2) into old's layer: the swap hands old's shadowed blocks to
+    /// the punch worker instead of punching them itself; Now reads the same before and
+    /// after they are punched, and they are punched, not reused.
+    #[test]
+    fn a_merge_swap_leaves_its_shadowed_blocks_to_the_worker() {
+        let (_t, _d, mut disk) = disk();
+        write(&disk, 0, BLOCKS, 1);
+        disk.checkpoint("old").unwrap();
+        for b in (0..BLOCKS).step_by(2) {
+            write(&disk, b, 1, 2);
+        }
+        disk.checkpoint("mid").unwrap();
+        let a = active(&disk);
+        a.puncher_for_tests().hold(true);
+        let expect = |b: u64| if b % 2 == 0 { 2 } else { 1 };
+        let read_all = |disk: &Disk| {
+            let mut buf = vec![0u8; BLOCK_SIZE as usize];
+            for b in 0..BLOCKS {
+                disk.now().read_at(&mut buf, b * BLOCK_SIZE).unwrap();
+                assert_eq!(
+                    (u64::from_le_bytes(buf[..8].try_into().unwrap()), buf[8]),
+                    (b, expect(b)),
+                    "block {b}"
+                );
+            }
+        };
+        let opts = DeleteOptions::with(StrategyKind::CompactIntoParent);
+        let (_, jobs) = disk.delete_online("old", &opts).unwrap();
+        assert_eq!(jobs.len(), 1);
+        let here = punches_here();
+        let mut freed = 0;
+        for mut j in jobs {
+            j.run(&std::sync::atomic::AtomicBool::new(false)).unwrap();
+            freed += disk.finish_merge(j).unwrap().bytes_freed;
+        }
+        assert_eq!(punches_here(), here, "the swap punched on its thread");
+        assert_eq!(a.puncher_for_tests().pending(), BLOCKS / 2);
+        // Old's layer is now the bottom of Now's view (mid's was removed).
+        let merged = disk.now().state().layers[0].data_path.clone();
+        let before = alloc_of(&merged);
+        read_all(&disk);
+        a.puncher_for_tests().hold(false);
+        disk.now().wait_punches();
+        assert_eq!(a.puncher_for_tests().punched(), BLOCKS / 2);
+        // (Less a few blocks of extent tree the 512 holes make the filesystem allocate.)
+        let punched = before - alloc_of(&merged);
+        assert!(
+            punched >= (BLOCKS / 2 - 16) * BLOCK_SIZE && freed >= BLOCKS / 2 * BLOCK_SIZE,
+            "punched {punched} bytes, reported {freed}"
+        );
+        // None of them reached the active layer's free list.
+        assert_eq!(disk.now().active_space().unwrap().free_blocks, 0);
+        read_all(&disk);
+        assert!(disk.check().unwrap().is_clean());
     }
 }

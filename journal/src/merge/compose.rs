@@ -25,16 +25,6 @@ pub(crate) struct Composition {
     pub unreferenced: Vec<u64>,
 }
 
-impl Composition {
-    /// Where `disk_block` lives in the merged layer.
-    pub fn locate(&self, disk_block: u64) -> Option<(u64, u32)> {
-        self.map
-            .binary_search_by_key(&disk_block, |e| e.0)
-            .ok()
-            .map(|i| (self.map[i].1, self.map[i].2))
-    }
-}
-
 #[derive(Clone, Copy)]
 struct Newest {
     src: u32,

@@ -70,13 +70,20 @@ impl MergeView {
         is_of(ids, self.id, self.delete)
     }
 
+    /// "merge ID (what, strategy)", or "delete ID (...)" for a delete whose strategy has not
+    /// planned yet (its id is the delete's, not a merge's).
     fn label(&self) -> String {
         let what = if self.checkpoint.is_empty() {
             "maintenance".to_string()
         } else {
             format!("{:?}", self.checkpoint)
         };
-        format!("merge {} ({what}, {})", self.id, self.strategy)
+        let kind = if self.state == PLANNING {
+            "delete"
+        } else {
+            "merge"
+        };
+        format!("{kind} {} ({what}, {})", self.id, self.strategy)
     }
 
     /// One line: what, state, bytes done / total, rate, ETA.
@@ -97,6 +104,9 @@ impl MergeView {
         s
     }
 }
+
+/// What the status of a delete whose strategy has not planned yet says.
+pub const PLANNING: &str = "planning";
 
 /// True when merge `id`, planned by `delete` (if any), is one of `ids` or was planned by a
 /// delete in `ids` (a delete's id stands for the merges it planned).
@@ -314,6 +324,11 @@ mod tests {
         assert!(lines[2].trim_start().starts_with('4'), "{t}");
         assert_eq!(lines[3], "recently finished:");
         assert_eq!(format_status(&[], &[]), "no merges running or queued\n");
+        // A delete still planning is named as the delete it is.
+        assert_eq!(
+            view(5, PLANNING).line(),
+            "delete 5 (\"a\", compact-into-child): planning, 1.0 MiB / 4.0 MiB, 2.0 MB/s, ETA 1m15s"
+        );
     }
 
     #[test]

@@ -138,8 +138,7 @@ fn plan_status(p: &PendingPlan, opts: &DeleteOptions) -> MergeStatus {
     }
 }
 
-/// What the status of a delete whose strategy has not planned yet says.
-pub const PLANNING: &str = "planning";
+pub use crate::merge_progress::PLANNING;
 
 #[derive(Default)]
 struct State {

@@ -627,7 +627,7 @@ impl Disk {
         // entries under it).
         let registry = self.registry.clone();
         let _views = registry.build_lock();
-        let state = match build_state(
+        let mut state = match build_state(
             self.files(),
             &lineage,
             lineage.len() - 1,
@@ -644,6 +644,14 @@ impl Disk {
         }
         if let Err(e) = self.commit_tree(tree) {
             return Err(self.abandon_layer(layer_id, e));
+        }
+        // The new active layer takes over the old one's punch worker, as a checkpoint's
+        // does: dropping the old state then never waits for its queued punches (a merge's
+        // finish may just have queued thousands) with Now locked.
+        if let (Some(new), Some(old)) = (state.active.as_mut(), st.active.as_ref()) {
+            if let Some(new) = Arc::get_mut(new) {
+                new.take_over_punches(old);
+            }
         }
         *st = state;
         drop(st);

@@ -12,10 +12,11 @@
 //! merges adjacent blocks into ranges, punches them, and only then hands the active layer's
 //! own punched blocks to [`crate::space::Alloc::reuse`]. A queued block of a file that was
 //! since replaced or unlinked is punched through the descriptor the queue holds: harmless.
-//! One worker serves a view's active layer and its successors (a checkpoint hands the
-//! worker on, so dropping the replaced layer never waits); dropping the last (the disk
-//! closes) drains the queue, bounded by [`DRAIN_LIMIT`], and `Disk`'s drop waits for it
-//! before the disk lock goes.
+//! One worker serves a view's active layer and its successors (a checkpoint or an apply
+//! hands the worker on, so dropping the replaced layer never waits); it also punches the
+//! blocks a merge's finish leaves unreferenced in a sealed layer (never reused: they are
+//! not the active file's). Dropping the last (the disk closes) drains the queue, bounded
+//! by [`DRAIN_LIMIT`], and `Disk`'s drop waits for it before the disk lock goes.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -564,6 +565,33 @@ mod tests {
         // None of them reached the active layer's free list.
         assert_eq!(disk.now().active_space().unwrap().free_blocks, 0);
         read_all(&disk);
+        assert!(disk.check().unwrap().is_clean());
+    }
+
+    /// An apply's new active layer takes over the old one's worker: the apply does not wait
+    /// for the queued punches (before, dropping the old state drained them, with Now
+    /// locked), and they still complete.
+    #[test]
+    fn an_apply_hands_the_queued_punches_on_instead_of_waiting() {
+        let (_t, _d, mut disk) = disk();
+        disk.checkpoint("c").unwrap();
+        let old = active(&disk);
+        old.puncher_for_tests().hold(true);
+        free_a_range(&disk);
+        let queued = old.puncher_for_tests().pending();
+        assert!(queued >= BLOCKS - 128, "{queued} queued");
+        disk.apply("c", None).unwrap();
+        let new = active(&disk);
+        assert!(!Arc::ptr_eq(&old.files, &new.files));
+        assert_eq!(
+            old.puncher_for_tests().pending(),
+            queued,
+            "the apply drained"
+        );
+        assert_eq!(old.puncher_for_tests().punched(), 0);
+        drop(old);
+        assert!(new.wait_punches(super::DRAIN_LIMIT));
+        assert_eq!(new.puncher_for_tests().punched(), queued);
         assert!(disk.check().unwrap().is_clean());
     }
 }

@@ -81,6 +81,12 @@ impl ActiveLayer {
         Self::with_puncher(files, 0, LOG_HEADER_SIZE, prev.puncher.clone())
     }
 
+    /// Takes over `prev`'s punch worker (an apply replacing `prev`, like [`ActiveLayer::after`]):
+    /// `prev`'s queued punches go on without its drop waiting for them.
+    pub fn take_over_punches(&mut self, prev: &ActiveLayer) {
+        self.puncher = prev.puncher.clone();
+    }
+
     fn with_puncher(
         files: Arc<LayerFiles>,
         next_block: u64,

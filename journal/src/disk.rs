@@ -1388,6 +1388,13 @@ impl Disk {
                         Placement::NewLayer => Target::New,
                         Placement::Absorb(i) => Target::Absorb(i),
                     },
+                    // A resumed progressive merge absorbs into its new layer's partial output.
+                    new_layer: match mv.placement {
+                        Placement::NewLayer => true,
+                        Placement::Absorb(i) => run_ids
+                            .get(i)
+                            .is_some_and(|l| self.tree.merging.iter().any(|m| m.out == *l)),
+                    },
                     rate_limit: opts.rate_limit,
                     queue_depth: opts.queue_depth,
                     batch_bytes: opts.batch_bytes,

@@ -40,8 +40,19 @@ fn damaged(lf: &LayerFiles, why: String) -> Error {
     }
 }
 
+/// Where an absorbing merge puts the blocks it appends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AppendOrder {
+    /// Sorted by disk block (a new layer's output: restores locality).
+    Disk,
+    /// In the order of their source layers' data files (an existing layer absorbing: reads
+    /// and appends sequentially, see [`append_in_source_order`]).
+    Source,
+}
+
 /// Composes `run` (oldest first). `absorber` is the index of the run layer that receives
-/// the others' blocks, or None for a new layer. A zero record is kept only where it hides
+/// the others' blocks, or None for a new layer (always in disk order); `order` places
+/// what an absorber appends. A zero record is kept only where it hides
 /// something: a block of the base, a block some layer `below` the run wrote, or (absorbing)
 /// a block the absorbing layer holds data for. Blocks in `hidden` (hidden above the run in
 /// every view that contains it) are left out.
@@ -50,6 +61,7 @@ pub(crate) fn compose(
     below: &[Arc<LayerFiles>],
     hidden: &HashSet<u64>,
     absorber: Option<usize>,
+    order: AppendOrder,
     disk_blocks: u64,
     base_blocks: u64,
 ) -> Result<Composition> {
@@ -170,7 +182,7 @@ pub(crate) fn compose(
         .into_iter()
         .filter(|d| !kept.contains(d))
         .collect();
-    if absorber.is_some() {
+    if absorber.is_some() && order == AppendOrder::Source {
         append_in_source_order(&mut c);
     }
     Ok(c)
@@ -223,11 +235,10 @@ mod tests {
 
     /// "old" holds blocks 0..64; the layer above it writes blocks 200..264 in descending
     /// disk order (its data file holds them backwards) and discards block 3. Deleting
-    /// "old" with compact-into-parent appends the layer's blocks to old's in their source
-    /// order: copies ascend by source block, record `k` is copy `k`'s at the `k`-th
-    /// appended block, the map agrees, and every block reads as written.
-    #[test]
-    fn an_absorbing_merge_appends_in_source_order() {
+    /// "old" with `kind` copies the blocks it moves: record `k` is copy `k`'s at the
+    /// `k`-th output block, the map agrees, every block reads as written before and after a
+    /// reopen; and the copies' order is returned (their disk blocks, in output order).
+    fn delete_old_with(kind: StrategyKind) -> Vec<u64> {
         let t = tempfile::tempdir().unwrap();
         let d = t.path().join("disk");
         Disk::create(&d, 16 << 20, None).unwrap();
@@ -256,35 +267,32 @@ mod tests {
         disk.now().flush().unwrap();
         disk.checkpoint("mid").unwrap();
         let (_, jobs) = disk
-            .delete_online("old", &DeleteOptions::with(StrategyKind::CompactIntoParent))
+            .delete_online("old", &DeleteOptions::with(kind))
             .unwrap();
         assert_eq!(jobs.len(), 1);
+        let mut order = Vec::new();
         for mut j in jobs {
             j.run(&AtomicBool::new(false)).unwrap();
             let c = j.comp.as_ref().unwrap();
-            assert_eq!(c.copies.len(), 64);
-            assert!(
-                c.copies
-                    .windows(2)
-                    .all(|w| (w[0].src, w[0].src_block) < (w[1].src, w[1].src_block)),
-                "copies out of source order"
-            );
             let data: Vec<_> = c
                 .records
                 .iter()
                 .filter(|r| r.kind == RecordKind::Data)
                 .collect();
-            assert_eq!(data.len(), 64);
+            assert_eq!(data.len(), c.copies.len());
             for (k, r) in data.iter().enumerate() {
                 assert_eq!(r.data_block, c.out_first + k as u64, "record {k}");
-                // The source wrote block 263 first: the first appended block is 263.
-                assert_eq!(r.disk_block, 263 - k as u64, "record {k}");
+                order.push(r.disk_block);
                 let m = c.map.binary_search_by_key(&r.disk_block, |e| e.0).unwrap();
                 assert_eq!((c.map[m].1, c.map[m].2), (r.data_block, r.crc));
             }
-            // The discard of block 3 hides old's data: a zero record, a zero in the map.
-            let z = c.map.binary_search_by_key(&3, |e| e.0).unwrap();
-            assert_eq!(c.map[z].1, ZERO_BLOCK);
+            // The discard of block 3 hides old's data when old's layer absorbs: a zero in
+            // the map (a new layer with nothing below needs none).
+            let z = c.map.binary_search_by_key(&3, |e| e.0).ok();
+            assert_eq!(
+                z.map(|z| c.map[z].1),
+                (kind == StrategyKind::CompactIntoParent).then_some(ZERO_BLOCK)
+            );
             disk.finish_merge(j).unwrap();
         }
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
@@ -303,5 +311,18 @@ mod tests {
         disk.now().read_at(&mut buf, 263 * BLOCK_SIZE).unwrap();
         assert!(buf == block(263, 2));
         assert!(disk.check().unwrap().is_clean());
+        order
+    }
+
+    /// An existing layer absorbing appends in source order (old's layer takes the 64
+    /// blocks above it, which their source wrote from block 263 down); a new layer
+    /// (compact-into-child: progressive, its output absorbing as the run's top) holds both
+    /// layers' blocks in disk order.
+    #[test]
+    fn an_absorbing_merge_appends_in_source_order_and_a_new_layer_in_disk_order() {
+        let source: Vec<u64> = (200..264).rev().collect();
+        assert_eq!(delete_old_with(StrategyKind::CompactIntoParent), source);
+        let disk: Vec<u64> = (0..64).filter(|&b| b != 3).chain(200..264).collect();
+        assert_eq!(delete_old_with(StrategyKind::CompactIntoChild), disk);
     }
 }

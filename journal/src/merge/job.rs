@@ -16,7 +16,7 @@ use crate::tree::sync_dir;
 use crate::volume::Volume;
 use crate::{locking, Error, Result, BLOCK_SIZE};
 
-use super::compose::{compose, Composition};
+use super::compose::{compose, AppendOrder, Composition};
 use super::copy::{Copier, CopyPacer, Unpaced, CHUNK_BLOCKS};
 use super::progress::MergeProgress;
 
@@ -103,6 +103,10 @@ pub(crate) struct JobSetup {
     pub above: Vec<Arc<LayerFiles>>,
     pub hidden: HashSet<u64>,
     pub target: Target,
+    /// The output is a new layer (also once progressive, or resumed after a crash): written
+    /// in disk order, restoring locality. An absorbing merge into an existing layer appends
+    /// in source order instead (see `compose::append_in_source_order`).
+    pub new_layer: bool,
     pub rate_limit: Option<u64>,
     pub queue_depth: u32,
     pub batch_bytes: Option<u64>,
@@ -415,11 +419,17 @@ impl MergeJob {
                         .map(|r| r.disk_block),
                 );
             }
+            let order = if self.s.new_layer {
+                AppendOrder::Disk
+            } else {
+                AppendOrder::Source
+            };
             let c = compose(
                 &self.s.run,
                 &self.s.below,
                 &hidden,
                 absorber,
+                order,
                 self.s.disk_blocks,
                 self.s.base_blocks,
             )?;

@@ -600,6 +600,7 @@ impl MergeJob {
             above: Vec::new(),
             hidden: HashSet::new(),
             target: Target::New,
+            new_layer: true,
             rate_limit: None,
             queue_depth: 1,
             batch_bytes: None,

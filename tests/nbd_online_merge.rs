@@ -710,6 +710,24 @@ fn deletes_under_a_qd32_fio_load_finish_and_keep_every_checkpoint() {
                 "{strategy}: a merge failed: {f}"
             );
         }
+        if strategy == "compact-into-child" {
+            // Planned while fio wrote, its new layer still frees its sources batch by
+            // batch (the worker places the output with I/O paused), instead of holding
+            // its whole output until the swap.
+            let copied: Vec<&Value> = s["finished"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|f| {
+                    f["report"]["strategy"] == "compact-into-child"
+                        && f["report"]["bytes_copied"].as_u64().unwrap_or(0) > 0
+                })
+                .collect();
+            assert!(!copied.is_empty(), "no compact-into-child copy: {s}");
+            for f in copied {
+                assert_eq!(f["report"]["progressive"], true, "{f}");
+            }
+        }
     }
     let mut load = load;
     assert!(

@@ -614,8 +614,10 @@ impl Shared {
         let id = plan.id();
         let mut status = plan_status(&plan, &opts);
         let start = Instant::now();
-        let planned =
-            lock_disk(&self.disk).and_then(|mut disk| Ok(disk.plan_deferred(plan, &opts)?));
+        let planned = lock_disk(&self.disk).and_then(|mut disk| {
+            let (jobs, freed) = disk.plan_deferred(plan, &opts)?;
+            Ok((self.start_progressive(&mut disk, jobs), freed))
+        });
         let took = start.elapsed();
         let mut guard = lock(&self.state);
         let st = &mut *guard;
@@ -787,6 +789,33 @@ impl Shared {
     }
 
     /// Swaps a completed job into the tree with I/O drained.
+    /// Makes a deferred delete's jobs progressive with client I/O paused (a new layer's
+    /// output enters Now's view only with no write in flight; planned while clients wrote,
+    /// they copied their whole output before the swap: 1128 MiB of extra space for a 1 GiB
+    /// compact-into-child under fio, against one batch). Paused only if a job needs it.
+    fn start_progressive(&self, disk: &mut Disk, jobs: Vec<MergeJob>) -> Vec<MergeJob> {
+        if !jobs.iter().any(MergeJob::may_become_progressive) {
+            return jobs;
+        }
+        let start = Instant::now();
+        match self.gate.pause(DRAIN_TIMEOUT) {
+            Ok(paused) => {
+                let jobs = disk.start_progressive_merges(jobs);
+                drop(paused);
+                tracing::info!(
+                    "outputs of merges {:?} placed with I/O paused for {:?}",
+                    jobs.iter().map(MergeJob::id).collect::<Vec<_>>(),
+                    start.elapsed()
+                );
+                jobs
+            }
+            Err(e) => {
+                tracing::info!("merges copy their whole output before the swap ({e})");
+                jobs
+            }
+        }
+    }
+
     fn finish(&self, job: MergeJob) -> Finish {
         let id = job.id();
         // The swap unlinks the run's files (and a discarded output): their last close, which

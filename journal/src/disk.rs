@@ -1468,6 +1468,7 @@ impl Disk {
             peak_extra_bytes: job.peak_extra,
             bytes_freed: job.freed,
             copy_seconds: progress.copy_seconds(),
+            progressive: job.progressive.is_some(),
             ..MergeReport::default()
         };
         let found = self.tree.find_run(&run).filter(|_| !job.stale);
@@ -1613,6 +1614,16 @@ impl Disk {
     /// into a lower layer (whose appended records do not win over the layers above it), or
     /// one whose output cannot be placed (a write in flight on Now), copies its whole
     /// output before the swap as before.
+    /// Makes the jobs that can free their sources batch by batch progressive, as
+    /// `delete_online` does for its own: for the jobs of [`Disk::plan_deferred`], whose
+    /// planning ran while clients wrote (a new layer's output enters Now's view only with no
+    /// write in flight, so there it may have been left whole-output). Call with client I/O
+    /// paused; a job that still cannot (writes in flight, a full disk) copies its whole
+    /// output, as before.
+    pub fn start_progressive_merges(&mut self, jobs: Vec<MergeJob>) -> Vec<MergeJob> {
+        self.start_progressive(jobs)
+    }
+
     fn start_progressive(&mut self, mut jobs: Vec<MergeJob>) -> Vec<MergeJob> {
         for job in &mut jobs {
             if job.progressive.is_some() || job.stale || !job.s.progressive {

@@ -50,6 +50,7 @@ fn report_from_json(v: &Value) -> Option<MergeReport> {
         layers_after: n("layers_after") as usize,
         copy_seconds: v["copy_seconds"].as_f64().unwrap_or(0.0),
         discarded: v["discarded"].as_bool().unwrap_or(false),
+        progressive: v["progressive"].as_bool().unwrap_or(false),
     })
 }
 

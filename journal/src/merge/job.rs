@@ -303,6 +303,15 @@ impl MergeJob {
         self.make_progressive(now);
     }
 
+    /// True for a job [`crate::Disk::start_progressive_merges`] could still make
+    /// progressive (it copies whole-output now).
+    pub fn may_become_progressive(&self) -> bool {
+        self.progressive.is_none()
+            && !self.stale
+            && self.s.progressive
+            && (self.absorbs_into_top() || self.makes_new_layer())
+    }
+
     /// True for a job whose output is the top layer of its run (absorbing into the top).
     pub(crate) fn absorbs_into_top(&self) -> bool {
         self.s.target == Target::Absorb(self.s.run.len().saturating_sub(1))

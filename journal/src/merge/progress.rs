@@ -40,6 +40,9 @@ pub struct MergeReport {
     /// True when the tree changed so that the job's layers were gone: its output was
     /// deleted and nothing changed.
     pub discarded: bool,
+    /// The copy freed its sources batch by batch (extra space of about one batch); false
+    /// when it held its whole output until the swap.
+    pub progressive: bool,
 }
 
 const QUEUED: u8 = 0;

@@ -239,14 +239,7 @@ mod tests {
     /// `k`-th output block, the map agrees, every block reads as written before and after a
     /// reopen; and the copies' order is returned (their disk blocks, in output order).
     fn delete_old_with(kind: StrategyKind) -> Vec<u64> {
-        let t = tempfile::tempdir().unwrap();
-        let d = t.path().join("disk");
-        Disk::create(&d, 16 << 20, None).unwrap();
-        let opts = OpenOptions {
-            cache: CacheMode::None,
-            read_only: false,
-        };
-        let mut disk = Disk::open(&d, opts).unwrap();
+        let (_t, d, mut disk) = crate::punch::tests::disk();
         let block = |b: u64, tag: u8| {
             let mut v = vec![tag; BLOCK_SIZE as usize];
             v[..8].copy_from_slice(&b.to_le_bytes());
@@ -307,6 +300,10 @@ mod tests {
         }
         assert!(disk.check().unwrap().is_clean());
         drop(disk);
+        let opts = OpenOptions {
+            cache: CacheMode::None,
+            read_only: false,
+        };
         let disk = Disk::open(&d, opts).unwrap();
         disk.now().read_at(&mut buf, 263 * BLOCK_SIZE).unwrap();
         assert!(buf == block(263, 2));

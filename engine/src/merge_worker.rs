@@ -788,7 +788,6 @@ impl Shared {
         }
     }
 
-    /// Swaps a completed job into the tree with I/O drained.
     /// Makes a deferred delete's jobs progressive with client I/O paused (a new layer's
     /// output enters Now's view only with no write in flight; planned while clients wrote,
     /// they copied their whole output before the swap: 1128 MiB of extra space for a 1 GiB
@@ -816,6 +815,7 @@ impl Shared {
         }
     }
 
+    /// Swaps a completed job into the tree with I/O drained.
     fn finish(&self, job: MergeJob) -> Finish {
         let id = job.id();
         // The swap unlinks the run's files (and a discarded output): their last close, which

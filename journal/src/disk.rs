@@ -1608,12 +1608,6 @@ impl Disk {
         self.refresh_own_from();
     }
 
-    /// Makes the jobs that can free their sources batch by batch progressive: a new-layer
-    /// job gets its output layer placed above its run (one tree commit, and in Now's open
-    /// view); a job absorbing into its run's top layer needs no change. A job absorbing
-    /// into a lower layer (whose appended records do not win over the layers above it), or
-    /// one whose output cannot be placed (a write in flight on Now), copies its whole
-    /// output before the swap as before.
     /// Makes the jobs that can free their sources batch by batch progressive, as
     /// `delete_online` does for its own: for the jobs of [`Disk::plan_deferred`], whose
     /// planning ran while clients wrote (a new layer's output enters Now's view only with no
@@ -1624,9 +1618,15 @@ impl Disk {
         self.start_progressive(jobs)
     }
 
+    /// Makes the jobs that can free their sources batch by batch progressive: a new-layer
+    /// job gets its output layer placed above its run (one tree commit, and in Now's open
+    /// view); a job absorbing into its run's top layer needs no change. A job absorbing
+    /// into a lower layer (whose appended records do not win over the layers above it), or
+    /// one whose output cannot be placed (a write in flight on Now), copies its whole
+    /// output before the swap as before.
     fn start_progressive(&mut self, mut jobs: Vec<MergeJob>) -> Vec<MergeJob> {
         for job in &mut jobs {
-            if job.progressive.is_some() || job.stale || !job.s.progressive {
+            if !job.may_become_progressive() {
                 continue;
             }
             if job.absorbs_into_top() {

@@ -175,11 +175,7 @@ impl ActiveLayer {
         if Arc::ptr_eq(layer, &self.files) {
             // Not a case any merge makes (the active layer is never merged): punched here,
             // so that they never reach the free list unpunched.
-            let mut blocks = blocks;
-            if let Err(e) = layer.punch(&mut blocks) {
-                tracing::warn!("could not free blocks of layer {}: {e}", layer.id);
-            }
-            return;
+            return punch_here(layer, blocks);
         }
         let queued = blocks.into_iter().map(|b| (layer.clone(), b)).collect();
         self.puncher.enqueue(queued, &self.files, &self.alloc);
@@ -293,6 +289,13 @@ impl ActiveLayer {
         let a = lock(&self.alloc);
         let (free, limbo) = a.free_blocks();
         (a.used_blocks(), free, limbo + queued)
+    }
+}
+
+/// Punches `blocks` of `layer` on this thread (a failure costs space only: logged).
+fn punch_here(layer: &LayerFiles, mut blocks: Vec<u64>) {
+    if let Err(e) = layer.punch(&mut blocks) {
+        tracing::warn!("could not free blocks of layer {}: {e}", layer.id);
     }
 }
 
@@ -1124,14 +1127,10 @@ impl Volume {
     /// Frees `blocks` of `layer` (a sealed layer) in the background, on the active layer's
     /// punch worker (see [`ActiveLayer::punch_later`]); [`Volume::wait_punches`] waits for
     /// them too. Without an active layer they are punched here.
-    pub(crate) fn punch_later(&self, layer: &Arc<LayerFiles>, mut blocks: Vec<u64>) {
+    pub(crate) fn punch_later(&self, layer: &Arc<LayerFiles>, blocks: Vec<u64>) {
         match self.active_layer() {
             Some(a) => a.punch_later(layer, blocks),
-            None => {
-                if let Err(e) = layer.punch(&mut blocks) {
-                    tracing::warn!("could not free blocks of layer {}: {e}", layer.id);
-                }
-            }
+            None => punch_here(layer, blocks),
         }
     }
 
